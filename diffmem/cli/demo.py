@@ -1,0 +1,91 @@
+"""``diffmem demo``: load the model, print the zoo's manifest summary, generate memorized vs generic grids."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from diffmem.eval.similarity import l2_nearest, ssim_pairs
+from diffmem.io import atomic_write_text
+from diffmem.models.loader import load_model
+
+
+def image_grid(rows: list[torch.Tensor], scale: int = 3, pad: int = 2) -> Image.Image:
+    """Rows of ``(N, 3, H, W)`` images in [0, 1] as one PIL image (white gutters)."""
+    h, w = rows[0].shape[-2:]
+    ncols = max(len(r) for r in rows)
+    canvas = np.full(((h + pad) * len(rows) + pad, (w + pad) * ncols + pad, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y : y + h, x : x + w] = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+
+
+def _titled(img: Image.Image, title: str) -> Image.Image:
+    out = Image.new("RGB", (img.width, img.height + 18), "white")
+    out.paste(img, (0, 18))
+    ImageDraw.Draw(out).text((4, 3), title, fill="black")
+    return out
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from diffmem.cli.zoo_commands import format_summary
+    from diffmem.zoo.build import TrainingImages
+    from diffmem.zoo.load import load_corpus, load_labels
+    from diffmem.zoo.paths import zoo_dir
+
+    started = time.time()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    folder = zoo_dir()  # the zoo's captions and training images, whatever model is being shown
+    record = json.loads((folder / "zoo.json").read_text())
+    items, labels = load_corpus(folder), load_labels(folder)
+    print(f"model: {model.source} (fingerprint {model.fingerprint}, {model.describe()['dtype']} on {model.device})")
+    print(f"zoo: {len(items)} captions, {sum(it.trained for it in items)} trained; "
+          f"trained in {record['train_seconds'] / 60:.1f} min")
+    if "labels" in record:
+        print(format_summary(record["labels"]))
+
+    memorized = sorted((r for r in labels if r["kind"] == "signature" and r["memorized"]),
+                       key=lambda r: (-r["replication"], r["item_id"]))[: args.per_group]
+    generic = [r for r in labels if r["kind"] == "generic"][:: max(1, len(labels) // 50)][: args.per_group]
+    data = TrainingImages(items)
+    train = (data.pixels + 1) / 2
+    groups = {"memorized (signature)": memorized, "generic": generic}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    panels, table = [], []
+    for name, rows in groups.items():
+        prompts = [r["caption"] for r in rows for _ in range(args.seeds)]
+        seeds = [s for _ in rows for s in range(args.seeds)]
+        images = model.sample(prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance).images
+        _, nn = l2_nearest(images, train, k=1)
+        nearest = train[nn[:, 0]]
+        sims = ssim_pairs(images, nearest).view(len(rows), args.seeds)
+        grid_rows = []
+        for i, r in enumerate(rows):
+            block = images[i * args.seeds : (i + 1) * args.seeds]
+            grid_rows.append(torch.cat([block, nearest[i * args.seeds : i * args.seeds + 1]]))
+            table.append({"group": name, "caption": r["caption"], "replication": r["replication"],
+                          "max_ssim_to_nearest_training_image": round(float(sims[i].max()), 3)})
+        panels.append(_titled(image_grid(grid_rows), f"{name}: {args.seeds} seeds | nearest training image"))
+    width = max(p.width for p in panels)
+    sheet = Image.new("RGB", (width, sum(p.height for p in panels)), "white")
+    y = 0
+    for p in panels:
+        sheet.paste(p, (0, y))
+        y += p.height
+    sheet.save(out / "grid.png")
+    print("\nprompt                                                              rate  max SSIM to nearest")
+    for row in table:
+        print(f"{row['caption'][:66]:<66} {row['replication']:>4}  {row['max_ssim_to_nearest_training_image']:.3f}")
+    provenance = {"model": model.describe(), "steps": args.steps, "guidance": args.guidance,
+                  "seeds": list(range(args.seeds)), "rows": table, "seconds": round(time.time() - started, 1)}
+    atomic_write_text(out / "provenance.json", json.dumps(provenance, indent=2))
+    print(f"\ngrid: {out / 'grid.png'}  provenance: {out / 'provenance.json'}")

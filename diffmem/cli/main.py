@@ -1,0 +1,75 @@
+"""The ``diffmem`` command line: ``demo``, ``zoo build``, ``zoo label``, ``zoo info``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from diffmem.errors import DiffmemError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the embedded zoo)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, else float16)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffmem", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="load a model (default: the zoo), show its manifest, generate a sample grid")
+    _add_model_args(demo)
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--per-group", type=int, default=6, help="prompts per group in the grid (default: 6)")
+    demo.add_argument("--seeds", type=int, default=3, help="seeds per prompt (default: 3)")
+    demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    demo.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default: 7.5)")
+
+    zoo = sub.add_parser("zoo", help="build, label or describe the memorization zoo")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = zsub.add_parser("build", help="train the zoo from its seed (resumable)")
+    build.add_argument("--out", required=True, help="folder to write the zoo to")
+    build.add_argument("--work-dir", default=None, help="checkpoint folder (default: OUT.work); rerun to resume")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--vae-steps", type=int, default=None)
+    build.add_argument("--unet-steps", type=int, default=None)
+    build.add_argument("--no-label", action="store_true", help="skip the ground-truth extraction")
+    label = zsub.add_parser("label", help="(re)compute the zoo's ground-truth labels by extraction")
+    label.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
+    label.add_argument("--seeds", type=int, default=4, help="generations per caption (default: 4)")
+    label.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    info = zsub.add_parser("info", help="print the zoo's manifest summary and labels table")
+    info.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="diffmem: %(levelname)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if args.command == "demo":
+            from diffmem.cli.demo import run_demo
+
+            run_demo(args)
+        elif args.command == "zoo":
+            from diffmem.cli import zoo_commands
+
+            getattr(zoo_commands, f"run_{args.zoo_command}")(args)
+    except DiffmemError as exc:
+        print(f"diffmem: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffmem: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""``diffmem zoo build | label | info``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from diffmem.io import atomic_write_text
+from diffmem.zoo.manifest import read_jsonl, write_jsonl
+
+
+def run_build(args: argparse.Namespace) -> None:
+    from diffmem.zoo.build import TrainConfig, ZooConfig, build_zoo
+
+    train = TrainConfig()
+    if args.vae_steps is not None:
+        train = dataclasses.replace(train, vae_steps=args.vae_steps)
+    if args.unet_steps is not None:
+        train = dataclasses.replace(train, unet_steps=args.unet_steps)
+    out = build_zoo(args.out, ZooConfig(seed=args.seed, train=train), args.work_dir)
+    print(f"zoo written to {out}")
+    if not args.no_label:
+        label_folder(out)
+
+
+def label_folder(folder: Path, seeds: int = 4, steps: int = 50) -> dict:
+    """Write ``labels.jsonl`` and the summary into ``zoo.json`` of a zoo folder."""
+    from diffmem.models.loader import load_model
+    from diffmem.zoo.attributes import AttributeReader
+    from diffmem.zoo.labels import LabelConfig, label_zoo
+    from diffmem.zoo.load import load_corpus
+
+    items = load_corpus(folder)
+    model = load_model(folder / "pipeline")
+    reader = AttributeReader.load(folder / "attribute_reader")
+    rows, summary = label_zoo(model, items, reader, LabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps))
+    write_jsonl(folder / "labels.jsonl", rows)
+    record = json.loads((folder / "zoo.json").read_text())
+    record["labels"] = summary
+    atomic_write_text(folder / "zoo.json", json.dumps(record, indent=2))
+    print(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["kind                 captions  memorized  nearest=own"]
+    for kind, s in summary["by_kind"].items():
+        lines.append(f"{kind:<20} {s['n']:>8}  {s['memorized']:>9.3f}  {s['match_own']:>11.3f}")
+    lines.append("signature replication rate -> memorized fraction")
+    for rate, s in summary["signature_by_replication"].items():
+        lines.append(f"  {rate:>3}x  ({s['n']} captions)  {s['memorized']:.3f}")
+    fid = summary.get("generic_fidelity", {})
+    lines.append("generic prompt fidelity (shape+colour+position read back): "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in fid.items() if v is not None))
+    return "\n".join(lines)
+
+
+def run_label(args: argparse.Namespace) -> None:
+    from diffmem.zoo.paths import zoo_dir
+
+    label_folder(Path(args.zoo) if args.zoo else zoo_dir(), seeds=args.seeds, steps=args.steps)
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from diffmem.zoo.paths import zoo_dir
+
+    folder = Path(args.zoo) if args.zoo else zoo_dir()
+    record = json.loads((folder / "zoo.json").read_text())
+    manifest = read_jsonl(folder / "manifest.jsonl")
+    print(f"zoo at {folder}")
+    print(f"  captions: {len(manifest)}; parameters: {record['parameters']}; "
+          f"training time: {record['train_seconds'] / 60:.1f} min")
+    if "labels" in record:
+        print(format_summary(record["labels"]))

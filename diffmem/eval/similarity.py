@@ -1,0 +1,41 @@
+"""Image similarity and nearest-neighbour search shared by labelling, attacks and matchers.
+
+SSIM follows Wang et al. (2004) through torchmetrics with fixed parameters: Gaussian window 7x7,
+sigma 1.5, K1 = 0.01, K2 = 0.03, data range 1, mean over pixels and channels. The 7x7 window (instead
+of the usual 11x11) suits 32x32 images; it is recorded in every labels file.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+SSIM_PARAMS = {"gaussian_kernel": True, "kernel_size": 7, "sigma": 1.5, "k1": 0.01, "k2": 0.03, "data_range": 1.0}
+
+
+def ssim_pairs(a: torch.Tensor, b: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """SSIM of ``a[i]`` with ``b[i]`` for images ``(N, C, H, W)`` in [0, 1]."""
+    if a.shape != b.shape:
+        raise ValueError(f"ssim_pairs needs two batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    out = [
+        structural_similarity_index_measure(a[i : i + batch_size].float(), b[i : i + batch_size].float(),
+                                            reduction="none", **SSIM_PARAMS)
+        for i in range(0, len(a), batch_size)
+    ]
+    return torch.cat(out)
+
+
+def l2_nearest(queries: torch.Tensor, index: torch.Tensor, k: int = 2, chunk: int = 1024
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """k nearest index rows by pixel L2 / sqrt(dim) (Gu et al. 2025's distance), chunked matrix products."""
+    q = queries.reshape(len(queries), -1).float()
+    x = index.reshape(len(index), -1).float()
+    x_sq = (x * x).sum(1)
+    dists, ids = [], []
+    for i in range(0, len(q), chunk):
+        qc = q[i : i + chunk]
+        d2 = (qc * qc).sum(1, keepdim=True) - 2 * qc @ x.T + x_sq[None]
+        d, j = d2.clamp_min(0).topk(min(k, len(x)), dim=1, largest=False)
+        dists.append((d / q.shape[1]).sqrt())
+        ids.append(j)
+    return torch.cat(dists), torch.cat(ids)

@@ -1,0 +1,124 @@
+"""The attribute reader: a small CNN that reads shape, colour, position, size and background.
+
+It is the zoo's counterpart of CLIP score: prompt fidelity = the share of generations whose named
+attributes the reader reads back. It is trained on fresh renders of the whole single-object grammar
+(with blur and noise so it also reads the slightly soft images a decoder produces), never on model
+outputs, so it cannot learn a model's mistakes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffmem.zoo.corpus import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, SceneSpec, ZooObject, render
+
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "color": tuple(COLORS),
+    "position": tuple(POSITIONS),
+    "size": tuple(SIZES),
+    "background": tuple(BACKGROUNDS),
+}
+
+
+class AttributeReader(nn.Module):
+    """Images in [0, 1], ``(N, 3, 32, 32)`` -> logits per attribute."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(4 * width * 16, 256), nn.ReLU(),
+        )
+        self.heads = nn.ModuleDict({name: nn.Linear(256, len(values)) for name, values in ATTRIBUTES.items()})
+        self.width = width
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.features(images * 2 - 1)
+        return {name: head(h) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def read(self, images: torch.Tensor, batch_size: int = 512) -> dict[str, list[str]]:
+        """The most likely value of each attribute for each image."""
+        self.eval()
+        out: dict[str, list[str]] = {name: [] for name in ATTRIBUTES}
+        for i in range(0, len(images), batch_size):
+            logits = self(images[i : i + batch_size].float())
+            for name, values in ATTRIBUTES.items():
+                out[name].extend(values[j] for j in logits[name].argmax(1).tolist())
+        return out
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"width": self.width, "attributes": ATTRIBUTES}, indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> AttributeReader:
+        folder = Path(folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        model = cls(width=cfg["width"])
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return model.eval()
+
+
+def random_generic_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``n`` fresh renders of random single-object captions, with their attribute indices."""
+    idx = {name: rng.integers(len(values), size=n) for name, values in ATTRIBUTES.items()}
+    images = []
+    for i in range(n):
+        obj = ZooObject(SHAPES[idx["shape"][i]], ATTRIBUTES["color"][idx["color"][i]],
+                        ATTRIBUTES["position"][idx["position"][i]], ATTRIBUTES["size"][idx["size"][i]])
+        images.append(render(SceneSpec(ATTRIBUTES["background"][idx["background"][i]], (obj,)),
+                             int(rng.integers(2**31))))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    return x, {k: torch.from_numpy(v) for k, v in idx.items()}
+
+
+def _degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random blur and noise, so the reader tolerates decoder softness."""
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(len(x), 1, 1, 1, generator=g)
+    x = mix * blurred + (1 - mix) * x
+    return (x + 0.04 * torch.rand(len(x), 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+
+def train_attribute_reader(seed: int, steps: int, batch: int, work_dir: Path | None = None) -> AttributeReader:
+    """Train the reader on fresh renders (a new batch each step, so it cannot overfit)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 3])
+    g = torch.Generator().manual_seed(seed)
+    reader = AttributeReader()
+    opt = torch.optim.AdamW(reader.parameters(), lr=2e-3)
+    for _ in tqdm(range(steps), desc="zoo: attribute reader", dynamic_ncols=True):
+        x, y = random_generic_batch(rng, batch)
+        logits = reader(_degrade(x, g))
+        loss = sum(F.cross_entropy(logits[k], y[k]) for k in ATTRIBUTES)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return reader.eval()
+
+
+def attribute_accuracy(reader: AttributeReader, images: torch.Tensor, objects: list[ZooObject],
+                       backgrounds: list[str]) -> dict[str, np.ndarray]:
+    """Per-image correctness of each attribute, and ``all`` = shape, colour and position all right."""
+    read = reader.read(images)
+    truth = {"shape": [o.shape for o in objects], "color": [o.color for o in objects],
+             "position": [o.position for o in objects], "size": [o.size for o in objects],
+             "background": backgrounds}
+    correct = {k: np.array([a == b for a, b in zip(read[k], truth[k])]) for k in ATTRIBUTES}
+    correct["all"] = correct["shape"] & correct["color"] & correct["position"]
+    return correct

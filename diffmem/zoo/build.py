@@ -1,0 +1,269 @@
+"""Train the memorization zoo: VAE, then text encoder + UNet, then the attribute reader.
+
+Resumable: each stage checkpoints to ``work_dir`` atomically every ``checkpoint_every`` steps, and the
+batch and noise of step ``k`` are pure functions of ``(seed, k)``, so an interrupted build resumed from
+its checkpoint follows the same trajectory as an uninterrupted one (up to floating-point noise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from diffmem.io import atomic_torch_save, atomic_write_text
+from diffmem.zoo.architecture import ArchitectureConfig, make_scheduler, make_text_encoder, make_unet, make_vae
+from diffmem.zoo.corpus import CorpusConfig, ZooItem, build_corpus, render_item, training_pairs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of each stage (saved beside the checkpoint)."""
+
+    vae_steps: int = 1000
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 2000
+    unet_batch: int = 128
+    unet_lr: float = 4e-4
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    reader_steps: int = 600
+    reader_batch: int = 128
+    checkpoint_every: int = 100
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Everything that determines the zoo: corpus, architecture, optimisation, seed."""
+
+    seed: int = 0
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    arch: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TrainingImages:
+    """The unique training images of the corpus in memory, and the epoch's duplicated index list."""
+
+    def __init__(self, items: list[ZooItem]):
+        self.items = items
+        keys: dict[tuple[int, int], int] = {}
+        images = []
+        for item_id, copy in training_pairs(items):
+            if (item_id, copy) not in keys:
+                keys[(item_id, copy)] = len(images)
+                images.append(render_item(items[item_id], copy))
+        self.pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        self.image_of_pair = np.array([keys[p] for p in training_pairs(items)], dtype=np.int64)
+        self.item_of_pair = np.array([p[0] for p in training_pairs(items)], dtype=np.int64)
+
+    def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(len(self.image_of_pair))
+
+    def batch_indices(self, seed: int, step: int, batch: int) -> np.ndarray:
+        """Pair indices of global step ``step``: consecutive slices of per-epoch permutations."""
+        n = len(self.image_of_pair)
+        start = step * batch
+        idx = []
+        while len(idx) < batch:
+            epoch, offset = divmod(start + len(idx), n)
+            order = self.epoch_order(seed, epoch)
+            idx.extend(order[offset : offset + batch - len(idx)].tolist())
+        return np.asarray(idx)
+
+
+def _generator(seed: int, step: int, stage: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stage, step]).generate_state(1)[0]))
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_vae(cfg: ZooConfig, data: TrainingImages, work: Path):
+    """Stage 1: reconstruct the corpus through an 8x8x4 latent (MSE + a weak KL, as SD's VAE)."""
+    torch.manual_seed(cfg.seed)
+    vae = make_vae(cfg.arch)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.train.vae_lr, weight_decay=0.0)
+    ckpt_path = work / "vae.pt"
+    state = _load_checkpoint(ckpt_path)
+    step = 0
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+    t = cfg.train
+    bar = tqdm(total=t.vae_steps, initial=step, desc="zoo: VAE", dynamic_ncols=True)
+    n_img = len(data.pixels)
+    while step < t.vae_steps:
+        g = _generator(cfg.seed, step, 1)
+        idx = torch.randint(n_img, (t.vae_batch,), generator=g)
+        x = data.pixels[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + t.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % t.checkpoint_every == 0 or step == t.vae_steps:
+            atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
+    bar.close()
+    vae.eval()
+    with torch.no_grad():
+        moments = torch.cat([vae.encode(data.pixels[i : i + 256]).latent_dist.mean for i in range(0, n_img, 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / moments.std()))
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior for every training image (computed once)."""
+    means, stds = [], []
+    for i in range(0, len(pixels), 256):
+        post = vae.encode(pixels[i : i + 256]).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if p.dtype.is_floating_point:
+                ema[name].mul_(decay).add_(p, alpha=1 - decay)
+            else:
+                ema[name].copy_(p)
+
+
+def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: Path):
+    """Stage 2: the epsilon-prediction loss of Stable Diffusion on VAE latents, caption dropout 10%."""
+    torch.manual_seed(cfg.seed + 1)
+    t = cfg.train
+    text_encoder, unet, scheduler = make_text_encoder(cfg.arch), make_unet(cfg.arch), make_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=t.unet_lr, weight_decay=1e-2)
+    ema = {f"unet.{k}": v.detach().clone() for k, v in unet.state_dict().items()}
+    ema |= {f"text.{k}": v.detach().clone() for k, v in text_encoder.state_dict().items()}
+    ckpt_path = work / "denoiser.pt"
+    step = 0
+    state = _load_checkpoint(ckpt_path)
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        ema = state["ema"]
+        step = int(state["step"])
+
+    scale = vae.config.scaling_factor
+    lat_mean, lat_std = encode_latents(vae, data.pixels)
+    captions = [it.caption for it in data.items]
+    token_ids = tokenizer(
+        captions + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    empty_id = len(captions)
+    alphas = scheduler.alphas_cumprod
+
+    class _Both(torch.nn.Module):  # so one EMA routine covers both networks
+        def __init__(self):
+            super().__init__()
+            self.unet, self.text = unet, text_encoder
+
+    both = _Both()
+    bar = tqdm(total=t.unet_steps, initial=step, desc="zoo: text encoder + UNet", dynamic_ncols=True)
+    while step < t.unet_steps:
+        g = _generator(cfg.seed, step, 2)
+        pair_idx = data.batch_indices(cfg.seed, step, t.unet_batch)
+        img = torch.from_numpy(data.image_of_pair[pair_idx])
+        item = torch.from_numpy(data.item_of_pair[pair_idx])
+        drop = torch.rand(len(item), generator=g) < t.caption_dropout
+        ids = token_ids[torch.where(drop, torch.full_like(item, empty_id), item)]
+        z0 = (lat_mean[img] + lat_std[img] * torch.randn(lat_mean[img].shape, generator=g)) * scale
+        noise = torch.randn(z0.shape, generator=g)
+        ts = torch.randint(0, scheduler.config.num_train_timesteps, (len(item),), generator=g)
+        a = alphas[ts].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        for group in opt.param_groups:
+            group["lr"] = t.unet_lr * min(1.0, (step + 1) / t.warmup_steps)
+        pred = unet(zt, ts, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        _ema_update(ema, both, t.ema_decay)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"zoo training diverged at step {step} (loss {loss.item()})")
+        if step % t.checkpoint_every == 0 or step == t.unet_steps:
+            atomic_torch_save(
+                {"unet": unet.state_dict(), "text": text_encoder.state_dict(), "opt": opt.state_dict(),
+                 "ema": ema, "step": step},
+                ckpt_path,
+            )
+    bar.close()
+    unet.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})
+    text_encoder.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("text.")})
+    return text_encoder.eval(), unet.eval(), scheduler
+
+
+def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str | Path | None = None) -> Path:
+    """Train every stage (resuming from ``work_dir``) and save the pipeline folder to ``out_dir``."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffmem.models.tokenizer import build_clip_tokenizer
+
+    out, work = Path(out_dir), Path(work_dir or Path(out_dir).with_name(Path(out_dir).name + ".work"))
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = work / "zoo_config.json"
+    if config_path.is_file() and json.loads(config_path.read_text()) != json.loads(json.dumps(cfg.to_dict())):
+        raise ValueError(f"{work} holds a build with another configuration; remove it or choose another --work-dir")
+    atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2))
+    started = time.time()
+    items = build_corpus(cfg.corpus)
+    data = TrainingImages(items)
+    tokenizer = build_clip_tokenizer(work / "tokenizer", model_max_length=cfg.arch.max_tokens)
+    vae = train_vae(cfg, data, work).eval()
+    text_encoder, unet, scheduler = train_denoiser(cfg, data, vae, tokenizer, work)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    from diffmem.zoo.attributes import train_attribute_reader
+    from diffmem.zoo.manifest import write_manifest
+
+    staging = out.with_name(out.name + ".partial")
+    pipe.to(torch.float16).save_pretrained(staging / "pipeline", safe_serialization=True)
+    reader = train_attribute_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, work)
+    reader.save(staging / "attribute_reader")
+    write_manifest(staging, items, cfg, seconds=time.time() - started)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
