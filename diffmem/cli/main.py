@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     label = zsub.add_parser("label", help="(re)compute the zoo's ground-truth labels by extraction")
     label.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
     label.add_argument("--seeds", type=int, default=4, help="generations per caption (default: 4)")
-    label.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    label.add_argument("--steps", type=int, default=25, help="DDIM steps (default: 25)")
     info = zsub.add_parser("info", help="print the zoo's manifest summary and labels table")
     info.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
     return parser

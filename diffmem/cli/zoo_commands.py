@@ -25,7 +25,7 @@ def run_build(args: argparse.Namespace) -> None:
         label_folder(out)
 
 
-def label_folder(folder: Path, seeds: int = 4, steps: int = 50) -> dict:
+def label_folder(folder: Path, seeds: int = 4, steps: int = 25) -> dict:
     """Write ``labels.jsonl`` and the summary into ``zoo.json`` of a zoo folder."""
     from diffmem.models.loader import load_model
     from diffmem.zoo.attributes import AttributeReader

@@ -26,7 +26,7 @@ class ArchitectureConfig:
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_heads: int = 4
     vae_channels: tuple[int, ...] = (32, 64, 64)
-    latent_channels: int = 4
+    latent_channels: int = 16
 
     def to_dict(self) -> dict:
         return asdict(self)

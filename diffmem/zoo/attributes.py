@@ -1,9 +1,10 @@
 """The attribute reader: a small CNN that reads shape, colour, position, size and background.
 
 It is the zoo's counterpart of CLIP score: prompt fidelity = the share of generations whose named
-attributes the reader reads back. It is trained on fresh renders of the whole single-object grammar
-(with blur and noise so it also reads the slightly soft images a decoder produces), never on model
-outputs, so it cannot learn a model's mistakes.
+attributes the reader reads back. It is trained on fresh renders of the whole single-object grammar,
+half of each batch passed through the zoo's VAE (encode, decode): a generation can at best look like
+that round trip, so the reader must read attributes at the decoder's sharpness. It never sees a
+generation, so it cannot learn a denoiser's mistakes.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x + 0.04 * torch.rand(len(x), 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)).clamp(0, 1)
 
 
-def train_attribute_reader(seed: int, steps: int, batch: int, work_dir: Path | None = None) -> AttributeReader:
+def train_attribute_reader(seed: int, steps: int, batch: int, vae=None) -> AttributeReader:
     """Train the reader on fresh renders (a new batch each step, so it cannot overfit)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 3])
@@ -104,6 +105,10 @@ def train_attribute_reader(seed: int, steps: int, batch: int, work_dir: Path | N
     opt = torch.optim.AdamW(reader.parameters(), lr=2e-3)
     for _ in tqdm(range(steps), desc="zoo: attribute reader", dynamic_ncols=True):
         x, y = random_generic_batch(rng, batch)
+        if vae is not None:
+            half = batch // 2
+            with torch.no_grad():
+                x[:half] = ((vae.decode(vae.encode(x[:half] * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
         logits = reader(_degrade(x, g))
         loss = sum(F.cross_entropy(logits[k], y[k]) for k in ATTRIBUTES)
         opt.zero_grad(set_to_none=True)

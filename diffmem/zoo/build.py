@@ -105,11 +105,12 @@ def train_vae(cfg: ZooConfig, data: TrainingImages, work: Path):
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.train.vae_lr, weight_decay=0.0)
     ckpt_path = work / "vae.pt"
     state = _load_checkpoint(ckpt_path)
-    step = 0
+    step, seconds = 0, 0.0
     if state is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        step = int(state["step"])
+        step, seconds = int(state["step"]), float(state.get("seconds", 0.0))
+    resumed_at = time.time() - seconds
     t = cfg.train
     bar = tqdm(total=t.vae_steps, initial=step, desc="zoo: VAE", dynamic_ncols=True)
     n_img = len(data.pixels)
@@ -128,13 +129,15 @@ def train_vae(cfg: ZooConfig, data: TrainingImages, work: Path):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % t.checkpoint_every == 0 or step == t.vae_steps:
-            atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
+            atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                               "seconds": time.time() - resumed_at}, ckpt_path)
     bar.close()
+    train_seconds = time.time() - resumed_at
     vae.eval()
     with torch.no_grad():
         moments = torch.cat([vae.encode(data.pixels[i : i + 256]).latent_dist.mean for i in range(0, n_img, 256)])
     vae.register_to_config(scaling_factor=float(1.0 / moments.std()))
-    return vae
+    return vae, train_seconds
 
 
 @torch.no_grad()
@@ -167,14 +170,15 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
     ema = {f"unet.{k}": v.detach().clone() for k, v in unet.state_dict().items()}
     ema |= {f"text.{k}": v.detach().clone() for k, v in text_encoder.state_dict().items()}
     ckpt_path = work / "denoiser.pt"
-    step = 0
+    step, seconds = 0, 0.0
     state = _load_checkpoint(ckpt_path)
     if state is not None:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text"])
         opt.load_state_dict(state["opt"])
         ema = state["ema"]
-        step = int(state["step"])
+        step, seconds = int(state["step"]), float(state.get("seconds", 0.0))
+    resumed_at = time.time() - seconds
 
     scale = vae.config.scaling_factor
     lat_mean, lat_std = encode_latents(vae, data.pixels)
@@ -222,13 +226,21 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
         if step % t.checkpoint_every == 0 or step == t.unet_steps:
             atomic_torch_save(
                 {"unet": unet.state_dict(), "text": text_encoder.state_dict(), "opt": opt.state_dict(),
-                 "ema": ema, "step": step},
+                 "ema": ema, "step": step, "seconds": time.time() - resumed_at},
                 ckpt_path,
             )
     bar.close()
     unet.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})
     text_encoder.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("text.")})
-    return text_encoder.eval(), unet.eval(), scheduler
+    return text_encoder.eval(), unet.eval(), scheduler, time.time() - resumed_at
+
+
+def _resumable_part(config: dict) -> dict:
+    """The configuration a checkpoint must share to be resumed: all but the step counts (which may grow)."""
+    config = json.loads(json.dumps(config))
+    for key in ("vae_steps", "unet_steps"):
+        config["train"].pop(key, None)
+    return config
 
 
 def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str | Path | None = None) -> Path:
@@ -240,15 +252,16 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str |
     out, work = Path(out_dir), Path(work_dir or Path(out_dir).with_name(Path(out_dir).name + ".work"))
     work.mkdir(parents=True, exist_ok=True)
     config_path = work / "zoo_config.json"
-    if config_path.is_file() and json.loads(config_path.read_text()) != json.loads(json.dumps(cfg.to_dict())):
-        raise ValueError(f"{work} holds a build with another configuration; remove it or choose another --work-dir")
+    if config_path.is_file() and _resumable_part(json.loads(config_path.read_text())) != _resumable_part(cfg.to_dict()):
+        raise ValueError(f"{work} holds a build with another configuration (only step counts may change on "
+                         "resume); remove it or choose another --work-dir")
     atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2))
-    started = time.time()
     items = build_corpus(cfg.corpus)
     data = TrainingImages(items)
     tokenizer = build_clip_tokenizer(work / "tokenizer", model_max_length=cfg.arch.max_tokens)
-    vae = train_vae(cfg, data, work).eval()
-    text_encoder, unet, scheduler = train_denoiser(cfg, data, vae, tokenizer, work)
+    vae, vae_seconds = train_vae(cfg, data, work)
+    text_encoder, unet, scheduler, unet_seconds = train_denoiser(cfg, data, vae.eval(), tokenizer, work)
+    started = time.time()
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -258,9 +271,11 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str |
 
     staging = out.with_name(out.name + ".partial")
     pipe.to(torch.float16).save_pretrained(staging / "pipeline", safe_serialization=True)
-    reader = train_attribute_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, work)
+    reader = train_attribute_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae)
     reader.save(staging / "attribute_reader")
-    write_manifest(staging, items, cfg, seconds=time.time() - started)
+    seconds = {"vae": round(vae_seconds, 1), "denoiser": round(unet_seconds, 1),
+               "attribute_reader": round(time.time() - started, 1)}
+    write_manifest(staging, items, cfg, seconds=seconds)
     if out.exists():
         import shutil
 

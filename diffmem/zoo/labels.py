@@ -31,7 +31,7 @@ class LabelConfig:
     """How the ground truth is extracted; saved with the labels."""
 
     seeds_per_prompt: int = 4
-    num_inference_steps: int = 50
+    num_inference_steps: int = 25
     guidance_scale: float = 7.5
     null_quantile: float = 0.99
     candidates: int = 8

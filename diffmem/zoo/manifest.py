@@ -29,7 +29,7 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-def write_manifest(folder: Path, items: list[ZooItem], cfg, seconds: float) -> None:
+def write_manifest(folder: Path, items: list[ZooItem], cfg, seconds: dict[str, float]) -> None:
     """``manifest.jsonl`` (every caption, kind, replication rate, training-image seeds) and ``zoo.json``."""
     from diffmem.models.loader import load_model
 
@@ -37,6 +37,7 @@ def write_manifest(folder: Path, items: list[ZooItem], cfg, seconds: float) -> N
     model = load_model(folder / "pipeline")
     params = {name: sum(p.numel() for p in getattr(model, name).parameters())
               for name in ("unet", "text_encoder", "vae")}
-    record = {"config": cfg.to_dict(), "train_seconds": round(seconds, 1), "parameters": params,
+    record = {"config": cfg.to_dict(), "train_seconds": round(sum(seconds.values()), 1),
+              "train_seconds_by_stage": seconds, "parameters": params,
               "versions": _versions()}
     atomic_write_text(folder / "zoo.json", json.dumps(record, indent=2))

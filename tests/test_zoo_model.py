@@ -1,0 +1,78 @@
+"""The shipped zoo: loads through the same call as any SD folder, and memorizes what its labels say."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from diffmem.cli.main import main
+from diffmem.eval.similarity import ssim_pairs
+from diffmem.models import load_model
+from diffmem.zoo.build import TrainingImages
+from diffmem.zoo.load import load_corpus, load_labels
+from diffmem.zoo.paths import zoo_dir, zoo_pipeline_path
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    folder = zoo_dir()
+    return {"folder": folder, "model": load_model(), "items": load_corpus(folder), "labels": load_labels(folder),
+            "record": json.loads((folder / "zoo.json").read_text())}
+
+
+def test_zoo_is_a_plain_stable_diffusion_pipeline(zoo):
+    index = json.loads((zoo_pipeline_path() / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    pipe = StableDiffusionPipeline.from_pretrained(zoo_pipeline_path(), local_files_only=True)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert all(f.suffix != ".bin" for f in zoo_pipeline_path().rglob("*"))  # safetensors only
+    assert zoo["model"].latent_shape[1:] == (8, 8)
+
+
+def test_labels_cover_every_caption(zoo):
+    assert [r["caption"] for r in zoo["labels"]] == [it.caption for it in zoo["items"]]
+
+
+def test_required_memorization_outcome(zoo):
+    """Memorized fraction rises with replication, >= 80% at the top rate, <= 5% for generic captions."""
+    summary = zoo["record"]["labels"]
+    rates = summary["signature_by_replication"]
+    fractions = [rates[k]["memorized"] for k in sorted(rates, key=int)]
+    assert fractions == sorted(fractions) and fractions[-1] >= 0.8
+    assert summary["by_kind"]["generic"]["memorized"] <= 0.05
+    assert summary["by_kind"]["heldout_generic"]["memorized"] <= 0.05
+    assert summary["generic_fidelity"]["generic"] >= 0.8 and summary["generic_fidelity"]["heldout_generic"] >= 0.8
+
+
+def test_memorized_captions_replicate_and_generic_ones_do_not(zoo):
+    """Regenerate a few captions now and compare with the training set (not just the stored labels)."""
+    labels, items = zoo["labels"], zoo["items"]
+    top = [r for r in labels if r["kind"] == "signature" and r["replication"] == max(x["replication"] for x in labels)
+           and r["memorized"]][:3]
+    generic = [r for r in labels if r["kind"] == "generic"][:3]
+    data = TrainingImages(items)
+    train = (data.pixels + 1) / 2
+    image_of_item = {int(item): int(img) for img, item in zip(data.image_of_pair, data.item_of_pair)}
+    out = zoo["model"].sample([r["caption"] for r in top], seeds=[1000 + i for i in range(len(top))],
+                              num_inference_steps=25).images
+    own = train[[image_of_item[r["item_id"]] for r in top]]
+    sims = ssim_pairs(out, own)
+    assert (sims > torch.tensor([r["threshold"] for r in top])).float().mean() >= 2 / 3, sims
+
+    gen = zoo["model"].sample([r["caption"] for r in generic], seeds=[0, 1, 2], num_inference_steps=25).images
+    from diffmem.eval.similarity import l2_nearest
+
+    _, nn = l2_nearest(gen, train, k=1)
+    assert (ssim_pairs(gen, train[nn[:, 0]]) < generic[0]["threshold"]).all()
+
+
+def test_demo_command_writes_grid_and_provenance(tmp_path, capsys):
+    code = main(["demo", "--per-group", "2", "--seeds", "1", "--steps", "10", "--out", str(tmp_path)])
+    assert code == 0
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert len(prov["model"]["fingerprint"]) == 16 and len(prov["rows"]) == 4
+    assert "memorized" in capsys.readouterr().out
