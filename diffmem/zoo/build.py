@@ -236,10 +236,10 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
 
 
 def _resumable_part(config: dict) -> dict:
-    """The configuration a checkpoint must share to be resumed: all but the step counts (which may grow)."""
+    """What a checkpoint must share to be resumed: everything but the denoiser's step count, which may grow
+    (the VAE's may not: the denoiser was trained on its latents)."""
     config = json.loads(json.dumps(config))
-    for key in ("vae_steps", "unet_steps"):
-        config["train"].pop(key, None)
+    config["train"].pop("unet_steps", None)
     return config
 
 
@@ -253,7 +253,7 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str |
     work.mkdir(parents=True, exist_ok=True)
     config_path = work / "zoo_config.json"
     if config_path.is_file() and _resumable_part(json.loads(config_path.read_text())) != _resumable_part(cfg.to_dict()):
-        raise ValueError(f"{work} holds a build with another configuration (only step counts may change on "
+        raise ValueError(f"{work} holds a build with another configuration (only --unet-steps may change on "
                          "resume); remove it or choose another --work-dir")
     atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2))
     items = build_corpus(cfg.corpus)
