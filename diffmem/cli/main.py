@@ -30,6 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
     demo.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default: 7.5)")
 
+    from diffmem.cli.scan_commands import add_scan_args
+
+    scan = sub.add_parser("scan", help="score prompts with memorization detectors (resumable, shardable)")
+    _add_model_args(scan)
+    add_scan_args(scan, "runs/scan")
+    scan.add_argument("--calibration", default=None, help="calibration.json from `diffmem calibrate`")
+    scan.add_argument("--fpr", type=float, default=None, help="flag at this false-positive rate (needs --calibration)")
+    scan.add_argument("--top", type=int, default=10, help="prompts shown per detector (default: 10)")
+
+    calibrate = sub.add_parser("calibrate", help="fit detector thresholds on prompts known to be ordinary")
+    _add_model_args(calibrate)
+    add_scan_args(calibrate, "runs/calibration")
+
+    ev = sub.add_parser("eval", help="evaluate stored results")
+    esub = ev.add_subparsers(dest="eval_command", required=True)
+    detect = esub.add_parser("detect", help="AUROC and TPR at low FPR of a scan against labels")
+    detect.add_argument("--scores", required=True, help="scores.parquet of a scan")
+    detect.add_argument("--labels", required=True, help="labels file (the zoo's labels.jsonl or any prompt file)")
+    detect.add_argument("--label-column", default="memorized", help="boolean label column (default: memorized)")
+    detect.add_argument("--split-by", default=None, help="also report positives per value of this column")
+    detect.add_argument("--out", default="runs/eval-detect", help="output folder (default: runs/eval-detect)")
+
     zoo = sub.add_parser("zoo", help="build, label or describe the memorization zoo")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True)
     build = zsub.add_parser("build", help="train the zoo from its seed (resumable)")
@@ -58,6 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from diffmem.cli.demo import run_demo
 
             run_demo(args)
+        elif args.command == "scan":
+            from diffmem.cli.scan_commands import run_scan_command
+
+            run_scan_command(args)
+        elif args.command == "calibrate":
+            from diffmem.cli.scan_commands import run_calibrate
+
+            run_calibrate(args)
+        elif args.command == "eval":
+            from diffmem.cli.scan_commands import run_eval_detect
+
+            run_eval_detect(args)
         elif args.command == "zoo":
             from diffmem.cli import zoo_commands
 

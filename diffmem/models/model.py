@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,18 @@ from diffmem.errors import NonFiniteError, PromptError
 log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class GuidedStep:
+    """One CFG sampling step: input latents, both branches' epsilon, and the sampler's next latents."""
+
+    index: int
+    timestep: int
+    latents: torch.Tensor
+    eps_uncond: torch.Tensor
+    eps_cond: torch.Tensor
+    next_latents: torch.Tensor
 
 
 @dataclass
@@ -204,6 +216,22 @@ class DiffusionModel:
             return x.float()
         return self.vae.encode(x).latent_dist.mean.float() * self.scaling_factor
 
+    def denoise(self, embeddings: torch.Tensor, latents: torch.Tensor, sampler, guidance_scale: float = 7.5,
+                max_steps: int | None = None) -> Iterator[GuidedStep]:
+        """Run CFG + DDIM from ``latents``, yielding every step's predictions (the one sampling loop)."""
+        x = latents
+        for i, t in enumerate(sampler.timesteps):
+            if max_steps is not None and i >= max_steps:
+                return
+            if guidance_scale == 1.0:
+                eps_u = eps_c = self.predict_noise(x, t, embeddings, sampler)
+            else:
+                eps_u, eps_c = self.guided_pair(x, t, embeddings, sampler)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+            x_next = sampler.step(eps.float(), t, x).prev_sample
+            yield GuidedStep(index=i, timestep=int(t), latents=x, eps_uncond=eps_u, eps_cond=eps_c, next_latents=x_next)
+            x = x_next
+
     @torch.no_grad()
     def sample(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None, *,
                embeddings: torch.Tensor | None = None, num_inference_steps: int = 50,
@@ -223,13 +251,8 @@ class DiffusionModel:
             emb = embeddings[start : start + batch_size]
             sampler = self.make_sampler(num_inference_steps)
             x = self.initial_latents(seeds[start : start + batch_size]) * sampler.init_noise_sigma
-            for t in sampler.timesteps:
-                if guidance_scale == 1.0:
-                    eps = self.predict_noise(x, t, emb, sampler)
-                else:
-                    eps_u, eps_c = self.guided_pair(x, t, emb, sampler)
-                    eps = eps_u + guidance_scale * (eps_c - eps_u)
-                x = sampler.step(eps.float(), t, x).prev_sample
+            for step in self.denoise(emb, x, sampler, guidance_scale):
+                x = step.next_latents
             check_finite(x, f"latents sampled from model {self.source}")
             finals.append(x.cpu())
             images.append(self.decode(x).cpu())

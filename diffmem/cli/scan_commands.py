@@ -1,0 +1,211 @@
+"""``diffmem scan``, ``diffmem calibrate`` and ``diffmem eval detect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from diffmem.errors import DiffmemError
+from diffmem.io import atomic_write_bytes, atomic_write_text
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def add_scan_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--prompts", default=None,
+                   help="prompt file: .txt .jsonl .csv .parquet (default: the zoo's captions)")
+    p.add_argument("--caption-column", default=None, help="column holding the prompt (default: found by name)")
+    p.add_argument("--detector", action="append", default=None,
+                   help="detector name; repeat for several (default: noise-norm and anisotropy)")
+    p.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per chunk / UNet batch (default: 64)")
+    p.add_argument("--draws", type=int, default=8, help="shared noise draws x_T (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default: 0)")
+    p.add_argument("--reference", default=None,
+                   help="ordinary prompts for anisotropy-calibrated (default: zoo generic captions)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def zoo_prompts():
+    """The zoo's captions with their kind, replication rate and extracted label."""
+    from diffmem.prompts import PromptSet
+    from diffmem.zoo.load import load_labels
+    from diffmem.zoo.paths import zoo_dir
+
+    rows = load_labels(zoo_dir())
+    return PromptSet(ids=[str(r["item_id"]) for r in rows], texts=[r["caption"] for r in rows],
+                     source=f"zoo:{zoo_dir()}", columns={"kind": [r["kind"] for r in rows],
+                                                         "memorized": [r["memorized"] for r in rows]})
+
+
+def zoo_reference_prompts(n: int = 200) -> list[str]:
+    """Ordinary reference prompts: every 5th trained generic caption of the zoo (first n)."""
+    from diffmem.zoo.load import load_labels
+    from diffmem.zoo.paths import zoo_dir
+
+    generic = [r["caption"] for r in load_labels(zoo_dir()) if r["kind"] == "generic"]
+    return generic[::5][:n]
+
+
+def _detectors(args: argparse.Namespace):
+    from diffmem.detectors import make_detector
+
+    names = args.detector or ["noise-norm", "anisotropy"]
+    detectors = []
+    for name in names:
+        if name == "anisotropy-calibrated":
+            from diffmem.prompts import load_prompts
+
+            ref = load_prompts(args.reference).texts if args.reference else zoo_reference_prompts()
+            detectors.append(make_detector(name, reference_prompts=ref))
+        else:
+            try:
+                detectors.append(make_detector(name))
+            except KeyError as exc:
+                raise DiffmemError(str(exc).strip("'\"")) from exc
+    return detectors
+
+
+def _scan(args: argparse.Namespace, prompts_path: str | None):
+    from accelerate import PartialState
+
+    from diffmem.models.loader import load_model
+    from diffmem.prompts import load_prompts
+    from diffmem.scan import ScanSettings, run_scan
+
+    state = PartialState(cpu=args.device == "cpu")
+    device = state.device if args.device != "cpu" else "cpu"
+    prompts = load_prompts(prompts_path, args.caption_column) if prompts_path else zoo_prompts()
+    if prompts.duplicates:
+        print(f"{prompts.duplicates} duplicate prompt(s) in {prompts.source} are scored once")
+    model = load_model(args.model, device=device, dtype=args.dtype)
+    detectors = _detectors(args)
+    settings = ScanSettings(n_draws=args.draws, seed=args.seed, batch_size=args.batch_size)
+    path = run_scan(model, prompts, detectors, args.out, settings, rank=state.process_index,
+                    world_size=state.num_processes, progress=not args.quiet)
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            from diffmem.scan import merge_parts
+
+            path = merge_parts(Path(args.out), prompts, [d.name for d in detectors], state.num_processes,
+                               settings.batch_size)
+    return path if state.is_main_process else None, [d.name for d in detectors]
+
+
+def run_scan_command(args: argparse.Namespace) -> None:
+    from diffmem.scan import apply_thresholds
+
+    if args.fpr is not None and args.calibration is None:
+        raise DiffmemError("--fpr needs --calibration FILE (made by `diffmem calibrate`)")
+    path, names = _scan(args, args.prompts)
+    if path is None:
+        return
+    table = pq.read_table(path)
+    if args.calibration:
+        from diffmem.eval.detection import threshold_at_fpr
+
+        calib = json.loads(Path(args.calibration).read_text())
+        missing = [n for n in names if n not in calib["scores"]]
+        if missing:
+            raise DiffmemError(f"calibration file '{args.calibration}' has no scores for detector(s) {missing}")
+        thresholds = {n: threshold_at_fpr(np.asarray(calib["scores"][n]), args.fpr or 0.01) for n in names}
+        table = apply_thresholds(table, thresholds)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        print(f"thresholds at FPR {args.fpr or 0.01:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in thresholds.items()))
+    print_summary(table, names, args.top)
+    print(f"\nscores: {path}\nprovenance: {Path(args.out) / 'provenance.json'}")
+
+
+def print_summary(table: pa.Table, names: list[str], top: int) -> None:
+    texts = table.column("text").to_pylist()
+    for name in names:
+        s = table.column(name).to_numpy(zero_copy_only=False)
+        nan = np.isnan(s)
+        order = np.argsort(-np.where(nan, -np.inf, s), kind="stable")[:top]
+        print(f"\ntop {top} by {name}" + (f"  ({int(nan.sum())} prompt(s) with NaN scores, not ranked)" if nan.any()
+                                          else ""))
+        for rank, i in enumerate(order, 1):
+            flag = ""
+            if f"flagged_{name}" in table.column_names:
+                flag = " FLAGGED" if table.column(f"flagged_{name}")[int(i)].as_py() else ""
+            print(f"{rank:>3}. {s[i]:10.4f}{flag}  {texts[i][:90]}")
+
+
+def run_calibrate(args: argparse.Namespace) -> None:
+    if args.prompts is None:
+        raise DiffmemError("calibrate needs --prompts FILE of prompts known to be ordinary (not memorized)")
+    path, names = _scan(args, args.prompts)
+    if path is None:
+        return
+    table = pq.read_table(path)
+    prov = json.loads((Path(args.out) / "provenance.json").read_text())
+    calib = {"scores": {n: table.column(n).to_pylist() for n in names}, "provenance": prov}
+    from diffmem.eval.detection import threshold_at_fpr
+
+    for n in names:
+        s = np.asarray(calib["scores"][n], dtype=float)
+        print(f"{n}: {np.isfinite(s).sum()} ordinary scores; threshold at FPR 1%: {threshold_at_fpr(s, 0.01):.4g}")
+    out = Path(args.out) / CALIBRATION_FILE
+    atomic_write_text(out, json.dumps(calib))
+    print(f"calibration: {out}  (use: diffmem scan --calibration {out} --fpr 0.01)")
+
+
+def read_labels(path: Path, label_column: str) -> dict[str, dict]:
+    """caption -> row of a labels file (the zoo's labels.jsonl or any prompt-file format with a label column)."""
+    from diffmem.prompts import read_rows
+
+    texts, records = read_rows(path)
+    if label_column not in records[0]:
+        raise DiffmemError(f"labels file '{path}' has no column {label_column!r}; columns: {list(records[0])}")
+    return dict(zip(texts, records))
+
+
+def _truthy(v) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "memorized", "vm", "tm", "mv", "tv")
+    return bool(v)
+
+
+def run_eval_detect(args: argparse.Namespace) -> None:
+    from diffmem.eval.detection import detection_metrics, plot_roc
+
+    table = pq.read_table(args.scores)
+    labels = read_labels(Path(args.labels), args.label_column)
+    texts = table.column("text").to_pylist()
+    keep = [i for i, t in enumerate(texts) if t in labels]
+    if not keep:
+        raise DiffmemError(f"no prompt of '{args.scores}' appears in labels file '{args.labels}'")
+    y = np.array([_truthy(labels[texts[i]][args.label_column]) for i in keep])
+    groups = np.array([str(labels[texts[i]].get(args.split_by, "")) for i in keep]) if args.split_by else None
+    names = [c for c in table.column_names if c not in ("id", "text") and not c.startswith(("flagged", "input_"))]
+    report: dict = {"scores": str(args.scores), "labels": str(args.labels), "n_unlabelled": len(texts) - len(keep),
+                    "detectors": {}}
+    curves = {}
+    for name in names:
+        s = table.column(name).to_numpy(zero_copy_only=False)[keep]
+        entry = {"all": detection_metrics(y, s)}
+        if groups is not None:
+            for g in sorted(set(groups[y])):
+                sel = (~y) | (groups == g)
+                entry[f"{args.split_by}={g}"] = detection_metrics(y[sel], s[sel])
+        report["detectors"][name] = entry
+        curves[name] = (y, s)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_roc(curves, out / "roc.png", title=f"{len(keep)} prompts, {int(y.sum())} memorized")
+    atomic_write_text(out / "detection.json", json.dumps(report, indent=2))
+    print(f"{'detector':<24} {'AUROC':>7} {'TPR@1% (strict/closest)':>24} {'TPR@0.1%':>18}")
+    for name, entry in report["detectors"].items():
+        m = entry["all"]
+        t1, t01 = m["tpr@0.01fpr"], m["tpr@0.001fpr"]
+        print(f"{name:<24} {m['auroc']:7.4f} {t1['strict']:11.3f}/{t1['closest']:.3f} "
+              f"{t01['strict']:11.3f}/{t01['closest']:.3f}")
+    print(f"\nreport: {out / 'detection.json'}  ROC: {out / 'roc.png'}")

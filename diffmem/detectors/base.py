@@ -1,0 +1,86 @@
+"""The detector contract and registry.
+
+A detector maps prompts to one memorization score each (higher = more likely to replicate). Two
+kinds share the model's forward passes through :class:`~diffmem.detectors.engine.NoiseStepEngine`:
+
+- :class:`NoiseStepDetector`: reads epsilon predictions at the pure-noise latent x_T for chosen
+  timesteps (conditional per prompt, unconditional once per noise draw), computed by the engine
+  for all such detectors at once;
+- :class:`PromptDetector`: runs its own passes (sampling trajectories, generated images) through
+  the model layer.
+
+Add a detector by subclassing one of them in its own file and decorating it with
+``@DETECTORS.register("name")``; ``diffmem scan --detector name`` then finds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from diffmem.registry import Registry
+
+if TYPE_CHECKING:
+    from diffmem.detectors.engine import NoiseStepBatch, NoiseStepEngine
+    from diffmem.models.model import DiffusionModel
+
+DETECTORS: Registry[Detector] = Registry("detector")
+
+
+@dataclass
+class Detector(ABC):
+    """Base class: dataclass fields are the detector's settings (saved in every scan's provenance)."""
+
+    name: ClassVar[str] = "detector"
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    def prepare(self, engine: NoiseStepEngine) -> None:  # noqa: B027 - optional hook
+        """Called once before scoring (e.g. to calibrate on reference prompts)."""
+
+    @abstractmethod
+    def unet_calls_per_prompt(self, engine: NoiseStepEngine) -> float:
+        """UNet forward passes (per batch element) this detector costs per prompt, for the benchmark table."""
+
+
+@dataclass
+class NoiseStepDetector(Detector):
+    """Scores from epsilon at x_T; declares which DDIM-schedule timestep indices it reads."""
+
+    @abstractmethod
+    def timestep_indices(self) -> tuple[int, ...]:
+        """Indices into the engine's DDIM schedule (0 = first, high-noise step; -3 = third from last)."""
+
+    @abstractmethod
+    def score_batch(self, batch: NoiseStepBatch) -> torch.Tensor:
+        """One score per prompt of the batch, shape ``(B,)``."""
+
+    def unet_calls_per_prompt(self, engine: NoiseStepEngine) -> float:
+        return float(len(set(self.timestep_indices())) * engine.n_draws)
+
+
+@dataclass
+class PromptDetector(Detector):
+    """A detector that runs its own forward passes for a batch of prompt embeddings."""
+
+    @abstractmethod
+    def score_prompts(self, model: DiffusionModel, embeddings: torch.Tensor, engine: NoiseStepEngine
+                      ) -> torch.Tensor:
+        """One score per prompt, shape ``(B,)``."""
+
+
+def make_detector(name: str, **options: Any) -> Detector:
+    """Instantiate a registered detector; unknown options raise a ``TypeError`` naming them."""
+    import diffmem.detectors  # noqa: F401 - registers the built-in detectors
+
+    cls = DETECTORS.get(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"detector {name!r} has no option(s) {unknown}; options: {sorted(fields)}")
+    return cls(**options)

@@ -1,0 +1,67 @@
+"""Noise-prediction magnitude (Wen et al., "Detecting, Explaining, and Mitigating Memorization in
+Diffusion Models", ICLR 2024).
+
+    d_t(c) = || eps(x_t, c) - eps(x_t, "") ||_2
+
+Memorized prompts pull the prediction hard towards one image, so the text-conditional guidance is
+large already at the first step. ``first_step`` mode (default, the paper's headline): x_t = x_T, the
+first timestep of a 50-step DDIM schedule, averaged over ``n`` shared noise draws. ``trajectory``
+mode: the mean of d_t over the first ``steps`` steps of real CFG sampling (DDIM 50, guidance 7.5),
+averaged over ``generations`` per prompt with seeds ``seed + j`` (their notebook: 4 generations).
+No normalisation, as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffmem.detectors.base import DETECTORS, NoiseStepDetector, PromptDetector
+from diffmem.detectors.engine import NoiseStepBatch, NoiseStepEngine
+
+
+def guidance_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """|| eps_c - eps_u ||_2 over all but the leading dimensions (C, H, W)."""
+    return (eps_cond - eps_uncond).flatten(-3).norm(dim=-1)
+
+
+@DETECTORS.register("noise-norm", "wen")
+@dataclass
+class NoiseNorm(NoiseStepDetector):
+    """First-step noise-norm at x_T, mean over the engine's shared draws."""
+
+    name = "noise-norm"
+
+    def timestep_indices(self) -> tuple[int, ...]:
+        return (0,)
+
+    def score_batch(self, batch: NoiseStepBatch) -> torch.Tensor:
+        return guidance_norm(batch.eps_cond[0], batch.eps_uncond[0][None]).mean(dim=1)
+
+
+@DETECTORS.register("noise-norm-trajectory", "wen-trajectory")
+@dataclass
+class NoiseNormTrajectory(PromptDetector):
+    """Mean noise-norm over the first ``steps`` CFG sampling steps of ``generations`` generations."""
+
+    name = "noise-norm-trajectory"
+    steps: int = 50
+    generations: int = 4
+    guidance_scale: float = 7.5
+    seed_offset: int = 0
+
+    @torch.no_grad()
+    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+        b, g = len(embeddings), self.generations
+        emb = embeddings.repeat_interleave(g, 0)
+        seeds = [self.seed_offset + engine.seed + j for _ in range(b) for j in range(g)]
+        sampler = model.make_sampler(engine.schedule_steps)
+        x = model.initial_latents(seeds) * sampler.init_noise_sigma
+        norms = [guidance_norm(step.eps_cond.float(), step.eps_uncond.float())
+                 for step in model.denoise(emb, x, sampler, self.guidance_scale, max_steps=self.steps)]
+        engine.unet_calls += 2 * len(norms) * len(emb)
+        return torch.stack(norms, 1).mean(1).view(b, g).mean(1)
+
+    def unet_calls_per_prompt(self, engine: NoiseStepEngine) -> float:
+        return float(2 * min(self.steps, engine.schedule_steps) * self.generations)

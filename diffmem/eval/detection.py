@@ -1,0 +1,85 @@
+"""Detector evaluation on stored scores: AUROC and TPR at low FPR, with the estimator named.
+
+scikit-learn computes the ROC on raw scores (torchmetrics' binary ROC squashes scores outside [0, 1]
+through a sigmoid). Two TPR@FPR estimators are reported because the papers differ:
+
+- ``strict``: the largest TPR among ROC points with FPR strictly below the target (Wen et al. 2024);
+- ``closest``: the TPR of the ROC point whose FPR is closest to the target (Jeon, Asthana, Ren).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from diffmem.errors import DiffmemError
+
+FPR_TARGETS = (0.01, 0.001)
+
+
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float) -> dict[str, float]:
+    fpr, tpr, _ = roc_curve(labels, scores)
+    below = fpr < target
+    strict = float(tpr[below].max()) if below.any() else 0.0
+    closest = float(tpr[np.argmin(np.abs(fpr - target))])
+    return {"strict": strict, "closest": closest}
+
+
+def detection_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
+    """AUROC and TPR@1%/0.1% FPR (both estimators) for binary ``labels`` (1 = memorized)."""
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(scores)
+    n_nan = int((~finite).sum())
+    labels, scores = labels[finite], scores[finite]
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise DiffmemError(f"need both memorized and ordinary prompts to evaluate; got {n_pos} and {n_neg}")
+    out = {"auroc": float(roc_auc_score(labels, scores)), "n_pos": n_pos, "n_neg": n_neg, "n_nan_dropped": n_nan}
+    for target in FPR_TARGETS:
+        key = f"tpr@{target:g}fpr"
+        out[key] = tpr_at_fpr(labels, scores, target)
+        if n_neg < 1 / target:
+            out[key]["warning"] = f"only {n_neg} negatives: FPR {target:g} is below one false positive"
+    return out
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC") -> Path:
+    """ROC curves (log-scaled FPR, so the low-FPR regime an auditor needs is visible) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for name, (labels, scores) in curves.items():
+        finite = np.isfinite(scores)
+        fpr, tpr, _ = roc_curve(np.asarray(labels, bool)[finite], np.asarray(scores)[finite])
+        auc = roc_auc_score(np.asarray(labels, bool)[finite], np.asarray(scores)[finite])
+        ax.plot(np.clip(fpr, 1e-4, 1), tpr, label=f"{name} (AUROC {auc:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.axvline(0.01, color="gray", lw=0.5, ls="--")
+    ax.set_xlabel("false-positive rate (log)")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def threshold_at_fpr(ordinary_scores: np.ndarray, fpr: float) -> float:
+    """The smallest threshold t with share(ordinary > t) <= fpr (flag = score > t)."""
+    if not 0 < fpr < 1:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    s = np.sort(np.asarray(ordinary_scores, dtype=np.float64)[np.isfinite(ordinary_scores)])[::-1]
+    if len(s) == 0:
+        raise DiffmemError("no finite scores among the reference prompts to calibrate on")
+    k = int(np.floor(fpr * len(s)))
+    return float(s[min(k, len(s) - 1)])

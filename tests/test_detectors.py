@@ -1,0 +1,103 @@
+"""Detector formulas against hand-computed values on a tiny random SD model, and the shared engine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffmem.detectors import DETECTORS, NoiseStepEngine, make_detector
+from diffmem.models import load_model
+from diffmem.scan import score_chunk
+
+PROMPTS = ["a red circle in the top left on a gray background", "a photo of a cat", "an astronaut riding a horse"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_sd_folder):
+    return load_model(tiny_sd_folder)
+
+
+def _eps(model, x, t, prompt):
+    emb = model.encode_prompts([prompt])
+    return model.unet(x, torch.tensor([t]), encoder_hidden_states=emb).sample[0]
+
+
+def test_noise_norm_matches_hand_computation(model):
+    engine = NoiseStepEngine(model, n_draws=2, seed=5)
+    t0 = int(model.make_sampler(50).timesteps[0])
+    expected = []
+    for p in PROMPTS:
+        per_draw = []
+        for j in range(2):
+            x = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(5 + j))
+            diff = _eps(model, x, t0, p) - _eps(model, x, t0, "")
+            per_draw.append(math.sqrt(sum(float(v) ** 2 for v in diff.flatten())))
+        expected.append(sum(per_draw) / 2)
+    got = score_chunk(engine, [make_detector("noise-norm")], PROMPTS)["noise-norm"]
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_anisotropy_matches_hand_computation(model):
+    engine = NoiseStepEngine(model, n_draws=1, seed=3)
+    sched = model.make_sampler(50).timesteps
+    t_hi, t_lo = int(sched[0]), int(sched[-3])
+    x = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(3))
+    p = PROMPTS[0]
+    norm = float((_eps(model, x, t_hi, p) - _eps(model, x, t_hi, "")).norm())
+    eu, ec = _eps(model, x, t_lo, ""), _eps(model, x, t_lo, p)
+    g = ec - eu
+    c, h, w = eu.shape
+    cosines = [float(eu[:, i, j] @ g[:, i, j] / (eu[:, i, j].norm() * g[:, i, j].norm()))
+               for i in range(h) for j in range(w)]
+    align = sum(cosines) / len(cosines)
+    sd1 = score_chunk(engine, [make_detector("anisotropy")], [p])["anisotropy"][0]
+    sd2 = score_chunk(engine, [make_detector("anisotropy", family="sd2")], [p])["anisotropy"][0]
+    assert sd1 == pytest.approx(norm + 2 * align, rel=1e-4)
+    assert sd2 == pytest.approx(norm + 0.1 * align, rel=1e-4)
+    assert (t_hi, t_lo) == (981, 41)  # timesteps[0] and timesteps[-3] of DDIM-50 with steps_offset 1
+
+
+def test_calibrated_anisotropy_standardises_on_reference(model):
+    det = make_detector("anisotropy-calibrated", reference_prompts=PROMPTS)
+    engine = NoiseStepEngine(model, n_draws=2)
+    det.prepare(engine)
+    scores = score_chunk(engine, [det], PROMPTS)["anisotropy-calibrated"]
+    assert abs(scores.mean()) < 1e-5  # z(norm) + z(align) averages to 0 on the reference itself
+
+
+def test_unconditional_prediction_computed_once_per_draw(model):
+    engine = NoiseStepEngine(model, n_draws=4)
+    sizes = []
+    handle = model.unet.register_forward_hook(lambda m, a, o: sizes.append(a[0].shape[0]))
+    score_chunk(engine, [make_detector("noise-norm"), make_detector("anisotropy")], PROMPTS)
+    score_chunk(engine, [make_detector("noise-norm"), make_detector("anisotropy")], PROMPTS[:2])
+    handle.remove()
+    # two timesteps: uncond once per timestep for all 4 draws, then one batched conditional call per chunk
+    assert sizes == [4, 4, 12, 12, 8, 8]
+    assert engine.unet_calls == 2 * 4 + 2 * 12 + 2 * 8
+
+
+def test_trajectory_mode_averages_guided_steps(model):
+    det = make_detector("noise-norm-trajectory", steps=2, generations=2)
+    engine = NoiseStepEngine(model, n_draws=1)
+    got = score_chunk(engine, [det], PROMPTS[:1])["noise-norm-trajectory"][0]
+    norms = []
+    for j in range(2):
+        sampler = model.make_sampler(50)
+        x = model.initial_latents([j])
+        emb = model.encode_prompts(PROMPTS[:1])
+        for step in model.denoise(emb, x, sampler, 7.5, max_steps=2):
+            norms.append(float((step.eps_cond - step.eps_uncond).norm()))
+    assert got == pytest.approx(sum(norms) / 4, rel=1e-4)
+
+
+def test_registry_errors_name_what_is_available():
+    assert {"noise-norm", "anisotropy", "anisotropy-calibrated", "noise-norm-trajectory"} <= set(DETECTORS.names())
+    with pytest.raises(KeyError, match="unknown detector 'nope'; available: .*noise-norm"):
+        make_detector("nope")
+    with pytest.raises(TypeError, match="has no option"):
+        make_detector("noise-norm", draws=3)
+    with pytest.raises(ValueError, match="family 'sd3' unknown"):
+        make_detector("anisotropy", family="sd3")
