@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--split-by", default=None, help="also report positives per value of this column")
     detect.add_argument("--out", default="runs/eval-detect", help="output folder (default: runs/eval-detect)")
 
+    ds = sub.add_parser("deepssim", help="train the DeepSSIM image embedder")
+    dsub = ds.add_subparsers(dest="deepssim_command", required=True)
+    dtrain = dsub.add_parser("train", help="train on the zoo corpus (default) or an image folder")
+    dtrain.add_argument("--images", default=None, help="image folder (default: the zoo's training images)")
+    dtrain.add_argument("--out", required=True, help="folder for model.safetensors, config.json, agreement.json")
+    dtrain.add_argument("--steps", type=int, default=1500)
+    dtrain.add_argument("--seed", type=int, default=0)
+
     zoo = sub.add_parser("zoo", help="build, label or describe the memorization zoo")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True)
     build = zsub.add_parser("build", help="train the zoo from its seed (resumable)")
@@ -92,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from diffmem.cli.scan_commands import run_eval_detect
 
             run_eval_detect(args)
+        elif args.command == "deepssim":
+            from diffmem.cli.deepssim_commands import run_train
+
+            run_train(args)
         elif args.command == "zoo":
             from diffmem.cli import zoo_commands
 

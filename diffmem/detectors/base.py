@@ -38,7 +38,9 @@ class Detector(ABC):
     name: ClassVar[str] = "detector"
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, **dataclasses.asdict(self)}
+        """Public settings (fields not starting with ``_``), for provenance."""
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                      if not f.name.startswith("_")}}
 
     def prepare(self, engine: NoiseStepEngine) -> None:  # noqa: B027 - optional hook
         """Called once before scoring (e.g. to calibrate on reference prompts)."""
@@ -79,7 +81,7 @@ def make_detector(name: str, **options: Any) -> Detector:
     import diffmem.detectors  # noqa: F401 - registers the built-in detectors
 
     cls = DETECTORS.get(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise TypeError(f"detector {name!r} has no option(s) {unknown}; options: {sorted(fields)}")

@@ -1,0 +1,75 @@
+"""Benchmark: every detector on the zoo — AUROC, TPR@1%/0.1% FPR (both estimators), UNet calls per prompt.
+
+Positives: captions the zoo's labels call memorized (found by extraction). Negatives: every other
+caption (generic, held-out generic, never-trained look-alike scenes, non-memorized signature items),
+except the ordinary reference captions that ``anisotropy-calibrated`` standardises on.
+
+    .venv/bin/python benchmarks/detection.py --out benchmarks/results/detection.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from diffmem.cli.scan_commands import zoo_prompts, zoo_reference_prompts
+from diffmem.detectors import NoiseStepEngine, make_detector
+from diffmem.eval.detection import detection_metrics, plot_roc
+from diffmem.io import atomic_write_text
+from diffmem.models import load_model
+from diffmem.scan import ScanSettings, run_scan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draws", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--trajectory-steps", type=int, default=10)
+    parser.add_argument("--work", default="runs/bench-detection")
+    parser.add_argument("--out", default="benchmarks/results/detection.json")
+    args = parser.parse_args()
+    model = load_model()
+    prompts = zoo_prompts()
+    reference = set(zoo_reference_prompts())
+    keep = np.array([t not in reference for t in prompts.texts])
+    y = np.array(prompts.columns["memorized"], dtype=bool)[keep]
+    kinds = np.array(prompts.columns["kind"])[keep]
+    results, curves = {}, {}
+    for draws in args.draws:
+        detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
+                     make_detector("anisotropy-calibrated", reference_prompts=sorted(reference))]
+        if draws == args.draws[0]:
+            detectors.append(make_detector("noise-norm-trajectory", steps=args.trajectory_steps, generations=4))
+        start = time.perf_counter()
+        path = run_scan(model, prompts, detectors, Path(args.work) / f"draws{draws}", ScanSettings(n_draws=draws))
+        seconds = time.perf_counter() - start
+        table = pq.read_table(path)
+        engine = NoiseStepEngine(model, draws)
+        for det in detectors:
+            key = f"{det.name} (draws={draws})" if det.name != "noise-norm-trajectory" else \
+                f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)"
+            s = table.column(det.name).to_numpy()[keep]
+            m = detection_metrics(y, s)
+            m["unet_calls_per_prompt"] = det.unet_calls_per_prompt(engine)
+            m["by_kind_of_positive"] = {k: detection_metrics(y[(~y) | (kinds == k)], s[(~y) | (kinds == k)])["auroc"]
+                                        for k in sorted(set(kinds[y]))}
+            results[key] = m
+            curves[key] = (y, s)
+        results[f"_scan_seconds_draws{draws}"] = round(seconds, 1)
+    plot_roc(curves, Path(args.out).with_suffix(".png"), title=f"zoo: {int(y.sum())} memorized, {int((~y).sum())} not")
+    record = {"benchmark": "detection", "model": model.describe(), "n_pos": int(y.sum()), "n_neg": int((~y).sum()),
+              "reference_prompts_excluded": len(reference), "results": results}
+    atomic_write_text(Path(args.out), json.dumps(record, indent=2))
+    print(f"{'detector':<48} {'AUROC':>7} {'TPR@1% strict/closest':>22} {'calls':>7}")
+    for k, m in results.items():
+        if not k.startswith("_"):
+            t = m["tpr@0.01fpr"]
+            print(f"{k:<48} {m['auroc']:7.4f} {t['strict']:10.3f}/{t['closest']:.3f} {m['unet_calls_per_prompt']:7.0f}")
+
+
+if __name__ == "__main__":
+    main()

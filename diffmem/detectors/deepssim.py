@@ -1,0 +1,101 @@
+"""DeepSSIM detectors (2025): generate a few images per prompt and compare them in DeepSSIM space.
+
+- ``deepssim-seeds``: mean pairwise cosine of the generations of one prompt across seeds. A prompt
+  that always yields the same image (a memorized one) scores near 1; a prompt with many valid images
+  scores lower.
+- ``deepssim-train``: max over seeds of the cosine to the nearest training image (needs an index of
+  training-image embeddings; for the zoo, its corpus).
+
+Image-space detectors cost full sampling (``samples * steps * 2`` UNet calls per prompt): use them
+to confirm what the noise-step detectors flag, not to scan millions of prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffmem.detectors.base import DETECTORS, PromptDetector
+from diffmem.detectors.engine import NoiseStepEngine
+from diffmem.eval.deepssim import DeepSSIM
+
+
+def default_embedder_path() -> Path:
+    from diffmem.zoo.paths import zoo_dir
+
+    return zoo_dir() / "deepssim"
+
+
+def zoo_training_embeddings(embedder: DeepSSIM) -> torch.Tensor:
+    """DeepSSIM embeddings of the zoo's unique training images."""
+    from diffmem.zoo.build import TrainingImages
+    from diffmem.zoo.load import load_corpus
+    from diffmem.zoo.paths import zoo_dir
+
+    data = TrainingImages(load_corpus(zoo_dir()))
+    return embedder.embed((data.pixels + 1) / 2)
+
+
+@dataclass
+class _DeepSSIMBase(PromptDetector):
+    samples: int = 4
+    steps: int = 25
+    guidance_scale: float = 7.5
+    seed_offset: int = 0
+    embedder: str | None = None  # folder of a trained DeepSSIM (default: the zoo's)
+    _model: DeepSSIM | None = field(default=None, repr=False, compare=False)
+
+    def load_embedder(self) -> DeepSSIM:
+        if self._model is None:
+            self._model = DeepSSIM.load(self.embedder or default_embedder_path())
+        return self._model
+
+    def generate_embeddings(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+        b, k = len(embeddings), self.samples
+        seeds = [self.seed_offset + engine.seed + j for _ in range(b) for j in range(k)]
+        images = model.sample(embeddings=embeddings.repeat_interleave(k, 0), seeds=seeds,
+                              num_inference_steps=self.steps, guidance_scale=self.guidance_scale).images
+        engine.unet_calls += 2 * self.steps * b * k
+        return self.load_embedder().embed(images).view(b, k, -1)
+
+    def unet_calls_per_prompt(self, engine: NoiseStepEngine) -> float:
+        return float(2 * self.steps * self.samples)
+
+
+@DETECTORS.register("deepssim-seeds")
+@dataclass
+class DeepSSIMSeeds(_DeepSSIMBase):
+    """Mean pairwise DeepSSIM cosine across ``samples`` generations of a prompt."""
+
+    name = "deepssim-seeds"
+
+    @torch.no_grad()
+    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+        if self.samples < 2:
+            raise ValueError("deepssim-seeds needs samples >= 2")
+        e = self.generate_embeddings(model, embeddings, engine)
+        sim = e @ e.transpose(1, 2)
+        k = self.samples
+        return (sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)) / (k * (k - 1))
+
+
+@DETECTORS.register("deepssim-train")
+@dataclass
+class DeepSSIMTrain(_DeepSSIMBase):
+    """Max over generations of the DeepSSIM cosine to the nearest training image."""
+
+    name = "deepssim-train"
+    _index: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def set_index(self, train_embeddings: torch.Tensor) -> None:
+        self._index = train_embeddings
+
+    @torch.no_grad()
+    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+        if self._index is None:
+            self._index = zoo_training_embeddings(self.load_embedder())
+        e = self.generate_embeddings(model, embeddings, engine)
+        best = torch.cat([(chunk @ self._index.T).amax(-1) for chunk in e.split(256)])
+        return best.amax(1)
