@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffmem.errors import DiffmemError
-from diffmem.io import atomic_write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -49,20 +47,13 @@ def zoo_images_and_groups() -> tuple[torch.Tensor, np.ndarray]:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from diffmem.eval.deepssim import DeepSSIMConfig, agreement, train_deepssim
+    from diffmem.eval.deepssim import DeepSSIMConfig, train_and_save
 
     cfg = dataclasses.replace(DeepSSIMConfig(), steps=args.steps, seed=args.seed)
     if args.images:
         images, groups = load_image_folder(Path(args.images), cfg.image_size), None
     else:
         images, groups = zoo_images_and_groups()
-    order = np.random.default_rng(args.seed).permutation(len(images))
-    n_held = max(2, len(images) // 10)
-    held, train = order[:n_held], order[n_held:]
-    model = train_deepssim(images[train], cfg, None if groups is None else groups[train])
-    stats = agreement(model, images[held], None if groups is None else groups[held])
-    out = Path(args.out)
-    model.save(out)
-    atomic_write_text(out / "agreement.json", json.dumps({"held_out_images": int(n_held), **stats}, indent=2))
-    print(f"DeepSSIM saved to {out}; held-out agreement with SSIM: pearson {stats['pearson']:.3f}, "
+    stats = train_and_save(images, groups, args.out, cfg)
+    print(f"DeepSSIM saved to {args.out}; held-out agreement with SSIM: pearson {stats['pearson']:.3f}, "
           f"spearman {stats['spearman']:.3f}, MAE {stats['mae']:.3f} over {stats['pairs']} pairs")

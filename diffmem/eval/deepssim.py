@@ -151,3 +151,16 @@ def agreement(model: DeepSSIM, images: torch.Tensor, groups: np.ndarray | None, 
     cos = (model.embed(images[a]) * model.embed(images[b])).sum(-1).numpy()
     return {"pairs": int(len(a)), "pearson": float(pearsonr(cos, target)[0]),
             "spearman": float(spearmanr(cos, target)[0]), "mae": float(np.abs(cos - target).mean())}
+
+
+def train_and_save(images: torch.Tensor, groups: np.ndarray | None, out: str | Path,
+                   cfg: DeepSSIMConfig = DeepSSIMConfig(), progress: bool = True) -> dict:
+    """Hold out 10% of the images, train on the rest, save weights and held-out agreement to ``out``."""
+    order = np.random.default_rng(cfg.seed).permutation(len(images))
+    n_held = max(2, len(images) // 10)
+    held, train = order[:n_held], order[n_held:]
+    model = train_deepssim(images[train], cfg, None if groups is None else groups[train], progress=progress)
+    stats = {"held_out_images": int(n_held), **agreement(model, images[held], None if groups is None else groups[held])}
+    model.save(out)
+    (Path(out) / "agreement.json").write_text(json.dumps(stats, indent=2))
+    return stats

@@ -273,6 +273,11 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str |
     pipe.to(torch.float16).save_pretrained(staging / "pipeline", safe_serialization=True)
     reader = train_attribute_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae)
     reader.save(staging / "attribute_reader")
+    from diffmem.eval.deepssim import train_and_save
+
+    groups = np.zeros(len(data.pixels), dtype=np.int64)
+    groups[data.image_of_pair] = data.item_of_pair
+    train_and_save((data.pixels + 1) / 2, groups, staging / "deepssim")
     seconds = {"vae": round(vae_seconds, 1), "denoiser": round(unet_seconds, 1),
                "attribute_reader": round(time.time() - started, 1)}
     write_manifest(staging, items, cfg, seconds=seconds)
