@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from diffmem.eval.similarity import l2_nearest, ssim_pairs
+from diffmem.eval.matching import SSIMMatcher
 from diffmem.io import atomic_write_text
 from diffmem.models.loader import load_model
 
@@ -57,6 +57,7 @@ def run_demo(args: argparse.Namespace) -> None:
     generic = [r for r in labels if r["kind"] == "generic"][:: max(1, len(labels) // 50)][: args.per_group]
     data = TrainingImages(items)
     train = (data.pixels + 1) / 2
+    matcher = SSIMMatcher().fit(train)
     groups = {"memorized (signature)": memorized, "generic": generic}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,13 +66,14 @@ def run_demo(args: argparse.Namespace) -> None:
         prompts = [r["caption"] for r in rows for _ in range(args.seeds)]
         seeds = [s for _ in rows for s in range(args.seeds)]
         images = model.sample(prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance).images
-        _, nn = l2_nearest(images, train, k=1)
-        nearest = train[nn[:, 0]]
-        sims = ssim_pairs(images, nearest).view(len(rows), args.seeds)
+        match = matcher.match(images)
+        nearest = train[match.index]
+        sims = match.similarity.view(len(rows), args.seeds)
         grid_rows = []
         for i, r in enumerate(rows):
             block = images[i * args.seeds : (i + 1) * args.seeds]
-            grid_rows.append(torch.cat([block, nearest[i * args.seeds : i * args.seeds + 1]]))
+            best = i * args.seeds + int(sims[i].argmax())
+            grid_rows.append(torch.cat([block, nearest[best : best + 1]]))
             table.append({"group": name, "caption": r["caption"], "replication": r["replication"],
                           "max_ssim_to_nearest_training_image": round(float(sims[i].max()), 3)})
         panels.append(_titled(image_grid(grid_rows), f"{name}: {args.seeds} seeds | nearest training image"))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffmem.eval.matching import SSIMMatcher
 from diffmem.eval.similarity import SSIM_PARAMS, l2_nearest, ssim_pairs
 from diffmem.models.model import DiffusionModel
 from diffmem.zoo.attributes import AttributeReader, attribute_accuracy
@@ -97,13 +98,9 @@ def label_zoo(model: DiffusionModel, items: list[ZooItem], reader: AttributeRead
     gen = model.sample(prompts, seeds, num_inference_steps=cfg.num_inference_steps,
                        guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size, progress=progress).images
 
-    dist, nn_ids = l2_nearest(gen, train, k=cfg.candidates)
-    best_ssim = np.full(len(gen), -1.0)
-    best_img = np.zeros(len(gen), dtype=np.int64)
-    for c in range(cfg.candidates):
-        s = ssim_pairs(gen, train[nn_ids[:, c]]).numpy()
-        better = s > best_ssim
-        best_ssim[better], best_img[better] = s[better], nn_ids[better, c].numpy()
+    match = SSIMMatcher(cfg.candidates).fit(train).match(gen)
+    best_ssim, best_img = match.similarity.numpy().astype(np.float64), match.index.numpy()
+    dist, _ = l2_nearest(gen, train, k=2)
     own_ssim = np.full(len(gen), np.nan)
     own_images = {}
     for img, item in zip(data.image_of_pair, data.item_of_pair):

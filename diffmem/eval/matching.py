@@ -1,0 +1,133 @@
+"""Matching generations to a training set: one interface, three similarities.
+
+Every matcher answers, for each query image, the most similar training image and its similarity
+(higher = more similar), searching with torch chunked matrix products (faiss is used instead when it
+is installed and ``use_faiss=True``, for very large training sets):
+
+- ``ssim``: pixel-L2 shortlist of ``candidates`` neighbours, then SSIM (parameters in
+  :mod:`diffmem.eval.similarity`); the zoo's ground truth uses this matcher;
+- ``l2``: negative pixel L2 / sqrt(CHW) (Gu et al. 2025's distance, negated so higher = closer);
+- ``deepssim``: cosine of DeepSSIM embeddings.
+
+A match is *matching verbatim* when the nearest image belongs to the prompt's own training item and
+*template verbatim* when it belongs to another item; ``none`` below the threshold.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from diffmem.eval.similarity import l2_nearest, ssim_pairs
+from diffmem.registry import Registry
+
+MATCHERS: Registry[Matcher] = Registry("matcher")
+
+
+@dataclass
+class MatchResult:
+    """Best training match per query: similarity ``(N,)`` and training-image index ``(N,)``."""
+
+    similarity: torch.Tensor
+    index: torch.Tensor
+
+
+class Matcher(ABC):
+    """Finds each query's most similar image in an index of training images (both in [0, 1])."""
+
+    name = "matcher"
+    default_threshold: float = 0.5
+
+    def fit(self, train_images: torch.Tensor) -> Matcher:
+        self.train = train_images.float()
+        return self
+
+    @abstractmethod
+    def match(self, queries: torch.Tensor) -> MatchResult:
+        """Nearest training image of every query."""
+
+    @abstractmethod
+    def pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Similarity of ``a[i]`` with ``b[i]``."""
+
+
+@MATCHERS.register("ssim")
+class SSIMMatcher(Matcher):
+    name = "ssim"
+
+    def __init__(self, candidates: int = 8):
+        self.candidates = candidates
+
+    def match(self, queries: torch.Tensor) -> MatchResult:
+        _, ids = l2_nearest(queries, self.train, k=self.candidates)
+        best = torch.full((len(queries),), -2.0)
+        best_idx = ids[:, 0].clone()
+        for c in range(ids.shape[1]):
+            s = ssim_pairs(queries, self.train[ids[:, c]])
+            better = s > best
+            best[better], best_idx[better] = s[better], ids[better, c]
+        return MatchResult(best, best_idx)
+
+    def pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return ssim_pairs(a, b)
+
+
+@MATCHERS.register("l2")
+class L2Matcher(Matcher):
+    name = "l2"
+    default_threshold = -0.05
+
+    def match(self, queries: torch.Tensor) -> MatchResult:
+        d, ids = l2_nearest(queries, self.train, k=1)
+        return MatchResult(-d[:, 0], ids[:, 0])
+
+    def pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return -((a - b).flatten(1).pow(2).mean(1)).sqrt()
+
+
+@MATCHERS.register("deepssim")
+class DeepSSIMMatcher(Matcher):
+    name = "deepssim"
+    default_threshold = 0.85  # the paper's duplicate flag
+
+    def __init__(self, embedder=None, use_faiss: bool = False, chunk: int = 1024):
+        self.embedder, self.use_faiss, self.chunk = embedder, use_faiss, chunk
+
+    def _embedder(self):
+        if self.embedder is None:
+            from diffmem.detectors.deepssim import default_embedder_path
+            from diffmem.eval.deepssim import DeepSSIM
+
+            self.embedder = DeepSSIM.load(default_embedder_path())
+        return self.embedder
+
+    def fit(self, train_images: torch.Tensor) -> Matcher:
+        super().fit(train_images)
+        self.index = self._embedder().embed(self.train)
+        return self
+
+    def match(self, queries: torch.Tensor) -> MatchResult:
+        q = self._embedder().embed(queries)
+        if self.use_faiss:
+            import faiss
+
+            idx = faiss.IndexFlatIP(self.index.shape[1])
+            idx.add(self.index.numpy())
+            sims, ids = idx.search(q.numpy(), 1)
+            return MatchResult(torch.from_numpy(sims[:, 0]), torch.from_numpy(ids[:, 0]))
+        sims, ids = [], []
+        for s in range(0, len(q), self.chunk):
+            v, i = (q[s : s + self.chunk] @ self.index.T).max(dim=1)
+            sims.append(v)
+            ids.append(i)
+        return MatchResult(torch.cat(sims), torch.cat(ids))
+
+    def pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        e = self._embedder()
+        return (e.embed(a) * e.embed(b)).sum(-1)
+
+
+def make_matcher(name: str, **options) -> Matcher:
+    return MATCHERS.get(name)(**options)
