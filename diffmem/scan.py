@@ -1,19 +1,15 @@
 """``diffmem scan``: score every prompt of a set with one or more detectors, resumably.
 
-Prompts are processed in fixed chunks (``batch_size`` prompts of this process's shard); each chunk's
-scores are written as one Parquet part atomically, so a killed scan loses at most the chunk in flight
-and a rerun of the same command skips finished parts. Once all parts exist they are merged into
-``scores.parquet`` (one row per unique prompt, in file order). ``provenance.json`` records the model
-fingerprint, the prompt file's hash, every detector's settings, seeds and library versions; a rerun
-with other settings into the same folder is refused.
+Chunks of ``batch_size`` prompts are scored and written as they finish (see :mod:`diffmem.jobs`), then
+merged into ``scores.parquet`` (one row per unique prompt, in file order). ``provenance.json``
+records the model fingerprint, the prompt file's hash, every detector's settings, seeds and library
+versions; a rerun with other settings into the same folder is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +17,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from diffmem.detectors.base import Detector, NoiseStepDetector, PromptDetector
 from diffmem.detectors.engine import NoiseStepEngine
 from diffmem.errors import DiffmemError
-from diffmem.io import atomic_write_bytes, atomic_write_text
+from diffmem.jobs import claim_folder, merge_parts, run_chunks
 from diffmem.models.model import DiffusionModel
 from diffmem.prompts import PromptSet
 
 log = logging.getLogger(__name__)
 SCORES_FILE = "scores.parquet"
-PROVENANCE_FILE = "provenance.json"
 
 
 @dataclass(frozen=True)
@@ -78,13 +71,6 @@ def provenance(model: DiffusionModel, prompts: PromptSet, detectors: list[Detect
     }
 
 
-def _comparable(p: dict) -> dict:
-    p = json.loads(json.dumps(p))
-    p.pop("versions", None)
-    p["model"].pop("device", None)
-    return p
-
-
 def score_chunk(engine: NoiseStepEngine, detectors: list[Detector], texts: list[str]) -> dict[str, np.ndarray]:
     """Scores of every detector for one chunk: noise-step detectors share one engine pass."""
     emb = engine.model.encode_prompts(texts)
@@ -113,60 +99,21 @@ def run_scan(model: DiffusionModel, prompts: PromptSet, detectors: list[Detector
     if len(set(names)) != len(names):
         raise DiffmemError(f"detector names repeat: {names}")
     out = Path(out_dir)
-    parts = out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    prov = provenance(model, prompts, detectors, settings, world_size)
-    prov_path = out / PROVENANCE_FILE
-    if prov_path.is_file():
-        if _comparable(json.loads(prov_path.read_text())) != _comparable(prov):
-            raise DiffmemError(f"'{out}' holds a scan with other settings (model, prompts, detectors or seeds); "
-                               "use another --out or delete it")
-    elif rank == 0:
-        atomic_write_text(prov_path, json.dumps(prov, indent=2))
-
-    shard = list(range(rank, len(prompts), world_size))
-    chunks = [shard[i : i + settings.batch_size] for i in range(0, len(shard), settings.batch_size)]
-    todo = [(k, c) for k, c in enumerate(chunks) if not (parts / f"rank{rank:03d}-{k:06d}.parquet").is_file()]
+    claim_folder(out, provenance(model, prompts, detectors, settings, world_size), rank)
     engine = NoiseStepEngine(model, settings.n_draws, settings.seed, settings.schedule_steps)
-    if todo:
+
+    def score(chunk: list[int]) -> dict[str, pa.Array]:
+        scores = score_chunk(engine, detectors, [prompts.texts[i] for i in chunk])
+        return {name: pa.array(v, pa.float64()) for name, v in scores.items()}
+
+    def prepare() -> None:
         for d in detectors:
             d.prepare(engine)
-    bar = tqdm(total=len(shard), initial=len(shard) - sum(len(c) for _, c in todo), desc=f"scan[{rank}]",
-               disable=not progress, dynamic_ncols=True)
-    for k, chunk in todo:
-        scores = score_chunk(engine, detectors, [prompts.texts[i] for i in chunk])
-        table = pa.table({"position": pa.array(chunk, pa.int64()),
-                          **{name: pa.array(v, pa.float64()) for name, v in scores.items()}})
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        atomic_write_bytes(parts / f"rank{rank:03d}-{k:06d}.parquet", sink.getvalue().to_pybytes())
-        bar.update(len(chunk))
-    bar.close()
+
+    run_chunks(prompts, out, settings.batch_size, score, rank, world_size, "scan", progress, prepare)
     if rank != 0:
         return None
-    return merge_parts(out, prompts, names, world_size, settings.batch_size)
-
-
-def merge_parts(out: Path, prompts: PromptSet, names: list[str], world_size: int, batch_size: int) -> Path | None:
-    """Join every shard's parts into ``scores.parquet`` (file order, each prompt exactly once)."""
-    expected = sum(math.ceil(len(range(r, len(prompts), world_size)) / batch_size) for r in range(world_size))
-    files = sorted((out / "parts").glob("rank*.parquet"))
-    if len(files) < expected:
-        log.warning("%d of %d parts are written; rerun to finish", len(files), expected)
-        return None
-    table = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("position")
-    positions = table.column("position").to_pylist()
-    if positions != list(range(len(prompts))):
-        raise DiffmemError(f"parts in '{out / 'parts'}' do not cover the prompts exactly once; delete the folder")
-    columns: dict[str, Any] = {"id": prompts.ids, "text": prompts.texts}
-    for name in names:
-        columns[name] = table.column(name)
-    for extra, values in prompts.columns.items():
-        if extra not in columns and extra not in ("caption", "prompt"):
-            columns[f"input_{extra}"] = [None if v is None else str(v) for v in values]
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(columns), sink)
-    return atomic_write_bytes(out / SCORES_FILE, sink.getvalue().to_pybytes())
+    return merge_parts(out, prompts, world_size, settings.batch_size, SCORES_FILE)
 
 
 def apply_thresholds(scores: pa.Table, thresholds: dict[str, float]) -> pa.Table:

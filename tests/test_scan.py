@@ -73,7 +73,7 @@ def test_scores_do_not_depend_on_batch_size(model, tmp_path):
 def test_rerun_with_other_settings_is_refused(model, tmp_path):
     prompts = prompts_from_list(PROMPTS[:3])
     run_scan(model, prompts, _detectors(), tmp_path, ScanSettings(n_draws=2), progress=False)
-    with pytest.raises(DiffmemError, match="holds a scan with other settings"):
+    with pytest.raises(DiffmemError, match="holds a run with other settings"):
         run_scan(model, prompts, _detectors(), tmp_path, ScanSettings(n_draws=3), progress=False)
 
 

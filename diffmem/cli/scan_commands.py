@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffmem.errors import DiffmemError
-from diffmem.io import atomic_write_bytes, atomic_write_text
+from diffmem.io import atomic_write_text
+from diffmem.jobs import write_parquet
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -91,10 +92,10 @@ def _scan(args: argparse.Namespace, prompts_path: str | None):
     if state.num_processes > 1:
         state.wait_for_everyone()
         if state.is_main_process:
-            from diffmem.scan import merge_parts
+            from diffmem.jobs import merge_parts
+            from diffmem.scan import SCORES_FILE
 
-            path = merge_parts(Path(args.out), prompts, [d.name for d in detectors], state.num_processes,
-                               settings.batch_size)
+            path = merge_parts(Path(args.out), prompts, state.num_processes, settings.batch_size, SCORES_FILE)
     return path if state.is_main_process else None, [d.name for d in detectors]
 
 
@@ -116,9 +117,7 @@ def run_scan_command(args: argparse.Namespace) -> None:
             raise DiffmemError(f"calibration file '{args.calibration}' has no scores for detector(s) {missing}")
         thresholds = {n: threshold_at_fpr(np.asarray(calib["scores"][n]), args.fpr or 0.01) for n in names}
         table = apply_thresholds(table, thresholds)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        write_parquet(table, path)
         print(f"thresholds at FPR {args.fpr or 0.01:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in thresholds.items()))
     print_summary(table, names, args.top)
     print(f"\nscores: {path}\nprovenance: {Path(args.out) / 'provenance.json'}")

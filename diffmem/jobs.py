@@ -1,0 +1,95 @@
+"""Resumable, shardable chunked jobs: the machinery behind ``scan`` and ``extract``.
+
+A job maps fixed chunks of a prompt list to columns. Each finished chunk is written as one Parquet
+part atomically (``parts/rankRRR-KKKKKK.parquet``), so a killed job loses at most the chunk in
+flight and a rerun skips finished parts; rank 0 merges all parts into one table (one row per prompt,
+in input order). ``provenance.json`` is written first and a rerun with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from diffmem.errors import DiffmemError
+from diffmem.io import atomic_write_bytes, atomic_write_text
+from diffmem.prompts import PromptSet
+
+log = logging.getLogger(__name__)
+PROVENANCE_FILE = "provenance.json"
+
+
+def write_parquet(table: pa.Table, path: Path) -> Path:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def _comparable(p: dict) -> dict:
+    p = json.loads(json.dumps(p, default=str))
+    p.pop("versions", None)
+    if isinstance(p.get("model"), dict):
+        p["model"].pop("device", None)
+    return p
+
+
+def claim_folder(out: Path, provenance: dict, rank: int) -> None:
+    """Write ``provenance.json`` (rank 0) or check that an existing one has the same settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / PROVENANCE_FILE
+    if path.is_file():
+        if _comparable(json.loads(path.read_text())) != _comparable(provenance):
+            raise DiffmemError(f"'{out}' holds a run with other settings (model, prompts, methods or seeds); "
+                               "use another --out or delete it")
+    elif rank == 0:
+        atomic_write_text(path, json.dumps(provenance, indent=2, default=str))
+
+
+def run_chunks(prompts: PromptSet, out: Path, batch_size: int,
+               score: Callable[[list[int]], dict[str, np.ndarray | list]], rank: int = 0, world_size: int = 1,
+               desc: str = "job", progress: bool = True, before_first: Callable[[], None] | None = None) -> None:
+    """Run ``score(positions)`` on every unfinished chunk of this rank's shard, writing one part each."""
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    shard = list(range(rank, len(prompts), world_size))
+    chunks = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+    todo = [(k, c) for k, c in enumerate(chunks) if not (parts / f"rank{rank:03d}-{k:06d}.parquet").is_file()]
+    if todo and before_first is not None:
+        before_first()
+    bar = tqdm(total=len(shard), initial=len(shard) - sum(len(c) for _, c in todo), desc=f"{desc}[{rank}]",
+               disable=not progress, dynamic_ncols=True)
+    for k, chunk in todo:
+        columns = score(chunk)
+        table = pa.table({"position": pa.array(chunk, pa.int64()), **{n: v for n, v in columns.items()}})
+        write_parquet(table, parts / f"rank{rank:03d}-{k:06d}.parquet")
+        bar.update(len(chunk))
+    bar.close()
+
+
+def merge_parts(out: Path, prompts: PromptSet, world_size: int, batch_size: int, filename: str) -> Path | None:
+    """Join every shard's parts into ``out/filename`` (input order, each prompt exactly once)."""
+    expected = sum(math.ceil(len(range(r, len(prompts), world_size)) / batch_size) for r in range(world_size))
+    files = sorted((out / "parts").glob("rank*.parquet"))
+    if len(files) < expected:
+        log.warning("%d of %d parts are written; rerun to finish", len(files), expected)
+        return None
+    table = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("position")
+    if table.column("position").to_pylist() != list(range(len(prompts))):
+        raise DiffmemError(f"parts in '{out / 'parts'}' do not cover the prompts exactly once; delete the folder")
+    columns: dict[str, Any] = {"id": prompts.ids, "text": prompts.texts}
+    for name in table.column_names:
+        if name != "position":
+            columns[name] = table.column(name)
+    for extra, values in prompts.columns.items():
+        if extra not in ("caption", "prompt", "text"):
+            columns[f"input_{extra}"] = [None if v is None else str(v) for v in values]
+    return write_parquet(pa.table(columns), out / filename)
