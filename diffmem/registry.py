@@ -7,9 +7,10 @@ that lists what is available.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -48,8 +49,27 @@ class Registry(Generic[T]):
             self._entries[name] = target
         return target
 
+    def create(self, name: str, **options: Any) -> T:
+        """Instantiate ``name`` with dataclass options; unknown options raise a ``TypeError`` naming them."""
+        cls = self.get(name)
+        fields = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise TypeError(f"{self.kind} {name!r} has no option(s) {unknown}; options: {sorted(fields)}")
+        return cls(**options)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+
+class Configurable:
+    """Mixin for dataclass methods: ``config()`` = name + public fields, for provenance files."""
+
+    name: str = "component"
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                                      if not f.name.startswith("_")}}

@@ -15,14 +15,13 @@ Add a detector by subclassing one of them in its own file and decorating it with
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from diffmem.registry import Registry
+from diffmem.registry import Configurable, Registry
 
 if TYPE_CHECKING:
     from diffmem.detectors.engine import NoiseStepBatch, NoiseStepEngine
@@ -32,15 +31,10 @@ DETECTORS: Registry[Detector] = Registry("detector")
 
 
 @dataclass
-class Detector(ABC):
+class Detector(Configurable, ABC):
     """Base class: dataclass fields are the detector's settings (saved in every scan's provenance)."""
 
     name: ClassVar[str] = "detector"
-
-    def config(self) -> dict[str, Any]:
-        """Public settings (fields not starting with ``_``), for provenance."""
-        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                      if not f.name.startswith("_")}}
 
     def prepare(self, engine: NoiseStepEngine) -> None:  # noqa: B027 - optional hook
         """Called once before scoring (e.g. to calibrate on reference prompts)."""
@@ -80,9 +74,4 @@ def make_detector(name: str, **options: Any) -> Detector:
     """Instantiate a registered detector; unknown options raise a ``TypeError`` naming them."""
     import diffmem.detectors  # noqa: F401 - registers the built-in detectors
 
-    cls = DETECTORS.get(name)
-    fields = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise TypeError(f"detector {name!r} has no option(s) {unknown}; options: {sorted(fields)}")
-    return cls(**options)
+    return DETECTORS.create(name, **options)
