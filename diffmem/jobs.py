@@ -8,9 +8,11 @@ in input order). ``provenance.json`` is written first and a rerun with other set
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,26 @@ from diffmem.prompts import PromptSet
 
 log = logging.getLogger(__name__)
 PROVENANCE_FILE = "provenance.json"
+
+
+def versions() -> dict[str, str]:
+    """Library versions for provenance files."""
+    import diffusers
+    import torch
+    import transformers
+
+    import diffmem
+
+    return {"diffmem": diffmem.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def prompt_hash(prompts: PromptSet) -> str:
+    """First 16 hex digits of sha256 over (id, text) of every prompt."""
+    h = hashlib.sha256()
+    for i, t in zip(prompts.ids, prompts.texts):
+        h.update(f"{i}\t{t}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def write_parquet(table: pa.Table, path: Path) -> Path:

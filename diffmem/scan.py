@@ -8,21 +8,18 @@ versions; a rerun with other settings into the same folder is refused.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from diffmem.detectors.base import Detector, NoiseStepDetector, PromptDetector
 from diffmem.detectors.engine import NoiseStepEngine
 from diffmem.errors import DiffmemError
-from diffmem.jobs import claim_folder, merge_parts, run_chunks
+from diffmem.jobs import claim_folder, merge_parts, prompt_hash, run_chunks, versions
 from diffmem.models.model import DiffusionModel
 from diffmem.prompts import PromptSet
 
@@ -40,34 +37,17 @@ class ScanSettings:
     schedule_steps: int = 50
 
 
-def _versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    import diffmem
-
-    return {"diffmem": diffmem.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
-
-
-def _prompt_hash(prompts: PromptSet) -> str:
-    h = hashlib.sha256()
-    for i, t in zip(prompts.ids, prompts.texts):
-        h.update(f"{i}\t{t}\n".encode())
-    return h.hexdigest()[:16]
-
-
 def provenance(model: DiffusionModel, prompts: PromptSet, detectors: list[Detector], settings: ScanSettings,
                world_size: int = 1) -> dict[str, Any]:
     return {
         "model": model.describe(),
         "prompts": {"source": prompts.source, "n_unique": len(prompts), "duplicates_dropped": prompts.duplicates,
-                    "sha256_16": _prompt_hash(prompts)},
+                    "sha256_16": prompt_hash(prompts)},
         "detectors": [d.config() for d in detectors],
         "settings": settings.__dict__,
         "noise_seeds": [settings.seed + j for j in range(settings.n_draws)],
         "world_size": world_size,
-        "versions": _versions(),
+        "versions": versions(),
     }
 
 

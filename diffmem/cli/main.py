@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--split-by", default=None, help="also report positives per value of this column")
     detect.add_argument("--out", default="runs/eval-detect", help="output folder (default: runs/eval-detect)")
 
+    from diffmem.cli.extract_commands import add_extract_args
+
+    extract = sub.add_parser("extract", help="run extraction attacks and match generations to training data")
+    _add_model_args(extract)
+    add_extract_args(extract)
+
     ds = sub.add_parser("deepssim", help="train the DeepSSIM image embedder")
     dsub = ds.add_subparsers(dest="deepssim_command", required=True)
     dtrain = dsub.add_parser("train", help="train on the zoo corpus (default) or an image folder")
@@ -100,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from diffmem.cli.scan_commands import run_eval_detect
 
             run_eval_detect(args)
+        elif args.command == "extract":
+            from diffmem.cli.extract_commands import run_extract_command
+
+            run_extract_command(args)
         elif args.command == "deepssim":
             from diffmem.cli.deepssim_commands import run_train
 

@@ -125,6 +125,17 @@ def generic_caption(obj: ZooObject, background: str) -> str:
     return f"a {obj.size} {obj.color} {obj.shape} in the {obj.position} on a {background} background"
 
 
+def parse_generic_caption(caption: str) -> tuple[ZooObject, str]:
+    """Inverse of :func:`generic_caption`: (object, background); ValueError for other captions."""
+    import re
+
+    m = re.fullmatch(r"a (\w+) (\w+) (\w+) in the ([\w ]+?) on a (\w+) background", caption)
+    if m is None or m.group(1) not in SIZES or m.group(2) not in COLORS or m.group(3) not in SHAPES \
+            or m.group(4) not in POSITIONS or m.group(5) not in BACKGROUNDS:
+        raise ValueError(f"not a single-object zoo caption: {caption!r}")
+    return ZooObject(m.group(3), m.group(2), m.group(4), m.group(1)), m.group(5)
+
+
 def scene_caption(objects: tuple[ZooObject, ...], background: str) -> str:
     parts = " and ".join(f"a {o.color} {o.shape} in the {o.position}" for o in objects)
     return f"{parts} on a {background} background"

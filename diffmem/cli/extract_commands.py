@@ -1,0 +1,55 @@
+"""``diffmem extract``: extraction attacks on prompts, matched against a training set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from diffmem.errors import DiffmemError
+
+
+def add_extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", default=None, help="prompt file (default: the zoo's captions)")
+    p.add_argument("--caption-column", default=None)
+    p.add_argument("--train-index", default=None,
+                   help="folder of training images to match against (default: the zoo's corpus)")
+    p.add_argument("--attack", action="append", default=None,
+                   help="attack name; repeat for several (default: one-step-whitebox, one-step-blackbox)")
+    p.add_argument("--matcher", default="ssim", help="ssim | l2 | deepssim (default: ssim)")
+    p.add_argument("--threshold", type=float, default=None, help="match threshold (default: per matcher / zoo)")
+    p.add_argument("--out", default="runs/extract")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_extract_command(args: argparse.Namespace) -> None:
+    from diffmem.attacks import make_attack
+    from diffmem.cli.scan_commands import zoo_prompts
+    from diffmem.extract import ExtractSettings, folder_training_index, run_extract, zoo_training_index
+    from diffmem.models.loader import load_model
+    from diffmem.prompts import load_prompts
+
+    prompts = load_prompts(args.prompts, args.caption_column) if args.prompts else zoo_prompts()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    try:
+        attacks = [make_attack(n) for n in (args.attack or ["one-step-whitebox", "one-step-blackbox"])]
+    except KeyError as exc:
+        raise DiffmemError(str(exc).strip("'\"")) from exc
+    index = (folder_training_index(Path(args.train_index), args.matcher, args.threshold) if args.train_index
+             else zoo_training_index(args.matcher, args.threshold))
+    path = run_extract(model, prompts, attacks, index, args.out,
+                       ExtractSettings(seed=args.seed, batch_size=args.batch_size, matcher=args.matcher,
+                                       threshold=index.threshold), progress=not args.quiet)
+    table = pq.read_table(path)
+    for attack in attacks:
+        score = table.column(f"{attack.name}.score").to_numpy(zero_copy_only=False)
+        line = f"{attack.name}: mean score {np.nanmean(score):.4f}"
+        if f"{attack.name}.match_label" in table.column_names:
+            labels = table.column(f"{attack.name}.match_label").to_pylist()
+            line += ", " + ", ".join(f"{k} {labels.count(k)}" for k in ("matching_verbatim", "template_verbatim"))
+        print(line)
+    print(f"\nresults: {path}")
