@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(extract)
     add_extract_args(extract)
 
+    report = sub.add_parser("report", help="one self-contained HTML report of run folders")
+    report.add_argument("runs", nargs="+", help="run folders (scan, extract, eval, benchmark JSON)")
+    report.add_argument("--out", default="runs/report.html", help="HTML file (default: runs/report.html)")
+    report.add_argument("--gallery", type=int, default=6, help="prompts in each scan's gallery (default: 6)")
+
     ds = sub.add_parser("deepssim", help="train the DeepSSIM image embedder")
     dsub = ds.add_subparsers(dest="deepssim_command", required=True)
     dtrain = dsub.add_parser("train", help="train on the zoo corpus (default) or an image folder")
@@ -110,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from diffmem.cli.extract_commands import run_extract_command
 
             run_extract_command(args)
+        elif args.command == "report":
+            from diffmem.report import build_report
+
+            print(f"report: {build_report(args.runs, args.out, args.gallery)}")
         elif args.command == "deepssim":
             from diffmem.cli.deepssim_commands import run_train
 
