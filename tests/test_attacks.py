@@ -1,0 +1,109 @@
+"""Attacks and matchers: formulas against hand computations on tiny inputs and a tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffmem.attacks import AttackContext, TrainingIndex, make_attack
+from diffmem.attacks.generate_filter import largest_clique, tiled_l2
+from diffmem.attacks.one_step_blackbox import sobel_magnitude
+from diffmem.attacks.retrigger import optimise_embeddings
+from diffmem.eval.matching import make_matcher
+from diffmem.models import load_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_sd_folder):
+    return load_model(tiny_sd_folder)
+
+
+def test_tiled_l2_is_the_worst_tile():
+    a = torch.zeros(1, 3, 8, 8)
+    b = a.clone()
+    b[0, :, :4, :4] = 0.5  # one of four 4x4 tiles differs
+    d = tiled_l2(torch.cat([a, b]), tiles=2)
+    assert d[0, 1] == pytest.approx(0.5)  # sqrt(48 * 0.25) / sqrt(48)
+    assert d[0, 0] == 0 and d[1, 0] == d[0, 1]
+
+
+def test_largest_clique():
+    adj = np.zeros((5, 5), dtype=bool)
+    for i, j in [(0, 1), (1, 2), (0, 2), (3, 4)]:
+        adj[i, j] = adj[j, i] = True
+    np.fill_diagonal(adj, True)
+    assert sorted(largest_clique(adj)) == [0, 1, 2]
+
+
+def test_sobel_on_a_vertical_step():
+    x = torch.zeros(1, 1, 5, 5)
+    x[..., 3:] = 1.0
+    mag = sobel_magnitude(x)[0]
+    assert mag[2, 2] == pytest.approx(4.0) and mag[2, 0] == 0  # |[-1 0 1; -2 0 2; -1 0 1] * step| = 4
+
+
+def test_one_step_whitebox_matches_hand_computation(model):
+    attack = make_attack("one-step-whitebox", seeds=2, guidance_scale=3.0)
+    got = attack.run(model, ["a cat"], AttackContext(seed=9))["score"][0]
+    sampler = model.make_sampler(1)
+    x = model.initial_latents([9, 10])
+    emb = model.encode_prompts(["a cat"])
+    eps_u, eps_c = model.guided_pair(x, sampler.timesteps[0], emb)
+    out = sampler.step(eps_u + 3.0 * (eps_c - eps_u), sampler.timesteps[0], x).prev_sample
+    assert got == pytest.approx(float((x - out).pow(2).mean()), rel=1e-4)
+
+
+def test_one_step_blackbox_scores_are_fractions(model):
+    out = make_attack("one-step-blackbox", seeds=3, edge_threshold=0.2).run(model, ["a cat", "a dog"],
+                                                                            AttackContext())
+    assert out["score"].shape == (2,) and ((0 <= out["score"]) & (out["score"] <= 1)).all()
+
+
+def test_ssim_matcher_finds_exact_copies_and_labels_them():
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(20, 3, 16, 16, generator=g)
+    index = TrainingIndex(train, np.arange(20) // 2, make_matcher("ssim").fit(train), threshold=0.9)
+    queries = torch.stack([train[5], train[7], torch.rand(3, 16, 16, generator=g)])
+    m = index.matcher.match(queries)
+    assert m.index[:2].tolist() == [5, 7] and m.similarity[0] == pytest.approx(1.0, abs=1e-4)
+    assert index.label(m.similarity, m.index, [2, 0, 1]) == ["matching_verbatim", "template_verbatim", "none"]
+    for name in ("l2", "deepssim"):
+        if name == "deepssim":
+            from diffmem.eval.deepssim import DeepSSIM, DeepSSIMConfig
+
+            matcher = make_matcher(name, embedder=DeepSSIM(DeepSSIMConfig(dim=8, width=4))).fit(train)
+        else:
+            matcher = make_matcher(name).fit(train)
+        assert matcher.match(train[3:4]).index.item() == 3
+
+
+def test_generate_filter_flags_a_prompt_whose_generations_coincide(model):
+    train = torch.rand(4, 3, 16, 16)
+    index = TrainingIndex(train, np.arange(4), make_matcher("l2").fit(train), threshold=-1.0)
+    # guidance 0 on a random model: every seed gives a different image; delta=10 joins everything
+    loose = make_attack("generate-filter", generations=4, min_clique=3, delta=10.0, steps=2)
+    strict = make_attack("generate-filter", generations=4, min_clique=3, delta=0.0, steps=2)
+    ctx = AttackContext(index=index, own_items=[0])
+    assert loose.run(model, ["a cat"], ctx)["flagged"] == [True]
+    out = strict.run(model, ["a cat"], ctx)
+    assert out["flagged"] == [False] and out["score"][0] == pytest.approx(1 / 4)
+
+
+def test_retrigger_search_lowers_the_denoising_loss_on_the_target(model):
+    target = model.encode_images(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    e0 = model.encode_prompts(["a cat"])
+
+    def loss(e):
+        g = torch.Generator().manual_seed(123)
+        t = torch.randint(0, 1000, (64,), generator=g)
+        noise = torch.randn((64, *target.shape[1:]), generator=g)
+        a = model.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+        with torch.no_grad():
+            pred = model.predict_noise(a.sqrt() * target + (1 - a).sqrt() * noise, t, e.expand(64, -1, -1))
+        return float((pred - noise).pow(2).mean())
+
+    e = optimise_embeddings(model, e0, target, steps=20, lr=0.05, batch=8, max_relative_norm=None, seed=0)
+    assert loss(e) < loss(e0)
+    bounded = optimise_embeddings(model, e0, target, steps=5, lr=0.5, batch=4, max_relative_norm=0.1, seed=0)
+    assert float((bounded - e0).norm() / e0.norm()) <= 0.1 + 1e-5
