@@ -58,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(extract)
     add_extract_args(extract)
 
+    mitigate = sub.add_parser("mitigate", help="patch a checkpoint (or write an inference-time config)")
+    mitigate.add_argument("method", help="mitigator name (see README)")
+    _add_model_args(mitigate)
+    mitigate.add_argument("--prompts", default=None, help="memorized prompts (default: the zoo's memorized captions)")
+    mitigate.add_argument("--caption-column", default=None)
+    mitigate.add_argument("--reference", default=None, help="ordinary prompts (default: zoo generic captions)")
+    mitigate.add_argument("--out", required=True, help="output folder (never the input checkpoint)")
+    mitigate.add_argument("--option", action="append", help="method option key=value (repeatable)")
+
+    bench = sub.add_parser("bench", help="every mitigator on the zoo: memorization removed vs quality kept")
+    _add_model_args(bench)
+    bench.add_argument("--mitigators", nargs="+", default=None, help="methods (default: all)")
+    bench.add_argument("--out", default="runs/bench")
+    bench.add_argument("--seed", type=int, default=0)
+
     report = sub.add_parser("report", help="one self-contained HTML report of run folders")
     report.add_argument("runs", nargs="+", help="run folders (scan, extract, eval, benchmark JSON)")
     report.add_argument("--out", default="runs/report.html", help="HTML file (default: runs/report.html)")
@@ -115,6 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from diffmem.cli.extract_commands import run_extract_command
 
             run_extract_command(args)
+        elif args.command == "mitigate":
+            from diffmem.cli.mitigate_commands import run_mitigate
+
+            run_mitigate(args)
+        elif args.command == "bench":
+            from diffmem.cli.mitigate_commands import run_bench_command
+
+            run_bench_command(args)
         elif args.command == "report":
             from diffmem.report import build_report
 

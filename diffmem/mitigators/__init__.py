@@ -1,6 +1,7 @@
 """Mitigators: one registry, one file per method, split by where they act (see base.py)."""
 
 from diffmem.mitigators import (  # noqa: F401 - register the built-ins
+    adversarial_finetune,
     embedding_noise,
     nemo,
     prompt_adaptation,

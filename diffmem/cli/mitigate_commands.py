@@ -1,0 +1,86 @@
+"""``diffmem mitigate METHOD`` and ``diffmem bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from diffmem.errors import DiffmemError
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON when they parse (numbers, null, lists), else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise DiffmemError(f"option {pair!r} is not key=value")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def run_mitigate(args: argparse.Namespace) -> None:
+    from diffmem.cli.scan_commands import zoo_reference_prompts
+    from diffmem.mitigators import make_mitigator
+    from diffmem.mitigators.base import InferenceMitigator
+    from diffmem.models.loader import load_model
+    from diffmem.prompts import load_prompts
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.prompts:
+        memorized = load_prompts(args.prompts, args.caption_column).texts
+    else:
+        from diffmem.zoo.load import load_labels
+        from diffmem.zoo.paths import zoo_dir
+
+        memorized = [r["caption"] for r in load_labels(zoo_dir()) if r["memorized"]
+                     and r["kind"] in ("signature", "template")]
+    ordinary = load_prompts(args.reference).texts if args.reference else zoo_reference_prompts()
+    try:
+        mitigator = make_mitigator(args.method, **parse_options(args.option))
+    except KeyError as exc:
+        raise DiffmemError(str(exc).strip("'\"")) from exc
+    except TypeError as exc:
+        raise DiffmemError(str(exc)) from exc
+    if args.method == "adversarial-finetune":
+        if args.prompts:
+            raise DiffmemError("adversarial-finetune from the CLI needs surrogate images; run it on the zoo "
+                               "(no --prompts) or through the Python API with surrogates=...")
+        from diffmem.bench import surrogate_images
+        from diffmem.zoo.load import load_labels
+        from diffmem.zoo.paths import zoo_dir
+
+        rows = {r["caption"]: r for r in load_labels(zoo_dir())}
+        mitigator.fit(model, memorized, ordinary, surrogates=surrogate_images([rows[p] for p in memorized]))
+    else:
+        mitigator.fit(model, memorized, ordinary)
+    out = mitigator.save(args.out, model)
+    kind = "inference-time config" if isinstance(mitigator, InferenceMitigator) else "patched checkpoint"
+    print(f"{args.method}: {kind} written to {out}")
+    print(json.dumps({k: v for k, v in mitigator.describe_fit().items() if k != "neurons"}, default=str)[:2000])
+
+
+def run_bench_command(args: argparse.Namespace) -> None:
+    from diffmem.bench import DEFAULT_METHODS, BenchSettings, run_bench
+    from diffmem.models.loader import load_model
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    record = run_bench(model, args.mitigators or list(DEFAULT_METHODS), args.out, BenchSettings(seed=args.seed))
+    print(format_bench(record))
+    print(f"\nresults: {Path(args.out) / 'bench.json'}")
+
+
+def format_bench(record: dict) -> str:
+    cols = ["extraction_rate", "matching_verbatim", "template_verbatim", "retrigger_extraction_rate", "fidelity",
+            "fid", "diversity", "noise_norm_memorized", "fit_seconds", "parameters_changed"]
+    head = f"{'method':<22}" + "".join(f"{c[:12]:>13}" for c in cols)
+    lines = [head]
+    for name, r in record["results"].items():
+        lines.append(f"{name:<22}" + "".join(f"{r[c]:>13.4g}" if isinstance(r[c], float) else f"{r[c]:>13}"
+                                             for c in cols))
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""Adversarial fine-tuning against embedding re-triggers (the defence of "Finding Dori", 2025).
+
+Pruning-style fixes hide a memory that a small move in text-embedding space brings back. The defence
+trains the UNet against that move. Each round:
+
+1. *Inner search* (the DoRI attack, :func:`~diffmem.attacks.retrigger.optimise_embeddings`): for
+   every memorized prompt, an embedding e* near its own e_0 that makes the *current* model denoise
+   towards the memorized image;
+2. *Outer update*: denoising loss that maps both e* and e_0 to a surrogate (non-replicating) image of
+   the same prompt, plus a retain loss that keeps ordinary prompts' predictions where the original
+   model had them (distillation: || eps_theta(x_t, c) - eps_orig(x_t, c) ||^2):
+
+       L = E_t,eps [ || eps_theta(x_t(s), t, e*) - eps ||^2 + || eps_theta(x_t(s), t, e_0) - eps ||^2 ]
+           + retain_weight * E_t,eps [ || eps_theta(x_t, t, c_ord) - eps_orig(x_t, t, c_ord) ||^2 ]
+
+Targets (the memorized images) default to the model's own generation for the prompt; surrogates must
+be given (the zoo supplies independent renders of the caption). ``lora_rank`` trains LoRA adapters
+(peft) on the attention projections instead of the full UNet, merged into the weights at the end
+(Dori reports LoRA is not enough; the benchmark measures it here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from diffmem.attacks.retrigger import optimise_embeddings
+from diffmem.errors import DiffmemError
+from diffmem.mitigators.base import MITIGATORS, WeightMitigator, check_prompt_lists, clone_model
+from diffmem.models.model import DiffusionModel
+
+
+def denoising_loss(model: DiffusionModel, latents: torch.Tensor, emb: torch.Tensor, n: int,
+                   g: torch.Generator) -> torch.Tensor:
+    """Epsilon-matching loss at ``n`` random (t, eps) per latent, differentiable in the UNet and ``emb``."""
+    alphas = model.alphas_cumprod.float()
+    t = torch.randint(0, len(alphas), (len(latents) * n,), generator=g)
+    noise = torch.randn((len(latents) * n, *latents.shape[1:]), generator=g)
+    a = alphas[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * latents.repeat_interleave(n, 0) + (1 - a).sqrt() * noise
+    pred = model.predict_noise(zt.to(model.device), t.to(model.device), emb.repeat_interleave(n, 0))
+    return (pred.float() - noise.to(model.device)).pow(2).mean()
+
+
+@MITIGATORS.register("adversarial-finetune", "dori-finetune")
+@dataclass
+class AdversarialFinetune(WeightMitigator):
+    """Alternate DoRI trigger search and UNet updates towards surrogates, with a retain loss."""
+
+    name = "adversarial-finetune"
+    rounds: int = 5
+    outer_steps: int = 20
+    inner_steps: int = 20
+    inner_lr: float = 0.1
+    inner_max_relative_norm: float | None = 1.0
+    lr: float = 1e-4
+    batch: int = 4
+    retain_weight: float = 1.0
+    retain_prompts: int = 64
+    lora_rank: int | None = None
+    seed: int = 0
+
+    def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str],
+            surrogates: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> None:
+        check_prompt_lists(memorized, ordinary)
+        if surrogates is None or len(surrogates) != len(memorized):
+            raise DiffmemError("adversarial-finetune needs one surrogate (non-replicating) image per memorized prompt")
+        torch.manual_seed(self.seed)
+        g = torch.Generator().manual_seed(self.seed)
+        original = model
+        self._model = clone_model(model)
+        m = self._model
+        if targets is None:
+            targets = original.sample(memorized, [self.seed] * len(memorized), num_inference_steps=25).images
+        target_lat = original.encode_images(targets).cpu()
+        surrogate_lat = original.encode_images(surrogates).cpu()
+        e0 = original.encode_prompts(memorized).detach()
+        retain = ordinary[: self.retain_prompts]
+        e_ret = original.encode_prompts(retain).detach()
+        params = self._trainable(m)
+        opt = torch.optim.AdamW(params, lr=self.lr)
+        self._history = []
+        for _ in tqdm(range(self.rounds), desc="adversarial fine-tuning", dynamic_ncols=True):
+            m.unet.eval()
+            with torch.enable_grad():
+                e_star = optimise_embeddings(m, e0, target_lat, self.inner_steps, self.inner_lr, self.batch,
+                                             self.inner_max_relative_norm, int(torch.randint(2**31, (1,), generator=g)))
+            m.unet.train()
+            for _ in range(self.outer_steps):
+                with torch.enable_grad():
+                    loss = denoising_loss(m, surrogate_lat, e_star, self.batch, g) + \
+                        denoising_loss(m, surrogate_lat, e0, self.batch, g)
+                    retain_loss = self._retain_loss(m, original, e_ret, g)
+                    total = loss + self.retain_weight * retain_loss
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+            self._history.append({"forget_loss": float(loss), "retain_loss": float(retain_loss)})
+        m.unet.eval()
+        if self.lora_rank is not None:
+            m.unet.fuse_lora()
+            m.unet.unload_lora()
+        m.unet.requires_grad_(False)
+
+    def _trainable(self, m: DiffusionModel) -> list[torch.nn.Parameter]:
+        if self.lora_rank is None:
+            m.unet.requires_grad_(True)
+            return list(m.unet.parameters())
+        from peft import LoraConfig
+
+        m.unet.requires_grad_(False)
+        m.unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_rank, init_lora_weights="gaussian",
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        return [p for p in m.unet.parameters() if p.requires_grad]
+
+    def _retain_loss(self, m: DiffusionModel, original: DiffusionModel, e_ret: torch.Tensor,
+                     g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(e_ret), (self.batch * 2,), generator=g)
+        t = torch.randint(0, len(original.alphas_cumprod), (len(idx),), generator=g)
+        x = torch.randn((len(idx), *original.latent_shape), generator=g)
+        with torch.no_grad():
+            ref = original.predict_noise(x, t, e_ret[idx]).float()
+        return (m.predict_noise(x, t, e_ret[idx]).float() - ref).pow(2).mean()
+
+    def patched(self) -> DiffusionModel:
+        if not hasattr(self, "_model"):
+            raise RuntimeError("call fit() before patched()")
+        return self._model
+
+    def describe_fit(self) -> dict:
+        n_params = sum(p.numel() for p in self._model.unet.parameters()) if hasattr(self, "_model") else None
+        return {"history": getattr(self, "_history", []), "unet_parameters": n_params,
+                "mode": "full" if self.lora_rank is None else f"lora-r{self.lora_rank}"}
