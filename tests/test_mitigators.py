@@ -1,0 +1,120 @@
+"""Mitigators on a tiny random SD model: mechanics, saved checkpoints, untouched inputs, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from diffmem.cli.main import main
+from diffmem.errors import DiffmemError
+from diffmem.mitigators import make_mitigator
+from diffmem.mitigators.prompt_adaptation import adapt_embeddings, first_step_norms
+from diffmem.mitigators.random_tokens import insert_random_words
+from diffmem.models import load_model
+
+MEM = ["a red circle in the top left and a blue cross in the center on a gray background", "a photo of a cat"]
+ORD = ["a small green square in the center on a white background", "a dog", "a house", "a tree by a lake"]
+
+
+def folder_digest(folder) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_sd_folder):
+    return load_model(tiny_sd_folder)
+
+
+def test_embedding_noise_is_seeded_and_leaves_unconditional_exact(model):
+    view = make_mitigator("embedding-noise", scale=0.5).apply(model)
+    a, b = view.encode_prompts(MEM), view.encode_prompts(MEM)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, model.encode_prompts(MEM))
+    torch.testing.assert_close(view.encode_prompts([""]), model.encode_prompts([""]))
+
+
+def test_random_tokens_inserts_n_words_deterministically():
+    out = insert_random_words("a photo of a cat", ["x", "y"], 4, seed=1)
+    assert len(out.split()) == 9 and out == insert_random_words("a photo of a cat", ["x", "y"], 4, seed=1)
+
+
+def test_prompt_adaptation_lowers_the_noise_norm(model):
+    emb = model.encode_prompts(MEM)
+    sampler = model.make_sampler(50)
+    t = int(sampler.timesteps[0])
+    x = model.initial_latents([0, 1])
+    eps_u = model.predict_noise(x, t, model.empty_embedding()).float()
+    before = first_step_norms(model, emb, x, t, eps_u)
+    adapted, steps = adapt_embeddings(model, emb, target=0.0, lr=0.05, max_steps=5, draws=2, seed=0)
+    after = first_step_norms(model, adapted, x, t, eps_u)
+    assert (after < before).all() and steps.tolist() == [5, 5]
+    torch.testing.assert_close(adapted[:, 0], emb[:, 0])  # start token frozen
+    mit = make_mitigator("prompt-adaptation", draws=2)
+    mit.fit(model, MEM, ORD)
+    assert mit.target is not None and mit.target > 0
+
+
+def test_subspace_pruning_writes_a_loadable_checkpoint_and_keeps_the_input(model, tiny_sd_folder, tmp_path):
+    before = folder_digest(tiny_sd_folder)
+    mit = make_mitigator("subspace-pruning", fraction=0.2, draws=2)
+    mit.fit(model, MEM, ORD)
+    assert mit.describe_fit()["total_pruned"] > 0
+    out = mit.save(tmp_path / "pruned", model)
+    reloaded = load_model(out)
+    ff = [m for n, m in reloaded.unet.named_modules() if n.endswith("ff.net.2")][0]
+    assert (ff.weight == 0).sum() > 0
+    assert json.loads((out / "mitigation.json").read_text())["mitigator"]["fraction"] == 0.2
+    assert folder_digest(tiny_sd_folder) == before
+    original_ff = [m for n, m in model.unet.named_modules() if n.endswith("ff.net.2")][0]
+    assert (original_ff.weight == 0).sum() == 0  # the in-memory original is untouched too
+
+
+def test_nemo_localises_value_neurons(model):
+    mit = make_mitigator("nemo", draws=2, theta_step=1.0)
+    mit.fit(model, MEM, ORD)
+    info = mit.describe_fit()
+    assert info["signal_threshold"] > 0 and len(info["neurons_per_prompt"]) == 2
+    for name, rows in info["neurons"].items():
+        layer = dict(mit.patched().unet.named_modules())[name]
+        assert (layer.weight[rows] == 0).all()
+
+
+def test_adversarial_finetune_changes_weights_full_and_lora(model):
+    surrogates = torch.rand(2, 3, 16, 16)
+    for options in ({}, {"lora_rank": 2}):
+        mit = make_mitigator("adversarial-finetune", rounds=1, outer_steps=2, inner_steps=2, batch=2, **options)
+        mit.fit(model, MEM, ORD, surrogates=surrogates)
+        changed = sum(int((a != b).sum()) for a, b in zip(model.unet.state_dict().values(),
+                                                          mit.patched().unet.state_dict().values()))
+        assert changed > 0
+        assert set(mit.patched().unet.state_dict()) == set(model.unet.state_dict())  # same tensors: loadable
+
+
+def test_bad_input(model):
+    with pytest.raises(DiffmemError, match="fraction must be in \\(0, 1\\)"):
+        make_mitigator("subspace-pruning", fraction=1.5)
+    with pytest.raises(DiffmemError, match="holds no memorized prompts"):
+        make_mitigator("subspace-pruning").fit(model, [], ORD)
+    with pytest.raises(DiffmemError, match="no Linear layers matching 'nothing_here'"):
+        make_mitigator("nemo", pattern="nothing_here").fit(model, MEM, ORD)
+
+
+def test_cli_mitigate_refuses_to_overwrite_the_input(tiny_sd_folder, tmp_path, capsys):
+    prompts = tmp_path / "mem.txt"
+    prompts.write_text("\n".join(MEM), encoding="utf-8")
+    ref = tmp_path / "ord.txt"
+    ref.write_text("\n".join(ORD), encoding="utf-8")
+    args = ["mitigate", "subspace-pruning", "--model", str(tiny_sd_folder), "--prompts", str(prompts),
+            "--reference", str(ref), "--option", "draws=2"]
+    assert main([*args, "--out", str(tiny_sd_folder)]) == 2
+    assert "never overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "patched"), "--option", "fraction=0.05"]) == 0
+    assert (tmp_path / "patched" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
