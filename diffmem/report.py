@@ -148,6 +148,17 @@ def json_section(path: Path) -> dict[str, Any]:
             "body": html.escape(json.dumps(data, indent=1)[:20000])}
 
 
+def _ran_on_zoo(folder: Path) -> bool:
+    """Galleries need the training set: drawn only for runs on the embedded zoo."""
+    try:
+        from diffmem.zoo.paths import zoo_pipeline_path
+
+        source = json.loads((folder / "provenance.json").read_text())["model"]["source"]
+        return Path(source) == zoo_pipeline_path().resolve()
+    except (DiffmemError, KeyError, OSError):
+        return False
+
+
 def build_report(run_dirs: list[str | Path], out: str | Path, gallery_size: int = 6, model=None) -> Path:
     """Write the HTML report of ``run_dirs`` to ``out``; ``model`` (default: the zoo) draws the galleries."""
     sections = []
@@ -156,13 +167,15 @@ def build_report(run_dirs: list[str | Path], out: str | Path, gallery_size: int 
         if not d.exists():
             raise DiffmemError(f"run folder '{d}' does not exist")
         if (d / "scores.parquet").is_file():
-            if context["model"] is None and gallery_size:
+            on_zoo = _ran_on_zoo(d)
+            if context["model"] is None and gallery_size and on_zoo:
                 from diffmem.extract import zoo_training_index
                 from diffmem.models.loader import load_model
 
                 context["model"] = model if model is not None else load_model()
                 context["index"] = zoo_training_index()
-            sections.append(scan_section(d, pq.read_table(d / "scores.parquet"), gallery_size, context))
+            sections.append(scan_section(d, pq.read_table(d / "scores.parquet"), gallery_size if on_zoo else 0,
+                                         context))
         if (d / "extraction.parquet").is_file():
             sections.append(extraction_section(d, pq.read_table(d / "extraction.parquet")))
         for j in sorted(d.glob("*.json")) if d.is_dir() else [d]:

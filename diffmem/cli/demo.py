@@ -91,3 +91,20 @@ def run_demo(args: argparse.Namespace) -> None:
                   "seeds": list(range(args.seeds)), "rows": table, "seconds": round(time.time() - started, 1)}
     atomic_write_text(out / "provenance.json", json.dumps(provenance, indent=2))
     print(f"\ngrid: {out / 'grid.png'}  provenance: {out / 'provenance.json'}")
+    if args.no_report:
+        return
+    from diffmem.cli.scan_commands import print_summary, zoo_prompts, zoo_reference_prompts
+    from diffmem.detectors import make_detector
+    from diffmem.report import build_report
+    from diffmem.scan import ScanSettings, run_scan
+
+    print(f"\nscanning the zoo's {len(items)} captions with noise-norm and anisotropy ({args.draws} noise draws)")
+    detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
+                 make_detector("anisotropy-calibrated", reference_prompts=zoo_reference_prompts())]
+    scan_dir = out / "scan"
+    scores = run_scan(model, zoo_prompts(), detectors, scan_dir, ScanSettings(n_draws=args.draws))
+    import pyarrow.parquet as pq
+
+    print_summary(pq.read_table(scores), [detectors[0].name], 5)
+    report = build_report([scan_dir], out / "report.html", gallery_size=6, model=model)
+    print(f"\nHTML report: {report}")

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, default=3, help="seeds per prompt (default: 3)")
     demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
     demo.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default: 7.5)")
+    demo.add_argument("--draws", type=int, default=8, help="noise draws of the closing scan (default: 8)")
+    demo.add_argument("--no-report", action="store_true", help="skip the closing scan and HTML report")
 
     from diffmem.cli.scan_commands import add_scan_args
 
