@@ -24,10 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffmem.detectors.noise_norm import guidance_norm
+from diffmem.detectors.engine import NoiseStepEngine
+from diffmem.detectors.noise_norm import NoiseNorm
 from diffmem.mitigators.base import MITIGATORS, WeightMitigator, check_prompt_lists, clone_model
 from diffmem.mitigators.hooks import find_modules, first_step_activations, zeroed_channels
 from diffmem.models.model import DiffusionModel
+from diffmem.scan import score_chunk
 
 
 @MITIGATORS.register("nemo")
@@ -44,14 +46,9 @@ class NeMo(WeightMitigator):
     theta_step: float = 0.25
 
     def _signal(self, model: DiffusionModel, prompts: list[str]) -> torch.Tensor:
-        sampler = model.make_sampler(50)
-        t = int(sampler.timesteps[0])
-        x = model.initial_latents([self.seed + j for j in range(self.draws)])
-        with torch.no_grad():
-            eps_u = model.predict_noise(x, t, model.empty_embedding()).float()
-            emb = model.encode_prompts(prompts)
-            eps_c = model.predict_noise(x.repeat(len(emb), 1, 1, 1), t, emb.repeat_interleave(self.draws, 0)).float()
-        return guidance_norm(eps_c.view(len(emb), self.draws, *eps_c.shape[1:]), eps_u[None]).mean(1)
+        """First-step noise-norm per prompt (a fresh engine: hooks may change the unconditional branch too)."""
+        engine = NoiseStepEngine(model, self.draws, self.seed)
+        return torch.from_numpy(score_chunk(engine, [NoiseNorm()], prompts)["noise-norm"])
 
     def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str]) -> None:
         check_prompt_lists(memorized, ordinary)

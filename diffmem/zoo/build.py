@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -262,15 +263,12 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str |
     vae, vae_seconds = train_vae(cfg, data, work)
     text_encoder, unet, scheduler, unet_seconds = train_denoiser(cfg, data, vae.eval(), tokenizer, work)
     started = time.time()
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
     from diffmem.zoo.attributes import train_attribute_reader
     from diffmem.zoo.manifest import write_manifest
 
     staging = out.with_name(out.name + ".partial")
-    pipe.to(torch.float16).save_pretrained(staging / "pipeline", safe_serialization=True)
+    if staging.exists():
+        shutil.rmtree(staging)
     reader = train_attribute_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae)
     reader.save(staging / "attribute_reader")
     from diffmem.eval.deepssim import train_and_save
@@ -278,12 +276,15 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str |
     groups = np.zeros(len(data.pixels), dtype=np.int64)
     groups[data.image_of_pair] = data.item_of_pair
     train_and_save((data.pixels + 1) / 2, groups, staging / "deepssim")
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(torch.float16).save_pretrained(staging / "pipeline", safe_serialization=True)  # fp16 storage
     seconds = {"vae": round(vae_seconds, 1), "denoiser": round(unet_seconds, 1),
-               "attribute_reader": round(time.time() - started, 1)}
+               "attribute_reader_and_deepssim": round(time.time() - started, 1)}
     write_manifest(staging, items, cfg, seconds=seconds)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     staging.rename(out)
     return out
