@@ -118,3 +118,22 @@ def test_cli_mitigate_refuses_to_overwrite_the_input(tiny_sd_folder, tmp_path, c
     assert "never overwrite" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "patched"), "--option", "fraction=0.05"]) == 0
     assert (tmp_path / "patched" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_memcontrol_search_selects_blocks_and_reports_tuned_fraction(model):
+    from diffmem.mitigators.memcontrol import FinetuneData, MemControlSearch, finetune, transformer_blocks
+
+    blocks = transformer_blocks(model.unet)
+    assert blocks and all("attentions" in b for b in blocks)
+    data = FinetuneData(torch.randn(6, *model.latent_shape), model.encode_prompts(MEM * 3))
+    tuned, n = finetune(model, data, "bias-norm", blocks[:1], 1e-3, steps=2, batch=2, lora_rank=2, seed=0)
+    assert 0 < n < sum(p.numel() for p in model.unet.parameters())
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        return float(len(calls)), 1.0  # later trials "memorize more": the first must be chosen
+
+    found = MemControlSearch(family="attention", trials=2, steps=1, batch=2, lora_rank=2).run(model, data, evaluate)
+    assert found["chosen"]["trial"] == 0 and len(found["trials"]) == 2
+    assert 0 < found["chosen"]["tuned_fraction"] < 1

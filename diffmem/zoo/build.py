@@ -152,7 +152,10 @@ def encode_latents(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(means), torch.cat(stds)
 
 
-def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA with diffusers' warm-up: decay_t = min(decay, (1 + t) / (10 + t)), so the random initial
+    weights do not linger in the average of a short training run."""
+    decay = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for name, p in model.state_dict().items():
             if p.dtype.is_floating_point:
@@ -219,7 +222,7 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        _ema_update(ema, both, t.ema_decay)
+        _ema_update(ema, both, t.ema_decay, step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if not math.isfinite(loss.item()):
@@ -269,13 +272,18 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str |
     staging = out.with_name(out.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
-    reader = train_attribute_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae)
-    reader.save(staging / "attribute_reader")
-    from diffmem.eval.deepssim import train_and_save
+    # the reader and DeepSSIM depend on the corpus and VAE only: trained once into work/, then reused
+    if not (work / "attribute_reader" / "model.safetensors").is_file():
+        train_attribute_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae).save(
+            work / "attribute_reader")
+    if not (work / "deepssim" / "model.safetensors").is_file():
+        from diffmem.eval.deepssim import train_and_save
 
-    groups = np.zeros(len(data.pixels), dtype=np.int64)
-    groups[data.image_of_pair] = data.item_of_pair
-    train_and_save((data.pixels + 1) / 2, groups, staging / "deepssim")
+        groups = np.zeros(len(data.pixels), dtype=np.int64)
+        groups[data.image_of_pair] = data.item_of_pair
+        train_and_save((data.pixels + 1) / 2, groups, work / "deepssim")
+    for name in ("attribute_reader", "deepssim"):
+        shutil.copytree(work / name, staging / name)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
