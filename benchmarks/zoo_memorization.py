@@ -35,11 +35,12 @@ def main() -> None:
         from diffmem.models.loader import load_model
         from diffmem.zoo.attributes import AttributeReader
         from diffmem.zoo.labels import LabelConfig, label_zoo
-        from diffmem.zoo.load import load_corpus
+        from diffmem.zoo.load import load_corpus, zoo_training_set
 
-        _, summary = label_zoo(load_model(folder / "pipeline"), load_corpus(folder),
-                               AttributeReader.load(folder / "attribute_reader"),
-                               LabelConfig(seeds_per_prompt=args.seeds, num_inference_steps=args.steps))
+        model = load_model(folder / "pipeline")
+        _, summary = label_zoo(model, load_corpus(folder), AttributeReader.load(folder / "attribute_reader"),
+                               LabelConfig(seeds_per_prompt=args.seeds, num_inference_steps=args.steps),
+                               training_set=zoo_training_set(folder, model))
         print(format_summary(summary))
     record = json.loads((folder / "zoo.json").read_text())
     result = {"benchmark": "zoo_memorization", "zoo": str(folder), "labels": summary,

@@ -33,15 +33,13 @@ class ExtractSettings:
 
 
 def zoo_training_index(matcher: str = "ssim", threshold: float | None = None) -> TrainingIndex:
-    """The zoo's unique training images; default SSIM threshold = the zoo's scene-family threshold."""
-    from diffmem.zoo.build import TrainingImages
-    from diffmem.zoo.load import load_corpus
+    """The zoo's unique training images (through its VAE, see ``ZooTrainingSet``); default SSIM
+    threshold = the zoo's scene-family threshold."""
+    from diffmem.zoo.load import zoo_training_set
     from diffmem.zoo.paths import zoo_dir
 
-    data = TrainingImages(load_corpus(zoo_dir()))
-    images = (data.pixels + 1) / 2
-    item_of_image = np.zeros(len(images), dtype=np.int64)
-    item_of_image[data.image_of_pair] = data.item_of_pair
+    ts = zoo_training_set()
+    images, item_of_image = ts.reference, ts.item_of_image
     m = make_matcher(matcher).fit(images)
     if threshold is None:
         record = json.loads((zoo_dir() / "zoo.json").read_text())

@@ -11,8 +11,7 @@ from diffusers import StableDiffusionPipeline
 from diffmem.cli.main import main
 from diffmem.eval.similarity import ssim_pairs
 from diffmem.models import load_model
-from diffmem.zoo.build import TrainingImages
-from diffmem.zoo.load import load_corpus, load_labels
+from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
 from diffmem.zoo.paths import zoo_dir, zoo_pipeline_path
 
 
@@ -49,13 +48,13 @@ def test_required_memorization_outcome(zoo):
 
 def test_memorized_captions_replicate_and_generic_ones_do_not(zoo):
     """Regenerate a few captions now and compare with the training set (not just the stored labels)."""
-    labels, items = zoo["labels"], zoo["items"]
+    labels = zoo["labels"]
     top = [r for r in labels if r["kind"] == "signature" and r["replication"] == max(x["replication"] for x in labels)
            and r["memorized"]][:3]
     generic = [r for r in labels if r["kind"] == "generic"][:3]
-    data = TrainingImages(items)
-    train = (data.pixels + 1) / 2
-    image_of_item = {int(item): int(img) for img, item in zip(data.image_of_pair, data.item_of_pair)}
+    ts = zoo_training_set()
+    train = ts.reference
+    image_of_item = {item: imgs[0] for item, imgs in ts.images_of_item.items()}
     out = zoo["model"].sample([r["caption"] for r in top], seeds=[1000 + i for i in range(len(top))],
                               num_inference_steps=25).images
     own = train[[image_of_item[r["item_id"]] for r in top]]

@@ -37,8 +37,7 @@ def _titled(img: Image.Image, title: str) -> Image.Image:
 
 def run_demo(args: argparse.Namespace) -> None:
     from diffmem.cli.zoo_commands import format_summary
-    from diffmem.zoo.build import TrainingImages
-    from diffmem.zoo.load import load_corpus, load_labels
+    from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
     from diffmem.zoo.paths import zoo_dir
 
     started = time.time()
@@ -55,8 +54,7 @@ def run_demo(args: argparse.Namespace) -> None:
     memorized = sorted((r for r in labels if r["kind"] == "signature" and r["memorized"]),
                        key=lambda r: (-r["replication"], r["item_id"]))[: args.per_group]
     generic = [r for r in labels if r["kind"] == "generic"][:: max(1, len(labels) // 50)][: args.per_group]
-    data = TrainingImages(items)
-    train = (data.pixels + 1) / 2
+    train = zoo_training_set().reference
     matcher = SSIMMatcher().fit(train)
     groups = {"memorized (signature)": memorized, "generic": generic}
     out = Path(args.out)
@@ -76,7 +74,8 @@ def run_demo(args: argparse.Namespace) -> None:
             grid_rows.append(torch.cat([block, nearest[best : best + 1]]))
             table.append({"group": name, "caption": r["caption"], "replication": r["replication"],
                           "max_ssim_to_nearest_training_image": round(float(sims[i].max()), 3)})
-        panels.append(_titled(image_grid(grid_rows), f"{name}: {args.seeds} seeds | nearest training image"))
+        title = f"{name}: {args.seeds} seeds | nearest training image (via the zoo VAE)"
+        panels.append(_titled(image_grid(grid_rows), title))
     width = max(p.width for p in panels)
     sheet = Image.new("RGB", (width, sum(p.height for p in panels)), "white")
     y = 0

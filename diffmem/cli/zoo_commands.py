@@ -30,12 +30,13 @@ def label_folder(folder: Path, seeds: int = 4, steps: int = 25) -> dict:
     from diffmem.models.loader import load_model
     from diffmem.zoo.attributes import AttributeReader
     from diffmem.zoo.labels import LabelConfig, label_zoo
-    from diffmem.zoo.load import load_corpus
+    from diffmem.zoo.load import load_corpus, zoo_training_set
 
     items = load_corpus(folder)
     model = load_model(folder / "pipeline")
     reader = AttributeReader.load(folder / "attribute_reader")
-    rows, summary = label_zoo(model, items, reader, LabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps))
+    rows, summary = label_zoo(model, items, reader, LabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps),
+                              training_set=zoo_training_set(folder, model))
     write_jsonl(folder / "labels.jsonl", rows)
     record = json.loads((folder / "zoo.json").read_text())
     record["labels"] = summary

@@ -29,13 +29,10 @@ def default_embedder_path() -> Path:
 
 
 def zoo_training_embeddings(embedder: DeepSSIM) -> torch.Tensor:
-    """DeepSSIM embeddings of the zoo's unique training images."""
-    from diffmem.zoo.build import TrainingImages
-    from diffmem.zoo.load import load_corpus
-    from diffmem.zoo.paths import zoo_dir
+    """DeepSSIM embeddings of the zoo's unique training images (through its VAE)."""
+    from diffmem.zoo.load import zoo_training_set
 
-    data = TrainingImages(load_corpus(zoo_dir()))
-    return embedder.embed((data.pixels + 1) / 2)
+    return embedder.embed(zoo_training_set().reference)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Ground truth by extraction: which zoo captions make the model reproduce a training image.
 
 For every caption we generate ``k`` images (DDIM, CFG) and find each one's nearest training image
-(pixel L2 shortlist, then SSIM). A caption is *memorized* when its best SSIM exceeds a threshold that
+(pixel L2 shortlist, then SSIM), training images taken through the zoo's VAE (see
+:class:`~diffmem.zoo.load.ZooTrainingSet` for why). A caption is *memorized* when its best SSIM exceeds a threshold that
 an ideal generaliser would exceed only ``1 - null_quantile`` of the time: the same statistic computed
 on ``k`` independent renders of the caption (fresh jitter, fresh texture) against its training images.
 The match is ``own`` when the nearest image is the caption's own training image (matching verbatim)
@@ -21,8 +22,8 @@ from diffmem.eval.matching import SSIMMatcher
 from diffmem.eval.similarity import SSIM_PARAMS, l2_nearest, ssim_pairs
 from diffmem.models.model import DiffusionModel
 from diffmem.zoo.attributes import AttributeReader, attribute_accuracy
-from diffmem.zoo.build import TrainingImages
 from diffmem.zoo.corpus import ZooItem, render
+from diffmem.zoo.load import ZooTrainingSet, vae_roundtrip, zoo_training_set
 
 GENERIC_KINDS = ("generic", "heldout_generic")
 
@@ -50,32 +51,29 @@ def _to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def null_thresholds(items: list[ZooItem], data: TrainingImages, cfg: LabelConfig) -> dict[str, dict]:
-    """Per caption family: the ``null_quantile`` of max-SSIM of ``k`` independent renders to the training images."""
+def null_thresholds(items: list[ZooItem], train: ZooTrainingSet, cfg: LabelConfig, roundtrip) -> dict[str, dict]:
+    """Per caption family: the ``null_quantile`` of max-SSIM of ``k`` independent renders (through the
+    VAE, like any generation) to the caption's own training images (through the VAE)."""
     rng = np.random.default_rng(cfg.null_seed)
-    train = (data.pixels + 1) / 2
-    images_of_item: dict[int, list[int]] = {}
-    for img, item in zip(data.image_of_pair, data.item_of_pair):
-        images_of_item.setdefault(int(item), [])
-        if int(img) not in images_of_item[int(item)]:
-            images_of_item[int(item)].append(int(img))
     out: dict[str, dict] = {}
     for fam in ("object", "scene"):
         pool = [it for it in items if it.trained and family(it.kind) == fam]
         chosen = [pool[i] for i in rng.permutation(len(pool))[: cfg.null_captions]]
-        stats = []
+        fresh_all, owners = [], []
         for item in chosen:
-            renders = []
             for _ in range(cfg.seeds_per_prompt):
                 spec = item.spec
                 if spec.texture_seed is not None:  # an independent image of this caption has its own texture
                     spec = dataclasses.replace(spec, texture_seed=int(rng.integers(2**31)))
-                renders.append(render(spec, int(rng.integers(2**31))))
-            fresh = _to_unit(renders)
-            own = train[images_of_item[item.item_id]]
-            a = fresh.repeat_interleave(len(own), 0)
-            b = own.repeat(len(fresh), 1, 1, 1)
-            stats.append(float(ssim_pairs(a, b).max()))
+                fresh_all.append(render(spec, int(rng.integers(2**31))))
+            owners.append(item.item_id)
+        fresh = roundtrip(_to_unit(fresh_all))
+        stats = []
+        k = cfg.seeds_per_prompt
+        for i, item_id in enumerate(owners):
+            own = train.reference[train.images_of_item[item_id]]
+            block = fresh[i * k : (i + 1) * k]
+            stats.append(float(ssim_pairs(block.repeat_interleave(len(own), 0), own.repeat(k, 1, 1, 1)).max()))
         stats_arr = np.asarray(stats)
         out[fam] = {"threshold": float(np.quantile(stats_arr, cfg.null_quantile)), "n": len(stats_arr),
                     "median": float(np.median(stats_arr)), "max": float(stats_arr.max())}
@@ -83,13 +81,12 @@ def null_thresholds(items: list[ZooItem], data: TrainingImages, cfg: LabelConfig
 
 
 def label_zoo(model: DiffusionModel, items: list[ZooItem], reader: AttributeReader | None,
-              cfg: LabelConfig = LabelConfig(), progress: bool = True) -> tuple[list[dict], dict]:
+              cfg: LabelConfig = LabelConfig(), progress: bool = True,
+              training_set: ZooTrainingSet | None = None) -> tuple[list[dict], dict]:
     """Label every caption of the corpus by generating from it; returns (rows, summary)."""
-    data = TrainingImages(items)
-    train = (data.pixels + 1) / 2
-    item_of_image = np.zeros(len(train), dtype=np.int64)
-    item_of_image[data.image_of_pair] = data.item_of_pair
-    thresholds = null_thresholds(items, data, cfg)
+    ts = training_set if training_set is not None else zoo_training_set(model=model)
+    train, item_of_image = ts.reference, ts.item_of_image
+    thresholds = null_thresholds(items, ts, cfg, lambda x: vae_roundtrip(model, x))
 
     k = cfg.seeds_per_prompt
     captions = [it.caption for it in items]
@@ -102,12 +99,9 @@ def label_zoo(model: DiffusionModel, items: list[ZooItem], reader: AttributeRead
     best_ssim, best_img = match.similarity.numpy().astype(np.float64), match.index.numpy()
     dist, _ = l2_nearest(gen, train, k=2)
     own_ssim = np.full(len(gen), np.nan)
-    own_images = {}
-    for img, item in zip(data.image_of_pair, data.item_of_pair):
-        own_images.setdefault(int(item), set()).add(int(img))
     for i, it in enumerate(items):
         if it.trained:
-            imgs = sorted(own_images[it.item_id])
+            imgs = ts.images_of_item[it.item_id]
             block = gen[i * k : (i + 1) * k]
             s = ssim_pairs(block.repeat_interleave(len(imgs), 0), train[imgs].repeat(k, 1, 1, 1))
             own_ssim[i * k : (i + 1) * k] = s.view(k, len(imgs)).max(1).values.numpy()
