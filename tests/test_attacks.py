@@ -107,3 +107,30 @@ def test_retrigger_search_lowers_the_denoising_loss_on_the_target(model):
     assert loss(e) < loss(e0)
     bounded = optimise_embeddings(model, e0, target, steps=5, lr=0.5, batch=4, max_relative_norm=0.1, seed=0)
     assert float((bounded - e0).norm() / e0.norm()) <= 0.1 + 1e-5
+
+
+def test_extract_cli_on_an_image_folder_resumes_and_labels(tiny_sd_folder, tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from diffmem.cli.main import main
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for i in range(5):
+        pixels = (np.random.default_rng(i).random((16, 16, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na tree\n", encoding="utf-8")
+    args = ["extract", "--model", str(tiny_sd_folder), "--prompts", str(prompts), "--train-index", str(folder),
+            "--attack", "one-step-whitebox", "--attack", "generate-filter", "--matcher", "l2", "--batch-size", "2",
+            "--quiet", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    table = pq.read_table(tmp_path / "out" / "extraction.parquet")
+    assert table.num_rows == 3
+    expected = {"one-step-whitebox.score", "generate-filter.score", "generate-filter.match_label"}
+    assert expected <= set(table.column_names)
+    assert set(table.column("generate-filter.match_label").to_pylist()) <= {"matching_verbatim", "template_verbatim",
+                                                                           "none"}
+    assert main(args) == 0  # a rerun of a finished extraction only re-merges
+    assert main([*args[:-1], str(tmp_path / "out"), "--seed", "3"]) == 2  # other settings: refused
