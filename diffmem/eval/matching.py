@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from diffmem.eval.similarity import l2_nearest, ssim_pairs
 from diffmem.registry import Registry
@@ -44,9 +45,20 @@ class Matcher(ABC):
         self.train = train_images.float()
         return self
 
-    @abstractmethod
+    def resize(self, queries: torch.Tensor) -> torch.Tensor:
+        """Queries at the training images' size (generations may be larger than the stored index)."""
+        size = tuple(self.train.shape[-2:])
+        if tuple(queries.shape[-2:]) == size:
+            return queries.float()
+        return F.interpolate(queries.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+
     def match(self, queries: torch.Tensor) -> MatchResult:
-        """Nearest training image of every query."""
+        """Nearest training image of every query (resized to the index's size first)."""
+        return self._match(self.resize(queries))
+
+    @abstractmethod
+    def _match(self, queries: torch.Tensor) -> MatchResult:
+        """Nearest training image of queries already at the index's size."""
 
     @abstractmethod
     def pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,7 +72,7 @@ class SSIMMatcher(Matcher):
     def __init__(self, candidates: int = 8):
         self.candidates = candidates
 
-    def match(self, queries: torch.Tensor) -> MatchResult:
+    def _match(self, queries: torch.Tensor) -> MatchResult:
         _, ids = l2_nearest(queries, self.train, k=self.candidates)
         best = torch.full((len(queries),), -2.0)
         best_idx = ids[:, 0].clone()
@@ -79,7 +91,7 @@ class L2Matcher(Matcher):
     name = "l2"
     default_threshold = -0.05
 
-    def match(self, queries: torch.Tensor) -> MatchResult:
+    def _match(self, queries: torch.Tensor) -> MatchResult:
         d, ids = l2_nearest(queries, self.train, k=1)
         return MatchResult(-d[:, 0], ids[:, 0])
 
@@ -108,7 +120,7 @@ class DeepSSIMMatcher(Matcher):
         self.index = self._embedder().embed(self.train)
         return self
 
-    def match(self, queries: torch.Tensor) -> MatchResult:
+    def _match(self, queries: torch.Tensor) -> MatchResult:
         q = self._embedder().embed(queries)
         if self.use_faiss:
             import faiss
