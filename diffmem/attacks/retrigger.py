@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from diffmem.attacks.base import ATTACKS, Attack, AttackContext
 from diffmem.errors import DiffmemError
@@ -82,7 +83,10 @@ class EmbeddingRetrigger(Attack):
             nearest = ctx.index.matcher.match(probe).index.tolist()
         for i, item in enumerate(own):  # the prompt's own training image, else the nearest one
             targets_idx.append(first_image.get(item, nearest[i]) if item is not None else nearest[i])
-        targets = model.encode_images(ctx.index.images[targets_idx]).cpu()
+        target_images = ctx.index.images[targets_idx]
+        if target_images.shape[-2:] != probe.shape[-2:]:  # the index may be stored at another size
+            target_images = F.interpolate(target_images, size=probe.shape[-2:], mode="bilinear", antialias=True)
+        targets = model.encode_images(target_images).cpu()
         e0 = model.encode_prompts(prompts)
         with torch.enable_grad():
             e = optimise_embeddings(model, e0, targets, self.steps, self.lr, self.batch, self.max_relative_norm,
