@@ -26,11 +26,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--write-labels", action="store_true", help="also write labels.jsonl into the zoo")
+    parser.add_argument("--cache", default=None, help="folder caching the generations (reruns skip sampling)")
     args = parser.parse_args()
     folder = Path(args.zoo) if args.zoo else zoo_dir()
     started = time.time()
     if args.write_labels:
-        summary = label_folder(folder, seeds=args.seeds, steps=args.steps)
+        summary = label_folder(folder, seeds=args.seeds, steps=args.steps, cache_dir=args.cache)
     else:
         from diffmem.models.loader import load_model
         from diffmem.zoo.attributes import AttributeReader
@@ -40,7 +41,7 @@ def main() -> None:
         model = load_model(folder / "pipeline")
         _, summary = label_zoo(model, load_corpus(folder), AttributeReader.load(folder / "attribute_reader"),
                                LabelConfig(seeds_per_prompt=args.seeds, num_inference_steps=args.steps),
-                               training_set=zoo_training_set(folder, model))
+                               training_set=zoo_training_set(folder, model), cache_dir=args.cache)
         print(format_summary(summary))
     record = json.loads((folder / "zoo.json").read_text())
     result = {"benchmark": "zoo_memorization", "zoo": str(folder), "labels": summary,

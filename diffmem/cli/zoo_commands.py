@@ -25,7 +25,7 @@ def run_build(args: argparse.Namespace) -> None:
         label_folder(out)
 
 
-def label_folder(folder: Path, seeds: int = 4, steps: int = 25) -> dict:
+def label_folder(folder: Path, seeds: int = 4, steps: int = 25, cache_dir: str | Path | None = None) -> dict:
     """Write ``labels.jsonl`` and the summary into ``zoo.json`` of a zoo folder."""
     from diffmem.models.loader import load_model
     from diffmem.zoo.attributes import AttributeReader
@@ -36,7 +36,7 @@ def label_folder(folder: Path, seeds: int = 4, steps: int = 25) -> dict:
     model = load_model(folder / "pipeline")
     reader = AttributeReader.load(folder / "attribute_reader")
     rows, summary = label_zoo(model, items, reader, LabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps),
-                              training_set=zoo_training_set(folder, model))
+                              training_set=zoo_training_set(folder, model), cache_dir=cache_dir)
     write_jsonl(folder / "labels.jsonl", rows)
     record = json.loads((folder / "zoo.json").read_text())
     record["labels"] = summary
