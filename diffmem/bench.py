@@ -43,9 +43,9 @@ class BenchSettings:
 
     memorized_fit: int = 40
     memorized_eval: int = 40
-    generic_eval: int = 96
+    generic_eval: int = 64
     ordinary_ref: int = 128
-    seeds: int = 4
+    seeds: int = 3
     steps: int = 25
     attack_prompts: int = 16
     attack_steps: int = 30
