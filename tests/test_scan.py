@@ -135,14 +135,14 @@ def test_fpr_without_calibration_is_an_error(tiny_sd_folder, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_accelerate_two_processes_merge_into_the_single_process_table(tiny_sd_folder, tmp_path):
+def test_two_processes_merge_into_the_single_process_table(tiny_sd_folder, tmp_path):
+    """Two CPU processes (torchrun, the launcher under ``accelerate launch --multi_gpu``) shard and merge."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS), encoding="utf-8")
     args = ["scan", "--model", str(tiny_sd_folder), "--prompts", str(prompts), "--draws", "2", "--batch-size", "2",
             "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
     subprocess.run([*launch, "-m", "diffmem.cli", *args, "--out", str(tmp_path / "two")], check=True, env=env,
                    capture_output=True, timeout=300)
     assert main([*args, "--out", str(tmp_path / "one")]) == 0

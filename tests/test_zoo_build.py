@@ -36,13 +36,14 @@ def test_batches_cover_every_duplicate_once_per_epoch():
 def test_interrupted_training_resumes_identically(tmp_path):
     data = TrainingImages(build_corpus(TINY.corpus))
     tokenizer = build_clip_tokenizer(tmp_path / "tok", model_max_length=TINY.arch.max_tokens)
-    vae = train_vae(TINY, data, tmp_path / "vae").eval()
+    vae, _ = train_vae(TINY, data, tmp_path / "vae")
+    vae.eval()
     assert vae.config.scaling_factor > 0
 
-    text_full, unet_full, _ = train_denoiser(TINY, data, vae, tokenizer, tmp_path / "full")
+    text_full, unet_full, _, _ = train_denoiser(TINY, data, vae, tokenizer, tmp_path / "full")
     half = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, unet_steps=2))
     train_denoiser(half, data, vae, tokenizer, tmp_path / "resumed")  # "interrupted" after 2 of 4 steps
-    text_res, unet_res, _ = train_denoiser(TINY, data, vae, tokenizer, tmp_path / "resumed")
+    text_res, unet_res, _, _ = train_denoiser(TINY, data, vae, tokenizer, tmp_path / "resumed")
     for a, b in [(unet_full, unet_res), (text_full, text_res)]:
         for (name, x), y in zip(_state(a).items(), _state(b).values()):
             torch.testing.assert_close(x, y, msg=name)
