@@ -104,7 +104,7 @@ def attack_table(model, rows, calib, index) -> dict:
     return {"n_prompts": len(rows), "n_memorized": int(y.sum()), "attacks": results}
 
 
-def retrigger_check(model, labels, index, n: int, scale: float) -> dict:
+def retrigger_check(model, labels, index, n: int, scale: float, lr: float, bound: float) -> dict:
     rows = [r for r in labels if r["kind"] == "signature" and r["memorized"]][:n]
     own = [r["item_id"] for r in rows]
     captions = [r["caption"] for r in rows]
@@ -116,7 +116,7 @@ def retrigger_check(model, labels, index, n: int, scale: float) -> dict:
                           num_inference_steps=25).images
         return float((index.matcher.match(images).similarity > index.threshold).float().mean())
 
-    attack = make_attack("retrigger", generations=k)
+    attack = make_attack("retrigger", generations=k, lr=lr, max_relative_norm=bound)
     res = attack.run(noisy, captions, AttackContext(index=index, own_items=own))
     return {"prompts": len(rows), "embedding_noise_scale": scale, "replication_unmitigated": plain_rate(model),
             "replication_under_embedding_noise": plain_rate(noisy),
@@ -150,16 +150,26 @@ def main() -> None:
     parser.add_argument("--retrigger-prompts", type=int, default=16)
     parser.add_argument("--noise-scale", type=float, default=1.0)
     parser.add_argument("--generic", type=int, default=300)
+    parser.add_argument("--retrigger-lr", type=float, default=0.01,
+                        help="DoRI's 0.1 overshoots on the zoo's embedding scale (README)")
+    parser.add_argument("--retrigger-bound", type=float, default=0.3)
+    parser.add_argument("--only-retrigger", action="store_true", help="rerun the re-trigger check into --out")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_model()
     labels = load_labels(zoo_dir())
     index = zoo_training_index()
     rows, calib = stratified(labels, np.random.default_rng(0))
-    record = {"benchmark": "extraction", "model": model.describe(), "matcher_threshold": index.threshold}
-    record["attacks"] = attack_table(model, rows, calib, index)
-    record["retrigger"] = retrigger_check(model, labels, index, args.retrigger_prompts, args.noise_scale)
-    record["quality"] = quality_checks(model, labels, index, args.generic, sigma=0.05)
+    retrigger = retrigger_check(model, labels, index, args.retrigger_prompts, args.noise_scale, args.retrigger_lr,
+                                args.retrigger_bound)
+    if args.only_retrigger:
+        record = json.loads(Path(args.out).read_text())
+        record["retrigger"] = retrigger
+    else:
+        record = {"benchmark": "extraction", "model": model.describe(), "matcher_threshold": index.threshold}
+        record["attacks"] = attack_table(model, rows, calib, index)
+        record["retrigger"] = retrigger
+        record["quality"] = quality_checks(model, labels, index, args.generic, sigma=0.05)
     atomic_write_text(Path(args.out), json.dumps(record, indent=2))
     print(json.dumps({k: v for k, v in record.items() if k != "model"}, indent=1)[:6000])
 
