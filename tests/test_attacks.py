@@ -133,4 +133,6 @@ def test_extract_cli_on_an_image_folder_resumes_and_labels(tiny_sd_folder, tmp_p
     assert set(table.column("generate-filter.match_label").to_pylist()) <= {"matching_verbatim", "template_verbatim",
                                                                            "none"}
     assert main(args) == 0  # a rerun of a finished extraction only re-merges
+    assert main([*args[:-1], str(tmp_path / "o2"), "--option", "generate-filter.generations=3"]) == 0
+    assert main([*args[:-1], str(tmp_path / "o3"), "--option", "retrigger.lr=0.01"]) == 2  # not a chosen attack
     assert main([*args[:-1], str(tmp_path / "out"), "--seed", "3"]) == 2  # other settings: refused

@@ -23,6 +23,8 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/extract")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--option", action="append", default=None,
+                   help="attack option ATTACK.KEY=VALUE, e.g. retrigger.lr=0.01 (repeatable)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -35,10 +37,21 @@ def run_extract_command(args: argparse.Namespace) -> None:
 
     prompts = load_prompts(args.prompts, args.caption_column) if args.prompts else zoo_prompts()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    from diffmem.cli.mitigate_commands import parse_options
+
+    names = args.attack or ["one-step-whitebox", "one-step-blackbox"]
+    options: dict[str, dict] = {n: {} for n in names}
+    for pair in args.option or []:
+        attack, _, rest = pair.partition(".")
+        if attack not in options or "=" not in rest:
+            raise DiffmemError(f"option {pair!r} must be ATTACK.KEY=VALUE for one of the chosen attacks {names}")
+        options[attack] |= parse_options([rest])
     try:
-        attacks = [make_attack(n) for n in (args.attack or ["one-step-whitebox", "one-step-blackbox"])]
+        attacks = [make_attack(n, **options[n]) for n in names]
     except KeyError as exc:
         raise DiffmemError(str(exc).strip("'\"")) from exc
+    except TypeError as exc:
+        raise DiffmemError(str(exc)) from exc
     index = (folder_training_index(Path(args.train_index), args.matcher, args.threshold) if args.train_index
              else zoo_training_index(args.matcher, args.threshold))
     path = run_extract(model, prompts, attacks, index, args.out,
