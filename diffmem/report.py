@@ -138,6 +138,11 @@ def extraction_section(folder: Path, table) -> dict[str, Any]:
             row["recall"] = tp / max(int(y.sum()), 1)
         if kinds is not None:
             row["by_kind"] = {k: float(flagged[np.array(kinds) == k].mean()) for k in sorted(set(kinds))}
+        if kinds is not None and "input_replication" in table.column_names:
+            reps = np.array(table.column("input_replication").to_pylist())
+            sig = np.array(kinds) == "signature"
+            row["by_replication"] = {f"{r}x": float(flagged[sig & (reps == r)].mean())
+                                     for r in sorted(set(reps[sig]), key=int)}
         rows.append(row)
     return {"kind": "extraction", "folder": str(folder), "provenance": prov, "n": table.num_rows, "rows": rows}
 

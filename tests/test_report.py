@@ -58,3 +58,22 @@ def test_report_renders_in_headless_chromium(scan_dir, tmp_path):
 
     img = Image.open(shot).convert("L")
     assert len(set(img.resize((64, 64)).getdata())) > 8  # not a blank page: plot and table were painted
+
+
+def test_report_tabulates_extraction_by_replication_rate(tmp_path):
+    import pyarrow as pa
+
+    from diffmem.jobs import write_parquet
+
+    run = tmp_path / "extract"
+    run.mkdir()
+    (run / "provenance.json").write_text('{"model": {"fingerprint": "f"}, "attacks": [{"name": "a"}], '
+                                        '"matcher": {"name": "ssim", "threshold": 0.7}}')
+    write_parquet(pa.table({"id": ["0", "1", "2", "3"], "text": ["p", "q", "r", "s"],
+                            "a.score": [0.9, 0.1, 0.8, 0.2], "a.flagged": [True, False, True, False],
+                            "input_kind": ["signature", "signature", "signature", "generic"],
+                            "input_replication": ["64", "1", "1", "1"],
+                            "input_memorized": ["True", "False", "True", "False"]}), run / "extraction.parquet")
+    page = build_report([run], tmp_path / "r.html", gallery_size=0).read_text()
+    assert "flag rate by replication rate" in page and "1x 0.50" in page and "64x 1.00" in page
+    assert "<td>1.000</td>" in page  # precision and recall of the flag against the labels

@@ -41,6 +41,7 @@ def zoo_prompts():
     rows = load_labels(zoo_dir())
     return PromptSet(ids=[str(r["item_id"]) for r in rows], texts=[r["caption"] for r in rows],
                      source=f"zoo:{zoo_dir()}", columns={"kind": [r["kind"] for r in rows],
+                                                         "replication": [r["replication"] for r in rows],
                                                          "memorized": [r["memorized"] for r in rows]})
 
 
