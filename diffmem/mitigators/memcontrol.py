@@ -18,7 +18,6 @@ within ``fidelity_tolerance`` of the best trial's. Reported beside it: full fine
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,7 +152,3 @@ def noise_norm_memorization(model: DiffusionModel, captions: list[str], draws: i
     """Mean first-step noise-norm of ``captions`` (MemControl's memorization signal)."""
     engine = NoiseStepEngine(model, draws)
     return float(np.mean(score_chunk(engine, [make_detector("noise-norm")], captions)["noise-norm"]))
-
-
-def copy_unet(model: DiffusionModel) -> nn.Module:
-    return copy.deepcopy(model.unet)
