@@ -76,13 +76,22 @@ def _gallery(model, texts: list[str], index, seed: int = 0) -> list[dict[str, An
 
     if not texts:
         return []
+    from diffmem.zoo.corpus import parse_generic_caption
+    from diffmem.zoo.paths import zoo_dir
+
+    thresholds = json.loads((zoo_dir() / "zoo.json").read_text())["labels"]["thresholds"]
     images = model.sample(texts, [seed] * len(texts), num_inference_steps=25).images
     match = index.matcher.match(images)
     out = []
     for i, t in enumerate(texts):
+        try:  # the zoo's per-family threshold: single-object captions need a near-exact copy
+            parse_generic_caption(t)
+            threshold = thresholds["object"]["threshold"]
+        except ValueError:
+            threshold = thresholds["scene"]["threshold"]
         pair = image_grid([torch_stack(images[i], index.images[match.index[i]])], scale=4)
         out.append({"text": t, "similarity": float(match.similarity[i]), "image": png_data_uri(pair),
-                    "replicates": bool(match.similarity[i] > index.threshold)})
+                    "replicates": bool(match.similarity[i] > threshold)})
     return out
 
 
