@@ -200,3 +200,8 @@ def build_report(run_dirs: list[str | Path], out: str | Path, gallery_size: int 
     env = Environment(loader=PackageLoader("diffmem", "templates"), autoescape=select_autoescape(["html", "j2"]))
     page = env.get_template("report.html.j2").render(sections=sections)
     return atomic_write_text(Path(out), page)
+
+
+def run_report_command(args) -> None:
+    """``diffmem report RUN_DIR ... --out FILE``."""
+    print(f"report: {build_report(args.runs, args.out, args.gallery)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -106,52 +107,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# command -> "module:function" taking the parsed arguments; imported lazily so `--help` stays fast
+HANDLERS = {
+    "demo": "diffmem.cli.demo:run_demo",
+    "scan": "diffmem.cli.scan_commands:run_scan_command",
+    "calibrate": "diffmem.cli.scan_commands:run_calibrate",
+    "eval": "diffmem.cli.scan_commands:run_eval_detect",
+    "extract": "diffmem.cli.extract_commands:run_extract_command",
+    "mitigate": "diffmem.cli.mitigate_commands:run_mitigate",
+    "bench": "diffmem.cli.mitigate_commands:run_bench_command",
+    "report": "diffmem.report:run_report_command",
+    "deepssim": "diffmem.cli.deepssim_commands:run_train",
+    "zoo": "diffmem.cli.zoo_commands",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="diffmem: %(levelname)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        if args.command == "demo":
-            from diffmem.cli.demo import run_demo
-
-            run_demo(args)
-        elif args.command == "scan":
-            from diffmem.cli.scan_commands import run_scan_command
-
-            run_scan_command(args)
-        elif args.command == "calibrate":
-            from diffmem.cli.scan_commands import run_calibrate
-
-            run_calibrate(args)
-        elif args.command == "eval":
-            from diffmem.cli.scan_commands import run_eval_detect
-
-            run_eval_detect(args)
-        elif args.command == "extract":
-            from diffmem.cli.extract_commands import run_extract_command
-
-            run_extract_command(args)
-        elif args.command == "mitigate":
-            from diffmem.cli.mitigate_commands import run_mitigate
-
-            run_mitigate(args)
-        elif args.command == "bench":
-            from diffmem.cli.mitigate_commands import run_bench_command
-
-            run_bench_command(args)
-        elif args.command == "report":
-            from diffmem.report import build_report
-
-            print(f"report: {build_report(args.runs, args.out, args.gallery)}")
-        elif args.command == "deepssim":
-            from diffmem.cli.deepssim_commands import run_train
-
-            run_train(args)
-        elif args.command == "zoo":
-            from diffmem.cli import zoo_commands
-
-            getattr(zoo_commands, f"run_{args.zoo_command}")(args)
+        handler = HANDLERS[args.command]
+        if args.command == "zoo":
+            handler = f"{handler}:run_{args.zoo_command}"
+        module, _, name = handler.partition(":")
+        getattr(importlib.import_module(module), name)(args)
     except DiffmemError as exc:
         print(f"diffmem: error: {exc}", file=sys.stderr)
         return 2
