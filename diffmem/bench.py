@@ -50,7 +50,8 @@ class BenchSettings:
     attack_prompts: int = 16
     attack_steps: int = 30
     seed: int = 0
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per mitigator
+    retrigger: dict[str, Any] = field(default_factory=dict)  # the adaptive attack's settings (DoRI's by default)
 
 
 def split_zoo_prompts(settings: BenchSettings) -> dict[str, list]:
@@ -65,9 +66,16 @@ def split_zoo_prompts(settings: BenchSettings) -> dict[str, list]:
     half = len(mem) // 2
     generic = [r for r in labels if r["kind"] in ("generic", "heldout_generic") and not r["memorized"]]
     generic = [generic[i] for i in rng.permutation(len(generic))]
+    scenes = [r for r in labels if r["kind"] == "generic_scene" and not r["memorized"]]
+    scenes = [scenes[i] for i in rng.permutation(len(scenes))]
+    # ordinary references of both caption families (half scenes when the zoo has ordinary scenes), so
+    # that what a method learns to remove is memorization, not "scene captions"
+    n_scenes = min(len(scenes), settings.ordinary_ref // 2)
+    n_objects = settings.ordinary_ref - n_scenes
+    reference = [r["caption"] for r in generic[:n_objects]] + [r["caption"] for r in scenes[:n_scenes]]
     return {"fit": mem[:half][: settings.memorized_fit], "eval": mem[half:][: settings.memorized_eval],
-            "reference": [r["caption"] for r in generic[: settings.ordinary_ref]],
-            "generic_eval": [r["caption"] for r in generic[settings.ordinary_ref:][: settings.generic_eval]]}
+            "reference": reference,
+            "generic_eval": [r["caption"] for r in generic[n_objects:][: settings.generic_eval]]}
 
 
 def extraction_rates(model: DiffusionModel, rows: list[dict], index, settings: BenchSettings) -> dict[str, float]:
@@ -104,7 +112,8 @@ def surrogate_images(rows: list[dict]) -> torch.Tensor:
 def measure(model: DiffusionModel, split: dict, index, settings: BenchSettings, real_generic: torch.Tensor
             ) -> dict[str, Any]:
     out: dict[str, Any] = extraction_rates(model, split["eval"], index, settings)
-    attack = make_attack("retrigger", steps=settings.attack_steps, generations=2, sample_steps=settings.steps)
+    attack = make_attack("retrigger", **({"steps": settings.attack_steps, "generations": 2,
+                                          "sample_steps": settings.steps} | settings.retrigger))
     rows = split["eval"][: settings.attack_prompts]
     res = attack.run(model, [r["caption"] for r in rows],
                      AttackContext(index=index, own_items=[r["item_id"] for r in rows], seed=settings.seed))

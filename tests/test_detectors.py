@@ -101,3 +101,58 @@ def test_registry_errors_name_what_is_available():
         make_detector("noise-norm", draws=3)
     with pytest.raises(ValueError, match="family 'sd3' unknown"):
         make_detector("anisotropy", family="sd3")
+
+
+def test_attention_entropy_matches_hand_computation(model):
+    engine = NoiseStepEngine(model, n_draws=2, seed=7)
+    name, attn = next((n, m) for n, m in model.unet.named_modules() if n.endswith("attn2") and "mid_block" in n)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = attn.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"],
+                                             kwargs["encoder_hidden_states"])), with_kwargs=True)
+    t0 = int(model.make_sampler(50).timesteps[0])
+    for j in range(2):
+        x = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(7 + j))
+        _eps(model, x, t0, PROMPTS[1])
+    handle.remove()
+    expected = []
+    for hidden, context in seen:  # by hand: per head softmax(q k^T / sqrt(d)), mean over heads and queries
+        q, k = attn.to_q(hidden)[0], attn.to_k(context)[0]
+        d = q.shape[-1] // attn.heads
+        probs = torch.stack([torch.softmax(q[:, i * d:(i + 1) * d] @ k[:, i * d:(i + 1) * d].T / math.sqrt(d), -1)
+                             for i in range(attn.heads)]).mean((0, 1))
+        expected.append(-sum(float(p) * math.log(float(p)) for p in probs))
+    det = make_detector("attention-entropy", layers=name.replace(".", r"\.") + "$")
+    got = det.score_prompts(model, model.encode_prompts([PROMPTS[1]]), engine)
+    assert float(got[0]) == pytest.approx(sum(expected) / 2, rel=1e-4)
+    assert det.unet_calls_per_prompt(engine) == 2
+
+
+def test_sharpness_matches_finite_differences(model):
+    engine = NoiseStepEngine(model, n_draws=1, seed=11)
+    t0 = engine.timestep(0)
+    scale = -1 / math.sqrt(1 - float(engine.sampler.alphas_cumprod[t0]))
+    x = engine.latents.double()
+    unet = model.unet.double()
+    try:
+        def score_difference(z):
+            emb_c, emb_u = model.encode_prompts([PROMPTS[2]]).double(), model.empty_embedding().double()
+            eps_c = unet(z, torch.tensor([t0]), encoder_hidden_states=emb_c).sample
+            eps_u = unet(z, torch.tensor([t0]), encoder_hidden_states=emb_u).sample
+            return (eps_c - eps_u) * scale
+        with torch.no_grad():
+            v = score_difference(x)
+            h = 1e-4
+            jv = (score_difference(x + h * v) - score_difference(x - h * v)) / (2 * h)
+    finally:
+        unet.float()
+    got = make_detector("sharpness").score_prompts(model, model.encode_prompts([PROMPTS[2]]), engine)
+    assert float(got[0]) == pytest.approx(float(jv.norm()), rel=1e-3)
+
+
+def test_attention_layers_found_by_pattern_or_a_clear_error(model):
+    from diffmem.errors import DiffmemError
+
+    with pytest.raises(DiffmemError, match="no cross-attention layers matching 'nothing_here'"):
+        make_detector("attention-entropy", layers="nothing_here").score_prompts(
+            model, model.encode_prompts(PROMPTS[:1]), NoiseStepEngine(model, 1))

@@ -37,15 +37,10 @@ def run_extract_command(args: argparse.Namespace) -> None:
 
     prompts = load_prompts(args.prompts, args.caption_column) if args.prompts else zoo_prompts()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    from diffmem.cli.mitigate_commands import parse_options
+    from diffmem.cli.mitigate_commands import parse_scoped_options
 
     names = args.attack or ["one-step-whitebox", "one-step-blackbox"]
-    options: dict[str, dict] = {n: {} for n in names}
-    for pair in args.option or []:
-        attack, _, rest = pair.partition(".")
-        if attack not in options or "=" not in rest:
-            raise DiffmemError(f"option {pair!r} must be ATTACK.KEY=VALUE for one of the chosen attacks {names}")
-        options[attack] |= parse_options([rest])
+    options = parse_scoped_options(args.option, names, "ATTACK")
     try:
         attacks = [make_attack(n, **options[n]) for n in names]
     except KeyError as exc:

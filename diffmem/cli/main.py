@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mitigators", nargs="+", default=None, help="methods (default: all)")
     bench.add_argument("--out", default="runs/bench")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--option", action="append", default=None,
+                       help="METHOD.KEY=VALUE for a mitigator, or retrigger.KEY=VALUE for the adaptive attack "
+                            "(e.g. retrigger.lr=0.01; repeatable)")
 
     report = sub.add_parser("report", help="one self-contained HTML report of run folders")
     report.add_argument("runs", nargs="+", help="run folders (scan, extract, eval, benchmark JSON)")

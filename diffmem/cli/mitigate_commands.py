@@ -24,6 +24,17 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def parse_scoped_options(pairs: list[str] | None, scopes: list[str], what: str) -> dict[str, dict[str, Any]]:
+    """``NAME.key=value`` pairs grouped by NAME, each NAME one of ``scopes`` (e.g. chosen attacks or methods)."""
+    options: dict[str, dict[str, Any]] = {n: {} for n in scopes}
+    for pair in pairs or []:
+        scope, _, rest = pair.partition(".")
+        if scope not in options or "=" not in rest:
+            raise DiffmemError(f"option {pair!r} must be {what}.KEY=VALUE for one of {scopes}")
+        options[scope] |= parse_options([rest])
+    return options
+
+
 def run_mitigate(args: argparse.Namespace) -> None:
     from diffmem.cli.scan_commands import zoo_reference_prompts
     from diffmem.mitigators import make_mitigator
@@ -70,7 +81,11 @@ def run_bench_command(args: argparse.Namespace) -> None:
     from diffmem.models.loader import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    record = run_bench(model, args.mitigators or list(DEFAULT_METHODS), args.out, BenchSettings(seed=args.seed))
+    methods = args.mitigators or list(DEFAULT_METHODS)
+    options = parse_scoped_options(args.option, [*methods, "retrigger"], "METHOD")
+    settings = BenchSettings(seed=args.seed, retrigger=options.pop("retrigger"),
+                             options={k: v for k, v in options.items() if v})
+    record = run_bench(model, methods, args.out, settings)
     print(format_bench(record))
     print(f"\nresults: {Path(args.out) / 'bench.json'}")
 
