@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from diffmem.detectors.base import Detector, NoiseStepDetector, PromptDetector
+from diffmem.detectors.base import Detector, score_embeddings
 from diffmem.detectors.engine import NoiseStepEngine
 from diffmem.errors import DiffmemError
 from diffmem.jobs import claim_folder, merge_parts, prompt_hash, run_chunks, versions
@@ -53,17 +53,8 @@ def provenance(model: DiffusionModel, prompts: PromptSet, detectors: list[Detect
 
 def score_chunk(engine: NoiseStepEngine, detectors: list[Detector], texts: list[str]) -> dict[str, np.ndarray]:
     """Scores of every detector for one chunk: noise-step detectors share one engine pass."""
-    emb = engine.model.encode_prompts(texts)
-    step_dets = [d for d in detectors if isinstance(d, NoiseStepDetector)]
-    out: dict[str, np.ndarray] = {}
-    if step_dets:
-        batch = engine.run(emb, {i for d in step_dets for i in d.timestep_indices()})
-        for d in step_dets:
-            out[d.name] = d.score_batch(batch).double().cpu().numpy()
-    for d in detectors:
-        if isinstance(d, PromptDetector):
-            out[d.name] = d.score_prompts(engine.model, emb, engine).double().cpu().numpy()
-    return out
+    scores = score_embeddings(engine, detectors, engine.model.encode_prompts(texts))
+    return {name: v.double().cpu().numpy() for name, v in scores.items()}
 
 
 def run_scan(model: DiffusionModel, prompts: PromptSet, detectors: list[Detector], out_dir: str | Path,

@@ -156,3 +156,16 @@ def test_attention_layers_found_by_pattern_or_a_clear_error(model):
     with pytest.raises(DiffmemError, match="no cross-attention layers matching 'nothing_here'"):
         make_detector("attention-entropy", layers="nothing_here").score_prompts(
             model, model.encode_prompts(PROMPTS[:1]), NoiseStepEngine(model, 1))
+
+
+def test_combined_is_the_sum_of_member_z_scores_on_the_reference(model):
+    engine = NoiseStepEngine(model, n_draws=2)
+    det = make_detector("combined", members=["noise-norm", "attention-entropy"], reference_prompts=PROMPTS)
+    det.prepare(engine)
+    members = score_chunk(engine, [make_detector("noise-norm"), make_detector("attention-entropy")], PROMPTS)
+    expected = sum((v - v.mean()) / v.std(ddof=1) for v in members.values())
+    got = score_chunk(engine, [det], PROMPTS)["combined"]
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert det.unet_calls_per_prompt(engine) == 2 + 2  # noise-norm's pass + attention entropy's pass
+    with pytest.raises(ValueError, match="at least 2 reference_prompts"):
+        make_detector("combined").prepare(engine)

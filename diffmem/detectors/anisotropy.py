@@ -77,6 +77,7 @@ class AnisotropyCalibrated(NoiseStepDetector):
     """z(norm) + z(align), each standardised on ``reference_prompts`` (ordinary prompts)."""
 
     name = "anisotropy-calibrated"
+    needs_reference = True
     reference_prompts: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
 

@@ -35,6 +35,7 @@ class Detector(Configurable, ABC):
     """Base class: dataclass fields are the detector's settings (saved in every scan's provenance)."""
 
     name: ClassVar[str] = "detector"
+    needs_reference: ClassVar[bool] = False  # standardises on ordinary ``reference_prompts`` (the CLI supplies them)
 
     def prepare(self, engine: NoiseStepEngine) -> None:  # noqa: B027 - optional hook
         """Called once before scoring (e.g. to calibrate on reference prompts)."""
@@ -68,6 +69,21 @@ class PromptDetector(Detector):
     def score_prompts(self, model: DiffusionModel, embeddings: torch.Tensor, engine: NoiseStepEngine
                       ) -> torch.Tensor:
         """One score per prompt, shape ``(B,)``."""
+
+
+def score_embeddings(engine: NoiseStepEngine, detectors: list[Detector], embeddings: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """Every detector's scores for a batch of prompt embeddings; noise-step detectors share one engine pass."""
+    step_dets = [d for d in detectors if isinstance(d, NoiseStepDetector)]
+    out: dict[str, torch.Tensor] = {}
+    if step_dets:
+        batch = engine.run(embeddings, {i for d in step_dets for i in d.timestep_indices()})
+        for d in step_dets:
+            out[d.name] = d.score_batch(batch)
+    for d in detectors:
+        if isinstance(d, PromptDetector):
+            out[d.name] = d.score_prompts(engine.model, embeddings, engine)
+    return out
 
 
 def make_detector(name: str, **options: Any) -> Detector:

@@ -7,11 +7,14 @@ trains the UNet against that move. Each round:
    every memorized prompt, an embedding e* near its own e_0 that makes the *current* model denoise
    towards the memorized image;
 2. *Outer update*: denoising loss that maps both e* and e_0 to a surrogate (non-replicating) image of
-   the same prompt, plus a retain loss that keeps ordinary prompts' predictions where the original
-   model had them (distillation: || eps_theta(x_t, c) - eps_orig(x_t, c) ||^2):
+   the same prompt, plus a retain loss that keeps ordinary prompts' predictions, and the
+   unconditional one that classifier-free guidance subtracts, where the original model had them
+   (distillation on noised latents z_0 of the original model's own generations for those prompts,
+   so every timestep sees the inputs it sees when sampling):
 
        L = E_t,eps [ || eps_theta(x_t(s), t, e*) - eps ||^2 + || eps_theta(x_t(s), t, e_0) - eps ||^2 ]
-           + retain_weight * E_t,eps [ || eps_theta(x_t, t, c_ord) - eps_orig(x_t, t, c_ord) ||^2 ]
+           + retain_weight * E_t,eps [ || eps_theta(x_t(z_0), t, c) - eps_orig(x_t(z_0), t, c) ||^2 ],
+       c in {ordinary prompts, ""}
 
 Targets (the memorized images) default to the model's own generation for the prompt; surrogates must
 be given (the zoo supplies independent renders of the caption). ``lora_rank`` trains LoRA adapters
@@ -78,7 +81,8 @@ class AdversarialFinetune(WeightMitigator):
         surrogate_lat = original.encode_images(surrogates).cpu()
         e0 = original.encode_prompts(memorized).detach()
         retain = ordinary[: self.retain_prompts]
-        e_ret = original.encode_prompts(retain).detach()
+        e_ret = torch.cat([original.encode_prompts(retain), original.empty_embedding()]).detach()
+        z_ret = original.sample(retain, [self.seed + i for i in range(len(retain))], num_inference_steps=25).latents
         params = self._trainable(m)
         opt = torch.optim.AdamW(params, lr=self.lr)
         self._history = []
@@ -92,7 +96,7 @@ class AdversarialFinetune(WeightMitigator):
                 with torch.enable_grad():
                     loss = denoising_loss(m, surrogate_lat, e_star, self.batch, g) + \
                         denoising_loss(m, surrogate_lat, e0, self.batch, g)
-                    retain_loss = self._retain_loss(m, original, e_ret, g)
+                    retain_loss = self._retain_loss(m, original, e_ret, z_ret, g)
                     total = loss + self.retain_weight * retain_loss
                     opt.zero_grad(set_to_none=True)
                     total.backward()
@@ -116,11 +120,16 @@ class AdversarialFinetune(WeightMitigator):
                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         return [p for p in m.unet.parameters() if p.requires_grad]
 
-    def _retain_loss(self, m: DiffusionModel, original: DiffusionModel, e_ret: torch.Tensor,
+    def _retain_loss(self, m: DiffusionModel, original: DiffusionModel, e_ret: torch.Tensor, z_ret: torch.Tensor,
                      g: torch.Generator) -> torch.Tensor:
+        """Distillation on x_t of the original model's generations; the last row of ``e_ret`` is ``""``, whose
+        x_t borrows a random ordinary generation."""
         idx = torch.randint(len(e_ret), (self.batch * 2,), generator=g)
         t = torch.randint(0, len(original.alphas_cumprod), (len(idx),), generator=g)
-        x = torch.randn((len(idx), *original.latent_shape), generator=g)
+        a = original.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+        borrowed = torch.randint(len(z_ret), idx.shape, generator=g)
+        z0 = z_ret[torch.where(idx == len(z_ret), borrowed, idx)].to(original.device)
+        x = a.sqrt() * z0 + (1 - a).sqrt() * torch.randn(z0.shape, generator=g)
         with torch.no_grad():
             ref = original.predict_noise(x, t, e_ret[idx]).float()
         return (m.predict_noise(x, t, e_ret[idx]).float() - ref).pow(2).mean()
