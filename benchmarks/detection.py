@@ -1,8 +1,9 @@
 """Benchmark: every detector on the zoo — AUROC, TPR@1%/0.1% FPR (both estimators), UNet calls per prompt.
 
-Positives: captions the zoo's labels call memorized (found by extraction). Negatives: every other
-caption (generic, held-out generic, never-trained look-alike scenes, non-memorized signature items),
-except the ordinary reference captions that ``anisotropy-calibrated`` standardises on.
+Positives: captions the zoo's labels call memorized (found by extraction). Negatives: the other
+captions (ordinary objects and scenes, held-out generic, never-trained look-alike scenes,
+non-memorized signature items), at most ``--max-per-kind`` evenly spaced captions of each kind, and
+never the ordinary reference captions that ``anisotropy-calibrated`` standardises on.
 
     .venv/bin/python benchmarks/detection.py --out benchmarks/results/detection.json
 """
@@ -25,25 +26,41 @@ from diffmem.models import load_model
 from diffmem.scan import ScanSettings, run_scan
 
 
+def benchmark_subset(prompts, reference: set[str], max_per_kind: int) -> np.ndarray:
+    """Every positive; per kind, at most ``max_per_kind`` evenly spaced negatives; no reference caption."""
+    memorized = np.array(prompts.columns["memorized"], dtype=bool)
+    kinds = np.array(prompts.columns["kind"])
+    keep = memorized.copy()
+    for kind in sorted(set(kinds)):
+        negatives = np.flatnonzero((kinds == kind) & ~memorized
+                                   & np.array([t not in reference for t in prompts.texts]))
+        step = max(1, -(-len(negatives) // max_per_kind))
+        keep[negatives[::step][:max_per_kind]] = True
+    return keep & np.array([t not in reference for t in prompts.texts])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--trajectory-steps", type=int, default=10)
+    parser.add_argument("--max-per-kind", type=int, default=600, help="negatives kept per caption kind")
     parser.add_argument("--work", default="runs/bench-detection")
     parser.add_argument("--out", default="benchmarks/results/detection.json")
     args = parser.parse_args()
     model = load_model()
     prompts = zoo_prompts()
     reference = set(zoo_reference_prompts())
-    keep = np.array([t not in reference for t in prompts.texts])
-    y = np.array(prompts.columns["memorized"], dtype=bool)[keep]
-    kinds = np.array(prompts.columns["kind"])[keep]
+    keep = benchmark_subset(prompts, reference, args.max_per_kind)
+    prompts = prompts.subset(np.flatnonzero(keep))
+    y = np.array(prompts.columns["memorized"], dtype=bool)
+    kinds = np.array(prompts.columns["kind"])
     results, curves = {}, {}
     for draws in args.draws:
         detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
                      make_detector("anisotropy-calibrated", reference_prompts=sorted(reference))]
         if draws == args.draws[0]:
-            detectors.append(make_detector("noise-norm-trajectory", steps=args.trajectory_steps, generations=4))
+            detectors += [make_detector("attention-entropy"), make_detector("sharpness"),
+                          make_detector("noise-norm-trajectory", steps=args.trajectory_steps, generations=4)]
         start = time.perf_counter()
         path = run_scan(model, prompts, detectors, Path(args.work) / f"draws{draws}", ScanSettings(n_draws=draws))
         seconds = time.perf_counter() - start
@@ -52,7 +69,7 @@ def main() -> None:
         for det in detectors:
             key = f"{det.name} (draws={draws})" if det.name != "noise-norm-trajectory" else \
                 f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)"
-            s = table.column(det.name).to_numpy()[keep]
+            s = table.column(det.name).to_numpy()
             m = detection_metrics(y, s)
             m["unet_calls_per_prompt"] = det.unet_calls_per_prompt(engine)
             m["by_kind_of_positive"] = {k: detection_metrics(y[(~y) | (kinds == k)], s[(~y) | (kinds == k)])["auroc"]
@@ -62,7 +79,10 @@ def main() -> None:
         results[f"_scan_seconds_draws{draws}"] = round(seconds, 1)
     plot_roc(curves, Path(args.out).with_suffix(".png"), title=f"zoo: {int(y.sum())} memorized, {int((~y).sum())} not")
     record = {"benchmark": "detection", "model": model.describe(), "n_pos": int(y.sum()), "n_neg": int((~y).sum()),
-              "reference_prompts_excluded": len(reference), "results": results}
+              "by_kind": {k: {"positives": int((y & (kinds == k)).sum()), "negatives": int((~y & (kinds == k)).sum())}
+                          for k in sorted(set(kinds))},
+              "reference_prompts_excluded": len(reference), "max_negatives_per_kind": args.max_per_kind,
+              "results": results}
     atomic_write_text(Path(args.out), json.dumps(record, indent=2))
     print(f"{'detector':<48} {'AUROC':>7} {'TPR@1% strict/closest':>22} {'calls':>7}")
     for k, m in results.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -46,30 +47,35 @@ def zoo_prompts():
 
 
 def zoo_reference_prompts(n: int = 200) -> list[str]:
-    """Ordinary reference prompts: every 5th trained generic caption of the zoo (first n)."""
+    """Ordinary reference prompts: trained zoo captions of both families (single objects and scenes) that
+    the labels call not memorized, every 5th of each, alternating between the families (first n)."""
     from diffmem.zoo.load import load_labels
     from diffmem.zoo.paths import zoo_dir
 
-    generic = [r["caption"] for r in load_labels(zoo_dir()) if r["kind"] == "generic"]
-    return generic[::5][:n]
+    rows = load_labels(zoo_dir())
+    families = [[r["caption"] for r in rows if r["kind"] == kind and not r["memorized"]][::5]
+                for kind in ("generic", "generic_scene")]
+    mixed = [c for pair in itertools.zip_longest(*families) for c in pair if c is not None]
+    return mixed[:n]
 
 
 def _detectors(args: argparse.Namespace):
-    from diffmem.detectors import make_detector
+    from diffmem.detectors import DETECTORS, make_detector
 
     names = args.detector or ["noise-norm", "anisotropy"]
     detectors = []
     for name in names:
-        if name == "anisotropy-calibrated":
+        try:
+            needs_reference = DETECTORS.get(name).needs_reference
+        except KeyError as exc:
+            raise DiffmemError(str(exc).strip("'\"")) from exc
+        if needs_reference:
             from diffmem.prompts import load_prompts
 
             ref = load_prompts(args.reference).texts if args.reference else zoo_reference_prompts()
             detectors.append(make_detector(name, reference_prompts=ref))
         else:
-            try:
-                detectors.append(make_detector(name))
-            except KeyError as exc:
-                raise DiffmemError(str(exc).strip("'\"")) from exc
+            detectors.append(make_detector(name))
     return detectors
 
 
