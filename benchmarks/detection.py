@@ -26,19 +26,6 @@ from diffmem.models import load_model
 from diffmem.scan import ScanSettings, run_scan
 
 
-def benchmark_subset(prompts, reference: set[str], max_per_kind: int) -> np.ndarray:
-    """Every positive; per kind, at most ``max_per_kind`` evenly spaced negatives; no reference caption."""
-    memorized = np.array(prompts.columns["memorized"], dtype=bool)
-    kinds = np.array(prompts.columns["kind"])
-    keep = memorized.copy()
-    for kind in sorted(set(kinds)):
-        negatives = np.flatnonzero((kinds == kind) & ~memorized
-                                   & np.array([t not in reference for t in prompts.texts]))
-        step = max(1, -(-len(negatives) // max_per_kind))
-        keep[negatives[::step][:max_per_kind]] = True
-    return keep & np.array([t not in reference for t in prompts.texts])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, nargs="+", default=[8, 32])
@@ -48,10 +35,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/detection.json")
     args = parser.parse_args()
     model = load_model()
-    prompts = zoo_prompts()
     reference = set(zoo_reference_prompts())
-    keep = benchmark_subset(prompts, reference, args.max_per_kind)
-    prompts = prompts.subset(np.flatnonzero(keep))
+    prompts = zoo_prompts(args.max_per_kind, exclude=reference)
     y = np.array(prompts.columns["memorized"], dtype=bool)
     kinds = np.array(prompts.columns["kind"])
     results, curves = {}, {}
@@ -66,10 +51,16 @@ def main() -> None:
         seconds = time.perf_counter() - start
         table = pq.read_table(path)
         engine = NoiseStepEngine(model, draws)
+        scores = {d.name: table.column(d.name).to_numpy() for d in detectors}
+        if draws == args.draws[0]:  # the z-score combination, from the stored member columns
+            combined = make_detector("combined", reference_prompts=sorted(reference))
+            combined.prepare(engine)
+            scores[combined.name] = combined.combine(scores).numpy()
+            detectors.append(combined)
         for det in detectors:
             key = f"{det.name} (draws={draws})" if det.name != "noise-norm-trajectory" else \
                 f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)"
-            s = table.column(det.name).to_numpy()
+            s = scores[det.name]
             m = detection_metrics(y, s)
             m["unet_calls_per_prompt"] = det.unet_calls_per_prompt(engine)
             m["by_kind_of_positive"] = {k: detection_metrics(y[(~y) | (kinds == k)], s[(~y) | (kinds == k)])["auroc"]

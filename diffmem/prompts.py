@@ -31,12 +31,6 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, rows) -> PromptSet:
-        """The prompts at positions ``rows`` (ids, texts and every extra column kept aligned)."""
-        rows = [int(i) for i in rows]
-        return PromptSet(ids=[self.ids[i] for i in rows], texts=[self.texts[i] for i in rows], source=self.source,
-                         columns={k: [v[i] for i in rows] for k, v in self.columns.items()})
-
 
 def _read_text(path: Path) -> str:
     try:

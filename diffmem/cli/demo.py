@@ -97,11 +97,13 @@ def run_demo(args: argparse.Namespace) -> None:
     from diffmem.report import build_report
     from diffmem.scan import ScanSettings, run_scan
 
-    print(f"\nscanning the zoo's {len(items)} captions with noise-norm and anisotropy ({args.draws} noise draws)")
+    prompts = zoo_prompts(max_negatives_per_kind=200)
+    print(f"\nscanning {len(prompts)} zoo captions (every memorized one, up to 200 others per kind) with "
+          f"noise-norm and anisotropy ({args.draws} noise draws)")
     detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
                  make_detector("anisotropy-calibrated", reference_prompts=zoo_reference_prompts())]
     scan_dir = out / "scan"
-    scores = run_scan(model, zoo_prompts(), detectors, scan_dir, ScanSettings(n_draws=args.draws))
+    scores = run_scan(model, prompts, detectors, scan_dir, ScanSettings(n_draws=args.draws))
     import pyarrow.parquet as pq
 
     print_summary(pq.read_table(scores), [detectors[0].name], 5)

@@ -33,13 +33,26 @@ def add_scan_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def zoo_prompts():
-    """The zoo's captions with their kind, replication rate and extracted label."""
+def zoo_prompts(max_negatives_per_kind: int | None = None, exclude: set[str] | frozenset[str] = frozenset()):
+    """The zoo's captions with their kind, replication rate and extracted label.
+
+    With ``max_negatives_per_kind``: every memorized caption, and per kind at most that many evenly spaced
+    non-memorized ones (a stratified set for benchmarks and the demo); captions in ``exclude`` (e.g. the
+    reference prompts a calibrated detector standardises on) are left out.
+    """
     from diffmem.prompts import PromptSet
     from diffmem.zoo.load import load_labels
     from diffmem.zoo.paths import zoo_dir
 
-    rows = load_labels(zoo_dir())
+    rows = [r for r in load_labels(zoo_dir()) if r["caption"] not in exclude]
+    if max_negatives_per_kind is not None:
+        keep = [r for r in rows if r["memorized"]]
+        for kind in sorted({r["kind"] for r in rows}):
+            negatives = [r for r in rows if r["kind"] == kind and not r["memorized"]]
+            step = max(1, -(-len(negatives) // max_negatives_per_kind))
+            keep += negatives[::step][:max_negatives_per_kind]
+        chosen = {r["item_id"] for r in keep}
+        rows = [r for r in rows if r["item_id"] in chosen]
     return PromptSet(ids=[str(r["item_id"]) for r in rows], texts=[r["caption"] for r in rows],
                      source=f"zoo:{zoo_dir()}", columns={"kind": [r["kind"] for r in rows],
                                                          "replication": [r["replication"] for r in rows],

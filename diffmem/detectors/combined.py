@@ -49,12 +49,18 @@ class Combined(PromptDetector):
             values = torch.cat([c[d.name] for c in chunks]).double()
             self.stats[d.name] = [float(values.mean()), float(values.std())]
 
-    @torch.no_grad()
-    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+    def combine(self, member_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The combined score from the members' raw scores (also usable on stored scan columns)."""
         if not self.stats:
             raise RuntimeError("combined was not prepared: call prepare(engine) first")
-        raw = score_embeddings(engine, self._members, embeddings)
-        return sum((raw[n].double() - m) / s for n, (m, s) in self.stats.items())
+        def as_double(v) -> torch.Tensor:
+            return v.double() if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64)
+
+        return sum((as_double(member_scores[n]) - m) / s for n, (m, s) in self.stats.items())
+
+    @torch.no_grad()
+    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+        return self.combine(score_embeddings(engine, self._members, embeddings))
 
     def unet_calls_per_prompt(self, engine: NoiseStepEngine) -> float:
         step_indices = {i for d in self._members if hasattr(d, "timestep_indices") for i in d.timestep_indices()}
