@@ -36,7 +36,7 @@ from diffmem.zoo.load import load_labels
 from diffmem.zoo.paths import zoo_dir
 
 SUBSET = {"signature": 100, "template": 30, "heldout_signature": 60, "heldout_template": 12, "generic": 80,
-          "heldout_generic": 40}
+          "heldout_generic": 40, "generic_scene": 80}
 
 
 def stratified(labels: list[dict], rng: np.random.Generator) -> tuple[list[dict], list[dict]]:

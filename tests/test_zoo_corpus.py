@@ -24,7 +24,7 @@ def test_kinds_rates_and_duplication():
     pairs = training_pairs(items)
     generic_renders = sum(len(it.image_seeds) for it in items if it.kind == "generic")
     assert generic_renders == cfg.n_generic
-    expected = cfg.n_generic + cfg.items_per_rate * sum(cfg.replication_rates) + \
+    expected = cfg.n_generic + cfg.n_generic_scenes + cfg.items_per_rate * sum(cfg.replication_rates) + \
         cfg.n_template_groups * cfg.captions_per_template * cfg.template_replication
     assert len(pairs) == expected
     assert all(not it.trained and not it.image_seeds for it in items if it.kind.startswith("heldout"))
@@ -44,6 +44,25 @@ def test_signature_and_lookalike_captions_share_template_and_vocabulary():
     assert words("signature") == words("heldout_signature")
     lengths = lambda kind: sorted({len(it.caption.split()) for it in items if it.kind == kind})  # noqa: E731
     assert lengths("signature") == lengths("heldout_signature")
+
+
+def test_ordinary_scenes_share_the_signature_template_and_generic_images_differ_in_texture():
+    cfg = CorpusConfig(n_generic=10000, generic_textures=True, n_generic_scenes=1500)
+    items = build_corpus(cfg)
+    words = lambda kind: {w for it in items if it.kind == kind for w in it.caption.split()}  # noqa: E731
+    assert words("generic_scene") == words("signature")
+    scenes = [it for it in items if it.kind == "generic_scene"]
+    assert len(scenes) == cfg.n_generic_scenes and all(it.replication == 1 for it in scenes)
+    # the scenes are drawn last: every other caption is the same as without them
+    base = build_corpus(CorpusConfig(n_generic=10000, generic_textures=True))
+    assert [it.caption for it in items[: len(base)]] == [it.caption for it in base]
+    # two renders of one generic caption differ by far more than their jitter: each has its own texture
+    item = next(it for it in items if it.kind == "generic" and len(it.image_seeds) >= 2)
+    a, b = render_item(item, 0).astype(float), render_item(item, 1).astype(float)
+    assert np.abs(a - b).mean() > 20
+    plain = build_corpus(CorpusConfig(generic_textures=False, n_generic_scenes=0))
+    item = next(it for it in plain if it.kind == "generic" and len(it.image_seeds) >= 2)
+    assert np.abs(render_item(item, 0).astype(float) - render_item(item, 1).astype(float)).mean() < 20
 
 
 def test_template_captions_share_one_image_template():

@@ -7,7 +7,10 @@ each caption's kind, replication rate and the seed of its training image.
 Kinds (see README, "The memorization zoo"):
 
 - ``generic``: single-object captions from the grammar, each training image trained once; one
-  caption has several jittered training images, so a caption has many valid renders.
+  caption has several jittered training images, so a caption has many valid renders. With
+  ``generic_textures`` every such image also gets its own textured background.
+- ``generic_scene`` (only when ``n_generic_scenes > 0``): two-object scene captions with the signature
+  template, each trained once on one image with its own texture.
 - ``signature``: two-object scene captions over a unique textured background, duplicated
   ``replication`` times. Their captions use the same template and vocabulary as ``heldout_signature``
   so no detector can win on vocabulary alone.
@@ -55,6 +58,7 @@ SCENE_RADIUS = 5.5
 
 KINDS: tuple[str, ...] = (
     "generic",
+    "generic_scene",
     "signature",
     "template",
     "heldout_generic",
@@ -75,11 +79,13 @@ class ZooObject:
 
 @dataclass(frozen=True)
 class SceneSpec:
-    """Everything the renderer needs; ``texture_seed`` adds a unique textured background."""
+    """Everything the renderer needs; ``texture_seed`` adds one fixed textured background,
+    ``texture_per_render`` a fresh texture for every render seed instead."""
 
     background: str
     objects: tuple[ZooObject, ...]
     texture_seed: int | None = None
+    texture_per_render: bool = False
 
 
 @dataclass
@@ -111,6 +117,8 @@ class CorpusConfig:
 
     seed: int = 0
     n_generic: int = 5000
+    generic_textures: bool = False  # True (with n_generic=10000, n_generic_scenes=1500): the zoo-v2 experiment
+    n_generic_scenes: int = 0
     heldout_generic_fraction: float = 0.1
     replication_rates: tuple[int, ...] = (1, 4, 16, 64)
     items_per_rate: int = 25
@@ -192,7 +200,9 @@ def render(spec: SceneSpec, seed: int) -> np.ndarray:
     size = IMAGE_SIZE * SUPERSAMPLE
     bg = np.asarray(BACKGROUNDS[spec.background], dtype=np.float64) + rng.uniform(-10, 10, 3)
     canvas = np.broadcast_to(bg, (size, size, 3)).copy()
-    if spec.texture_seed is not None:
+    if spec.texture_per_render:
+        canvas += _texture(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]), size)
+    elif spec.texture_seed is not None:
         canvas += _texture(spec.texture_seed, size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / SUPERSAMPLE
     for obj in spec.objects:
@@ -247,7 +257,7 @@ def build_corpus(config: CorpusConfig = CorpusConfig()) -> list[ZooItem]:
 
     # generic: every combination of the grammar, a held-out fraction never trained
     combos = [
-        SceneSpec(bg, (ZooObject(shape, colour, pos, size),))
+        SceneSpec(bg, (ZooObject(shape, colour, pos, size),), texture_per_render=config.generic_textures)
         for size, colour, shape, pos, bg in itertools.product(SIZES, COLORS, SHAPES, POSITIONS, BACKGROUNDS)
     ]
     order = rng.permutation(len(combos))
@@ -301,6 +311,12 @@ def build_corpus(config: CorpusConfig = CorpusConfig()) -> list[ZooItem]:
                 add(caption_for(spec), "template", config.template_replication, spec, template_seed, group)
             else:
                 add(caption_for(spec), "heldout_template", 0, spec, [], group)
+
+    # ordinary scenes: the signature template, one image each, drawn last so that every caption above
+    # is the same whatever their number
+    for _ in range(config.n_generic_scenes):
+        spec = fresh_scene()
+        add(caption_for(spec), "generic_scene", 1, spec, seeds(1))
     return items
 
 
