@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffmem.detectors.base import DETECTORS, Detector, PromptDetector, make_detector, score_embeddings
+from diffmem.detectors.base import (DETECTORS, Detector, NoiseStepDetector, PromptDetector, make_detector,
+                                    score_embeddings)
 from diffmem.detectors.engine import NoiseStepEngine
 
 
@@ -63,7 +64,7 @@ class Combined(PromptDetector):
         return self.combine(score_embeddings(engine, self._members, embeddings))
 
     def unet_calls_per_prompt(self, engine: NoiseStepEngine) -> float:
-        step_indices = {i for d in self._members if hasattr(d, "timestep_indices") for i in d.timestep_indices()}
+        step_indices = {i for d in self._members if isinstance(d, NoiseStepDetector) for i in d.timestep_indices()}
         prompt_calls = sum(d.unet_calls_per_prompt(engine) for d in self._members if isinstance(d, PromptDetector))
         return float(len(step_indices) * engine.n_draws + prompt_calls)
 
