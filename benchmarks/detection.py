@@ -24,6 +24,21 @@ from diffmem.eval.detection import detection_metrics, plot_roc
 from diffmem.io import atomic_write_text
 from diffmem.models import load_model
 from diffmem.scan import ScanSettings, run_scan
+from diffmem.zoo.load import load_labels
+from diffmem.zoo.paths import zoo_dir
+
+
+def replication_rates(prompts, stability: Path) -> np.ndarray:
+    """Each prompt's replication rate over every labelled seed (shipped + retest), NaN where unknown."""
+    shipped_seeds = json.loads((zoo_dir() / "zoo.json").read_text())["labels"]["label_config"]["seeds_per_prompt"]
+    labels = {str(r["item_id"]): r for r in load_labels(zoo_dir())}
+    retest = {}
+    if stability.is_file():
+        record = json.loads(stability.read_text())
+        retest = {str(c["item_id"]): c["replication_rate"] for c in record["captions"]}
+    else:
+        return np.full(len(prompts.ids), np.nan)
+    return np.array([retest.get(i, labels[i]["memorized_seeds"] / shipped_seeds) for i in prompts.ids])
 
 
 def main() -> None:
@@ -33,13 +48,21 @@ def main() -> None:
     parser.add_argument("--max-per-kind", type=int, default=600, help="negatives kept per caption kind")
     parser.add_argument("--work", default="runs/bench-detection")
     parser.add_argument("--out", default="benchmarks/results/detection.json")
+    parser.add_argument("--image-samples", type=int, default=4, help="generations per prompt of nn-ratio (0: skip)")
+    parser.add_argument("--stability", default="benchmarks/results/label_stability.json",
+                        help="label_stability.py output: adds metrics on the confident subset (skipped if absent)")
     args = parser.parse_args()
     model = load_model()
     reference = set(zoo_reference_prompts())
     prompts = zoo_prompts(args.max_per_kind, exclude=reference)
     y = np.array(prompts.columns["memorized"], dtype=bool)
     kinds = np.array(prompts.columns["kind"])
+    families = np.array(prompts.columns["family"])
+    mixed = [f for f in sorted(set(families)) if y[families == f].any() and (~y[families == f]).any()]
+    rate = replication_rates(prompts, Path(args.stability))
+    confident = (rate >= 0.5) | (rate == 0)
     results, curves = {}, {}
+    image_detectors = [make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4)] if args.image_samples else []
     for draws in args.draws:
         detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
                      make_detector("anisotropy-calibrated", reference_prompts=sorted(reference))]
@@ -52,19 +75,33 @@ def main() -> None:
         table = pq.read_table(path)
         engine = NoiseStepEngine(model, draws)
         scores = {d.name: table.column(d.name).to_numpy() for d in detectors}
+        if draws == args.draws[0] and image_detectors:  # image-space detectors: own scan folder, same prompts
+            start = time.perf_counter()
+            image_path = run_scan(model, prompts, image_detectors, Path(args.work) / "image", ScanSettings(n_draws=1))
+            results["_scan_seconds_image"] = round(time.perf_counter() - start, 1)
+            image_table = pq.read_table(image_path)
+            scores.update({d.name: image_table.column(d.name).to_numpy() for d in image_detectors})
+            detectors += image_detectors
         if draws == args.draws[0]:  # the z-score combination, from the stored member columns
             combined = make_detector("combined", reference_prompts=sorted(reference))
             combined.prepare(engine)
             scores[combined.name] = combined.combine(scores).numpy()
             detectors.append(combined)
         for det in detectors:
-            key = f"{det.name} (draws={draws})" if det.name != "noise-norm-trajectory" else \
-                f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)"
+            key = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",
+                   "nn-ratio": f"nn-ratio (samples={args.image_samples}, 4/10 steps)"}.get(det.name,
+                                                                                       f"{det.name} (draws={draws})")
             s = scores[det.name]
             m = detection_metrics(y, s)
             m["unet_calls_per_prompt"] = det.unet_calls_per_prompt(engine)
             m["by_kind_of_positive"] = {k: detection_metrics(y[(~y) | (kinds == k)], s[(~y) | (kinds == k)])["auroc"]
                                         for k in sorted(set(kinds[y]))}
+            # within one caption family (zoo v1: memorized scenes vs the scenes that generalised), so a score
+            # that only tells the two families apart cannot look good here
+            m["within_family"] = {f: detection_metrics(y[families == f], s[families == f])["auroc"] for f in mixed}
+            if np.isfinite(rate).any():  # stable labels only: replicates in >= half of all seeds, or in none
+                c = confident & np.isfinite(rate)
+                m["confident"] = detection_metrics(rate[c] >= 0.5, s[c])
             results[key] = m
             curves[key] = (y, s)
         results[f"_scan_seconds_draws{draws}"] = round(seconds, 1)
@@ -73,13 +110,20 @@ def main() -> None:
               "by_kind": {k: {"positives": int((y & (kinds == k)).sum()), "negatives": int((~y & (kinds == k)).sum())}
                           for k in sorted(set(kinds))},
               "reference_prompts_excluded": len(reference), "max_negatives_per_kind": args.max_per_kind,
+              "confident_subset": {"source": args.stability, "positives": int((rate >= 0.5).sum()),
+                                   "negatives": int((rate == 0).sum())} if np.isfinite(rate).any() else None,
               "results": results}
     atomic_write_text(Path(args.out), json.dumps(record, indent=2))
     print(f"{'detector':<48} {'AUROC':>7} {'TPR@1% strict/closest':>22} {'calls':>7}")
     for k, m in results.items():
         if not k.startswith("_"):
             t = m["tpr@0.01fpr"]
-            print(f"{k:<48} {m['auroc']:7.4f} {t['strict']:10.3f}/{t['closest']:.3f} {m['unet_calls_per_prompt']:7.0f}")
+            within = " ".join(f"{f}={a:.3f}" for f, a in m["within_family"].items())
+            if "confident" in m:
+                c = m["confident"]
+                within += f"  confident: AUROC {c['auroc']:.3f} TPR@1% {c['tpr@0.01fpr']['strict']:.3f}"
+            print(f"{k:<48} {m['auroc']:7.4f} {t['strict']:10.3f}/{t['closest']:.3f} {m['unet_calls_per_prompt']:7.0f}"
+                  f"  within family: {within}")
 
 
 if __name__ == "__main__":

@@ -136,3 +136,22 @@ def test_extract_cli_on_an_image_folder_resumes_and_labels(tiny_sd_folder, tmp_p
     assert main([*args[:-1], str(tmp_path / "o2"), "--option", "generate-filter.generations=3"]) == 0
     assert main([*args[:-1], str(tmp_path / "o3"), "--option", "retrigger.lr=0.01"]) == 2  # not a chosen attack
     assert main([*args[:-1], str(tmp_path / "out"), "--seed", "3"]) == 2  # other settings: refused
+
+
+def test_matchers_rank_the_k_nearest_and_give_distances():
+    g = torch.Generator().manual_seed(1)
+    train = torch.rand(12, 3, 16, 16, generator=g)
+    query = (train[4:5] + 0.02 * torch.randn(1, 3, 16, 16, generator=g)).clamp(0, 1)
+    from diffmem.eval.deepssim import DeepSSIM, DeepSSIMConfig
+
+    for matcher in (make_matcher("ssim"), make_matcher("l2"),
+                    make_matcher("deepssim", embedder=DeepSSIM(DeepSSIMConfig(dim=8, width=4)))):
+        matcher.fit(train)
+        top = matcher.match_top(query, 3)
+        assert top.similarity.shape == (1, 3) and top.index.shape == (1, 3)
+        assert (top.similarity[0, :-1] >= top.similarity[0, 1:]).all()
+        assert top.index[0, 0].item() == matcher.match(query).index.item()
+        assert (matcher.distance(top.similarity) >= 0).all()
+        with pytest.raises(ValueError, match="k must be"):
+            matcher.match_top(query, 13)
+    assert make_matcher("ssim").fit(train).match_top(query, 1).index.item() == 4

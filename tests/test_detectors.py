@@ -123,7 +123,7 @@ def test_attention_entropy_matches_hand_computation(model):
                              for i in range(attn.heads)]).mean((0, 1))
         expected.append(-sum(float(p) * math.log(float(p)) for p in probs))
     det = make_detector("attention-entropy", layers=name.replace(".", r"\.") + "$")
-    got = det.score_prompts(model, model.encode_prompts([PROMPTS[1]]), engine)
+    got = score_chunk(engine, [det], [PROMPTS[1]])["attention-entropy"]
     assert float(got[0]) == pytest.approx(sum(expected) / 2, rel=1e-4)
     assert det.unet_calls_per_prompt(engine) == 2
 
@@ -150,12 +150,23 @@ def test_sharpness_matches_finite_differences(model):
     assert float(got[0]) == pytest.approx(float(jv.norm()), rel=1e-3)
 
 
+def test_noise_step_detectors_share_the_engine_pass(model):
+    """noise-norm, attention entropy and sharpness together: one unconditional pass per draw, one conditional
+    pass per prompt and draw (attention recorded in it, sharpness's JVP direction taken from it), then the JVP."""
+    engine = NoiseStepEngine(model, n_draws=2)
+    dets = [make_detector("noise-norm"), make_detector("attention-entropy"), make_detector("sharpness")]
+    together = score_chunk(engine, dets, PROMPTS)
+    assert engine.unet_calls == 2 + 3 * 2 + 2 * 3 * 2
+    for det in dets:  # the same scores as each detector alone
+        alone = score_chunk(NoiseStepEngine(model, n_draws=2), [det], PROMPTS)[det.name]
+        assert together[det.name] == pytest.approx(alone, rel=1e-5)
+
+
 def test_attention_layers_found_by_pattern_or_a_clear_error(model):
     from diffmem.errors import DiffmemError
 
     with pytest.raises(DiffmemError, match="no cross-attention layers matching 'nothing_here'"):
-        make_detector("attention-entropy", layers="nothing_here").score_prompts(
-            model, model.encode_prompts(PROMPTS[:1]), NoiseStepEngine(model, 1))
+        score_chunk(NoiseStepEngine(model, 1), [make_detector("attention-entropy", layers="nothing_here")], PROMPTS[:1])
 
 
 def test_combined_is_the_sum_of_member_z_scores_on_the_reference(model):
@@ -166,6 +177,40 @@ def test_combined_is_the_sum_of_member_z_scores_on_the_reference(model):
     expected = sum((v - v.mean()) / v.std(ddof=1) for v in members.values())
     got = score_chunk(engine, [det], PROMPTS)["combined"]
     assert got == pytest.approx(expected, abs=1e-6)
-    assert det.unet_calls_per_prompt(engine) == 2 + 2  # noise-norm's pass + attention entropy's pass
+    assert det.unet_calls_per_prompt(engine) == 2  # attention entropy is read during noise-norm's pass
     with pytest.raises(ValueError, match="at least 2 reference_prompts"):
         make_detector("combined").prepare(engine)
+
+
+def test_nn_ratio_matches_hand_computation(model):
+    """1 - mean over seeds of d(nearest)/d(second nearest) of the x0 estimate after ``stop_after`` steps."""
+    import numpy as np
+
+    from diffmem.attacks.base import TrainingIndex
+    from diffmem.eval.matching import make_matcher
+    from diffmem.eval.similarity import ssim_pairs
+
+    g = torch.Generator().manual_seed(3)
+    h = model.decode(model.initial_latents([0])).shape[-1]
+    train = torch.rand(6, 3, h, h, generator=g)
+    det = make_detector("nn-ratio", samples=2, steps=5, stop_after=2)
+    det._index = TrainingIndex(train, np.arange(6), make_matcher("ssim", candidates=6).fit(train), 0.5)
+    engine = NoiseStepEngine(model, n_draws=1, seed=4)
+    got = score_chunk(engine, [det], PROMPTS[:1])["nn-ratio"][0]
+    ratios = []
+    emb = model.encode_prompts(PROMPTS[:1])
+    for j in range(2):
+        sampler = model.make_sampler(5)
+        x = model.initial_latents([4 + j]) * sampler.init_noise_sigma
+        steps = list(model.denoise(emb, x, sampler, 7.5, max_steps=2))
+        image = model.decode(steps[-1].x0)
+        sims = sorted(ssim_pairs(image.repeat(6, 1, 1, 1), train).tolist(), reverse=True)
+        ratios.append((1 - sims[0]) / (1 - sims[1]))
+    assert got == pytest.approx(1 - sum(ratios) / 2, rel=1e-4)
+    assert det.unet_calls_per_prompt(engine) == 2 * 2 * 2
+
+
+def test_early_estimate_rejects_a_stop_step_outside_the_schedule(model):
+    emb = model.encode_prompts(PROMPTS[:1])
+    with pytest.raises(ValueError, match="stop_after"):
+        model.early_estimate(emb, [0], num_inference_steps=4, stop_after=5)

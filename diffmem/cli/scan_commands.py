@@ -56,7 +56,8 @@ def zoo_prompts(max_negatives_per_kind: int | None = None, exclude: set[str] | f
     return PromptSet(ids=[str(r["item_id"]) for r in rows], texts=[r["caption"] for r in rows],
                      source=f"zoo:{zoo_dir()}", columns={"kind": [r["kind"] for r in rows],
                                                          "replication": [r["replication"] for r in rows],
-                                                         "memorized": [r["memorized"] for r in rows]})
+                                                         "memorized": [r["memorized"] for r in rows],
+                                                         "family": [r["family"] for r in rows]})
 
 
 def zoo_reference_prompts(n: int = 200) -> list[str]:

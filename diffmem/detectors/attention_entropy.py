@@ -14,13 +14,14 @@ This is the paper's cheap mode (first step, one mid layer: ``layers`` is a modul
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
-from diffmem.detectors.base import DETECTORS, PromptDetector
-from diffmem.detectors.engine import NoiseStepEngine
-from diffmem.models.attention import cross_attention_probs, wrap_cross_attention
+from diffmem.detectors.base import DETECTORS, NoiseStepDetector
+from diffmem.detectors.engine import NoiseStepBatch
+from diffmem.errors import DiffmemError
 
 
 def token_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -30,28 +31,22 @@ def token_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 @DETECTORS.register("attention-entropy", "ren")
 @dataclass
-class AttentionEntropy(PromptDetector):
-    """Entropy of the query- and head-averaged cross-attention over tokens at x_T (conditional branch)."""
+class AttentionEntropy(NoiseStepDetector):
+    """Entropy of the query- and head-averaged cross-attention over tokens at x_T (conditional branch),
+    read by the engine during its own conditional pass (no extra UNet call)."""
 
     name = "attention-entropy"
     layers: str = r"mid_block\..*attn2$"
 
-    @torch.no_grad()
-    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
-        b, d = len(embeddings), engine.n_draws
-        entropies: dict[str, list[torch.Tensor]] = {}
+    def timestep_indices(self) -> tuple[int, ...]:
+        return (0,)
 
-        def record(name, attn, inner, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-            probs = cross_attention_probs(attn, hidden, context).float()  # (B*D, heads, Q, T)
-            entropies.setdefault(name, []).append(token_entropy(probs.mean((1, 2))))
-            return inner(attn, *args, **kwargs)
+    def attention_layers(self) -> str | None:
+        return self.layers
 
-        with wrap_cross_attention(model.unet, self.layers, record):
-            engine.cond(embeddings, 0)  # the engine's batched conditional pass at x_T
-        per_layer = torch.stack([torch.cat(chunks) for chunks in entropies.values()])  # (layers, B * D)
-        return per_layer.mean(0).view(b, d).mean(1)
-
-    def unet_calls_per_prompt(self, engine: NoiseStepEngine) -> float:
-        return float(engine.n_draws)
+    def score_batch(self, batch: NoiseStepBatch) -> torch.Tensor:
+        rx = re.compile(self.layers)
+        per_layer = [token_entropy(a) for name, a in batch.attention.get(0, {}).items() if rx.search(name)]  # (B, D)
+        if not per_layer:
+            raise DiffmemError(f"the engine recorded no cross-attention layers matching {self.layers!r}")
+        return torch.stack(per_layer).mean(0).mean(1)

@@ -15,8 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffmem.detectors.base import (DETECTORS, Detector, NoiseStepDetector, PromptDetector, make_detector,
-                                    score_embeddings)
+from diffmem.detectors.base import (
+    DETECTORS,
+    Detector,
+    NoiseStepDetector,
+    PromptDetector,
+    make_detector,
+    score_embeddings,
+)
 from diffmem.detectors.engine import NoiseStepEngine
 
 

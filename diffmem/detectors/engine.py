@@ -9,10 +9,12 @@ on the result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
+from diffmem.models.attention import cross_attention_probs, wrap_cross_attention
 from diffmem.models.model import DiffusionModel, check_finite
 
 
@@ -24,6 +26,9 @@ class NoiseStepBatch:
     eps_uncond: dict[int, torch.Tensor]  # index -> (D, C, H, W)
     eps_cond: dict[int, torch.Tensor]  # index -> (B, D, C, H, W)
     timesteps: dict[int, int]  # index -> timestep value
+    # index -> layer name -> head- and query-averaged cross-attention over tokens, (B, D, T); only for the
+    # layers some detector asked for (``attention_layers``), recorded during the conditional pass itself
+    attention: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def guidance(self, index: int) -> torch.Tensor:
         """eps_c - eps_u, ``(B, D, C, H, W)``."""
@@ -43,6 +48,7 @@ class NoiseStepEngine:
         self.latents = model.initial_latents([seed + j for j in range(n_draws)]) * self.sampler.init_noise_sigma
         self._uncond: dict[int, torch.Tensor] = {}
         self.unet_calls = 0  # batch elements pushed through the UNet, for cost accounting
+        self._last: tuple[torch.Tensor, NoiseStepBatch, dict[int, str]] | None = None
 
     def timestep(self, index: int) -> int:
         return int(self.sampler.timesteps[index])
@@ -56,25 +62,61 @@ class NoiseStepEngine:
         return self._uncond[index]
 
     @torch.no_grad()
-    def cond(self, embeddings: torch.Tensor, index: int) -> torch.Tensor:
-        """eps(x_T^j, t, c_b) for every prompt b and draw j: ``(B, D, C, H, W)``, in chunks of the UNet batch."""
+    def cond(self, embeddings: torch.Tensor, index: int, attention_layers: str | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """eps(x_T^j, t, c_b) for every prompt b and draw j: ``(B, D, C, H, W)``, in chunks of the UNet batch,
+        and the averaged cross-attention of the layers matching ``attention_layers`` (``{}`` when None)."""
         b, d = len(embeddings), self.n_draws
         t = self.timestep(index)
         per_call = max(1, self.max_unet_batch // d)
-        out = []
-        for start in range(0, b, per_call):
-            emb = embeddings[start : start + per_call]
-            lat = self.latents.repeat(len(emb), 1, 1, 1)
-            eps = self.model.predict_noise(lat, t, emb.repeat_interleave(d, 0))
-            out.append(eps.float().view(len(emb), d, *eps.shape[1:]))
-            self.unet_calls += len(emb) * d
-        return torch.cat(out)  # NaN rows are kept: the scan reports them per prompt instead of dying
+        recorded: dict[str, list[torch.Tensor]] = {}
 
-    def run(self, embeddings: torch.Tensor, indices: set[int]) -> NoiseStepBatch:
-        """All predictions the given schedule indices need, for one batch of prompt embeddings."""
-        return NoiseStepBatch(
-            latents=self.latents,
-            eps_uncond={i: self.uncond(i) for i in indices},
-            eps_cond={i: self.cond(embeddings, i) for i in indices},
-            timesteps={i: self.timestep(i) for i in indices},
-        )
+        def record(name, attn, inner, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+            probs = cross_attention_probs(attn, hidden, context).float()  # (N, heads, Q, T)
+            recorded.setdefault(name, []).append(probs.mean((1, 2)))
+            return inner(attn, *args, **kwargs)
+
+        out = []
+        with wrap_cross_attention(self.model.unet, attention_layers, record) if attention_layers else nullcontext():
+            for start in range(0, b, per_call):
+                emb = embeddings[start : start + per_call]
+                lat = self.latents.repeat(len(emb), 1, 1, 1)
+                eps = self.model.predict_noise(lat, t, emb.repeat_interleave(d, 0))
+                out.append(eps.float().view(len(emb), d, *eps.shape[1:]))
+                self.unet_calls += len(emb) * d
+        attention = {name: torch.cat(chunks).view(b, d, -1) for name, chunks in recorded.items()}
+        return torch.cat(out), attention  # NaN rows are kept: the scan reports them per prompt instead of dying
+
+    def run(self, embeddings: torch.Tensor, indices: set[int], attention_layers: str | None = None) -> NoiseStepBatch:
+        """All predictions the given schedule indices need, for one batch of prompt embeddings.
+
+        The conditional predictions of the last batch are kept: a detector that needs them again for the
+        same ``embeddings`` tensor (e.g. sharpness, for its JVP direction) gets them without a UNet call.
+        """
+        cached = self._last if self._last is not None and self._last[0] is embeddings else None
+        eps_uncond = {i: self.uncond(i) for i in sorted(indices)}
+        eps_cond, attention = {}, {}
+        for i in sorted(indices):
+            have = cached is not None and i in cached[1].eps_cond and (
+                attention_layers is None or cached[2].get(i) == attention_layers)
+            if have:
+                eps_cond[i] = cached[1].eps_cond[i]
+                if attention_layers is not None:
+                    attention[i] = cached[1].attention[i]
+            else:
+                eps_cond[i], att = self.cond(embeddings, i, attention_layers)
+                if attention_layers is not None:
+                    attention[i] = att
+        batch = NoiseStepBatch(latents=self.latents, eps_uncond=eps_uncond,
+                               eps_cond=eps_cond, timesteps={i: self.timestep(i) for i in indices}, attention=attention)
+        if cached is not None:  # keep what the earlier call computed for this batch too
+            merged = NoiseStepBatch(self.latents, {**cached[1].eps_uncond, **batch.eps_uncond},
+                                    {**cached[1].eps_cond, **eps_cond}, {**cached[1].timesteps, **batch.timesteps},
+                                    {**cached[1].attention, **attention})
+            layers = {**cached[2], **({i: attention_layers for i in attention} if attention_layers else {})}
+        else:
+            merged, layers = batch, {i: attention_layers for i in attention} if attention_layers else {}
+        self._last = (embeddings, merged, layers)
+        return batch

@@ -23,9 +23,10 @@ from diffmem.detectors.base import DETECTORS, PromptDetector
 from diffmem.detectors.engine import NoiseStepEngine
 
 
-def score_difference_jvp(model, latents: torch.Tensor, t: int, embeddings: torch.Tensor, alpha_bar: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s_c - s_u, (H_c - H_u)(s_c - s_u)) at ``latents`` for per-row ``embeddings``, both ``(N, C, H, W)``."""
+def score_difference_jvp(model, latents: torch.Tensor, t: int, embeddings: torch.Tensor, alpha_bar: float,
+                         guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_c - s_u, (H_c - H_u)(s_c - s_u)) at ``latents`` for per-row ``embeddings``, both ``(N, C, H, W)``;
+    ``guidance`` = eps_c - eps_u at ``latents`` when already computed (saves the value pass)."""
     scale = -1.0 / (1.0 - alpha_bar) ** 0.5
 
     def score_difference(x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,7 @@ def score_difference_jvp(model, latents: torch.Tensor, t: int, embeddings: torch
         return (eps_c.float() - eps_u.float()) * scale
 
     with torch.no_grad():
-        direction = score_difference(latents)
+        direction = score_difference(latents) if guidance is None else guidance.float() * scale
     with sdpa_kernel(SDPBackend.MATH):
         _, jvp = torch.func.jvp(score_difference, (latents,), (direction,))
     return direction, jvp
@@ -51,16 +52,19 @@ class Sharpness(PromptDetector):
         b, d = len(embeddings), engine.n_draws
         t = engine.timestep(0)
         alpha_bar = float(engine.sampler.alphas_cumprod[t])
+        guidance = engine.run(embeddings, {0}).guidance(0)  # the engine's x_T pass (shared with noise-norm)
         per_call = max(1, engine.max_unet_batch // (4 * d))
         out = []
         for start in range(0, b, per_call):
             emb = embeddings[start : start + per_call]
             x = engine.latents.repeat(len(emb), 1, 1, 1)
-            _, jvp = score_difference_jvp(model, x, t, emb.repeat_interleave(d, 0), alpha_bar)
+            direction = guidance[start : start + per_call].flatten(0, 1)
+            _, jvp = score_difference_jvp(model, x, t, emb.repeat_interleave(d, 0), alpha_bar, direction)
             out.append(jvp.flatten(1).norm(dim=1).view(len(emb), d).mean(1))
-            engine.unet_calls += 4 * len(emb) * d
+            engine.unet_calls += 2 * len(emb) * d
         return torch.cat(out)
 
     def unet_calls_per_prompt(self, engine: NoiseStepEngine) -> float:
-        """The value pass (both branches) plus the JVP (a dual forward through both branches): 4 per draw."""
-        return float(4 * engine.n_draws)
+        """The engine's conditional pass at x_T (1 per draw, shared with noise-norm; the unconditional one is
+        shared by all prompts) plus the JVP, a dual forward through both branches (2 per draw)."""
+        return float(3 * engine.n_draws)

@@ -29,7 +29,7 @@ MATCHERS: Registry[Matcher] = Registry("matcher")
 
 @dataclass
 class MatchResult:
-    """Best training match per query: similarity ``(N,)`` and training-image index ``(N,)``."""
+    """Best training match per query: similarity and training-image index, ``(N,)`` (``(N, k)`` from match_top)."""
 
     similarity: torch.Tensor
     index: torch.Tensor
@@ -54,11 +54,22 @@ class Matcher(ABC):
 
     def match(self, queries: torch.Tensor) -> MatchResult:
         """Nearest training image of every query (resized to the index's size first)."""
-        return self._match(self.resize(queries))
+        top = self.match_top(queries, 1)
+        return MatchResult(top.similarity[:, 0], top.index[:, 0])
+
+    def match_top(self, queries: torch.Tensor, k: int = 2) -> MatchResult:
+        """The ``k`` most similar training images of every query, best first: ``(N, k)`` similarity and index."""
+        if not 1 <= k <= len(self.train):
+            raise ValueError(f"k must be in [1, {len(self.train)} training images], got {k}")
+        return self._match_top(self.resize(queries), k)
+
+    def distance(self, similarity: torch.Tensor) -> torch.Tensor:
+        """A non-negative distance from this matcher's similarity (0 = identical), for ratios of distances."""
+        return (1.0 - similarity).clamp_min(0.0)
 
     @abstractmethod
-    def _match(self, queries: torch.Tensor) -> MatchResult:
-        """Nearest training image of queries already at the index's size."""
+    def _match_top(self, queries: torch.Tensor, k: int) -> MatchResult:
+        """The k nearest training images of queries already at the index's size."""
 
     @abstractmethod
     def pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -72,15 +83,11 @@ class SSIMMatcher(Matcher):
     def __init__(self, candidates: int = 8):
         self.candidates = candidates
 
-    def _match(self, queries: torch.Tensor) -> MatchResult:
-        _, ids = l2_nearest(queries, self.train, k=self.candidates)
-        best = torch.full((len(queries),), -2.0)
-        best_idx = ids[:, 0].clone()
-        for c in range(ids.shape[1]):
-            s = ssim_pairs(queries, self.train[ids[:, c]])
-            better = s > best
-            best[better], best_idx[better] = s[better], ids[better, c]
-        return MatchResult(best, best_idx)
+    def _match_top(self, queries: torch.Tensor, k: int) -> MatchResult:
+        _, ids = l2_nearest(queries, self.train, k=max(k, self.candidates))
+        sims = torch.stack([ssim_pairs(queries, self.train[ids[:, c]]) for c in range(ids.shape[1])], 1)
+        best, order = sims.topk(k, dim=1)
+        return MatchResult(best, ids.gather(1, order))
 
     def pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return ssim_pairs(a, b)
@@ -91,9 +98,12 @@ class L2Matcher(Matcher):
     name = "l2"
     default_threshold = -0.05
 
-    def _match(self, queries: torch.Tensor) -> MatchResult:
-        d, ids = l2_nearest(queries, self.train, k=1)
-        return MatchResult(-d[:, 0], ids[:, 0])
+    def _match_top(self, queries: torch.Tensor, k: int) -> MatchResult:
+        d, ids = l2_nearest(queries, self.train, k=k)
+        return MatchResult(-d, ids)
+
+    def distance(self, similarity: torch.Tensor) -> torch.Tensor:
+        return -similarity
 
     def pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return -((a - b).flatten(1).pow(2).mean(1)).sqrt()
@@ -120,18 +130,18 @@ class DeepSSIMMatcher(Matcher):
         self.index = self._embedder().embed(self.train)
         return self
 
-    def _match(self, queries: torch.Tensor) -> MatchResult:
+    def _match_top(self, queries: torch.Tensor, k: int) -> MatchResult:
         q = self._embedder().embed(queries)
         if self.use_faiss:
             import faiss
 
             idx = faiss.IndexFlatIP(self.index.shape[1])
             idx.add(self.index.numpy())
-            sims, ids = idx.search(q.numpy(), 1)
-            return MatchResult(torch.from_numpy(sims[:, 0]), torch.from_numpy(ids[:, 0]))
+            sims, ids = idx.search(q.numpy(), k)
+            return MatchResult(torch.from_numpy(sims), torch.from_numpy(ids))
         sims, ids = [], []
         for s in range(0, len(q), self.chunk):
-            v, i = (q[s : s + self.chunk] @ self.index.T).max(dim=1)
+            v, i = (q[s : s + self.chunk] @ self.index.T).topk(k, dim=1)
             sims.append(v)
             ids.append(i)
         return MatchResult(torch.cat(sims), torch.cat(ids))

@@ -36,6 +36,7 @@ class GuidedStep:
     eps_uncond: torch.Tensor
     eps_cond: torch.Tensor
     next_latents: torch.Tensor
+    x0: torch.Tensor  # the sampler's clean-latent estimate at this step
 
 
 @dataclass
@@ -228,9 +229,30 @@ class DiffusionModel:
             else:
                 eps_u, eps_c = self.guided_pair(x, t, embeddings, sampler)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
-            x_next = sampler.step(eps.float(), t, x).prev_sample
-            yield GuidedStep(index=i, timestep=int(t), latents=x, eps_uncond=eps_u, eps_cond=eps_c, next_latents=x_next)
+            out = sampler.step(eps.float(), t, x)
+            x_next = out.prev_sample
+            yield GuidedStep(index=i, timestep=int(t), latents=x, eps_uncond=eps_u, eps_cond=eps_c, next_latents=x_next,
+                             x0=out.pred_original_sample)
             x = x_next
+
+    @torch.no_grad()
+    def early_estimate(self, embeddings: torch.Tensor, seeds: Sequence[int], *, num_inference_steps: int = 10,
+                       stop_after: int = 4, guidance_scale: float = 7.5, batch_size: int = 64) -> torch.Tensor:
+        """Decoded clean-image estimate x0_hat after the first ``stop_after`` of ``num_inference_steps`` CFG DDIM
+        steps, one per (embedding, seed): a memorized image is already visible there at a fraction of the cost."""
+        if not 1 <= stop_after <= num_inference_steps:
+            raise ValueError(f"stop_after must be in [1, num_inference_steps={num_inference_steps}], got {stop_after}")
+        if len(seeds) != len(embeddings):
+            raise ValueError(f"got {len(embeddings)} embeddings but {len(seeds)} seeds; expected one seed each")
+        images = []
+        for start in range(0, len(embeddings), batch_size):
+            sampler = self.make_sampler(num_inference_steps)
+            x = self.initial_latents(seeds[start : start + batch_size]) * sampler.init_noise_sigma
+            for step in self.denoise(embeddings[start : start + batch_size], x, sampler, guidance_scale,
+                                     max_steps=stop_after):
+                x0 = step.x0
+            images.append(self.decode(check_finite(x0, f"clean-latent estimate of model {self.source}")).cpu())
+        return torch.cat(images)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None, *,

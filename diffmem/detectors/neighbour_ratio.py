@@ -1,0 +1,70 @@
+"""Nearest-neighbour distance ratio of early clean-image estimates to the training set.
+
+Carlini et al. ("Extracting Training Data from Diffusion Models", USENIX Security 2023, Sec. 4.2)
+call a generation extracted when it is much closer to its nearest training image than to the
+others: a relative, not an absolute, distance. We score a prompt by that ratio on cheap generations:
+
+    r_j = d(x0_hat_j, n_1) / d(x0_hat_j, n_2),     score = 1 - mean_j r_j
+
+where x0_hat_j is the sampler's clean-image estimate after the first ``stop_after`` of ``steps``
+CFG DDIM steps from seed j (a memorized image is already there; Wen et al. 2024 observe that
+memorized prompts settle in the first steps), n_1 and n_2 are its two most similar training images
+under the chosen matcher (SSIM by default, the zoo's ground-truth similarity) and d = 1 - similarity.
+A replica sits on one training image (r near 0); a novel image sits between many (r near 1).
+
+The ratio needs no threshold per caption family: an absolute similarity does (a plain single object
+is close to many training images; a textured scene is close to none), which is why the zoo's
+absolute-similarity and guidance-magnitude scores rank ordinary objects above memorized scenes.
+It needs the training images: a model owner's audit, not a third party's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffmem.detectors.base import DETECTORS, PromptDetector
+from diffmem.detectors.engine import NoiseStepEngine
+
+
+@DETECTORS.register("nn-ratio", "carlini-ratio")
+@dataclass
+class NeighbourRatio(PromptDetector):
+    """1 - mean over seeds of d(nearest) / d(second nearest) training image of early x0 estimates."""
+
+    name = "nn-ratio"
+    samples: int = 4
+    steps: int = 10
+    stop_after: int = 4
+    guidance_scale: float = 7.5
+    matcher: str = "ssim"
+    index: str | None = None  # folder of training images (default: the zoo's training set)
+    seed_offset: int = 0
+    _index: object | None = field(default=None, repr=False, compare=False)
+
+    def training_index(self):
+        """The matcher fitted on the training images, built once."""
+        if self._index is None:
+            from diffmem.extract import folder_training_index, zoo_training_index
+
+            self._index = (folder_training_index(Path(self.index), self.matcher) if self.index
+                           else zoo_training_index(self.matcher))
+        return self._index
+
+    @torch.no_grad()
+    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+        b, k = len(embeddings), self.samples
+        seeds = [self.seed_offset + engine.seed + j for _ in range(b) for j in range(k)]
+        images = model.early_estimate(embeddings.repeat_interleave(k, 0), seeds, num_inference_steps=self.steps,
+                                      stop_after=self.stop_after, guidance_scale=self.guidance_scale)
+        engine.unet_calls += 2 * self.stop_after * b * k
+        matcher = self.training_index().matcher
+        top = matcher.match_top(images, 2)
+        d = matcher.distance(top.similarity)
+        ratio = d[:, 0] / d[:, 1].clamp_min(1e-8)
+        return 1.0 - ratio.view(b, k).mean(1)
+
+    def unet_calls_per_prompt(self, engine: NoiseStepEngine) -> float:
+        return float(2 * self.stop_after * self.samples)
