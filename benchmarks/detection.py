@@ -62,7 +62,8 @@ def main() -> None:
     rate = replication_rates(prompts, Path(args.stability))
     confident = (rate >= 0.5) | (rate == 0)
     results, curves = {}, {}
-    image_detectors = [make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4)] if args.image_samples else []
+    image_detectors = ([make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4)]
+                       if args.image_samples else [])
     for draws in args.draws:
         detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
                      make_detector("anisotropy-calibrated", reference_prompts=sorted(reference))]
