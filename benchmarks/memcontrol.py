@@ -4,7 +4,9 @@ The zoo is the pretrained base. The fine-tuning set (built deterministically her
 extension for this method): fresh renders of trained generic captions, once each, plus ``n_dup``
 look-alike scene captions the base never saw (``heldout_signature``), each duplicated ``copies``
 times. Memorization = share of generations of the duplicated captions that match their fine-tuning
-image (SSIM above the zoo's scene threshold); quality = prompt fidelity on generic captions.
+image (SSIM above the zoo's scene threshold, against the image taken through the zoo's VAE, as the
+zoo's labels do: the VAE alone costs a raw render 0.4-0.6 SSIM, below any threshold); quality =
+prompt fidelity on generic captions.
 
     .venv/bin/python benchmarks/memcontrol.py --out benchmarks/results/memcontrol.json
 """
@@ -25,7 +27,7 @@ from diffmem.io import atomic_write_text
 from diffmem.mitigators.memcontrol import FinetuneData, MemControlSearch, finetune, transformer_blocks
 from diffmem.models import load_model
 from diffmem.zoo.corpus import render
-from diffmem.zoo.load import load_corpus, load_labels
+from diffmem.zoo.load import load_corpus, load_labels, vae_roundtrip
 from diffmem.zoo.paths import zoo_dir
 
 
@@ -43,7 +45,7 @@ def build_set(model, n_generic: int, n_dup: int, copies: int, seed: int = 0):
     lat = torch.cat([model.encode_images(x[i : i + 256]) for i in range(0, len(x), 256)])
     emb = model.encode_prompts(captions)
     dup_x = torch.from_numpy(np.stack(dup_images)).permute(0, 3, 1, 2).float() / 255
-    return FinetuneData(lat, emb), [it.caption for it in dup], dup_x
+    return FinetuneData(lat, emb), [it.caption for it in dup], vae_roundtrip(model, dup_x)
 
 
 def main() -> None:
