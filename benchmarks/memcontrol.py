@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--copies", type=int, default=32)
+    parser.add_argument("--full-lr", type=float, default=4e-4, help="learning rate of the full fine-tuning baseline")
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the plain LoRA baseline")
     args = parser.parse_args()
     torch.manual_seed(0)
     base = load_model()
@@ -72,7 +74,7 @@ def main() -> None:
     blocks = transformer_blocks(base.unet)
     total = sum(p.numel() for p in base.unet.parameters())
     results: dict = {"base": dict(zip(("memorization", "fidelity"), evaluate(base)))}
-    for name, family, lr in [("full-finetune", "full", 1e-4), ("lora-all-blocks", "attention", 1e-3)]:
+    for name, family, lr in [("full-finetune", "full", args.full_lr), ("lora-all-blocks", "attention", args.lora_lr)]:
         start = time.perf_counter()
         model, n = finetune(base, data, family, blocks, lr, args.steps, 32, 4, 0)
         mem, fid_ = evaluate(model)

@@ -77,3 +77,22 @@ def test_demo_command_writes_grid_and_provenance(tmp_path, capsys):
     assert "memorized" in capsys.readouterr().out
     page = (tmp_path / "report.html").read_text()
     assert "Scan: " in page and page.count("<div class=\"card\">") == 6  # gallery of top prompts
+
+
+def test_nn_ratio_separates_memorized_scenes_from_ordinary_captions(zoo):
+    """The best detector of the detection benchmark, on a small slice of the zoo: captions that replicate in
+    every labelling seed vs trained ordinary captions of both families that never do."""
+    from sklearn.metrics import roc_auc_score
+
+    from diffmem.detectors import NoiseStepEngine, make_detector
+    from diffmem.scan import score_chunk
+
+    labels = zoo["labels"]
+    positives = [r for r in labels if r["memorized_seeds"] == 4 and r["kind"] in ("signature", "template")][::6][:10]
+    negatives = ([r for r in labels if r["kind"] == "generic"][::97][:6]
+                 + [r for r in labels if r["family"] == "scene" and r["memorized_seeds"] == 0][:4])
+    rows = positives + negatives
+    scores = score_chunk(NoiseStepEngine(zoo["model"], 1), [make_detector("nn-ratio", samples=2)],
+                         [r["caption"] for r in rows])["nn-ratio"]
+    y = [1] * len(positives) + [0] * len(negatives)
+    assert roc_auc_score(y, scores) >= 0.85, list(zip(y, scores.round(3)))
