@@ -214,3 +214,18 @@ def test_early_estimate_rejects_a_stop_step_outside_the_schedule(model):
     emb = model.encode_prompts(PROMPTS[:1])
     with pytest.raises(ValueError, match="stop_after"):
         model.early_estimate(emb, [0], num_inference_steps=4, stop_after=5)
+
+
+def test_nn_ratio_reads_a_training_image_folder(model, tmp_path):
+    """A copy of a generation in the folder makes its prompt's ratio small (score near 1)."""
+    from PIL import Image
+
+    det = make_detector("nn-ratio", samples=1, steps=3, stop_after=3, index=str(tmp_path), index_size=16)
+    emb = model.encode_prompts(PROMPTS[:1])
+    image = model.early_estimate(emb, [0], num_inference_steps=3, stop_after=3)[0]
+    g = torch.Generator().manual_seed(0)
+    for i, img in enumerate([image] + [torch.rand(3, 16, 16, generator=g) for _ in range(5)]):
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(arr).resize((16, 16)).save(tmp_path / f"{i}.png")
+    score = score_chunk(NoiseStepEngine(model, n_draws=1, seed=0), [det], PROMPTS[:1])["nn-ratio"][0]
+    assert score > 0.5

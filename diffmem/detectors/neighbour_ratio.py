@@ -41,6 +41,7 @@ class NeighbourRatio(PromptDetector):
     guidance_scale: float = 7.5
     matcher: str = "ssim"
     index: str | None = None  # folder of training images (default: the zoo's training set)
+    index_size: int = 64  # a folder's images are resized to this side; generations are resized to match
     seed_offset: int = 0
     _index: object | None = field(default=None, repr=False, compare=False)
 
@@ -49,7 +50,7 @@ class NeighbourRatio(PromptDetector):
         if self._index is None:
             from diffmem.extract import folder_training_index, zoo_training_index
 
-            self._index = (folder_training_index(Path(self.index), self.matcher) if self.index
+            self._index = (folder_training_index(Path(self.index), self.matcher, size=self.index_size) if self.index
                            else zoo_training_index(self.matcher))
         return self._index
 
