@@ -87,6 +87,14 @@ def test_nemo_localises_value_neurons(model):
         assert (layer.weight[rows] == 0).all()
 
 
+def test_nemo_signal_is_any_detector_or_a_clear_error(model):
+    mit = make_mitigator("nemo", draws=1, theta_step=2.0, signal="attention-entropy")
+    mit.fit(model, MEM, ORD)
+    assert mit.describe_fit()["signal"] == "attention-entropy"
+    with pytest.raises(KeyError, match="noise-norm"):  # the registry's error lists what is available
+        make_mitigator("nemo", signal="no-such-detector")
+
+
 def test_adversarial_finetune_changes_weights_full_and_lora(model):
     surrogates = torch.rand(2, 3, 16, 16)
     for options in ({}, {"lora_rank": 2}):
