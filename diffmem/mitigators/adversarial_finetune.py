@@ -102,7 +102,7 @@ class AdversarialFinetune(WeightMitigator):
                     total.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
-            self._history.append({"forget_loss": float(loss), "retain_loss": float(retain_loss)})
+            self._history.append({"forget_loss": loss.item(), "retain_loss": retain_loss.item()})
         m.unet.eval()
         if self.lora_rank is not None:
             m.unet.fuse_lora()
