@@ -48,7 +48,9 @@ class NoiseStepEngine:
         self.latents = model.initial_latents([seed + j for j in range(n_draws)]) * self.sampler.init_noise_sigma
         self._uncond: dict[int, torch.Tensor] = {}
         self.unet_calls = 0  # batch elements pushed through the UNet, for cost accounting
-        self._last: tuple[torch.Tensor, NoiseStepBatch, dict[int, str]] | None = None
+        # conditional predictions of the last batch: index -> (eps, attention, the attention pattern recorded)
+        self._cached_for: torch.Tensor | None = None
+        self._cached: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor], str | None]] = {}
 
     def timestep(self, index: int) -> int:
         return int(self.sampler.timesteps[index])
@@ -93,30 +95,18 @@ class NoiseStepEngine:
         """All predictions the given schedule indices need, for one batch of prompt embeddings.
 
         The conditional predictions of the last batch are kept: a detector that needs them again for the
-        same ``embeddings`` tensor (e.g. sharpness, for its JVP direction) gets them without a UNet call.
+        same ``embeddings`` tensor object, unmodified (e.g. sharpness, for its JVP direction), gets them without a
+        UNet call.
         """
-        cached = self._last if self._last is not None and self._last[0] is embeddings else None
+        if self._cached_for is not embeddings:
+            self._cached_for, self._cached = embeddings, {}
         eps_uncond = {i: self.uncond(i) for i in sorted(indices)}
-        eps_cond, attention = {}, {}
         for i in sorted(indices):
-            have = cached is not None and i in cached[1].eps_cond and (
-                attention_layers is None or cached[2].get(i) == attention_layers)
-            if have:
-                eps_cond[i] = cached[1].eps_cond[i]
-                if attention_layers is not None:
-                    attention[i] = cached[1].attention[i]
-            else:
-                eps_cond[i], att = self.cond(embeddings, i, attention_layers)
-                if attention_layers is not None:
-                    attention[i] = att
-        batch = NoiseStepBatch(latents=self.latents, eps_uncond=eps_uncond,
-                               eps_cond=eps_cond, timesteps={i: self.timestep(i) for i in indices}, attention=attention)
-        if cached is not None:  # keep what the earlier call computed for this batch too
-            merged = NoiseStepBatch(self.latents, {**cached[1].eps_uncond, **batch.eps_uncond},
-                                    {**cached[1].eps_cond, **eps_cond}, {**cached[1].timesteps, **batch.timesteps},
-                                    {**cached[1].attention, **attention})
-            layers = {**cached[2], **({i: attention_layers for i in attention} if attention_layers else {})}
-        else:
-            merged, layers = batch, {i: attention_layers for i in attention} if attention_layers else {}
-        self._last = (embeddings, merged, layers)
-        return batch
+            hit = self._cached.get(i)
+            if hit is None or (attention_layers is not None and hit[2] != attention_layers):
+                eps, attention = self.cond(embeddings, i, attention_layers)
+                self._cached[i] = (eps, attention, attention_layers)
+        return NoiseStepBatch(latents=self.latents, eps_uncond=eps_uncond,
+                              eps_cond={i: self._cached[i][0] for i in indices},
+                              timesteps={i: self.timestep(i) for i in indices},
+                              attention={i: self._cached[i][1] for i in indices} if attention_layers else {})
