@@ -22,11 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from diffmem.detectors.base import DETECTORS, PromptDetector
 from diffmem.detectors.engine import NoiseStepEngine
+
+if TYPE_CHECKING:
+    from diffmem.attacks.base import TrainingIndex
 
 
 @DETECTORS.register("nn-ratio", "carlini-ratio")
@@ -43,9 +47,9 @@ class NeighbourRatio(PromptDetector):
     index: str | None = None  # folder of training images (default: the zoo's training set)
     index_size: int = 64  # a folder's images are resized to this side; generations are resized to match
     seed_offset: int = 0
-    _index: object | None = field(default=None, repr=False, compare=False)
+    _index: TrainingIndex | None = field(default=None, repr=False, compare=False)
 
-    def training_index(self):
+    def training_index(self) -> TrainingIndex:
         """The matcher fitted on the training images, built once."""
         if self._index is None:
             from diffmem.extract import folder_training_index, zoo_training_index

@@ -24,20 +24,18 @@ from diffmem.detectors.engine import NoiseStepEngine
 
 
 def score_difference_jvp(model, latents: torch.Tensor, t: int, embeddings: torch.Tensor, alpha_bar: float,
-                         guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s_c - s_u, (H_c - H_u)(s_c - s_u)) at ``latents`` for per-row ``embeddings``, both ``(N, C, H, W)``;
-    ``guidance`` = eps_c - eps_u at ``latents`` when already computed (saves the value pass)."""
+                         guidance: torch.Tensor) -> torch.Tensor:
+    """(H_c - H_u)(s_c - s_u) at ``latents`` for per-row ``embeddings``, ``(N, C, H, W)``; ``guidance`` is
+    eps_c - eps_u at ``latents``, already computed by the engine's x_T pass."""
     scale = -1.0 / (1.0 - alpha_bar) ** 0.5
 
     def score_difference(x: torch.Tensor) -> torch.Tensor:
         eps_u, eps_c = model.guided_pair(x, t, embeddings)
         return (eps_c.float() - eps_u.float()) * scale
 
-    with torch.no_grad():
-        direction = score_difference(latents) if guidance is None else guidance.float() * scale
     with sdpa_kernel(SDPBackend.MATH):
-        _, jvp = torch.func.jvp(score_difference, (latents,), (direction,))
-    return direction, jvp
+        _, jvp = torch.func.jvp(score_difference, (latents,), (guidance.float() * scale,))
+    return jvp
 
 
 @DETECTORS.register("sharpness", "jeon")
@@ -59,7 +57,7 @@ class Sharpness(PromptDetector):
             emb = embeddings[start : start + per_call]
             x = engine.latents.repeat(len(emb), 1, 1, 1)
             direction = guidance[start : start + per_call].flatten(0, 1)
-            _, jvp = score_difference_jvp(model, x, t, emb.repeat_interleave(d, 0), alpha_bar, direction)
+            jvp = score_difference_jvp(model, x, t, emb.repeat_interleave(d, 0), alpha_bar, direction)
             out.append(jvp.flatten(1).norm(dim=1).view(len(emb), d).mean(1))
             engine.unet_calls += 2 * len(emb) * d
         return torch.cat(out)
