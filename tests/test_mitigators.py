@@ -106,6 +106,15 @@ def test_adversarial_finetune_changes_weights_full_and_lora(model):
         assert set(mit.patched().unet.state_dict()) == set(model.unet.state_dict())  # same tensors: loadable
 
 
+def test_adversarial_finetune_lora_targets_touch_only_the_cross_attention_key_value_maps(model):
+    mit = make_mitigator("adversarial-finetune", rounds=1, outer_steps=2, inner_steps=2, batch=2, lora_rank=2,
+                         lora_targets=r".*attn2\.(to_k|to_v)")
+    mit.fit(model, MEM, ORD, surrogates=torch.rand(2, 3, 16, 16))
+    patched = mit.patched().unet.state_dict()
+    changed = {k for k, v in model.unet.state_dict().items() if not torch.equal(v, patched[k])}
+    assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed), sorted(changed)
+
+
 def test_bad_input(model):
     with pytest.raises(DiffmemError, match="fraction must be in \\(0, 1\\)"):
         make_mitigator("subspace-pruning", fraction=1.5)

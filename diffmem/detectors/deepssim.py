@@ -51,7 +51,7 @@ class _DeepSSIMBase(PromptDetector):
 
     def generate_embeddings(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
         b, k = len(embeddings), self.samples
-        seeds = [self.seed_offset + engine.seed + j for _ in range(b) for j in range(k)]
+        seeds = engine.generation_seeds(b, k, self.seed_offset)
         images = model.sample(embeddings=embeddings.repeat_interleave(k, 0), seeds=seeds,
                               num_inference_steps=self.steps, guidance_scale=self.guidance_scale).images
         engine.unet_calls += 2 * self.steps * b * k

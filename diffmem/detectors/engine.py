@@ -52,6 +52,11 @@ class NoiseStepEngine:
         self._cached_for: torch.Tensor | None = None
         self._cached: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor], str | None]] = {}
 
+    def generation_seeds(self, n_prompts: int, per_prompt: int, offset: int = 0) -> list[int]:
+        """Seeds of ``per_prompt`` generations for each of ``n_prompts`` prompts, prompt-major: the same
+        seeds for every prompt (a fair comparison across prompts), moved by the scan's seed and ``offset``."""
+        return [offset + self.seed + j for _ in range(n_prompts) for j in range(per_prompt)]
+
     def timestep(self, index: int) -> int:
         return int(self.sampler.timesteps[index])
 

@@ -61,7 +61,7 @@ class NeighbourRatio(PromptDetector):
     @torch.no_grad()
     def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
         b, k = len(embeddings), self.samples
-        seeds = [self.seed_offset + engine.seed + j for _ in range(b) for j in range(k)]
+        seeds = engine.generation_seeds(b, k, self.seed_offset)
         images = model.early_estimate(embeddings.repeat_interleave(k, 0), seeds, num_inference_steps=self.steps,
                                       stop_after=self.stop_after, guidance_scale=self.guidance_scale)
         engine.unet_calls += 2 * self.stop_after * b * k

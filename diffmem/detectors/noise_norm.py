@@ -55,7 +55,7 @@ class NoiseNormTrajectory(PromptDetector):
     def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
         b, g = len(embeddings), self.generations
         emb = embeddings.repeat_interleave(g, 0)
-        seeds = [self.seed_offset + engine.seed + j for _ in range(b) for j in range(g)]
+        seeds = engine.generation_seeds(b, g, self.seed_offset)
         sampler = model.make_sampler(engine.schedule_steps)
         x = model.initial_latents(seeds) * sampler.init_noise_sigma
         norms = [guidance_norm(step.eps_cond.float(), step.eps_uncond.float())

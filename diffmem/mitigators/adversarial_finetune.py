@@ -19,7 +19,9 @@ trains the UNet against that move. Each round:
 Targets (the memorized images) default to the model's own generation for the prompt; surrogates must
 be given (the zoo supplies independent renders of the caption). ``lora_rank`` trains LoRA adapters
 (peft) on the attention projections instead of the full UNet, merged into the weights at the end
-(Dori reports LoRA is not enough; the benchmark measures it here).
+(Dori reports LoRA is not enough; the benchmark measures it here). ``lora_targets`` narrows them (peft's
+``target_modules``: module-name suffixes, or one regex matched against full names, e.g.
+``.*attn2\.(to_k|to_v)`` for the cross-attention key/value maps that alone read the text).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def denoising_loss(model: DiffusionModel, latents: torch.Tensor, emb: torch.Tens
     return (pred.float() - noise.to(model.device)).pow(2).mean()
 
 
+LORA_ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+"""Default LoRA targets: every attention projection (self- and cross-attention)."""
+
+
 @MITIGATORS.register("adversarial-finetune", "dori-finetune")
 @dataclass
 class AdversarialFinetune(WeightMitigator):
@@ -63,6 +69,7 @@ class AdversarialFinetune(WeightMitigator):
     retain_weight: float = 1.0
     retain_prompts: int = 64
     lora_rank: int | None = None
+    lora_targets: list[str] | str | None = None
     seed: int = 0
 
     def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str],
@@ -117,7 +124,7 @@ class AdversarialFinetune(WeightMitigator):
 
         m.unet.requires_grad_(False)
         m.unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_rank, init_lora_weights="gaussian",
-                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                      target_modules=self.lora_targets or list(LORA_ATTENTION_PROJECTIONS)))
         return [p for p in m.unet.parameters() if p.requires_grad]
 
     def _retain_loss(self, m: DiffusionModel, original: DiffusionModel, e_ret: torch.Tensor, z_ret: torch.Tensor,
