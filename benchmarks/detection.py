@@ -27,6 +27,9 @@ from diffmem.scan import ScanSettings, run_scan
 from diffmem.zoo.load import load_labels
 from diffmem.zoo.paths import zoo_dir
 
+COMBINATIONS = [["noise-norm", "sharpness", "attention-entropy"],  # noise-step signals only
+                ["nn-margin", "sharpness", "attention-entropy"]]  # the image margin with the two best of them
+
 
 def replication_rates(prompts, stability: Path) -> np.ndarray:
     """Each prompt's replication rate over every labelled seed (shipped + retest), NaN where unknown."""
@@ -61,8 +64,9 @@ def main() -> None:
     mixed = [f for f in sorted(set(families)) if y[families == f].any() and (~y[families == f]).any()]
     rate = replication_rates(prompts, Path(args.stability))
     confident = (rate >= 0.5) | (rate == 0)
-    results, curves = {}, {}
-    image_detectors = ([make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4)]
+    results, curves, combined_keys = {}, {}, {}
+    image_detectors = ([make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4),
+                        make_detector("nn-margin", samples=args.image_samples, steps=10, stop_after=8)]
                        if args.image_samples else [])
     for draws in args.draws:
         detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
@@ -76,24 +80,30 @@ def main() -> None:
         table = pq.read_table(path)
         engine = NoiseStepEngine(model, draws)
         scores = {d.name: table.column(d.name).to_numpy() for d in detectors}
-        if draws == args.draws[0] and image_detectors:  # image-space detectors: own scan folder, same prompts
-            start = time.perf_counter()
-            image_path = run_scan(model, prompts, image_detectors, Path(args.work) / "image", ScanSettings(n_draws=1))
-            image_seconds = time.perf_counter() - start
-            results["_scan_seconds_image"] = round(image_seconds, 1) if image_seconds > 5 else "resumed"
-            image_table = pq.read_table(image_path)
-            scores.update({d.name: image_table.column(d.name).to_numpy() for d in image_detectors})
+        if draws == args.draws[0]:  # image-space detectors: one scan folder each, same prompts
+            for det in image_detectors:
+                start = time.perf_counter()
+                image_path = run_scan(model, prompts, [det], Path(args.work) / f"image-{det.name}",
+                                      ScanSettings(n_draws=1))
+                image_seconds = time.perf_counter() - start
+                results[f"_scan_seconds_{det.name}"] = round(image_seconds, 1) if image_seconds > 5 else "resumed"
+                scores[det.name] = pq.read_table(image_path).column(det.name).to_numpy()
             detectors += image_detectors
-        if draws == args.draws[0]:  # the z-score combination, from the stored member columns
-            combined = make_detector("combined", reference_prompts=sorted(reference))
-            combined.prepare(engine)
-            scores[combined.name] = combined.combine(scores).numpy()
-            detectors.append(combined)
+        if draws == args.draws[0]:  # z-score combinations, from the stored member columns
+            for members in COMBINATIONS[: 2 if image_detectors else 1]:
+                combined = make_detector("combined", members=members, reference_prompts=sorted(reference))
+                combined.prepare(engine)
+                key = f"combined ({' + '.join(members)})"
+                scores[key] = combined.combine(scores).numpy()
+                detectors.append(combined)
+                combined_keys[id(combined)] = key
         for det in detectors:
-            key = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",
-                   "nn-ratio": f"nn-ratio (samples={args.image_samples}, 4/10 steps)"}.get(det.name,
-                                                                                       f"{det.name} (draws={draws})")
-            s = scores[det.name]
+            name = combined_keys.get(id(det), det.name)
+            pretty = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",
+                      "nn-ratio": f"nn-ratio (samples={args.image_samples}, 4/10 steps)",
+                      "nn-margin": f"nn-margin (samples={args.image_samples}, 8/10 steps)"}
+            key = name if id(det) in combined_keys else pretty.get(det.name, f"{det.name} (draws={draws})")
+            s = scores[name]
             m = detection_metrics(y, s)
             m["unet_calls_per_prompt"] = det.unet_calls_per_prompt(engine)
             m["by_kind_of_positive"] = {k: detection_metrics(y[(~y) | (kinds == k)], s[(~y) | (kinds == k)])["auroc"]

@@ -182,8 +182,8 @@ def test_combined_is_the_sum_of_member_z_scores_on_the_reference(model):
         make_detector("combined").prepare(engine)
 
 
-def test_nn_ratio_matches_hand_computation(model):
-    """1 - mean over seeds of d(nearest)/d(second nearest) of the x0 estimate after ``stop_after`` steps."""
+def test_nn_ratio_and_margin_match_hand_computation(model):
+    """1 - mean over seeds of d(n1)/d(n2), and mean of sim(n1) - sim(n2), of x0 after ``stop_after`` steps."""
     import numpy as np
 
     from diffmem.attacks.base import TrainingIndex
@@ -193,11 +193,13 @@ def test_nn_ratio_matches_hand_computation(model):
     g = torch.Generator().manual_seed(3)
     h = model.decode(model.initial_latents([0])).shape[-1]
     train = torch.rand(6, 3, h, h, generator=g)
-    det = make_detector("nn-ratio", samples=2, steps=5, stop_after=2)
-    det._index = TrainingIndex(train, np.arange(6), make_matcher("ssim", candidates=6).fit(train), 0.5)
+    index = TrainingIndex(train, np.arange(6), make_matcher("ssim", candidates=6).fit(train), 0.5)
+    ratio, margin = make_detector("nn-ratio", samples=2, steps=5, stop_after=2), make_detector(
+        "nn-margin", samples=2, steps=5, stop_after=2)
+    ratio._index = margin._index = index
     engine = NoiseStepEngine(model, n_draws=1, seed=4)
-    got = score_chunk(engine, [det], PROMPTS[:1])["nn-ratio"][0]
-    ratios = []
+    got = score_chunk(engine, [ratio, margin], PROMPTS[:1])
+    ratios, margins = [], []
     emb = model.encode_prompts(PROMPTS[:1])
     for j in range(2):
         sampler = model.make_sampler(5)
@@ -206,8 +208,10 @@ def test_nn_ratio_matches_hand_computation(model):
         image = model.decode(steps[-1].x0)
         sims = sorted(ssim_pairs(image.repeat(6, 1, 1, 1), train).tolist(), reverse=True)
         ratios.append((1 - sims[0]) / (1 - sims[1]))
-    assert got == pytest.approx(1 - sum(ratios) / 2, rel=1e-4)
-    assert det.unet_calls_per_prompt(engine) == 2 * 2 * 2
+        margins.append(sims[0] - sims[1])
+    assert got["nn-ratio"][0] == pytest.approx(1 - sum(ratios) / 2, rel=1e-4)
+    assert got["nn-margin"][0] == pytest.approx(sum(margins) / 2, rel=1e-4)
+    assert ratio.unet_calls_per_prompt(engine) == 2 * 2 * 2
 
 
 def test_early_estimate_rejects_a_stop_step_outside_the_schedule(model):
