@@ -129,6 +129,27 @@ def test_cli_calibrate_scan_and_evaluate(tiny_sd_folder, tmp_path, capsys):
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 5000
 
 
+def test_eval_detect_with_replication_rates_leaves_ambiguous_prompts_out(tiny_sd_folder, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS), encoding="utf-8")
+    assert main(["scan", "--model", str(tiny_sd_folder), "--draws", "1", "--quiet", "--prompts", str(prompts),
+                 "--out", str(tmp_path / "scan")]) == 0
+    rates = [1.0, 0.0, 0.25, 0.5, 0.0, 0.75, 0.0, 0.0][: len(PROMPTS)] + [0.0] * max(0, len(PROMPTS) - 8)
+    labels = tmp_path / "rates.jsonl"
+    labels.write_text("\n".join(json.dumps({"caption": p, "rate": r}) for p, r in zip(PROMPTS, rates)))
+    args = ["eval", "detect", "--scores", str(tmp_path / "scan" / "scores.parquet"), "--labels", str(labels),
+            "--rate-column", "rate", "--out", str(tmp_path / "eval")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "eval" / "detection.json").read_text())
+    m = report["detectors"]["noise-norm"]["all"]
+    assert report["n_ambiguous_left_out"] == 1 and (m["n_pos"], m["n_neg"]) == (3, len(PROMPTS) - 4)
+    assert main(args + ["--positive-rate", "0.8"]) == 0  # 0.5 and 0.75 become ambiguous too
+    assert json.loads((tmp_path / "eval" / "detection.json").read_text())["n_ambiguous_left_out"] == 3
+    labels.write_text(json.dumps({"caption": PROMPTS[0], "rate": "often"}))
+    assert main(args) == 2
+    assert "column 'rate' must hold rates in [0, 1], got 'often'" in capsys.readouterr().err
+
+
 def test_fpr_without_calibration_is_an_error(tiny_sd_folder, tmp_path, capsys):
     assert main(["scan", "--model", str(tiny_sd_folder), "--fpr", "0.01", "--out", str(tmp_path)]) == 2
     assert "--fpr needs --calibration" in capsys.readouterr().err

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--scores", required=True, help="scores.parquet of a scan")
     detect.add_argument("--labels", required=True, help="labels file (the zoo's labels.jsonl or any prompt file)")
     detect.add_argument("--label-column", default="memorized", help="boolean label column (default: memorized)")
+    detect.add_argument("--rate-column", default=None,
+                        help="label from a replication-rate column instead: memorized when rate >= --positive-rate, "
+                             "ordinary when rate == 0, prompts in between left out (stochastic labels)")
+    detect.add_argument("--positive-rate", type=float, default=0.5, help="with --rate-column (default: 0.5)")
     detect.add_argument("--split-by", default=None, help="also report positives per value of this column")
     detect.add_argument("--out", default="runs/eval-detect", help="output folder (default: runs/eval-detect)")
 

@@ -194,20 +194,43 @@ def _truthy(v) -> bool:
     return bool(v)
 
 
+def _rate(value, path: str, column: str) -> float:
+    """A replication rate in [0, 1] from a labels file cell, or a clear error naming the file and column."""
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = float("nan")
+    if not 0 <= rate <= 1:
+        raise DiffmemError(f"labels file '{path}': column {column!r} must hold rates in [0, 1], got {value!r}")
+    return rate
+
+
 def run_eval_detect(args: argparse.Namespace) -> None:
     from diffmem.eval.detection import detection_metrics, plot_roc
 
     table = pq.read_table(args.scores)
-    labels = read_labels(Path(args.labels), args.label_column)
+    column = args.rate_column or args.label_column
+    labels = read_labels(Path(args.labels), column)
     texts = table.column("text").to_pylist()
     keep = [i for i, t in enumerate(texts) if t in labels]
     if not keep:
         raise DiffmemError(f"no prompt of '{args.scores}' appears in labels file '{args.labels}'")
-    y = np.array([_truthy(labels[texts[i]][args.label_column]) for i in keep])
+    n_ambiguous = 0
+    if args.rate_column:
+        if not 0 < args.positive_rate <= 1:
+            raise DiffmemError(f"--positive-rate must be in (0, 1], got {args.positive_rate}")
+        rate = np.array([_rate(labels[texts[i]][column], args.labels, column) for i in keep])
+        clear = (rate >= args.positive_rate) | (rate == 0)
+        n_ambiguous = int((~clear).sum())
+        keep, y = [i for i, c in zip(keep, clear) if c], rate[clear] >= args.positive_rate
+    else:
+        y = np.array([_truthy(labels[texts[i]][column]) for i in keep])
     groups = np.array([str(labels[texts[i]].get(args.split_by, "")) for i in keep]) if args.split_by else None
     names = [c for c in table.column_names if c not in ("id", "text") and not c.startswith(("flagged", "input_"))]
-    report: dict = {"scores": str(args.scores), "labels": str(args.labels), "n_unlabelled": len(texts) - len(keep),
-                    "detectors": {}}
+    report: dict = {"scores": str(args.scores), "labels": str(args.labels), "label": column,
+                    "n_unlabelled": len(texts) - len(keep) - n_ambiguous, "detectors": {}}
+    if args.rate_column:
+        report |= {"positive_rate": args.positive_rate, "n_ambiguous_left_out": n_ambiguous}
     curves = {}
     for name in names:
         s = table.column(name).to_numpy(zero_copy_only=False)[keep]
