@@ -38,7 +38,13 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=200, help="single-object captions relabelled too")
     parser.add_argument("--cache", default=".zoo-build/label-cache-retest")
     parser.add_argument("--out", default="benchmarks/results/label_stability.json")
+    parser.add_argument("--rates-out", default="benchmarks/results/zoo_replication_rates.jsonl",
+                        help="every zoo caption's replication rate (labels for eval detect --rate-column)")
+    parser.add_argument("--rates-only", action="store_true", help="only rebuild --rates-out from an existing --out")
     args = parser.parse_args()
+    if args.rates_only:
+        write_rates(Path(args.out), Path(args.rates_out))
+        return
 
     from diffmem.models.loader import load_model
     from diffmem.zoo.labels import LabelConfig, family, label_zoo
@@ -91,6 +97,28 @@ def main() -> None:
     }
     atomic_write_text(Path(args.out), json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "captions"}, indent=2))
+    write_rates(Path(args.out), Path(args.rates_out))
+
+
+def write_rates(stability: Path, out: Path) -> None:
+    """Every zoo caption with its replication rate over all its labelled generations (4 shipped seeds,
+    plus the fresh ones where relabelled): the labels file of ``diffmem eval detect --rate-column``."""
+    from diffmem.zoo.load import load_labels
+    from diffmem.zoo.paths import zoo_dir
+
+    record = json.loads(stability.read_text())
+    shipped_seeds = json.loads((zoo_dir() / "zoo.json").read_text())["labels"]["label_config"]["seeds_per_prompt"]
+    retest = {c["item_id"]: c for c in record["captions"]}
+    rows = []
+    for r in load_labels(zoo_dir()):
+        again = retest.get(r["item_id"])
+        rows.append({"item_id": r["item_id"], "caption": r["caption"], "kind": r["kind"],
+                     "memorized_shipped": r["memorized"],
+                     "generations": shipped_seeds + (record["fresh_seeds"] if again else 0),
+                     "replication_rate": again["replication_rate"] if again else round(
+                         r["memorized_seeds"] / shipped_seeds, 4)})
+    atomic_write_text(out, "\n".join(json.dumps(r) for r in rows) + "\n")
+    print(f"rates of {len(rows)} captions: {out}")
 
 
 if __name__ == "__main__":
