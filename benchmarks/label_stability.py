@@ -10,7 +10,9 @@ thresholds, other seeds) and reports:
 - the *retest ceiling*: AUROC and TPR@1%FPR of the fresh run's replication fraction used as a
   detector score against the shipped labels;
 - per caption, the replication rate over all 4 + ``--seeds`` generations (``replication_rate``), from
-  which the detection benchmark forms its *confident* subset (rate >= 0.5 vs rate == 0).
+  which the detection benchmark forms its *confident* subset (rate >= 0.5 vs rate == 0);
+- every zoo caption's rate in ``--rates-out`` (JSONL), the labels file of
+  ``diffmem eval detect --labels benchmarks/results/zoo_replication_rates.jsonl --rate-column replication_rate``.
 
 All scene captions are relabelled (every memorized caption is a scene) plus ``--objects`` evenly
 spaced single-object captions.
