@@ -150,6 +150,20 @@ def test_eval_detect_with_replication_rates_leaves_ambiguous_prompts_out(tiny_sd
     assert "column 'rate' must hold rates in [0, 1], got 'often'" in capsys.readouterr().err
 
 
+def test_scan_passes_detector_options_and_names_bad_ones(tiny_sd_folder, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:3]), encoding="utf-8")
+    common = ["scan", "--model", str(tiny_sd_folder), "--draws", "1", "--quiet", "--prompts", str(prompts)]
+    assert main(common + ["--detector", "combined", "--option", 'combined.members=["noise-norm","anisotropy"]',
+                          "--reference", str(prompts), "--out", str(tmp_path / "a")]) == 0
+    provenance = json.loads((tmp_path / "a" / "provenance.json").read_text())
+    assert provenance["detectors"][0]["members"] == ["noise-norm", "anisotropy"]
+    assert main(common + ["--detector", "noise-norm", "--option", "noise-norm.draws=3", "--out", str(tmp_path / "b")]) == 2
+    assert "detector 'noise-norm'" in capsys.readouterr().err
+    assert main(common + ["--option", "sharpness.samples=2", "--out", str(tmp_path / "c")]) == 2
+    assert "DETECTOR.KEY=VALUE" in capsys.readouterr().err
+
+
 def test_fpr_without_calibration_is_an_error(tiny_sd_folder, tmp_path, capsys):
     assert main(["scan", "--model", str(tiny_sd_folder), "--fpr", "0.01", "--out", str(tmp_path)]) == 2
     assert "--fpr needs --calibration" in capsys.readouterr().err

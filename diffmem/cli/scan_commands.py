@@ -30,6 +30,9 @@ def add_scan_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default: 0)")
     p.add_argument("--reference", default=None,
                    help="ordinary prompts for anisotropy-calibrated (default: zoo generic captions)")
+    p.add_argument("--option", action="append", default=None, metavar="DETECTOR.KEY=VALUE",
+                   help="a detector setting, e.g. nn-margin.index=/data/train_images or "
+                        "'combined.members=[\"nn-margin\",\"sharpness\"]' (values parsed as JSON when they parse)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -74,22 +77,26 @@ def zoo_reference_prompts(n: int = 200) -> list[str]:
 
 
 def _detectors(args: argparse.Namespace):
+    from diffmem.cli.mitigate_commands import parse_scoped_options
     from diffmem.detectors import DETECTORS, make_detector
 
     names = args.detector or ["noise-norm", "anisotropy"]
+    options = parse_scoped_options(getattr(args, "option", None), names, "DETECTOR")
     detectors = []
     for name in names:
         try:
             needs_reference = DETECTORS.get(name).needs_reference
         except KeyError as exc:
             raise DiffmemError(str(exc).strip("'\"")) from exc
-        if needs_reference:
+        if needs_reference and "reference_prompts" not in options[name]:
             from diffmem.prompts import load_prompts
 
             ref = load_prompts(args.reference).texts if args.reference else zoo_reference_prompts()
-            detectors.append(make_detector(name, reference_prompts=ref))
-        else:
-            detectors.append(make_detector(name))
+            options[name]["reference_prompts"] = ref
+        try:
+            detectors.append(make_detector(name, **options[name]))
+        except (TypeError, ValueError) as exc:
+            raise DiffmemError(f"detector {name!r}: {exc}") from exc
     return detectors
 
 
