@@ -158,7 +158,8 @@ def test_scan_passes_detector_options_and_names_bad_ones(tiny_sd_folder, tmp_pat
                           "--reference", str(prompts), "--out", str(tmp_path / "a")]) == 0
     provenance = json.loads((tmp_path / "a" / "provenance.json").read_text())
     assert provenance["detectors"][0]["members"] == ["noise-norm", "anisotropy"]
-    assert main(common + ["--detector", "noise-norm", "--option", "noise-norm.draws=3", "--out", str(tmp_path / "b")]) == 2
+    bad = ["--detector", "noise-norm", "--option", "noise-norm.draws=3", "--out", str(tmp_path / "b")]
+    assert main(common + bad) == 2
     assert "detector 'noise-norm'" in capsys.readouterr().err
     assert main(common + ["--option", "sharpness.samples=2", "--out", str(tmp_path / "c")]) == 2
     assert "DETECTOR.KEY=VALUE" in capsys.readouterr().err
