@@ -31,6 +31,14 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def evenly(self, n: int) -> PromptSet:
+        """At most ``n`` prompts, evenly spaced (every kind of a sorted file keeps its share), columns kept."""
+        if n >= len(self):
+            return self
+        keep = [round(i * len(self) / n) for i in range(n)]
+        return PromptSet([self.ids[i] for i in keep], [self.texts[i] for i in keep], self.source,
+                         {k: [v[i] for i in keep] for k, v in self.columns.items()}, self.duplicates)
+
 
 def _read_text(path: Path) -> str:
     try:

@@ -69,12 +69,14 @@ def test_memorized_captions_replicate_and_generic_ones_do_not(zoo):
 
 
 def test_demo_command_writes_grid_and_provenance(tmp_path, capsys):
-    code = main(["demo", "--per-group", "2", "--seeds", "1", "--steps", "10", "--draws", "1", "--out", str(tmp_path)])
+    code = main(["demo", "--per-group", "2", "--seeds", "1", "--steps", "10", "--draws", "1", "--scan-prompts", "40",
+                 "--scan-samples", "0", "--out", str(tmp_path)])  # image detectors on the zoo: below
     assert code == 0
     assert (tmp_path / "grid.png").stat().st_size > 1000
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert len(prov["model"]["fingerprint"]) == 16 and len(prov["rows"]) == 4
-    assert "memorized" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "memorized" in out and "top 5 by noise-norm" in out and "noise-norm             AUROC" in out
     page = (tmp_path / "report.html").read_text()
     assert "Scan: " in page and page.count("<div class=\"card\">") == 6  # gallery of top prompts
 

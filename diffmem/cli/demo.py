@@ -97,15 +97,24 @@ def run_demo(args: argparse.Namespace) -> None:
     from diffmem.report import build_report
     from diffmem.scan import ScanSettings, run_scan
 
-    prompts = zoo_prompts(max_negatives_per_kind=200)
-    print(f"\nscanning {len(prompts)} zoo captions (every memorized one, up to 200 others per kind) with "
-          f"noise-norm and anisotropy ({args.draws} noise draws)")
+    prompts = zoo_prompts(max_negatives_per_kind=200).evenly(args.scan_prompts)
+    print(f"\nscanning {len(prompts)} zoo captions (memorized and not, evenly spaced) with noise-norm and "
+          f"anisotropy ({args.draws} noise draws) and nn-margin ({args.scan_samples} generation(s), 8 of 10 steps)")
     detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
                  make_detector("anisotropy-calibrated", reference_prompts=zoo_reference_prompts())]
+    detectors += [make_detector("nn-margin", samples=args.scan_samples)] if args.scan_samples else []
     scan_dir = out / "scan"
     scores = run_scan(model, prompts, detectors, scan_dir, ScanSettings(n_draws=args.draws))
     import pyarrow.parquet as pq
 
-    print_summary(pq.read_table(scores), [detectors[0].name], 5)
+    from diffmem.eval.detection import detection_metrics
+
+    table = pq.read_table(scores)
+    print_summary(table, [d.name for d in detectors if d.name in ("noise-norm", "nn-margin")], 5)
+    memorized = np.array(prompts.columns["memorized"], dtype=bool)
+    print("\nagainst the zoo's labels (benchmarks/detection.py measures every detector):")
+    for d in detectors:
+        m = detection_metrics(memorized, table.column(d.name).to_numpy())
+        print(f"  {d.name:<22} AUROC {m['auroc']:.3f}  TPR@1%FPR {m['tpr@0.01fpr']['strict']:.3f}")
     report = build_report([scan_dir], out / "report.html", gallery_size=6, model=model)
     print(f"\nHTML report: {report}")

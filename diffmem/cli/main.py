@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
     demo.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default: 7.5)")
     demo.add_argument("--draws", type=int, default=8, help="noise draws of the closing scan (default: 8)")
+    demo.add_argument("--scan-prompts", type=int, default=400, help="zoo captions in the closing scan (default: 400)")
+    demo.add_argument("--scan-samples", type=int, default=2,
+                      help="generations per caption of the scan's nn-margin detector, 0 to skip it (default: 2)")
     demo.add_argument("--no-report", action="store_true", help="skip the closing scan and HTML report")
 
     from diffmem.cli.scan_commands import add_scan_args
