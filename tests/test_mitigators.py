@@ -97,7 +97,7 @@ def test_nemo_signal_is_any_detector_or_a_clear_error(model):
 
 def test_adversarial_finetune_changes_weights_full_and_lora(model):
     surrogates = torch.rand(2, 3, 16, 16)
-    for options in ({}, {"lora_rank": 2}):
+    for options in ({"lora_rank": None}, {"lora_rank": 2}):
         mit = make_mitigator("adversarial-finetune", rounds=1, outer_steps=2, inner_steps=2, batch=2, **options)
         mit.fit(model, MEM, ORD, surrogates=surrogates)
         changed = sum(int((a != b).sum()) for a, b in zip(model.unet.state_dict().values(),

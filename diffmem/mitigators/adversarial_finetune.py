@@ -18,10 +18,14 @@ trains the UNet against that move. Each round:
 
 Targets (the memorized images) default to the model's own generation for the prompt; surrogates must
 be given (the zoo supplies independent renders of the caption). ``lora_rank`` trains LoRA adapters
-(peft) on the attention projections instead of the full UNet, merged into the weights at the end
-(Dori reports LoRA is not enough; the benchmark measures it here). ``lora_targets`` narrows them (peft's
-``target_modules``: module-name suffixes, or one regex matched against full names, e.g.
-``.*attn2\.(to_k|to_v)`` for the cross-attention key/value maps that alone read the text).
+(peft) on the attention projections instead of the full UNet, merged into the weights at the end;
+``lora_rank=None`` fine-tunes the full UNet (Dori's setting; Dori reports LoRA is not enough, on the
+zoo it is). ``lora_targets`` narrows the adapters (peft's ``target_modules``: module-name suffixes, or
+one regex matched against full names, e.g. ``.*attn2\.(to_k|to_v)`` for the cross-attention key/value
+maps that alone read the text).
+
+Defaults (LoRA r8, lr 1e-3, 5 rounds x 40 updates, retain weight 30 on 128 ordinary prompts) are the
+best of the zoo benchmark's follow-up runs (README, Mitigators).
 """
 
 from __future__ import annotations
@@ -60,15 +64,15 @@ class AdversarialFinetune(WeightMitigator):
 
     name = "adversarial-finetune"
     rounds: int = 5
-    outer_steps: int = 20
+    outer_steps: int = 40
     inner_steps: int = 20
     inner_lr: float = 0.1
     inner_max_relative_norm: float | None = 1.0
-    lr: float = 1e-4
+    lr: float = 1e-3
     batch: int = 4
-    retain_weight: float = 1.0
-    retain_prompts: int = 64
-    lora_rank: int | None = None
+    retain_weight: float = 30.0
+    retain_prompts: int = 128
+    lora_rank: int | None = 8  # None: the full UNet
     lora_targets: list[str] | str | None = None
     seed: int = 0
 
