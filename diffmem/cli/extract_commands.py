@@ -37,7 +37,7 @@ def run_extract_command(args: argparse.Namespace) -> None:
 
     prompts = load_prompts(args.prompts, args.caption_column) if args.prompts else zoo_prompts()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    from diffmem.cli.mitigate_commands import parse_scoped_options
+    from diffmem.cli.options import parse_scoped_options
 
     names = args.attack or ["one-step-whitebox", "one-step-blackbox"]
     options = parse_scoped_options(args.option, names, "ATTACK")

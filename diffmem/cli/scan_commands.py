@@ -77,7 +77,7 @@ def zoo_reference_prompts(n: int = 200) -> list[str]:
 
 
 def _detectors(args: argparse.Namespace):
-    from diffmem.cli.mitigate_commands import parse_scoped_options
+    from diffmem.cli.options import parse_scoped_options
     from diffmem.detectors import DETECTORS, make_detector
 
     names = args.detector or ["noise-norm", "anisotropy"]
