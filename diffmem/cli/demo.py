@@ -28,7 +28,8 @@ def image_grid(rows: list[torch.Tensor], scale: int = 3, pad: int = 2) -> Image.
     return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
 
 
-def _titled(img: Image.Image, title: str) -> Image.Image:
+def titled(img: Image.Image, title: str) -> Image.Image:
+    """``img`` under a one-line black title on white."""
     out = Image.new("RGB", (img.width, img.height + 18), "white")
     out.paste(img, (0, 18))
     ImageDraw.Draw(out).text((4, 3), title, fill="black")
@@ -75,7 +76,7 @@ def run_demo(args: argparse.Namespace) -> None:
             table.append({"group": name, "caption": r["caption"], "replication": r["replication"],
                           "max_ssim_to_nearest_training_image": round(float(sims[i].max()), 3)})
         title = f"{name}: {args.seeds} seeds | nearest training image (via the zoo VAE)"
-        panels.append(_titled(image_grid(grid_rows), title))
+        panels.append(titled(image_grid(grid_rows), title))
     width = max(p.width for p in panels)
     sheet = Image.new("RGB", (width, sum(p.height for p in panels)), "white")
     y = 0
