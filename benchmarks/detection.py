@@ -91,7 +91,10 @@ def main() -> None:
             detectors += image_detectors
         if draws == args.draws[0]:  # z-score combinations, from the stored member columns
             for members in COMBINATIONS[: 2 if image_detectors else 1]:
-                combined = make_detector("combined", members=members, reference_prompts=sorted(reference))
+                same_settings = {d.name: {k: v for k, v in d.config().items() if k != "name"}
+                                 for d in image_detectors if d.name in members}  # as scanned above
+                combined = make_detector("combined", members=members, reference_prompts=sorted(reference),
+                                         member_options=same_settings)
                 combined.prepare(engine)
                 key = f"combined ({' + '.join(members)})"
                 scores[key] = combined.combine(scores).numpy()

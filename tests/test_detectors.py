@@ -180,6 +180,11 @@ def test_combined_is_the_sum_of_member_z_scores_on_the_reference(model):
     assert det.unet_calls_per_prompt(engine) == 2  # attention entropy is read during noise-norm's pass
     with pytest.raises(ValueError, match="at least 2 reference_prompts"):
         make_detector("combined").prepare(engine)
+    with pytest.raises(ValueError, match=r"member_options for \['nn-margin'\], which are not members"):
+        make_detector("combined", member_options={"nn-margin": {"samples": 2}})
+    margin = make_detector("combined", members=["noise-norm", "nn-margin"],
+                           member_options={"nn-margin": {"samples": 3}})
+    assert margin._members[1].samples == 3
 
 
 def test_nn_ratio_and_margin_match_hand_computation(model):

@@ -34,6 +34,7 @@ class Combined(PromptDetector):
     name = "combined"
     needs_reference = True
     members: list[str] = field(default_factory=lambda: ["noise-norm", "sharpness", "attention-entropy"])
+    member_options: dict[str, dict] = field(default_factory=dict)  # e.g. {"nn-margin": {"index": "/data/train"}}
     reference_prompts: list[str] = field(default_factory=list)
     stats: dict[str, list[float]] = field(default_factory=dict)  # member -> [mean, std] on the reference
     batch_size: int = 128
@@ -41,7 +42,10 @@ class Combined(PromptDetector):
     def __post_init__(self) -> None:
         if not self.members or len(set(self.members)) != len(self.members):
             raise ValueError(f"combined needs distinct member detectors, got {self.members}")
-        self._members: list[Detector] = [make_detector(n) for n in self.members]
+        unknown = sorted(set(self.member_options) - set(self.members))
+        if unknown:
+            raise ValueError(f"combined: member_options for {unknown}, which are not members {self.members}")
+        self._members: list[Detector] = [make_detector(n, **self.member_options.get(n, {})) for n in self.members]
 
     def prepare(self, engine: NoiseStepEngine) -> None:
         for d in self._members:
