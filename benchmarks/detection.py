@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--max-per-kind", type=int, default=600, help="negatives kept per caption kind")
     parser.add_argument("--work", default="runs/bench-detection")
     parser.add_argument("--out", default="benchmarks/results/detection.json")
-    parser.add_argument("--image-samples", type=int, default=4, help="generations per prompt of nn-ratio (0: skip)")
+    parser.add_argument("--image-samples", type=int, default=4,
+                        help="generations per prompt of the image detectors nn-ratio and nn-margin (0: skip both)")
+    parser.add_argument("--margin-samples", type=int, default=None, help="nn-margin's own (default: --image-samples)")
     parser.add_argument("--stability", default="benchmarks/results/label_stability.json",
                         help="label_stability.py output: adds metrics on the confident subset (skipped if absent)")
     args = parser.parse_args()
@@ -66,7 +68,8 @@ def main() -> None:
     confident = (rate >= 0.5) | (rate == 0)
     results, curves, combined_keys = {}, {}, {}
     image_detectors = ([make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4),
-                        make_detector("nn-margin", samples=args.image_samples, steps=10, stop_after=8)]
+                        make_detector("nn-margin", samples=args.margin_samples or args.image_samples, steps=10,
+                                      stop_after=8)]
                        if args.image_samples else [])
     for draws in args.draws:
         detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
@@ -83,7 +86,7 @@ def main() -> None:
         if draws == args.draws[0]:  # image-space detectors: one scan folder each, same prompts
             for det in image_detectors:
                 start = time.perf_counter()
-                image_path = run_scan(model, prompts, [det], Path(args.work) / f"image-{det.name}",
+                image_path = run_scan(model, prompts, [det], Path(args.work) / f"image-{det.name}-s{det.samples}",
                                       ScanSettings(n_draws=1))
                 image_seconds = time.perf_counter() - start
                 results[f"_scan_seconds_{det.name}"] = round(image_seconds, 1) if image_seconds > 5 else "resumed"
@@ -103,8 +106,8 @@ def main() -> None:
         for det in detectors:
             name = combined_keys.get(id(det), det.name)
             pretty = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",
-                      "nn-ratio": f"nn-ratio (samples={args.image_samples}, 4/10 steps)",
-                      "nn-margin": f"nn-margin (samples={args.image_samples}, 8/10 steps)"}
+                      **{d.name: f"{d.name} (samples={d.samples}, {d.stop_after}/{d.steps} steps)"
+                         for d in image_detectors}}
             key = name if id(det) in combined_keys else pretty.get(det.name, f"{det.name} (draws={draws})")
             s = scores[name]
             m = detection_metrics(y, s)
