@@ -52,8 +52,8 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench-detection")
     parser.add_argument("--out", default="benchmarks/results/detection.json")
     parser.add_argument("--image-samples", type=int, default=4,
-                        help="generations per prompt of the image detectors nn-ratio and nn-margin (0: skip both)")
-    parser.add_argument("--margin-samples", type=int, default=None, help="nn-margin's own (default: --image-samples)")
+                        help="generations per prompt of nn-ratio (0: skip both image detectors)")
+    parser.add_argument("--margin-samples", type=int, default=8, help="nn-margin's own (default: 8, its default)")
     parser.add_argument("--stability", default="benchmarks/results/label_stability.json",
                         help="label_stability.py output: adds metrics on the confident subset (skipped if absent)")
     args = parser.parse_args()
@@ -68,7 +68,7 @@ def main() -> None:
     confident = (rate >= 0.5) | (rate == 0)
     results, curves, combined_keys = {}, {}, {}
     image_detectors = ([make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4),
-                        make_detector("nn-margin", samples=args.margin_samples or args.image_samples, steps=10,
+                        make_detector("nn-margin", samples=args.margin_samples, steps=10,
                                       stop_after=8)]
                        if args.image_samples else [])
     for draws in args.draws:

@@ -80,7 +80,7 @@ class NeighbourRatio(PromptDetector):
 @DETECTORS.register("nn-margin")
 @dataclass
 class NeighbourMargin(NeighbourRatio):
-    """Mean over seeds of sim(n1) - sim(n2): the nearest training image's lead, on x0 after 8 of 10 steps.
+    """Mean over 8 seeds of sim(n1) - sim(n2): the nearest training image's lead, on x0 after 8 of 10 steps.
 
     The same generations and matcher as ``nn-ratio``, an additive instead of a multiplicative margin. A
     ratio of distances blows up where both distances are small (a textured scene whose two nearest
@@ -90,6 +90,7 @@ class NeighbourMargin(NeighbourRatio):
     """
 
     name = "nn-margin"
+    samples: int = 8
     stop_after: int = 8
 
     def criterion(self, nearest: torch.Tensor, second: torch.Tensor, matcher) -> torch.Tensor:
