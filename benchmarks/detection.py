@@ -68,9 +68,10 @@ def main() -> None:
     confident = (rate >= 0.5) | (rate == 0)
     results, curves, combined_keys = {}, {}, {}
     image_detectors = ([make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4),
-                        make_detector("nn-margin", samples=args.margin_samples, steps=10,
-                                      stop_after=8)]
+                        make_detector("nn-margin", samples=args.margin_samples, steps=10, stop_after=8)]
                        if args.image_samples else [])
+    pretty = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",
+              **{d.name: f"{d.name} (samples={d.samples}, {d.stop_after}/{d.steps} steps)" for d in image_detectors}}
     for draws in args.draws:
         detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
                      make_detector("anisotropy-calibrated", reference_prompts=sorted(reference))]
@@ -105,9 +106,6 @@ def main() -> None:
                 combined_keys[id(combined)] = key
         for det in detectors:
             name = combined_keys.get(id(det), det.name)
-            pretty = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",
-                      **{d.name: f"{d.name} (samples={d.samples}, {d.stop_after}/{d.steps} steps)"
-                         for d in image_detectors}}
             key = name if id(det) in combined_keys else pretty.get(det.name, f"{det.name} (draws={draws})")
             s = scores[name]
             m = detection_metrics(y, s)
