@@ -24,24 +24,18 @@ from diffmem.eval.detection import detection_metrics, plot_roc
 from diffmem.io import atomic_write_text
 from diffmem.models import load_model
 from diffmem.scan import ScanSettings, run_scan
-from diffmem.zoo.load import load_labels
-from diffmem.zoo.paths import zoo_dir
 
 COMBINATIONS = [["noise-norm", "sharpness", "attention-entropy"],  # noise-step signals only
                 ["nn-margin", "sharpness", "attention-entropy"]]  # the image margin with the two best of them
 
 
-def replication_rates(prompts, stability: Path) -> np.ndarray:
-    """Each prompt's replication rate over every labelled seed (shipped + retest), NaN where unknown."""
-    shipped_seeds = json.loads((zoo_dir() / "zoo.json").read_text())["labels"]["label_config"]["seeds_per_prompt"]
-    labels = {str(r["item_id"]): r for r in load_labels(zoo_dir())}
-    retest = {}
-    if stability.is_file():
-        record = json.loads(stability.read_text())
-        retest = {str(c["item_id"]): c["replication_rate"] for c in record["captions"]}
-    else:
+def replication_rates(prompts, rates: Path) -> np.ndarray:
+    """Each prompt's replication rate over every labelled seed, from ``label_stability.py``'s rates file
+    (shipped + retest generations), NaN where the file is absent."""
+    if not rates.is_file():
         return np.full(len(prompts.ids), np.nan)
-    return np.array([retest.get(i, labels[i]["memorized_seeds"] / shipped_seeds) for i in prompts.ids])
+    by_id = {str(r["item_id"]): r["replication_rate"] for r in map(json.loads, rates.read_text().splitlines())}
+    return np.array([by_id[i] for i in prompts.ids])
 
 
 def main() -> None:
@@ -54,8 +48,8 @@ def main() -> None:
     parser.add_argument("--image-samples", type=int, default=4,
                         help="generations per prompt of nn-ratio (0: skip both image detectors)")
     parser.add_argument("--margin-samples", type=int, default=8, help="nn-margin's own (default: 8, its default)")
-    parser.add_argument("--stability", default="benchmarks/results/label_stability.json",
-                        help="label_stability.py output: adds metrics on the confident subset (skipped if absent)")
+    parser.add_argument("--rates", default="benchmarks/results/zoo_replication_rates.jsonl",
+                        help="label_stability.py's rates file: adds the confident-subset metrics (skipped if absent)")
     args = parser.parse_args()
     model = load_model()
     reference = set(zoo_reference_prompts())
@@ -64,7 +58,7 @@ def main() -> None:
     kinds = np.array(prompts.columns["kind"])
     families = np.array(prompts.columns["family"])
     mixed = [f for f in sorted(set(families)) if y[families == f].any() and (~y[families == f]).any()]
-    rate = replication_rates(prompts, Path(args.stability))
+    rate = replication_rates(prompts, Path(args.rates))
     confident = (rate >= 0.5) | (rate == 0)
     results, curves, combined_keys = {}, {}, {}
     image_detectors = ([make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4),
@@ -127,7 +121,7 @@ def main() -> None:
               "by_kind": {k: {"positives": int((y & (kinds == k)).sum()), "negatives": int((~y & (kinds == k)).sum())}
                           for k in sorted(set(kinds))},
               "reference_prompts_excluded": len(reference), "max_negatives_per_kind": args.max_per_kind,
-              "confident_subset": {"source": args.stability, "positives": int((rate >= 0.5).sum()),
+              "confident_subset": {"source": args.rates, "positives": int((rate >= 0.5).sum()),
                                    "negatives": int((rate == 0).sum())} if np.isfinite(rate).any() else None,
               "results": results}
     atomic_write_text(Path(args.out), json.dumps(record, indent=2))

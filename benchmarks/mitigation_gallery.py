@@ -28,10 +28,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/gallery_adversarial_finetune.png")
     args = parser.parse_args()
 
-    from PIL import Image
-
     from diffmem.bench import BenchSettings, split_zoo_prompts, surrogate_images
-    from diffmem.cli.demo import image_grid, titled
+    from diffmem.cli.demo import image_grid, stack, titled
     from diffmem.extract import zoo_training_index
     from diffmem.io import atomic_write_text
     from diffmem.mitigators import make_mitigator
@@ -59,14 +57,9 @@ def main() -> None:
     panels = [titled(image_grid([before[:k], after[:k], nearest]),
                       f"{k} held-out memorized captions: original / {name} / original's nearest training image"),
               titled(image_grid([before[k:], after[k:]]), f"{len(generic)} generic captions: original / {name}")]
-    sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
-    y = 0
-    for p in panels:
-        sheet.paste(p, (0, y))
-        y += p.height
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    stack(panels).save(out)
     record = {"method": args.method, "options": "defaults", "settings": settings.__dict__,
               "model": model.describe(), "seconds": round(time.time() - started, 1),
               "threshold": index.threshold,

@@ -36,6 +36,16 @@ def titled(img: Image.Image, title: str) -> Image.Image:
     return out
 
 
+def stack(panels: list[Image.Image]) -> Image.Image:
+    """Panels one under the other on white, as wide as the widest."""
+    sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
+    y = 0
+    for p in panels:
+        sheet.paste(p, (0, y))
+        y += p.height
+    return sheet
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from diffmem.cli.zoo_commands import format_summary
     from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
@@ -77,13 +87,7 @@ def run_demo(args: argparse.Namespace) -> None:
                           "max_ssim_to_nearest_training_image": round(float(sims[i].max()), 3)})
         title = f"{name}: {args.seeds} seeds | nearest training image (via the zoo VAE)"
         panels.append(titled(image_grid(grid_rows), title))
-    width = max(p.width for p in panels)
-    sheet = Image.new("RGB", (width, sum(p.height for p in panels)), "white")
-    y = 0
-    for p in panels:
-        sheet.paste(p, (0, y))
-        y += p.height
-    sheet.save(out / "grid.png")
+    stack(panels).save(out / "grid.png")
     print("\nprompt                                                              rate  max SSIM to nearest")
     for row in table:
         print(f"{row['caption'][:66]:<66} {row['replication']:>4}  {row['max_ssim_to_nearest_training_image']:.3f}")
