@@ -20,10 +20,17 @@ FPR_TARGETS = (0.01, 0.001)
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float) -> dict[str, float]:
-    fpr, tpr, _ = roc_curve(labels, scores)
+    """TPR at a target FPR by both estimators (see the module docstring), from the full ROC.
+
+    Several ROC points share one FPR where positives tie with each other or sit between two negatives'
+    scores (a vertical segment of the curve); a threshold at that FPR reaches the segment's top, so
+    ``closest`` takes the highest TPR among the points at the closest FPR, not the first one listed.
+    """
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     below = fpr < target
     strict = float(tpr[below].max()) if below.any() else 0.0
-    closest = float(tpr[np.argmin(np.abs(fpr - target))])
+    gap = np.abs(fpr - target)
+    closest = float(tpr[gap == gap.min()].max())
     return {"strict": strict, "closest": closest}
 
 
