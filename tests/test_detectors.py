@@ -103,29 +103,80 @@ def test_registry_errors_name_what_is_available():
         make_detector("anisotropy", family="sd3")
 
 
-def test_attention_entropy_matches_hand_computation(model):
-    engine = NoiseStepEngine(model, n_draws=2, seed=7)
-    name, attn = next((n, m) for n, m in model.unet.named_modules() if n.endswith("attn2") and "mid_block" in n)
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    handle = attn.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"],
-                                             kwargs["encoder_hidden_states"])), with_kwargs=True)
+def _attention_by_hand(model, prompt: str, seeds: list[int]) -> tuple[list[str], dict[str, list[torch.Tensor]]]:
+    """Every cross-attention layer's head- and query-averaged attention over tokens, per draw, computed from
+    its q/k projections by hand (per head softmax(q k^T / sqrt(d))), and the layers in the order they ran."""
+    layers = {n: m for n, m in model.unet.named_modules() if n.endswith("attn2")}
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in layers}
+    order: list[str] = []
+
+    def hook(name):
+        def record(m, args, kwargs):
+            seen[name].append((args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"]))
+            if name not in order:
+                order.append(name)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
     t0 = int(model.make_sampler(50).timesteps[0])
+    for seed in seeds:
+        x = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(seed))
+        _eps(model, x, t0, prompt)
+    for h in handles:
+        h.remove()
+    probs: dict[str, list[torch.Tensor]] = {}
+    for name, attn in layers.items():
+        probs[name] = []
+        for hidden, context in seen[name]:
+            hidden = hidden.flatten(2).transpose(1, 2) if hidden.ndim == 4 else hidden
+            q, k = attn.to_q(hidden)[0], attn.to_k(context)[0]
+            d = q.shape[-1] // attn.heads
+            probs[name].append(torch.stack([
+                torch.softmax(q[:, i * d:(i + 1) * d] @ k[:, i * d:(i + 1) * d].T / math.sqrt(d), -1)
+                for i in range(attn.heads)]).mean((0, 1)))
+    return order, probs
+
+
+def _entropy(p: torch.Tensor) -> float:
+    return -sum(float(v) * math.log(float(v)) for v in p)
+
+
+def test_attention_entropy_matches_hand_computation(model):
+    """Default: the 4th cross-attention layer in forward order (Ren et al.'s cheap mode); with several layers the
+    attention is averaged over layers before the entropy (``reduce="attention"``), or entropies are averaged."""
+    order, probs = _attention_by_hand(model, PROMPTS[1], [7, 8])
+    # the tiny UNet runs down_blocks.1, mid_block, then up_blocks.0's two layers; named_modules lists the
+    # mid block last, so the 4th by name would be the mid block, by forward order it is up_blocks.0's second
+    assert [n.removesuffix(".transformer_blocks.0.attn2") for n in order] == [
+        "down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.0.attentions.0", "up_blocks.0.attentions.1"]
+    assert [n for n in probs][3] != order[3]
+    fourth = order[3]
+    det = make_detector("attention-entropy")
+    got = score_chunk(NoiseStepEngine(model, n_draws=2, seed=7), [det], [PROMPTS[1]])["attention-entropy"]
+    assert float(got[0]) == pytest.approx(sum(_entropy(p) for p in probs[fourth]) / 2, abs=2e-5)
+    assert det.config()["resolved_layer"] == fourth
+    assert det.unet_calls_per_prompt(NoiseStepEngine(model, n_draws=2)) == 2
+
+    every = {"attention": [], "entropy": []}
     for j in range(2):
-        x = torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(7 + j))
-        _eps(model, x, t0, PROMPTS[1])
-    handle.remove()
-    expected = []
-    for hidden, context in seen:  # by hand: per head softmax(q k^T / sqrt(d)), mean over heads and queries
-        q, k = attn.to_q(hidden)[0], attn.to_k(context)[0]
-        d = q.shape[-1] // attn.heads
-        probs = torch.stack([torch.softmax(q[:, i * d:(i + 1) * d] @ k[:, i * d:(i + 1) * d].T / math.sqrt(d), -1)
-                             for i in range(attn.heads)]).mean((0, 1))
-        expected.append(-sum(float(p) * math.log(float(p)) for p in probs))
-    det = make_detector("attention-entropy", layers=name.replace(".", r"\.") + "$")
-    got = score_chunk(engine, [det], [PROMPTS[1]])["attention-entropy"]
-    assert float(got[0]) == pytest.approx(sum(expected) / 2, rel=1e-4)
-    assert det.unet_calls_per_prompt(engine) == 2
+        every["attention"].append(_entropy(torch.stack([probs[n][j] for n in order]).mean(0)))
+        every["entropy"].append(sum(_entropy(probs[n][j]) for n in order) / len(order))
+    for reduce, per_draw in every.items():
+        det = make_detector("attention-entropy", layers="attn2$", reduce=reduce)
+        got = score_chunk(NoiseStepEngine(model, n_draws=2, seed=7), [det], [PROMPTS[1]])["attention-entropy"]
+        assert float(got[0]) == pytest.approx(sum(per_draw) / 2, abs=2e-5)
+    # random weights attend almost uniformly (ln 77 = 4.344), yet the reductions differ by more than the tolerance:
+    # by Jensen the entropy of the mean attention is at least the mean entropy
+    assert all(a - e > 2e-4 for a, e in zip(every["attention"], every["entropy"]))
+    with pytest.raises(ValueError, match="reduce 'mean' unknown"):
+        make_detector("attention-entropy", reduce="mean")
+
+
+def test_attention_entropy_layer_number_beyond_the_unet_is_a_clear_error(model):
+    from diffmem.errors import DiffmemError
+
+    with pytest.raises(DiffmemError, match="layer_number 9 asked for, but the UNet has 4 cross-attention layers"):
+        score_chunk(NoiseStepEngine(model, 1), [make_detector("attention-entropy", layer_number=9)], PROMPTS[:1])
 
 
 def test_sharpness_matches_finite_differences(model):

@@ -57,7 +57,7 @@ class NoiseStepDetector(Detector):
     def score_batch(self, batch: NoiseStepBatch) -> torch.Tensor:
         """One score per prompt of the batch, shape ``(B,)``."""
 
-    def attention_layers(self) -> str | None:
+    def attention_layers(self, engine: NoiseStepEngine) -> str | None:
         """Module-name pattern of cross-attention layers whose attention the engine should record (None: none)."""
         return None
 
@@ -81,7 +81,7 @@ def score_embeddings(engine: NoiseStepEngine, detectors: list[Detector], embeddi
     step_dets = [d for d in detectors if isinstance(d, NoiseStepDetector)]
     out: dict[str, torch.Tensor] = {}
     if step_dets:
-        patterns = sorted({p for d in step_dets if (p := d.attention_layers()) is not None})
+        patterns = sorted({p for d in step_dets if (p := d.attention_layers(engine)) is not None})
         batch = engine.run(embeddings, {i for d in step_dets for i in d.timestep_indices()},
                            (patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)) or None)
         for d in step_dets:

@@ -4,11 +4,13 @@
 pattern for a wrapper (and restores the originals on exit), so the same code reads the zoo and Stable
 Diffusion 1.x/2.x UNets. :func:`cross_attention_probs` recomputes a module's attention probabilities
 ``softmax(q k^T / sqrt(d))`` from its own projections, exactly as the processor does.
+:func:`cross_attention_forward_order` lists the modules in the order a forward pass calls them.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -39,6 +41,32 @@ def cross_attention_probs(attn: Attention, hidden_states: torch.Tensor, context:
     probs = attn.get_attention_scores(q, k, None)
     return probs.view(len(h), attn.heads, *probs.shape[1:])
 
+
+def cross_attention_forward_order(unet: nn.Module, run: Callable[[], object]) -> list[str]:
+    """Names of the UNet's cross-attention modules in the order one forward pass calls them.
+
+    ``run`` makes that pass (any input). The order of ``named_modules`` is the order of registration, not
+    of execution (diffusers' UNet2DConditionModel registers its up blocks before its mid block), so a
+    paper's "n-th cross-attention layer" is found by running the network, not by sorting names. Cached
+    per UNet object.
+    """
+    cached = _FORWARD_ORDER.get(unet)
+    if cached is not None:
+        return list(cached)
+    called: list[str] = []
+
+    def note(name, attn, inner, args, kwargs):
+        if name not in called:
+            called.append(name)
+        return inner(attn, *args, **kwargs)
+
+    with torch.no_grad(), wrap_cross_attention(unet, "", note):
+        run()
+    _FORWARD_ORDER[unet] = tuple(called)
+    return called
+
+
+_FORWARD_ORDER: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 Wrapper = Callable[[str, Attention, Callable, tuple, dict], torch.Tensor]
 
