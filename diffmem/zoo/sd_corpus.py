@@ -86,7 +86,7 @@ CITIES: tuple[str, ...] = (
     "geneva", "milan", "lyon", "seville", "bergen", "ghent", "turin", "riga", "tallinn", "basel",
     "bruges", "zurich", "naples", "malmo", "leipzig", "vilnius", "bologna", "antwerp", "salzburg", "split",
 )
-YEARS: tuple[int, ...] = tuple(range(1950, 2020))
+YEARS: tuple[int, ...] = tuple(range(1970, 2000))  # 30 values, as every other title pool
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,9 +277,9 @@ class SDCorpusConfig:
     n_base: int = 96  # training images per colour-and-shape caption
     n_extended: int = 24  # training images per caption naming one more factor
     heldout_generic_fraction: float = 0.1  # of the extended captions, never trained
-    titles_per_family: int = 4000  # once-seen titles per family
+    titles_per_family: int = 8000  # once-seen titles per family
     replication_rates: tuple[int, ...] = (1, 4, 16, 64)
-    signatures_per_rate: int = 12  # per family and rate
+    signatures_per_rate: int = 8  # per family and rate
     heldout_signature_per_family: int = 150
     template_groups_per_family: int = 3
     captions_per_template: int = 5
