@@ -59,6 +59,48 @@ def test_anisotropy_matches_hand_computation(model):
     assert (t_hi, t_lo) == (981, 41)  # timesteps[0] and timesteps[-3] of DDIM-50 with steps_offset 1
 
 
+def test_anisotropy_on_a_v_prediction_model_follows_the_reference_code(tiny_sd_v_folder):
+    """Asthana et al.'s code on v-prediction (SD2): cosine on the raw UNet output, norm of their score difference
+    (sqrt(a) v - x) / (1 - a) at t_hi; ``mode="epsilon"`` converts v to epsilon first and is another number."""
+    vmodel = load_model(tiny_sd_v_folder)
+    assert vmodel.prediction_type == "v_prediction"
+    sched = vmodel.make_sampler(50).timesteps
+    t_hi, t_lo = int(sched[0]), int(sched[-3])
+    x = torch.randn((1, *vmodel.latent_shape), generator=torch.Generator().manual_seed(3))
+    p = PROMPTS[0]
+    a_hi, a_lo = float(vmodel.alphas_cumprod[t_hi]), float(vmodel.alphas_cumprod[t_lo])
+    with torch.no_grad():
+        v_hi = {q: _eps(vmodel, x, t_hi, q) for q in (p, "")}  # raw UNet outputs (v), not converted
+        v_lo = {q: _eps(vmodel, x, t_lo, q) for q in (p, "")}
+
+    def score(v):  # the reference's score for v-prediction models
+        return (math.sqrt(a_hi) * v - x[0]) / (1 - a_hi)
+
+    norm = float((score(v_hi[p]) - score(v_hi[""])).norm())
+    vu, g = v_lo[""], v_lo[p] - v_lo[""]
+    c, h, w = vu.shape
+    align = sum(float(vu[:, i, j] @ g[:, i, j] / (vu[:, i, j].norm() * g[:, i, j].norm()))
+                for i in range(h) for j in range(w)) / (h * w)
+    engine = NoiseStepEngine(vmodel, n_draws=1, seed=3)
+    got = score_chunk(engine, [make_detector("anisotropy", family="sd2")], [p])["anisotropy"][0]
+    assert got == pytest.approx(norm + 0.1 * align, rel=1e-4)
+
+    def eps(v, a):  # the epsilon form: eps = sqrt(a) v + sqrt(1 - a) x
+        return math.sqrt(a) * v + math.sqrt(1 - a) * x[0]
+
+    norm_e = float((eps(v_hi[p], a_hi) - eps(v_hi[""], a_hi)).norm())
+    eu, ge = eps(v_lo[""], a_lo), eps(v_lo[p], a_lo) - eps(v_lo[""], a_lo)
+    align_e = sum(float(eu[:, i, j] @ ge[:, i, j] / (eu[:, i, j].norm() * ge[:, i, j].norm()))
+                  for i in range(h) for j in range(w)) / (h * w)
+    det = make_detector("anisotropy", family="sd2", mode="epsilon")
+    got_e = score_chunk(engine, [det], [p])["anisotropy"][0]
+    assert got_e == pytest.approx(norm_e + 0.1 * align_e, rel=1e-4)
+    assert norm == pytest.approx(norm_e / (1 - a_hi), rel=1e-5)  # the issue's 1 / (1 - alpha_bar) factor
+    assert abs(align - align_e) > 1e-3  # the conversion changes the cosine (the old docstring said it did not)
+    with pytest.raises(ValueError, match="mode 'v' unknown"):
+        make_detector("anisotropy", mode="v")
+
+
 def test_calibrated_anisotropy_standardises_on_reference(model):
     det = make_detector("anisotropy-calibrated", reference_prompts=PROMPTS)
     engine = NoiseStepEngine(model, n_draws=2)

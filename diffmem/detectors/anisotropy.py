@@ -1,6 +1,6 @@
 """Anisotropy / alignment (Asthana et al., ICLR 2026): two paired UNet calls on one pure-noise latent.
 
-On the same x_T (no denoising):
+On the same x_T (no denoising), for an epsilon-prediction model (SD1):
 
     norm  = || eps_c(x_T, t_hi) - eps_u(x_T, t_hi) ||_2                   t_hi = timesteps[0]
     align = mean_{draws, h, w} cos( eps_u(x_T, t_lo)[:, h, w],
@@ -9,10 +9,19 @@ On the same x_T (no denoising):
 of a 50-step DDIM schedule: the cosine is taken along the channel axis at every spatial position, then
 averaged. The UNet is *told* the low-noise timestep while seeing pure noise: a memorized prompt's
 guidance then points consistently along the unconditional denoising direction. Score
-``gamma1 * norm + gamma2 * align`` with the authors' hand-set weights (SD1: 1, 2; SD2: 1, 0.1);
-v-prediction outputs are converted to epsilon first by the model layer, which leaves the cosine
-unchanged up to the conversion. ``anisotropy-calibrated`` needs no hand-set weights: it standardises
-both terms on reference prompts known to be ordinary (z-scores) and adds them.
+``gamma1 * norm + gamma2 * align`` with the authors' hand-set weights (SD1: 1, 2; SD2: 1, 0.1).
+
+v-prediction models (SD2), ``mode="reference"`` (default): as the authors' code computes it, on which
+their SD2 weights were set. The alignment cosine is taken on the raw UNet outputs, cos(v_u, v_c - v_u);
+the norm is that of their score difference, (sqrt(a) v_c - x) / (1 - a) - (sqrt(a) v_u - x) / (1 - a)
+with a = alpha_bar(t_hi), i.e. ||eps_c - eps_u|| / (1 - a). ``mode="epsilon"`` converts v to epsilon
+first (eps = sqrt(a) v + sqrt(1 - a) x_T) and applies the SD1 formulas: the norm then lacks the
+1 / (1 - a) factor, and the cosine changes, since eps_u carries the x_T term that the guidance (where
+it cancels) does not. For epsilon models both modes are the same computation. For sample-prediction
+models (no reference exists) ``reference`` takes the cosine on the raw x0 outputs and the epsilon norm.
+
+``anisotropy-calibrated`` needs no hand-set weights: it standardises both terms on reference prompts
+known to be ordinary (z-scores) and adds them.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from diffmem.detectors.noise_norm import guidance_norm
 
 GAMMAS = {"sd1": (1.0, 2.0), "sd2": (1.0, 0.1)}
 LOW_INDEX = -3
+MODES = ("reference", "epsilon")
 
 
 def alignment(eps_uncond: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
@@ -38,10 +48,17 @@ def alignment(eps_uncond: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
     return cos.flatten(1).mean(1)
 
 
-def anisotropy_terms(batch: NoiseStepBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm term, alignment term) per prompt, both ``(B,)``."""
+def anisotropy_terms(batch: NoiseStepBatch, mode: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm term, alignment term) per prompt, both ``(B,)``; ``mode`` as in the module docstring."""
+    if mode not in MODES:
+        raise ValueError(f"anisotropy mode {mode!r} unknown; expected one of {list(MODES)}")
     norm = guidance_norm(batch.eps_cond[0], batch.eps_uncond[0][None]).mean(dim=1)
-    return norm, alignment(batch.eps_uncond[LOW_INDEX], batch.guidance(LOW_INDEX))
+    if mode == "epsilon" or batch.prediction_type == "epsilon":
+        return norm, alignment(batch.eps_uncond[LOW_INDEX], batch.guidance(LOW_INDEX))
+    if batch.prediction_type == "v_prediction":
+        norm = norm / (1.0 - batch.alphas_cumprod[0])
+    out_u, out_c = batch.raw_outputs(LOW_INDEX)
+    return norm, alignment(out_u, out_c - out_u[None])
 
 
 @DETECTORS.register("anisotropy", "asthana")
@@ -53,10 +70,13 @@ class Anisotropy(NoiseStepDetector):
     family: str = "sd1"
     gamma1: float | None = None
     gamma2: float | None = None
+    mode: str = "reference"
 
     def __post_init__(self) -> None:
         if self.family not in GAMMAS:
             raise ValueError(f"anisotropy family {self.family!r} unknown; expected one of {sorted(GAMMAS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"anisotropy mode {self.mode!r} unknown; expected one of {list(MODES)}")
 
     def weights(self) -> tuple[float, float]:
         g1, g2 = GAMMAS[self.family]
@@ -67,7 +87,7 @@ class Anisotropy(NoiseStepDetector):
 
     def score_batch(self, batch: NoiseStepBatch) -> torch.Tensor:
         g1, g2 = self.weights()
-        norm, align = anisotropy_terms(batch)
+        norm, align = anisotropy_terms(batch, self.mode)
         return g1 * norm + g2 * align
 
 
@@ -80,6 +100,11 @@ class AnisotropyCalibrated(NoiseStepDetector):
     needs_reference = True
     reference_prompts: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    mode: str = "reference"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"anisotropy mode {self.mode!r} unknown; expected one of {list(MODES)}")
 
     def timestep_indices(self) -> tuple[int, ...]:
         return (0, LOW_INDEX)
@@ -91,14 +116,14 @@ class AnisotropyCalibrated(NoiseStepDetector):
             raise ValueError("anisotropy-calibrated needs at least 2 reference_prompts (ordinary prompts) "
                              "or precomputed stats")
         emb = engine.model.encode_prompts(self.reference_prompts)
-        norm, align = anisotropy_terms(engine.run(emb, {0, LOW_INDEX}))
+        norm, align = anisotropy_terms(engine.run(emb, {0, LOW_INDEX}), self.mode)
         self.stats = {"norm_mean": float(norm.mean()), "norm_std": float(norm.std()),
                       "align_mean": float(align.mean()), "align_std": float(align.std())}
 
     def score_batch(self, batch: NoiseStepBatch) -> torch.Tensor:
         if not self.stats:
             raise RuntimeError("anisotropy-calibrated was not prepared: call prepare(engine) first")
-        norm, align = anisotropy_terms(batch)
+        norm, align = anisotropy_terms(batch, self.mode)
         s = self.stats
         return (norm - s["norm_mean"]) / s["norm_std"] + (align - s["align_mean"]) / s["align_std"]
 

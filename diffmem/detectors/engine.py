@@ -29,10 +29,26 @@ class NoiseStepBatch:
     # index -> layer name -> head- and query-averaged cross-attention over tokens, (B, D, T); only for the
     # layers some detector asked for (``attention_layers``), recorded during the conditional pass itself
     attention: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    prediction_type: str = "epsilon"  # what the UNet outputs: epsilon, v_prediction or sample
+    alphas_cumprod: dict[int, float] = field(default_factory=dict)  # index -> alpha_bar of that timestep
 
     def guidance(self, index: int) -> torch.Tensor:
         """eps_c - eps_u, ``(B, D, C, H, W)``."""
         return self.eps_cond[index] - self.eps_uncond[index][None]
+
+    def raw_outputs(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unconditional ``(D, C, H, W)``, conditional ``(B, D, C, H, W)``) UNet outputs in the model's own
+        parameterisation, recovered from epsilon by inverting the model layer's conversion (Salimans & Ho 2022):
+        v = (eps - sqrt(1 - a) x_T) / sqrt(a), x0 = (x_T - sqrt(1 - a) eps) / sqrt(a), with a = alpha_bar_t."""
+        eps_u, eps_c = self.eps_uncond[index], self.eps_cond[index]
+        if self.prediction_type == "epsilon":
+            return eps_u, eps_c
+        a = torch.tensor(self.alphas_cumprod[index], dtype=torch.float64)
+        sa, s1 = float(a.sqrt()), float((1 - a).sqrt())
+        x = self.latents.float()
+        if self.prediction_type == "v_prediction":
+            return (eps_u - s1 * x) / sa, (eps_c - s1 * x[None]) / sa
+        return (x - s1 * eps_u) / sa, (x[None] - s1 * eps_c) / sa
 
 
 class NoiseStepEngine:
@@ -114,4 +130,6 @@ class NoiseStepEngine:
         return NoiseStepBatch(latents=self.latents, eps_uncond=eps_uncond,
                               eps_cond={i: self._cached[i][0] for i in indices},
                               timesteps={i: self.timestep(i) for i in indices},
-                              attention={i: self._cached[i][1] for i in indices} if attention_layers else {})
+                              attention={i: self._cached[i][1] for i in indices} if attention_layers else {},
+                              prediction_type=self.model.prediction_type,
+                              alphas_cumprod={i: float(self.model.alphas_cumprod[self.timestep(i)]) for i in indices})
