@@ -5,7 +5,8 @@ generic prompt fidelity, training time, parameter count), measured by extraction
 
 With ``--write-labels`` the same run also (re)writes the zoo's ``labels.jsonl`` and the summary in
 ``zoo.json`` (this is what ``diffmem zoo label`` does). With ``--from-labels`` it only recomputes the
-per-rate breakdown (``labels_breakdown``) from the zoo's stored ``labels.jsonl``, without sampling.
+per-rate breakdown (``labels_breakdown``) from the zoo's stored ``labels.jsonl`` and copies the DeepSSIM
+embedder's held-out agreement with SSIM (``deepssim/agreement.json``, written by the build), without sampling.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from diffmem.cli.zoo_commands import format_summary, label_folder
 from diffmem.io import atomic_write_text
 from diffmem.zoo.load import load_labels
 from diffmem.zoo.paths import zoo_dir
+
+
+def deepssim_agreement(folder: Path) -> dict | None:
+    """The zoo's DeepSSIM embedder against SSIM on held-out image pairs (written by the build)."""
+    path = folder / "deepssim" / "agreement.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def breakdown(rows: list[dict]) -> dict:
@@ -49,6 +56,7 @@ def main() -> None:
     if args.from_labels:
         result = json.loads(Path(args.out).read_text())
         result["labels_breakdown"] = breakdown(load_labels(folder))
+        result["deepssim_agreement"] = deepssim_agreement(folder)
         atomic_write_text(Path(args.out), json.dumps(result, indent=2))
         print(json.dumps(result["labels_breakdown"], indent=1))
         return
@@ -71,7 +79,7 @@ def main() -> None:
     result = {"benchmark": "zoo_memorization", "zoo": str(folder), "labels": summary,
               "train_seconds": record["train_seconds"], "parameters": record["parameters"],
               "label_seconds": round(time.time() - started, 1), "versions": record["versions"],
-              "labels_breakdown": breakdown(rows)}
+              "labels_breakdown": breakdown(rows), "deepssim_agreement": deepssim_agreement(folder)}
     atomic_write_text(Path(args.out), json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 
