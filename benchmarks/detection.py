@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         help="scan only the groups whose label starts with one of these (e.g. draws8 image-); "
                              "no results are written")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        help="leave out the groups whose label starts with one of these (recorded in the JSON)")
     parser.add_argument("--limit", type=int, default=None, help="evenly spaced prompts kept (a quick smoke run)")
     args = parser.parse_args()
     work = Path(args.work)
@@ -197,20 +199,24 @@ def main() -> None:
     pretty = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",
               **{d.name: f"{d.name} (samples={d.samples}, {d.stop_after}/{d.steps} steps)" for d in image_detectors}}
 
-    # every scan group: (label, detectors, draws); the first draw count also runs the one-draw-count detectors
-    groups: list[tuple[str, list[Detector], int]] = []
-    for draws in args.draws:
-        dets = [make_detector("noise-norm"), make_detector("anisotropy"),
-                make_detector("anisotropy-calibrated", reference_prompts=reference)]
-        if draws == args.draws[0]:
-            dets += [make_detector("sharpness"),
-                     make_detector("noise-norm-trajectory", steps=args.trajectory_steps, generations=4)]
-        groups.append((f"draws{draws}", dets, draws))
-        if draws == args.draws[0]:  # its own folder: a change of its settings rescans it alone
-            groups.append((f"attention-entropy-draws{draws}", [make_detector("attention-entropy")], draws))
-    groups += [(f"image-{d.name}-s{d.samples}", [d], 1) for d in image_detectors]
+    # every scan group: (label, detectors, draws); each in its own folder, so a
+    # change of one detector's settings rescans that group alone
+    first = args.draws[0]
+    groups: list[tuple[str, list[Detector], int]] = [
+        (f"draws{first}", [make_detector("noise-norm"), make_detector("anisotropy"),
+                           make_detector("anisotropy-calibrated", reference_prompts=reference),
+                           make_detector("sharpness")], first),
+        (f"attention-entropy-draws{first}", [make_detector("attention-entropy")], first)]
+    groups.append((f"trajectory-steps{args.trajectory_steps}",
+                   [make_detector("noise-norm-trajectory", steps=args.trajectory_steps, generations=4)], first))
+    groups += [(f"draws{draws}", [make_detector("noise-norm"), make_detector("anisotropy"),
+                                  make_detector("anisotropy-calibrated", reference_prompts=reference)], draws)
+               for draws in args.draws[1:]]
+    groups += [(f"image-{d.name}-s{d.samples}", [d], 1) for d in image_detectors[::-1]]  # nn-margin first
     if args.only is not None:
         groups = [g for g in groups if g[0].startswith(tuple(args.only))]
+    skipped = [g[0] for g in groups if g[0].startswith(tuple(args.skip))]
+    groups = [g for g in groups if g[0] not in skipped]
 
     scores: dict[str, np.ndarray] = {}
     entries: list[tuple[str, Detector, str, int]] = []  # (result key, detector, score column, draws)
@@ -226,11 +232,12 @@ def main() -> None:
         print("scanned:", [g[0] for g in groups])
         return
 
-    first = args.draws[0]
     engine = NoiseStepEngine(model, first)
     members_of = {d.name: pretty.get(d.name, f"{d.name} (draws={first})") for _, ds, dr in groups if dr in (first, 1)
                   for d in ds}
     for members in COMBINATIONS[: 2 if image_detectors else 1]:
+        if not all(m in members_of for m in members):
+            continue  # a member's group was skipped
         combined, key = combination(members, image_detectors, reference, engine, timings)
         name = f"combined ({' + '.join(members)})"
         scores[name] = combined.combine({m: scores[members_of[m]] for m in members}).numpy()
@@ -268,7 +275,7 @@ def main() -> None:
               "reference_prompts_excluded": len(reference), "max_negatives_per_kind": args.max_per_kind,
               "confident_subset": {"source": args.rates, "positives": int((rate >= 0.5).sum()),
                                    "negatives": int((rate == 0).sum())} if np.isfinite(rate).any() else None,
-              "scores_file": scores_path.name,
+              "scores_file": scores_path.name, "skipped_groups": skipped,
               "timings": {k: timings.summary(k) for k in used},
               "timings_note": "wall-clock seconds summed over every session of a scan (resumes included); "
                               "None: scanned before timings were recorded",
