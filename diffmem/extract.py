@@ -77,7 +77,7 @@ def run_extract(model: DiffusionModel, prompts: PromptSet, attacks: list[Attack]
             "matcher": None if index is None else {"name": index.matcher.name, "threshold": index.threshold,
                                                    "training_images": len(index.images)},
             "versions": versions()}
-    claim_folder(out, prov, rank)
+    claim_folder(out, prov, rank, command="extract")
     own = own_items_of(prompts)
 
     def score(chunk: list[int]) -> dict[str, pa.Array]:

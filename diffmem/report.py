@@ -203,5 +203,8 @@ def build_report(run_dirs: list[str | Path], out: str | Path, gallery_size: int 
 
 
 def run_report_command(args) -> None:
-    """``diffmem report RUN_DIR ... --out FILE``."""
+    """``diffmem report RUN_DIR ... --out FILE``: refuses to replace a file it did not write, or an input."""
+    from diffmem.outputs import REPORT_SIGNATURE, check_output_file
+
+    check_output_file(args.out, args.runs, args.force, signature=REPORT_SIGNATURE)
     print(f"report: {build_report(args.runs, args.out, args.gallery)}")

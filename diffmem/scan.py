@@ -35,6 +35,25 @@ class ScanSettings:
     seed: int = 0
     batch_size: int = 64
     schedule_steps: int = 50
+    # False: the same n_draws noise draws (seeds seed + j) for every prompt; True: Wen et al.'s convention,
+    # prompt i's draws from a generator seeded seed + i (i = its index in the prompt file)
+    seed_per_prompt: bool = False
+
+
+TRUNCATED_LISTED = 10_000  # ids of truncated prompts kept in provenance.json (the count is always exact)
+
+
+def truncation(model: DiffusionModel, prompts: PromptSet, chunk: int = 4096) -> dict[str, Any]:
+    """Which prompts the model's tokenizer truncates: their count and (the first ``TRUNCATED_LISTED``) ids with
+    token counts. Computed once per scan for provenance, so the terminal gets one line, not one per prompt."""
+    listed, count = [], 0
+    for start in range(0, len(prompts), chunk):
+        for offset, n in enumerate(model.token_counts(prompts.texts[start : start + chunk])):
+            if n > model.max_tokens:
+                count += 1
+                if len(listed) < TRUNCATED_LISTED:
+                    listed.append({"id": prompts.ids[start + offset], "tokens": n})
+    return {"max_tokens": model.max_tokens, "count": count, "listed": listed}
 
 
 def provenance(model: DiffusionModel, prompts: PromptSet, detectors: list[Detector], settings: ScanSettings,
@@ -42,18 +61,23 @@ def provenance(model: DiffusionModel, prompts: PromptSet, detectors: list[Detect
     return {
         "model": model.describe(),
         "prompts": {"source": prompts.source, "n_unique": len(prompts), "duplicates_dropped": prompts.duplicates,
-                    "sha256_16": prompt_hash(prompts)},
+                    "sha256_16": prompt_hash(prompts), "truncated": truncation(model, prompts)},
         "detectors": [d.config() for d in detectors],
         "settings": settings.__dict__,
-        "noise_seeds": [settings.seed + j for j in range(settings.n_draws)],
+        "noise_seeds": (f"per prompt: the first {settings.n_draws} draws of a generator seeded {settings.seed} + the "
+                        "prompt's index in the file" if settings.seed_per_prompt
+                        else [settings.seed + j for j in range(settings.n_draws)]),
         "world_size": world_size,
         "versions": versions(),
     }
 
 
-def score_chunk(engine: NoiseStepEngine, detectors: list[Detector], texts: list[str]) -> dict[str, np.ndarray]:
-    """Scores of every detector for one chunk: noise-step detectors share one engine pass."""
-    scores = score_embeddings(engine, detectors, engine.model.encode_prompts(texts))
+def score_chunk(engine: NoiseStepEngine, detectors: list[Detector], texts: list[str],
+                prompt_ids: list[int] | None = None) -> dict[str, np.ndarray]:
+    """Scores of every detector for one chunk: noise-step detectors share one engine pass. ``prompt_ids``: the
+    prompts' indices in their file, which seed their noise when the engine draws a seed per prompt."""
+    scores = score_embeddings(engine, detectors, engine.model.encode_prompts(texts, warn_truncation=False),
+                              prompt_ids)
     return {name: v.double().cpu().numpy() for name, v in scores.items()}
 
 
@@ -70,11 +94,17 @@ def run_scan(model: DiffusionModel, prompts: PromptSet, detectors: list[Detector
     if len(set(names)) != len(names):
         raise DiffmemError(f"detector names repeat: {names}")
     out = Path(out_dir)
-    claim_folder(out, provenance(model, prompts, detectors, settings, world_size), rank)
-    engine = NoiseStepEngine(model, settings.n_draws, settings.seed, settings.schedule_steps)
+    record = provenance(model, prompts, detectors, settings, world_size)
+    claim_folder(out, record, rank)
+    truncated = record["prompts"]["truncated"]["count"]
+    if truncated and rank == 0:
+        log.warning("%d of %d prompts have more than the tokenizer's %d tokens and are scored truncated "
+                    "(listed in %s)", truncated, len(prompts), model.max_tokens, out / "provenance.json")
+    engine = NoiseStepEngine(model, settings.n_draws, settings.seed, settings.schedule_steps,
+                             seed_per_prompt=settings.seed_per_prompt)
 
     def score(chunk: list[int]) -> dict[str, pa.Array]:
-        scores = score_chunk(engine, detectors, [prompts.texts[i] for i in chunk])
+        scores = score_chunk(engine, detectors, [prompts.texts[i] for i in chunk], list(chunk))
         return {name: pa.array(v, pa.float64()) for name, v in scores.items()}
 
     def prepare() -> None:

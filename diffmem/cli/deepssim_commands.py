@@ -48,12 +48,21 @@ def zoo_images_and_groups() -> tuple[torch.Tensor, np.ndarray]:
 
 def run_train(args: argparse.Namespace) -> None:
     from diffmem.eval.deepssim import DeepSSIMConfig, train_and_save
+    from diffmem.outputs import check_output_dir, discard, publish, staging_dir
 
+    writes = ["model.safetensors", "config.json", "agreement.json"]
+    check_output_dir(args.out, "deepssim-train", [args.images], args.force, writes=writes)
     cfg = dataclasses.replace(DeepSSIMConfig(), steps=args.steps, seed=args.seed)
     if args.images:
         images, groups = load_image_folder(Path(args.images), cfg.image_size), None
     else:
         images, groups = zoo_images_and_groups()
-    stats = train_and_save(images, groups, args.out, cfg)
+    staging = staging_dir(args.out)
+    try:
+        stats = train_and_save(images, groups, staging, cfg)
+        publish(staging, args.out, "deepssim-train")
+    except BaseException:
+        discard(staging)
+        raise
     print(f"DeepSSIM saved to {args.out}; held-out agreement with SSIM: pearson {stats['pearson']:.3f}, "
           f"spearman {stats['spearman']:.3f}, MAE {stats['mae']:.3f} over {stats['pairs']} pairs")

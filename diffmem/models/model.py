@@ -56,15 +56,23 @@ def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
     return tensor
 
 
+def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` on ``device`` in ``dtype``, frozen, in eval mode. The dtype cast runs only when needed:
+    diffusers warns on every ``.to(dtype=...)`` (even a no-op), once per component and run."""
+    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        module = module.to(dtype=dtype)
+    return module.to(device=device).eval().requires_grad_(False)
+
+
 class DiffusionModel:
     """A loaded text-to-image diffusion model (see :func:`diffmem.models.load_model`)."""
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, *, device: torch.device,
                  dtype: torch.dtype, source: str, folder: Path | None = None):
         self.device, self.dtype, self.source, self.folder = device, dtype, source, folder
-        self.unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False) if vae is not None else None
+        self.unet = _placed(unet, device, dtype)
+        self.text_encoder = _placed(text_encoder, device, dtype)
+        self.vae = _placed(vae, device, dtype) if vae is not None else None
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler.config)
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
@@ -125,8 +133,8 @@ class DiffusionModel:
         }
 
     # ---------------------------------------------------------------- text
-    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids padded to the tokenizer's length; over-long prompts are truncated with a warning."""
+    @staticmethod
+    def _check_prompts(prompts: Sequence[str]) -> None:
         if isinstance(prompts, str):
             raise PromptError("prompts must be a list of strings, not a single string")
         if len(prompts) == 0:
@@ -134,18 +142,31 @@ class DiffusionModel:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise PromptError(f"prompt #{i} is {type(p).__name__}, expected str")
-        full = self.tokenizer(list(prompts), truncation=False, padding=False).input_ids
-        for i, ids in enumerate(full):
-            if len(ids) > self.max_tokens:
-                log.warning("prompt #%d (%r...) has %d tokens; truncated to the tokenizer's %d",
-                            i, prompts[i][:40], len(ids), self.max_tokens)
+
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens of each prompt before truncation (start and end tokens included)."""
+        self._check_prompts(prompts)
+        # verbose=False: transformers would warn once that a sequence exceeds the model's length; we report it
+        return [len(ids) for ids in self.tokenizer(list(prompts), truncation=False, padding=False,
+                                                   verbose=False).input_ids]
+
+    def tokenize(self, prompts: Sequence[str], warn_truncation: bool = True) -> torch.Tensor:
+        """Token ids padded to the tokenizer's length; over-long prompts are truncated, with one warning per
+        prompt unless ``warn_truncation`` is False (the scan counts them once in provenance instead)."""
+        self._check_prompts(prompts)
+        if warn_truncation:
+            for i, n in enumerate(self.token_counts(prompts)):
+                if n > self.max_tokens:
+                    log.warning("prompt #%d (%r...) has %d tokens; truncated to the tokenizer's %d",
+                                i, prompts[i][:40], n, self.max_tokens)
         return self.tokenizer(list(prompts), padding="max_length", max_length=self.max_tokens, truncation=True,
                               return_tensors="pt").input_ids
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    def encode_prompts(self, prompts: Sequence[str], batch_size: int = 256, warn_truncation: bool = True
+                       ) -> torch.Tensor:
         """Text-encoder hidden states ``(N, L, D)`` as the UNet's cross-attention reads them."""
-        ids = self.tokenize(prompts)
+        ids = self.tokenize(prompts, warn_truncation)
         out = [self.text_encoder(ids[i : i + batch_size].to(self.device))[0] for i in range(0, len(ids), batch_size)]
         return torch.cat(out).to(self.dtype)
 
