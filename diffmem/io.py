@@ -1,4 +1,8 @@
-"""Atomic file writes: results and checkpoints are never left half-written by an interruption."""
+"""Atomic file writes: results and checkpoints are never left half-written by an interruption.
+
+Files are written with mode 0o644 (group- and world-readable, whatever the umask; ``mkstemp`` alone
+gives 0o600), so results and reports can be shared.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,15 @@ from typing import Any
 
 import torch
 
+FILE_MODE = 0o644
+
 
 def _atomic(path: str | Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

@@ -57,21 +57,63 @@ def write_parquet(table: pa.Table, path: Path) -> Path:
 
 
 def _comparable(p: dict) -> dict:
+    """Settings that decide the results, compared by content: the prompts' hash, not the path as typed;
+    the model's fingerprint, not its folder; no library versions, device or flagging record."""
     p = json.loads(json.dumps(p, default=str))
-    p.pop("versions", None)
+    for key in ("versions", "flagging"):
+        p.pop(key, None)
     if isinstance(p.get("model"), dict):
-        p["model"].pop("device", None)
+        for key in ("device", "source"):
+            p["model"].pop(key, None)
+    if isinstance(p.get("prompts"), dict):
+        p["prompts"].pop("source", None)
     return p
 
 
-def claim_folder(out: Path, provenance: dict, rank: int) -> None:
-    """Write ``provenance.json`` (rank 0) or check that an existing one has the same settings."""
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two provenance records."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".") or "settings"]
+
+
+def _describe(name: str, old: Any, new: Any) -> str:
+    def short(v: Any) -> str:
+        text = json.dumps(v, default=str)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return f"{name} ({short(new)} now, {short(old)} before)"
+
+
+def claim_folder(out: Path, provenance: dict, rank: int, command: str = "scan") -> None:
+    """Write ``provenance.json`` (rank 0) or check that an existing one has the same settings.
+
+    A refusal names each setting that differs (e.g. ``prompts.sha256_16``, ``settings.n_draws``). Rank 0
+    also marks the folder as ``command``'s output (see :mod:`diffmem.outputs`), so a rerun may resume it.
+    """
+    from diffmem.outputs import claim_output_dir
+
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        claim_output_dir(out, command, [PROVENANCE_FILE, "parts"])
     path = out / PROVENANCE_FILE
     if path.is_file():
-        if _comparable(json.loads(path.read_text())) != _comparable(provenance):
-            raise DiffmemError(f"'{out}' holds a run with other settings (model, prompts, methods or seeds); "
-                               "use another --out or delete it")
+        old, new = _comparable(json.loads(path.read_text())), _comparable(provenance)
+        if old != new:
+            diff = differences(old, new)
+
+            def get(d: dict, dotted: str) -> Any:
+                for k in dotted.split("."):
+                    d = d.get(k) if isinstance(d, dict) else None
+                return d
+
+            named = "; ".join(_describe(k, get(old, k), get(new, k)) for k in diff[:4])
+            raise DiffmemError(f"'{out}' holds a run with other settings: {named}"
+                               f"{f' and {len(diff) - 4} more' if len(diff) > 4 else ''}; "
+                               "rerun with the earlier settings to resume, or use another --out")
     elif rank == 0:
         atomic_write_text(path, json.dumps(provenance, indent=2, default=str))
 

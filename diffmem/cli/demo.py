@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,12 +46,17 @@ def stack(panels: list[Image.Image]) -> Image.Image:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from diffmem.cli.options import resolve_device
     from diffmem.cli.zoo_commands import format_summary
+    from diffmem.outputs import check_output_dir, claim_output_dir
     from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
     from diffmem.zoo.paths import zoo_dir
 
     started = time.time()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    writes = ["grid.png", "provenance.json", "scan", "report.html"]
+    device = resolve_device(args.device)
+    check_output_dir(args.out, "demo", [args.model or zoo_dir()], args.force, writes=writes)
+    model = load_model(args.model, device=device, dtype=args.dtype)
     folder = zoo_dir()  # the zoo's captions and training images, whatever model is being shown
     record = json.loads((folder / "zoo.json").read_text())
     items, labels = load_corpus(folder), load_labels(folder)
@@ -68,8 +72,7 @@ def run_demo(args: argparse.Namespace) -> None:
     train = zoo_training_set().reference
     matcher = SSIMMatcher().fit(train)
     groups = {"memorized (signature)": memorized, "generic": generic}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(args.out, "demo", writes)
     panels, table = [], []
     for name, rows in groups.items():
         prompts = [r["caption"] for r in rows for _ in range(args.seeds)]

@@ -11,28 +11,119 @@ from collections.abc import Sequence
 
 from diffmem.errors import DiffmemError
 
+DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``diffmem: error: ...``, exit 2) and ``-v``/``--quiet`` accepted
+    after the subcommand as well as before it."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(2, f"diffmem: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+    def add_parser_common(self) -> None:
+        # SUPPRESS: a subcommand's default never overrides the flag given before the subcommand
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="debug logging (default: off)")
+        self.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                          help="no progress bars, weight-loading bars or library warnings (default: off)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def open_unit_float(text: str) -> float:
+    """argparse type: a float strictly between 0 and 1 (a false-positive rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected 0 < value < 1 (a false-positive rate), got {value:g}")
+    return value
+
+
+def add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing --out that holds other files; only diffmem's own files are "
+                        "replaced, never yours (default: off)")
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the embedded zoo)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, else float16)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device: cpu, cuda, cuda:N or mps; refused when absent (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, metavar="DTYPE",
+                   help=f"one of {', '.join(DTYPES[:3])} (default: float32 on CPU, else float16)")
+
+
+def registry_listing() -> str:
+    """Every detector, attack and mitigator with the first line of its docstring (for ``--help``)."""
+    from diffmem.attacks import ATTACKS
+    from diffmem.detectors import DETECTORS
+    from diffmem.mitigators import MITIGATORS
+
+    lines = []
+    for title, registry in (("detectors (--detector)", DETECTORS), ("attacks (--attack)", ATTACKS),
+                            ("mitigators (mitigate METHOD, bench --mitigators)", MITIGATORS)):
+        lines.append(f"{title}:")
+        seen: dict[type, list[str]] = {}
+        for name in registry.names():
+            seen.setdefault(registry.get(name), []).append(name)
+        for cls, names in seen.items():
+            doc = (cls.__doc__ or "").strip().splitlines()
+            main_name = cls.name if getattr(cls, "name", None) in names else names[0]
+            rest = [n for n in names if n != main_name]
+            alias = f" (alias {', '.join(rest)})" if rest else ""
+            lines.append(f"  {main_name:<24}{doc[0] if doc else ''}{alias}")
+    return "\n".join(lines)
+
+
+class ListingHelp(Parser):
+    """A parser whose ``--help`` ends with the registries' names (imported only when help is asked)."""
+
+    def format_help(self) -> str:
+        return super().format_help() + "\n" + registry_listing() + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffmem", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ListingHelp(prog="diffmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars, weight-loading bars or library warnings (default: off)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     demo = sub.add_parser("demo", help="load a model (default: the zoo), show its manifest, generate a sample grid")
     _add_model_args(demo)
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--per-group", type=int, default=6, help="prompts per group in the grid (default: 6)")
-    demo.add_argument("--seeds", type=int, default=3, help="seeds per prompt (default: 3)")
-    demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    add_force(demo)
+    demo.add_argument("--per-group", type=positive_int, default=6, help="prompts per group in the grid (default: 6)")
+    demo.add_argument("--seeds", type=positive_int, default=3, help="seeds per prompt (default: 3)")
+    demo.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default: 50)")
     demo.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default: 7.5)")
-    demo.add_argument("--draws", type=int, default=8, help="noise draws of the closing scan (default: 8)")
-    demo.add_argument("--scan-prompts", type=int, default=400, help="zoo captions in the closing scan (default: 400)")
-    demo.add_argument("--scan-samples", type=int, default=2,
+    demo.add_argument("--draws", type=positive_int, default=8, help="noise draws of the closing scan (default: 8)")
+    demo.add_argument("--scan-prompts", type=positive_int, default=400,
+                      help="zoo captions in the closing scan (default: 400)")
+    demo.add_argument("--scan-samples", type=non_negative_int, default=2,
                       help="generations per caption of the scan's nn-margin detector, 0 to skip it (default: 2)")
     demo.add_argument("--no-report", action="store_true", help="skip the closing scan and HTML report")
 
@@ -41,9 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     scan = sub.add_parser("scan", help="score prompts with memorization detectors (resumable, shardable)")
     _add_model_args(scan)
     add_scan_args(scan, "runs/scan")
-    scan.add_argument("--calibration", default=None, help="calibration.json from `diffmem calibrate`")
-    scan.add_argument("--fpr", type=float, default=None, help="flag at this false-positive rate (needs --calibration)")
-    scan.add_argument("--top", type=int, default=10, help="prompts shown per detector (default: 10)")
+    scan.add_argument("--calibration", default=None,
+                      help="calibration.json from `diffmem calibrate` on the same model and settings (default: none)")
+    scan.add_argument("--fpr", type=open_unit_float, default=None,
+                      help="flag at this false-positive rate, 0 < FPR < 1; needs --calibration (default: 0.01 "
+                           "when --calibration is given)")
+    scan.add_argument("--accept-calibration-mismatch", action="store_true",
+                      help="use a calibration made on another model or with other detector settings, with a "
+                           "warning (default: refused)")
+    scan.add_argument("--top", type=positive_int, default=10, help="prompts shown per detector (default: 10)")
 
     calibrate = sub.add_parser("calibrate", help="fit detector thresholds on prompts known to be ordinary")
     _add_model_args(calibrate)
@@ -59,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label from a replication-rate column instead: memorized when rate >= --positive-rate, "
                              "ordinary when rate == 0, prompts in between left out (stochastic labels)")
     detect.add_argument("--positive-rate", type=float, default=0.5, help="with --rate-column (default: 0.5)")
-    detect.add_argument("--split-by", default=None, help="also report positives per value of this column")
+    detect.add_argument("--split-by", default=None,
+                        help="also report positives per value of this column (default: none)")
     detect.add_argument("--out", default="runs/eval-detect", help="output folder (default: runs/eval-detect)")
+    add_force(detect)
 
     from diffmem.cli.extract_commands import add_extract_args
 
@@ -69,19 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_extract_args(extract)
 
     mitigate = sub.add_parser("mitigate", help="patch a checkpoint (or write an inference-time config)")
-    mitigate.add_argument("method", help="mitigator name (see README)")
+    mitigate.add_argument("method", help="mitigator name (listed at the end of `diffmem --help`)")
     _add_model_args(mitigate)
     mitigate.add_argument("--prompts", default=None, help="memorized prompts (default: the zoo's memorized captions)")
-    mitigate.add_argument("--caption-column", default=None)
+    mitigate.add_argument("--caption-column", default=None, help="column holding the prompt (default: found by name)")
     mitigate.add_argument("--reference", default=None, help="ordinary prompts (default: zoo generic captions)")
-    mitigate.add_argument("--out", required=True, help="output folder (never the input checkpoint)")
-    mitigate.add_argument("--option", action="append", help="method option key=value (repeatable)")
+    mitigate.add_argument("--out", required=True,
+                          help="new output folder: a patched checkpoint, or mitigation.json for inference-time "
+                               "methods (re-applied by scan/extract/sample --mitigation); never the input")
+    add_force(mitigate)
+    mitigate.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
+                          help="method option, values parsed as JSON when they parse (repeatable; default: none)")
 
     bench = sub.add_parser("bench", help="every mitigator on the zoo: memorization removed vs quality kept")
     _add_model_args(bench)
     bench.add_argument("--mitigators", nargs="+", default=None, help="methods (default: all)")
-    bench.add_argument("--out", default="runs/bench")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", default="runs/bench", help="output folder; rerun to resume (default: runs/bench)")
+    add_force(bench)
+    bench.add_argument("--seed", type=int, default=0, help="seed of the prompt split and fits (default: 0)")
     bench.add_argument("--option", action="append", default=None,
                        help="METHOD.KEY=VALUE for a mitigator, or retrigger.KEY=VALUE for the adaptive attack "
                             "(e.g. retrigger.lr=0.01; repeatable)")
@@ -89,32 +193,76 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="one self-contained HTML report of run folders")
     report.add_argument("runs", nargs="+", help="run folders (scan, extract, eval, benchmark JSON)")
     report.add_argument("--out", default="runs/report.html", help="HTML file (default: runs/report.html)")
-    report.add_argument("--gallery", type=int, default=6, help="prompts in each scan's gallery (default: 6)")
+    add_force(report)
+    report.add_argument("--gallery", type=non_negative_int, default=6,
+                        help="prompts in each scan's gallery, 0 for none (default: 6)")
 
     ds = sub.add_parser("deepssim", help="train the DeepSSIM image embedder")
     dsub = ds.add_subparsers(dest="deepssim_command", required=True)
     dtrain = dsub.add_parser("train", help="train on the zoo corpus (default) or an image folder")
     dtrain.add_argument("--images", default=None, help="image folder (default: the zoo's training images)")
     dtrain.add_argument("--out", required=True, help="folder for model.safetensors, config.json, agreement.json")
-    dtrain.add_argument("--steps", type=int, default=1500)
-    dtrain.add_argument("--seed", type=int, default=0)
+    add_force(dtrain)
+    dtrain.add_argument("--steps", type=positive_int, default=1500, help="training steps (default: 1500)")
+    dtrain.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
 
     zoo = sub.add_parser("zoo", help="build, label or describe the memorization zoo")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True)
     build = zsub.add_parser("build", help="train the zoo from its seed (resumable)")
     build.add_argument("--out", required=True, help="folder to write the zoo to")
+    add_force(build)
     build.add_argument("--work-dir", default=None, help="checkpoint folder (default: OUT.work); rerun to resume")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--vae-steps", type=int, default=None)
-    build.add_argument("--unet-steps", type=int, default=None)
-    build.add_argument("--no-label", action="store_true", help="skip the ground-truth extraction")
+    build.add_argument("--seed", type=int, default=0, help="seed of the corpus and training (default: 0)")
+    build.add_argument("--vae-steps", type=positive_int, default=None,
+                       help="VAE training steps (default: the config's)")
+    build.add_argument("--unet-steps", type=positive_int, default=None,
+                       help="denoiser training steps (default: the config's)")
+    build.add_argument("--no-label", action="store_true", help="skip the ground-truth extraction (default: off)")
     label = zsub.add_parser("label", help="(re)compute the zoo's ground-truth labels by extraction")
     label.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
-    label.add_argument("--seeds", type=int, default=4, help="generations per caption (default: 4)")
-    label.add_argument("--steps", type=int, default=25, help="DDIM steps (default: 25)")
+    label.add_argument("--seeds", type=positive_int, default=4, help="generations per caption (default: 4)")
+    label.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default: 25)")
     info = zsub.add_parser("info", help="print the zoo's manifest summary and labels table")
     info.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
+    _add_common_to_leaves(sub)
     return parser
+
+
+def _add_common_to_leaves(action: argparse._SubParsersAction) -> None:
+    """``-v`` and ``--quiet`` on every leaf subcommand (``diffmem scan -v`` as well as ``diffmem -v scan``)."""
+    for p in dict.fromkeys(action.choices.values()):
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _add_common_to_leaves(nested[0])
+        elif isinstance(p, Parser):
+            p.add_parser_common()
+
+
+def quiet_libraries(verbose: bool = False, quiet: bool = False) -> None:
+    """Keep transformers/diffusers/huggingface_hub to errors only (their warnings are not the user's
+    business on every command); ``quiet`` also hides weight-loading and progress bars. ``-v`` keeps all."""
+    if verbose:
+        return
+    import warnings
+
+    for name in ("transformers", "diffusers", "huggingface_hub", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|diffusers|huggingface_hub|torch)")
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
+        try:
+            import diffusers.utils.logging as dlog
+            import transformers.utils.logging as tlog
+
+            dlog.disable_progress_bar()
+            tlog.disable_progress_bar()
+        except ImportError:  # pragma: no cover - both are dependencies
+            pass
 
 
 # command -> "module:function" taking the parsed arguments; imported lazily so `--help` stays fast
@@ -137,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="diffmem: %(levelname)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_libraries(verbose=args.verbose, quiet=args.quiet)
     try:
         handler = HANDLERS[args.command]
         if args.command == "zoo":

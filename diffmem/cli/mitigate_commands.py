@@ -11,22 +11,36 @@ from diffmem.errors import DiffmemError
 
 
 def run_mitigate(args: argparse.Namespace) -> None:
+    from diffmem.cli.options import resolve_device
     from diffmem.cli.scan_commands import zoo_reference_prompts
     from diffmem.mitigators import make_mitigator
-    from diffmem.mitigators.base import InferenceMitigator
+    from diffmem.mitigators.base import MITIGATION_FILE, InferenceMitigator
     from diffmem.models.loader import load_model
+    from diffmem.outputs import check_output_dir
     from diffmem.prompts import load_prompts
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.prompts:
-        memorized = load_prompts(args.prompts, args.caption_column).texts
+    # everything checked before the model loads; nothing is written until the result is complete
+    device = resolve_device(args.device)
+    check_output_dir(args.out, "mitigate", [args.model or _zoo_pipeline(), args.prompts, args.reference],
+                     args.force, writes=[MITIGATION_FILE])
+    try:
+        make_mitigator(args.method, **parse_options(args.option))
+    except KeyError as exc:
+        raise DiffmemError(str(exc).strip("'\"")) from exc
+    except TypeError as exc:
+        raise DiffmemError(str(exc)) from exc
+    memorized_prompts = load_prompts(args.prompts, args.caption_column).texts if args.prompts else None
+    ordinary_prompts = load_prompts(args.reference).texts if args.reference else None
+    model = load_model(args.model, device=device, dtype=args.dtype)
+    if memorized_prompts is not None:
+        memorized = memorized_prompts
     else:
         from diffmem.zoo.load import load_labels
         from diffmem.zoo.paths import zoo_dir
 
         memorized = [r["caption"] for r in load_labels(zoo_dir()) if r["memorized"]
                      and r["kind"] in ("signature", "template")]
-    ordinary = load_prompts(args.reference).texts if args.reference else zoo_reference_prompts()
+    ordinary = ordinary_prompts if ordinary_prompts is not None else zoo_reference_prompts()
     try:
         mitigator = make_mitigator(args.method, **parse_options(args.option))
     except KeyError as exc:
@@ -45,17 +59,28 @@ def run_mitigate(args: argparse.Namespace) -> None:
         mitigator.fit(model, memorized, ordinary, surrogates=surrogate_images([rows[p] for p in memorized]))
     else:
         mitigator.fit(model, memorized, ordinary)
-    out = mitigator.save(args.out, model)
+    out = mitigator.save(args.out, model, force=args.force)
     kind = "inference-time config" if isinstance(mitigator, InferenceMitigator) else "patched checkpoint"
     print(f"{args.method}: {kind} written to {out}")
     print(json.dumps({k: v for k, v in mitigator.describe_fit().items() if k != "neurons"}, default=str)[:2000])
 
 
+def _zoo_pipeline():
+    from diffmem.zoo.paths import zoo_pipeline_path
+
+    return zoo_pipeline_path()
+
+
 def run_bench_command(args: argparse.Namespace) -> None:
     from diffmem.bench import DEFAULT_METHODS, BenchSettings, run_bench
+    from diffmem.cli.options import resolve_device
     from diffmem.models.loader import load_model
+    from diffmem.outputs import check_output_dir, claim_output_dir
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    device = resolve_device(args.device)
+    check_output_dir(args.out, "bench", [args.model or _zoo_pipeline()], args.force, writes=["bench.json"])
+    model = load_model(args.model, device=device, dtype=args.dtype)
+    claim_output_dir(args.out, "bench", ["bench.json"])
     methods = args.mitigators or list(DEFAULT_METHODS)
     options = parse_scoped_options(args.option, [*methods, "retrigger"], "METHOD")
     settings = BenchSettings(seed=args.seed, retrigger=options.pop("retrigger"),

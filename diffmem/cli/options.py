@@ -31,3 +31,28 @@ def parse_scoped_options(pairs: list[str] | None, scopes: list[str], what: str) 
             raise DiffmemError(f"option {pair!r} must be {what}.KEY=VALUE for one of {scopes}")
         options[scope] |= parse_options([rest])
     return options
+
+
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+
+
+def resolve_device(name: str) -> str:
+    """``--device`` checked once for every command: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    An unknown name (``gpu``) or a device this machine lacks (``cuda`` without a GPU, ``cuda:3`` with
+    two) is refused with one line instead of running silently on the CPU or failing later in torch.
+    """
+    import torch
+
+    kind, _, index = str(name).partition(":")
+    if kind not in DEVICE_KINDS or (index and not index.isdigit()) or (index and kind == "cpu"):
+        raise DiffmemError(f"--device {name!r} is not a device name; expected cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DiffmemError(f"--device {name!r}: no CUDA GPU is available on this machine; use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise DiffmemError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DiffmemError(f"--device {name!r}: MPS is not available on this machine; use --device cpu")
+    return name

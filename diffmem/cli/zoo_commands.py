@@ -8,12 +8,19 @@ import json
 from pathlib import Path
 
 from diffmem.io import atomic_write_text
+from diffmem.outputs import check_not_input
 from diffmem.zoo.manifest import read_jsonl, write_jsonl
+
+ZOO_WRITES = ("pipeline", "attribute_reader", "deepssim", "zoo.json", "manifest.jsonl", "labels.jsonl", "corpus")
 
 
 def run_build(args: argparse.Namespace) -> None:
+    from diffmem.outputs import check_output_dir
     from diffmem.zoo.build import TrainConfig, ZooConfig, build_zoo
 
+    check_output_dir(args.out, "zoo-build", [], args.force, writes=ZOO_WRITES)
+    if args.work_dir:
+        check_not_input(args.work_dir, [args.out], "--work-dir")
     train = TrainConfig()
     if args.vae_steps is not None:
         train = dataclasses.replace(train, vae_steps=args.vae_steps)
@@ -75,3 +82,4 @@ def run_info(args: argparse.Namespace) -> None:
           f"training time: {record['train_seconds'] / 60:.1f} min")
     if "labels" in record:
         print(format_summary(record["labels"]))
+

@@ -26,6 +26,7 @@ from diffmem.errors import DiffmemError
 from diffmem.io import atomic_write_text
 from diffmem.jobs import versions
 from diffmem.models.model import DiffusionModel
+from diffmem.outputs import check_output_dir, discard, publish, staging_dir
 from diffmem.registry import Configurable, Registry
 
 MITIGATORS: Registry[Mitigator] = Registry("mitigator")
@@ -71,12 +72,23 @@ class InferenceMitigator(Mitigator):
     def apply(self, model: DiffusionModel) -> DiffusionModel:
         """A patched view of ``model``; ``model`` itself is unchanged."""
 
-    def save(self, out_dir: str | Path, model: DiffusionModel) -> Path:
+    def save(self, out_dir: str | Path, model: DiffusionModel, force: bool = False) -> Path:
+        """Write ``mitigation.json`` into ``out_dir``: what ``--mitigation FILE`` of scan, extract and
+        sample re-applies (see :func:`load_mitigation`). Returns the file's path."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        check_output_dir(out, "mitigate", [model.folder], force, writes=[MITIGATION_FILE])
         record = {"mitigator": self.config(), "acts_at": self.acts_at, "fit": self.describe_fit(),
-                  "model": model.describe(), "versions": versions()}
-        return atomic_write_text(out / MITIGATION_FILE, json.dumps(record, indent=2, default=str))
+                  "model": model.describe(), "versions": versions(),
+                  "use": f"diffmem scan|extract|sample --model {model.folder or '<the model>'} --mitigation "
+                         f"{out / MITIGATION_FILE}"}
+        staging = staging_dir(out)
+        try:
+            atomic_write_text(staging / MITIGATION_FILE, json.dumps(record, indent=2, default=str))
+            publish(staging, out, "mitigate")
+        except BaseException:
+            discard(staging)
+            raise
+        return out / MITIGATION_FILE
 
 
 @dataclass
@@ -90,30 +102,64 @@ class WeightMitigator(Mitigator):
     def edited_components(self) -> tuple[str, ...]:
         return ("unet",)
 
-    def save(self, out_dir: str | Path, model: DiffusionModel) -> Path:
-        """Write a new pipeline folder: edited components saved, the others copied from the input."""
+    def save(self, out_dir: str | Path, model: DiffusionModel, force: bool = False) -> Path:
+        """Write a new pipeline folder: edited components saved, the others copied from the input.
+
+        The input folder is never written to: an ``out_dir`` equal to, inside or containing it is
+        refused, as is an existing folder diffmem did not write (unless ``force``, which still only
+        replaces diffmem's own files); the folder is built in a temporary sibling and renamed into
+        place. Edited components keep the dtype the input stored them in (an fp16 input stays fp16).
+        """
         if model.folder is None:
             raise DiffmemError("saving a patched checkpoint needs a model loaded from a folder")
         out = Path(out_dir)
-        if out.resolve() == model.folder.resolve():
-            raise DiffmemError(f"--out '{out}' is the input checkpoint; patched checkpoints never overwrite it")
-        staging = out.with_name(out.name + ".partial")
-        if staging.exists():
-            shutil.rmtree(staging)
+        input_names = [p.name for p in model.folder.iterdir()]
+        check_output_dir(out, "mitigate", [model.folder], force, writes=[*input_names, MITIGATION_FILE])
         edited = self.edited_components()
-        shutil.copytree(model.folder, staging, ignore=lambda d, names: [n for n in names if Path(d) == model.folder
-                                                                       and n in edited])
-        patched = self.patched()
-        for name in edited:
-            module = getattr(patched, name)
-            module.save_pretrained(staging / name, safe_serialization=True)
-        record = {"mitigator": self.config(), "acts_at": self.acts_at, "fit": self.describe_fit(),
-                  "input_model": model.describe(), "edited_components": list(edited), "versions": versions()}
-        atomic_write_text(staging / MITIGATION_FILE, json.dumps(record, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        staging = staging_dir(out)
+        try:
+            shutil.copytree(model.folder, staging, dirs_exist_ok=True,
+                            ignore=lambda d, names: [n for n in names if Path(d) == model.folder and n in edited])
+            patched = self.patched()
+            for name in edited:
+                stored = stored_dtype(model.folder / name)
+                getattr(patched, name).save_pretrained(staging / name, safe_serialization=True)
+                if stored is not None:
+                    cast_safetensors(staging / name, stored)
+            record = {"mitigator": self.config(), "acts_at": self.acts_at, "fit": self.describe_fit(),
+                      "input_model": model.describe(), "edited_components": list(edited), "versions": versions()}
+            atomic_write_text(staging / MITIGATION_FILE, json.dumps(record, indent=2, default=str))
+            publish(staging, out, "mitigate")
+        except BaseException:
+            discard(staging)
+            raise
         return out
+
+
+def stored_dtype(component: Path) -> torch.dtype | None:
+    """The floating dtype of a component folder's safetensors weights (None when there are none)."""
+    from safetensors import safe_open
+
+    for f in sorted(component.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is not a dict
+                t = fh.get_slice(key)
+                dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(t.get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None
+
+
+def cast_safetensors(component: Path, dtype: torch.dtype) -> None:
+    """Rewrite every safetensors file of ``component`` with its floating tensors cast to ``dtype``."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(component.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        if all(not t.is_floating_point() or t.dtype == dtype for t in tensors.values()):
+            continue
+        save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, str(f),
+                  metadata={"format": "pt"})
 
 
 def clone_model(model: DiffusionModel, components: tuple[str, ...] = ("unet",)) -> DiffusionModel:
@@ -125,6 +171,32 @@ def clone_model(model: DiffusionModel, components: tuple[str, ...] = ("unet",)) 
     view.folder = None
     view.source = f"{model.source} (patched)"
     return view
+
+
+def load_mitigation(path: str | Path) -> InferenceMitigator:
+    """The inference-time mitigator saved in a ``mitigation.json`` by ``diffmem mitigate`` (fit state
+    included: it is part of the saved options), ready for ``.apply(model)``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MITIGATION_FILE
+    if not path.is_file():
+        raise DiffmemError(f"--mitigation '{path}' does not exist; expected the mitigation.json written by "
+                           "`diffmem mitigate METHOD --out DIR`")
+    try:
+        record = json.loads(path.read_text())
+        config = dict(record["mitigator"])
+        name = config.pop("name")
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise DiffmemError(f"--mitigation '{path}' is not a mitigation.json of `diffmem mitigate` "
+                           f"({type(exc).__name__}: {exc})") from exc
+    if record.get("acts_at") != "inference":
+        raise DiffmemError(f"--mitigation '{path}' describes a patched checkpoint ({name}); load the patched "
+                           "folder with --model instead")
+    try:
+        mitigator = make_mitigator(name, **config)
+    except (KeyError, TypeError) as exc:
+        raise DiffmemError(f"--mitigation '{path}': {str(exc).strip(chr(34) + chr(39))}") from exc
+    return mitigator
 
 
 def make_mitigator(name: str, **options: Any) -> Mitigator:

@@ -266,12 +266,11 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str |
     vae, vae_seconds = train_vae(cfg, data, work)
     text_encoder, unet, scheduler, unet_seconds = train_denoiser(cfg, data, vae.eval(), tokenizer, work)
     started = time.time()
+    from diffmem.outputs import discard, publish, staging_dir
     from diffmem.zoo.attributes import train_attribute_reader
     from diffmem.zoo.manifest import write_manifest
 
-    staging = out.with_name(out.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging = staging_dir(out)  # a fresh hidden sibling, renamed onto out at the end (never deletes user files)
     # the reader and DeepSSIM depend on the corpus and VAE only: trained once into work/, then reused
     if not (work / "attribute_reader" / "model.safetensors").is_file():
         train_attribute_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae).save(
@@ -292,7 +291,9 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str |
     seconds = {"vae": round(vae_seconds, 1), "denoiser": round(unet_seconds, 1),
                "attribute_reader_and_deepssim": round(time.time() - started, 1)}
     write_manifest(staging, items, cfg, seconds=seconds)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    try:
+        publish(staging, out, "zoo-build")
+    except BaseException:
+        discard(staging)
+        raise
     return out
