@@ -56,7 +56,7 @@ def run_demo(args: argparse.Namespace) -> None:
     writes = ["grid.png", "provenance.json", "scan", "report.html"]
     device = resolve_device(args.device)
     check_output_dir(args.out, "demo", [args.model or zoo_dir()], args.force, writes=writes)
-    model = load_model(args.model, device=device, dtype=args.dtype)
+    model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
     folder = zoo_dir()  # the zoo's captions and training images, whatever model is being shown
     record = json.loads((folder / "zoo.json").read_text())
     items, labels = load_corpus(folder), load_labels(folder)

@@ -66,7 +66,7 @@ def run_extract_command(args: argparse.Namespace) -> None:
         mitigation = load_mitigation(args.mitigation)
     index = (folder_training_index(Path(args.train_index), args.matcher, args.threshold) if args.train_index
              else zoo_training_index(args.matcher, args.threshold))
-    model = load_model(args.model, device=device, dtype=args.dtype)
+    model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
     if mitigation is not None:
         model = with_mitigation(model, mitigation)
     claim_output_dir(args.out, "extract", EXTRACT_WRITES)

@@ -69,7 +69,12 @@ def add_force(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the embedded zoo)")
+    p.add_argument("--model", default=None,
+                   help="zoo | zoo:collapse | a diffusers folder | a hub id org/name (read from the Hugging Face "
+                        "cache; downloaded only when HF_HUB_OFFLINE=0) | one .safetensors file (default: zoo)")
+    p.add_argument("--config", default=None,
+                   help="for a single .safetensors file: its family (sd1, sd2; their config files must be in the "
+                        "Hugging Face cache offline) or a diffusers folder with its configs (default: inferred)")
     p.add_argument("--device", default="cpu",
                    help="torch device: cpu, cuda, cuda:N or mps; refused when absent (default: cpu)")
     p.add_argument("--dtype", default=None, choices=DTYPES, metavar="DTYPE",

@@ -31,7 +31,7 @@ def run_mitigate(args: argparse.Namespace) -> None:
         raise DiffmemError(str(exc)) from exc
     memorized_prompts = load_prompts(args.prompts, args.caption_column).texts if args.prompts else None
     ordinary_prompts = load_prompts(args.reference).texts if args.reference else None
-    model = load_model(args.model, device=device, dtype=args.dtype)
+    model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
     if memorized_prompts is not None:
         memorized = memorized_prompts
     else:
@@ -79,7 +79,7 @@ def run_bench_command(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     check_output_dir(args.out, "bench", [args.model or _zoo_pipeline()], args.force, writes=["bench.json"])
-    model = load_model(args.model, device=device, dtype=args.dtype)
+    model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
     claim_output_dir(args.out, "bench", ["bench.json"])
     methods = args.mitigators or list(DEFAULT_METHODS)
     options = parse_scoped_options(args.option, [*methods, "retrigger"], "METHOD")

@@ -149,7 +149,7 @@ def _prepare_scan(args: argparse.Namespace, prompts_path: str | None) -> dict:
 def _load(args: argparse.Namespace, device: str, mitigation):
     from diffmem.models.loader import load_model
 
-    model = load_model(args.model, device=device, dtype=args.dtype)
+    model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
     return with_mitigation(model, mitigation) if mitigation is not None else model
 
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
 OPTIONAL = ("vae",)
+ALLOWED_LIBRARIES = ("diffusers", "transformers")
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -60,6 +61,10 @@ def _read_index(folder: Path) -> dict[str, Any]:
 
 
 def _load_component(folder: Path, name: str, library: str, class_name: str, dtype: torch.dtype):
+    # a model folder may come from anywhere: its model_index.json must not make us import arbitrary modules
+    if library not in ALLOWED_LIBRARIES:
+        raise ModelLoadError(f"'{folder}': component {name} names library {library!r} in model_index.json; only "
+                             f"{' and '.join(ALLOWED_LIBRARIES)} components are loaded")
     sub = folder / name
     if not sub.is_dir():
         raise ModelLoadError(f"component folder '{sub}' named in model_index.json is missing")
@@ -68,6 +73,9 @@ def _load_component(folder: Path, name: str, library: str, class_name: str, dtyp
     except (ImportError, AttributeError) as exc:
         raise ModelLoadError(f"'{folder}': component {name} needs {library}.{class_name}, "
                              "which is not installed") from exc
+    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+        raise ModelLoadError(f"'{folder}': component {name} names {library}.{class_name}, which is not a model "
+                             "class with from_pretrained")
     kwargs: dict[str, Any] = {}
     if name in ("unet", "vae", "text_encoder"):
         kwargs["torch_dtype"] = dtype
@@ -83,20 +91,31 @@ def load_model(
     source: str | Path | Any | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
+    config: str | Path | None = None,
 ) -> DiffusionModel:
     """Load a text-to-image diffusion model for detection, attacks and mitigation.
 
-    ``source`` is a local diffusers pipeline folder, an already-built ``DiffusionPipeline``, or None
-    for the embedded memorization zoo. ``dtype`` defaults to float32 on CPU and float16 elsewhere.
+    ``source`` is a model spec (None or ``"zoo"`` for the embedded memorization zoo, a local diffusers
+    folder, a hub id ``org/name`` from the Hugging Face cache, a single ``.safetensors`` checkpoint with
+    ``config`` = ``sd1``/``sd2``/a config folder; see :mod:`diffmem.models.sources`) or an already-built
+    ``DiffusionPipeline``. ``dtype`` defaults to float32 on CPU and float16 elsewhere.
     """
     device = torch.device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     if device.type == "cpu" and torch_dtype != torch.float32:
         log.warning("dtype %s on CPU is slow and loses precision; float32 is the CPU default", torch_dtype)
-    if source is None:
-        from diffmem.zoo.paths import zoo_pipeline_path
+    file_fingerprint = single_file_origin = None
+    if source is None or isinstance(source, (str, Path)):
+        from diffmem.models import sources
 
-        source = zoo_pipeline_path()
+        resolved = sources.resolve(source, config)
+        if resolved.kind == "single_file":
+            file_fingerprint = sources.file_fingerprint(resolved.file)
+            source, single_file_origin = sources.load_single_file(resolved, torch_dtype), resolved.origin
+        else:
+            source = resolved.folder
+    elif config is not None:
+        raise ModelLoadError("config applies to single-file checkpoints, not to an in-memory pipeline")
     if isinstance(source, (str, Path)):
         folder = Path(source).expanduser()
         index = _read_index(folder)
@@ -111,9 +130,9 @@ def load_model(
         missing = [c for c in REQUIRED if c not in components]
         if missing:
             raise ModelLoadError(f"pipeline object {type(source).__name__} lacks component(s) {missing}")
-        origin = f"<in-memory {type(source).__name__}>"
+        origin = single_file_origin if file_fingerprint else f"<in-memory {type(source).__name__}>"
         folder = None
-    return DiffusionModel(
+    model = DiffusionModel(
         unet=components["unet"],
         text_encoder=components["text_encoder"],
         tokenizer=components["tokenizer"],
@@ -124,3 +143,6 @@ def load_model(
         source=origin,
         folder=folder,
     )
+    if file_fingerprint is not None:
+        model._fingerprint = file_fingerprint  # the file's identity, not a hash of every weight
+    return model
