@@ -331,3 +331,44 @@ def test_nn_ratio_reads_a_training_image_folder(model, tmp_path):
         Image.fromarray(arr).resize((16, 16)).save(tmp_path / f"{i}.png")
     score = score_chunk(NoiseStepEngine(model, n_draws=1, seed=0), [det], PROMPTS[:1])["nn-ratio"][0]
     assert score > 0.5
+
+
+def test_seed_per_prompt_scores_do_not_depend_on_the_batch_and_match_a_hand_run(model):
+    """Wen et al.'s convention: prompt i's draws are the first D samples of a generator seeded seed + i."""
+    dets = [make_detector("noise-norm"), make_detector("anisotropy"), make_detector("attention-entropy"),
+            make_detector("sharpness")]
+    batch = score_chunk(NoiseStepEngine(model, n_draws=2, seed=5, seed_per_prompt=True), dets, PROMPTS, [0, 1, 2])
+    alone = score_chunk(NoiseStepEngine(model, n_draws=2, seed=5, seed_per_prompt=True), dets, [PROMPTS[1]], [1])
+    for d in dets:
+        assert float(alone[d.name][0]) == pytest.approx(float(batch[d.name][1]), rel=1e-5, abs=1e-6)
+    t0 = int(model.make_sampler(50).timesteps[0])
+    x = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(5 + 1))
+    with torch.no_grad():
+        norms = [float((_eps(model, x[j : j + 1], t0, PROMPTS[1]) - _eps(model, x[j : j + 1], t0, "")).norm())
+                 for j in range(2)]
+    assert float(alone["noise-norm"][0]) == pytest.approx(sum(norms) / 2, rel=1e-4)
+    shared = score_chunk(NoiseStepEngine(model, n_draws=2, seed=5), dets[:1], [PROMPTS[1]])
+    assert float(shared["noise-norm"][0]) != pytest.approx(float(alone["noise-norm"][0]), rel=1e-3)
+    with pytest.raises(ValueError, match="pass prompt_ids"):
+        score_chunk(NoiseStepEngine(model, n_draws=2, seed_per_prompt=True), dets[:1], PROMPTS)
+
+
+def test_seed_per_prompt_costs_an_unconditional_pass_per_prompt(model):
+    engine = NoiseStepEngine(model, n_draws=2, seed_per_prompt=True)
+    score_chunk(engine, [make_detector("noise-norm"), make_detector("attention-entropy")], PROMPTS, [0, 1, 2])
+    assert engine.unet_calls == 3 * 2 + 3 * 2  # unconditional and conditional for every prompt and draw
+    seeds = engine.generation_seeds(2, 3, offset=10, prompt_ids=[4, 0])
+    assert seeds == [10 + 12, 10 + 13, 10 + 14, 10, 11, 12]  # prompt i: i * per_prompt + j, set by its index alone
+    assert NoiseStepEngine(model, n_draws=2).generation_seeds(2, 2) == [0, 1, 0, 1]
+
+
+def test_trajectory_with_seed_per_prompt_draws_from_one_generator_per_prompt(model):
+    det = make_detector("noise-norm-trajectory", steps=1, generations=2)
+    engine = NoiseStepEngine(model, n_draws=1, seed=3, seed_per_prompt=True)
+    got = score_chunk(engine, [det], PROMPTS[:2], [7, 8])["noise-norm-trajectory"][1]
+    x = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(3 + 8))
+    sampler = model.make_sampler(50)
+    steps = list(model.denoise(model.encode_prompts([PROMPTS[1]]), x * sampler.init_noise_sigma, sampler, 7.5,
+                               max_steps=1))
+    assert got == pytest.approx(float((steps[0].eps_cond - steps[0].eps_uncond).flatten(1).norm(dim=1).mean()),
+                                rel=1e-4)

@@ -70,6 +70,33 @@ def test_scores_do_not_depend_on_batch_size(model, tmp_path):
     np.testing.assert_allclose(a.column("noise-norm").to_numpy(), b.column("noise-norm").to_numpy(), rtol=1e-5)
 
 
+def test_seed_per_prompt_scan_does_not_depend_on_batch_size_and_is_recorded(model, tmp_path):
+    prompts = prompts_from_list(PROMPTS)
+    per_prompt = [pq.read_table(run_scan(model, prompts, _detectors(), tmp_path / f"p{b}",
+                                         ScanSettings(2, batch_size=b, seed_per_prompt=True), progress=False))
+                  for b in (10, 3)]
+    for name in ("noise-norm", "anisotropy"):
+        np.testing.assert_allclose(per_prompt[0].column(name).to_numpy(), per_prompt[1].column(name).to_numpy(),
+                                   rtol=1e-5)
+    shared = pq.read_table(run_scan(model, prompts, _detectors(), tmp_path / "shared", ScanSettings(2, batch_size=10),
+                                    progress=False))
+    assert not np.allclose(shared.column("noise-norm").to_numpy(), per_prompt[0].column("noise-norm").to_numpy())
+    prov = json.loads((tmp_path / "p3" / "provenance.json").read_text())
+    assert prov["settings"]["seed_per_prompt"] is True and "per prompt" in prov["noise_seeds"]
+
+
+def test_cli_seed_per_prompt_flag_reaches_the_scan(tiny_sd_folder, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:3]), encoding="utf-8")
+    common = ["scan", "--model", str(tiny_sd_folder), "--draws", "1", "--quiet", "--prompts", str(prompts),
+              "--detector", "noise-norm"]
+    assert main([*common, "--seed-per-prompt", "--out", str(tmp_path / "per")]) == 0
+    assert main([*common, "--out", str(tmp_path / "shared")]) == 0
+    per, shared = (json.loads((tmp_path / d / "provenance.json").read_text()) for d in ("per", "shared"))
+    assert per["settings"]["seed_per_prompt"] is True and shared["settings"]["seed_per_prompt"] is False
+    assert shared["noise_seeds"] == [0]
+
+
 def test_rerun_with_other_settings_is_refused(model, tmp_path):
     prompts = prompts_from_list(PROMPTS[:3])
     run_scan(model, prompts, _detectors(), tmp_path, ScanSettings(n_draws=2), progress=False)
@@ -123,7 +150,13 @@ def test_cli_calibrate_scan_and_evaluate(tiny_sd_folder, tmp_path, capsys):
                  "--split-by", "type", "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "detection.json").read_text())
     m = report["detectors"]["noise-norm"]["all"]
-    assert 0 <= m["auroc"] <= 1 and m["n_pos"] == 4 and m["n_neg"] == 6
+    assert m["n_pos"] == 4 and m["n_neg"] == 6
+    # AUROC by hand from the scan's own scores: the share of (memorized, ordinary) pairs ordered right, ties half
+    s = dict(zip(table.column("text").to_pylist(), table.column("noise-norm").to_pylist()))
+    pos = [s[p] for i, p in enumerate(PROMPTS) if i % 3 == 0]
+    neg = [s[p] for i, p in enumerate(PROMPTS) if i % 3 != 0]
+    by_hand = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+    assert m["auroc"] == pytest.approx(by_hand, abs=1e-12)
     assert {"strict", "closest"} <= set(m["tpr@0.01fpr"])
     assert "type=VM" in report["detectors"]["noise-norm"]
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 5000

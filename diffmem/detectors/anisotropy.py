@@ -42,9 +42,9 @@ MODES = ("reference", "epsilon")
 def alignment(eps_uncond: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
     """cos(eps_u, eps_c - eps_u) along channels (dim -3) per position, mean over draws and positions.
 
-    ``eps_uncond``: ``(D, C, H, W)`` (broadcast over prompts); ``guidance``: ``(B, D, C, H, W)`` -> ``(B,)``.
+    ``eps_uncond`` and ``guidance``: ``(B, D, C, H, W)`` -> ``(B,)``.
     """
-    cos = torch.nn.functional.cosine_similarity(eps_uncond[None].expand_as(guidance), guidance, dim=-3, eps=1e-8)
+    cos = torch.nn.functional.cosine_similarity(eps_uncond.expand_as(guidance), guidance, dim=-3, eps=1e-8)
     return cos.flatten(1).mean(1)
 
 
@@ -52,13 +52,13 @@ def anisotropy_terms(batch: NoiseStepBatch, mode: str = "reference") -> tuple[to
     """(norm term, alignment term) per prompt, both ``(B,)``; ``mode`` as in the module docstring."""
     if mode not in MODES:
         raise ValueError(f"anisotropy mode {mode!r} unknown; expected one of {list(MODES)}")
-    norm = guidance_norm(batch.eps_cond[0], batch.eps_uncond[0][None]).mean(dim=1)
+    norm = guidance_norm(batch.eps_cond[0], batch.uncond(0)).mean(dim=1)
     if mode == "epsilon" or batch.prediction_type == "epsilon":
-        return norm, alignment(batch.eps_uncond[LOW_INDEX], batch.guidance(LOW_INDEX))
+        return norm, alignment(batch.uncond(LOW_INDEX), batch.guidance(LOW_INDEX))
     if batch.prediction_type == "v_prediction":
         norm = norm / (1.0 - batch.alphas_cumprod[0])
     out_u, out_c = batch.raw_outputs(LOW_INDEX)
-    return norm, alignment(out_u, out_c - out_u[None])
+    return norm, alignment(out_u, out_c - out_u)
 
 
 @DETECTORS.register("anisotropy", "asthana")
@@ -116,7 +116,8 @@ class AnisotropyCalibrated(NoiseStepDetector):
             raise ValueError("anisotropy-calibrated needs at least 2 reference_prompts (ordinary prompts) "
                              "or precomputed stats")
         emb = engine.model.encode_prompts(self.reference_prompts)
-        norm, align = anisotropy_terms(engine.run(emb, {0, LOW_INDEX}), self.mode)
+        ids = list(range(len(self.reference_prompts)))  # with a seed per prompt: the reference file's indices
+        norm, align = anisotropy_terms(engine.run(emb, {0, LOW_INDEX}, prompt_ids=ids), self.mode)
         self.stats = {"norm_mean": float(norm.mean()), "norm_std": float(norm.std()),
                       "align_mean": float(align.mean()), "align_std": float(align.std())}
 

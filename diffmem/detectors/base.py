@@ -70,25 +70,28 @@ class PromptDetector(Detector):
     """A detector that runs its own forward passes for a batch of prompt embeddings."""
 
     @abstractmethod
-    def score_prompts(self, model: DiffusionModel, embeddings: torch.Tensor, engine: NoiseStepEngine
-                      ) -> torch.Tensor:
-        """One score per prompt, shape ``(B,)``."""
+    def score_prompts(self, model: DiffusionModel, embeddings: torch.Tensor, engine: NoiseStepEngine,
+                      prompt_ids: list[int] | None = None) -> torch.Tensor:
+        """One score per prompt, shape ``(B,)``; ``prompt_ids`` (indices in the prompt file) seed each prompt's
+        noise when the engine draws a seed per prompt."""
 
 
-def score_embeddings(engine: NoiseStepEngine, detectors: list[Detector], embeddings: torch.Tensor
-                     ) -> dict[str, torch.Tensor]:
-    """Every detector's scores for a batch of prompt embeddings; noise-step detectors share one engine pass."""
+def score_embeddings(engine: NoiseStepEngine, detectors: list[Detector], embeddings: torch.Tensor,
+                     prompt_ids: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Every detector's scores for a batch of prompt embeddings; noise-step detectors share one engine pass.
+    ``prompt_ids``: the prompts' indices in their file (needed when the engine draws a seed per prompt)."""
     step_dets = [d for d in detectors if isinstance(d, NoiseStepDetector)]
     out: dict[str, torch.Tensor] = {}
     if step_dets:
         patterns = sorted({p for d in step_dets if (p := d.attention_layers(engine)) is not None})
         batch = engine.run(embeddings, {i for d in step_dets for i in d.timestep_indices()},
-                           (patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)) or None)
+                           (patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)) or None,
+                           prompt_ids)
         for d in step_dets:
             out[d.name] = d.score_batch(batch)
     for d in detectors:
         if isinstance(d, PromptDetector):
-            out[d.name] = d.score_prompts(engine.model, embeddings, engine)
+            out[d.name] = d.score_prompts(engine.model, embeddings, engine, prompt_ids)
     return out
 
 

@@ -54,7 +54,9 @@ class Combined(PromptDetector):
             return
         if len(self.reference_prompts) < 2:
             raise ValueError("combined needs at least 2 reference_prompts (ordinary prompts) or precomputed stats")
-        chunks = [score_embeddings(engine, self._members, engine.model.encode_prompts(self.reference_prompts[i:i + n]))
+        # with a seed per prompt, a reference prompt's noise is seeded by its index in the reference list
+        chunks = [score_embeddings(engine, self._members, engine.model.encode_prompts(self.reference_prompts[i:i + n]),
+                                   list(range(i, min(i + n, len(self.reference_prompts)))))
                   for n in [self.batch_size] for i in range(0, len(self.reference_prompts), n)]
         for d in self._members:
             values = torch.cat([c[d.name] for c in chunks]).double()
@@ -70,8 +72,9 @@ class Combined(PromptDetector):
         return sum((as_double(member_scores[n]) - m) / s for n, (m, s) in self.stats.items())
 
     @torch.no_grad()
-    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
-        return self.combine(score_embeddings(engine, self._members, embeddings))
+    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine,
+                      prompt_ids: list[int] | None = None) -> torch.Tensor:
+        return self.combine(score_embeddings(engine, self._members, embeddings, prompt_ids))
 
     def unet_calls_per_prompt(self, engine: NoiseStepEngine) -> float:
         step_indices = {i for d in self._members if isinstance(d, NoiseStepDetector) for i in d.timestep_indices()}

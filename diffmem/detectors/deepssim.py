@@ -49,9 +49,10 @@ class _DeepSSIMBase(PromptDetector):
             self._model = DeepSSIM.load(self.embedder or default_embedder_path())
         return self._model
 
-    def generate_embeddings(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+    def generate_embeddings(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine,
+                            prompt_ids: list[int] | None = None) -> torch.Tensor:
         b, k = len(embeddings), self.samples
-        seeds = engine.generation_seeds(b, k, self.seed_offset)
+        seeds = engine.generation_seeds(b, k, self.seed_offset, prompt_ids)
         images = model.sample(embeddings=embeddings.repeat_interleave(k, 0), seeds=seeds,
                               num_inference_steps=self.steps, guidance_scale=self.guidance_scale).images
         engine.unet_calls += 2 * self.steps * b * k
@@ -69,10 +70,11 @@ class DeepSSIMSeeds(_DeepSSIMBase):
     name = "deepssim-seeds"
 
     @torch.no_grad()
-    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine,
+                      prompt_ids: list[int] | None = None) -> torch.Tensor:
         if self.samples < 2:
             raise ValueError("deepssim-seeds needs samples >= 2")
-        e = self.generate_embeddings(model, embeddings, engine)
+        e = self.generate_embeddings(model, embeddings, engine, prompt_ids)
         sim = e @ e.transpose(1, 2)
         k = self.samples
         return (sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)) / (k * (k - 1))
@@ -90,9 +92,10 @@ class DeepSSIMTrain(_DeepSSIMBase):
         self._index = train_embeddings
 
     @torch.no_grad()
-    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine,
+                      prompt_ids: list[int] | None = None) -> torch.Tensor:
         if self._index is None:
             self._index = zoo_training_embeddings(self.load_embedder())
-        e = self.generate_embeddings(model, embeddings, engine)
+        e = self.generate_embeddings(model, embeddings, engine, prompt_ids)
         best = torch.cat([(chunk @ self._index.T).amax(-1) for chunk in e.split(256)])
         return best.amax(1)

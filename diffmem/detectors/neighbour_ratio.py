@@ -59,9 +59,10 @@ class NeighbourRatio(PromptDetector):
         return self._index
 
     @torch.no_grad()
-    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine,
+                      prompt_ids: list[int] | None = None) -> torch.Tensor:
         b, k = len(embeddings), self.samples
-        seeds = engine.generation_seeds(b, k, self.seed_offset)
+        seeds = engine.generation_seeds(b, k, self.seed_offset, prompt_ids)
         images = model.early_estimate(embeddings.repeat_interleave(k, 0), seeds, num_inference_steps=self.steps,
                                       stop_after=self.stop_after, guidance_scale=self.guidance_scale)
         engine.unet_calls += 2 * self.stop_after * b * k

@@ -37,7 +37,7 @@ class NoiseNorm(NoiseStepDetector):
         return (0,)
 
     def score_batch(self, batch: NoiseStepBatch) -> torch.Tensor:
-        return guidance_norm(batch.eps_cond[0], batch.eps_uncond[0][None]).mean(dim=1)
+        return guidance_norm(batch.eps_cond[0], batch.uncond(0)).mean(dim=1)
 
 
 @DETECTORS.register("noise-norm-trajectory", "wen-trajectory")
@@ -52,12 +52,16 @@ class NoiseNormTrajectory(PromptDetector):
     seed_offset: int = 0
 
     @torch.no_grad()
-    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine,
+                      prompt_ids: list[int] | None = None) -> torch.Tensor:
         b, g = len(embeddings), self.generations
         emb = embeddings.repeat_interleave(g, 0)
-        seeds = engine.generation_seeds(b, g, self.seed_offset)
         sampler = model.make_sampler(engine.schedule_steps)
-        x = model.initial_latents(seeds) * sampler.init_noise_sigma
+        if engine.seed_per_prompt:  # Wen et al.: one generator per prompt, seeded by its index, draws its generations
+            x = engine.draws_per_prompt(prompt_ids, g, self.seed_offset).flatten(0, 1)
+        else:
+            x = model.initial_latents(engine.generation_seeds(b, g, self.seed_offset))
+        x = x * sampler.init_noise_sigma
         norms = [guidance_norm(step.eps_cond.float(), step.eps_uncond.float())
                  for step in model.denoise(emb, x, sampler, self.guidance_scale, max_steps=self.steps)]
         engine.unet_calls += 2 * len(norms) * len(emb)

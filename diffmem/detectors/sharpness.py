@@ -46,16 +46,18 @@ class Sharpness(PromptDetector):
     name = "sharpness"
 
     @torch.no_grad()
-    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine) -> torch.Tensor:
+    def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine,
+                      prompt_ids: list[int] | None = None) -> torch.Tensor:
         b, d = len(embeddings), engine.n_draws
         t = engine.timestep(0)
         alpha_bar = float(engine.sampler.alphas_cumprod[t])
-        guidance = engine.run(embeddings, {0}).guidance(0)  # the engine's x_T pass (shared with noise-norm)
+        batch = engine.run(embeddings, {0}, prompt_ids=prompt_ids)  # the engine's x_T pass (shared with noise-norm)
+        guidance, latents = batch.guidance(0), batch.x_T()
         per_call = max(1, engine.max_unet_batch // (4 * d))
         out = []
         for start in range(0, b, per_call):
             emb = embeddings[start : start + per_call]
-            x = engine.latents.repeat(len(emb), 1, 1, 1)
+            x = latents[start : start + per_call].flatten(0, 1)
             direction = guidance[start : start + per_call].flatten(0, 1)
             jvp = score_difference_jvp(model, x, t, emb.repeat_interleave(d, 0), alpha_bar, direction)
             out.append(jvp.flatten(1).norm(dim=1).view(len(emb), d).mean(1))
