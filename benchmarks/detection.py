@@ -199,7 +199,7 @@ def main() -> None:
     pretty = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",
               **{d.name: f"{d.name} (samples={d.samples}, {d.stop_after}/{d.steps} steps)" for d in image_detectors}}
 
-    # every scan group: (label, detectors, draws); each in its own folder, so a
+    # every scan group: (label, detectors, draws), the headline detectors first; each in its own folder, so a
     # change of one detector's settings rescans that group alone
     first = args.draws[0]
     groups: list[tuple[str, list[Detector], int]] = [
@@ -207,12 +207,12 @@ def main() -> None:
                            make_detector("anisotropy-calibrated", reference_prompts=reference),
                            make_detector("sharpness")], first),
         (f"attention-entropy-draws{first}", [make_detector("attention-entropy")], first)]
+    groups += [(f"image-{d.name}-s{d.samples}", [d], 1) for d in image_detectors[::-1]]  # nn-margin first
     groups.append((f"trajectory-steps{args.trajectory_steps}",
                    [make_detector("noise-norm-trajectory", steps=args.trajectory_steps, generations=4)], first))
     groups += [(f"draws{draws}", [make_detector("noise-norm"), make_detector("anisotropy"),
                                   make_detector("anisotropy-calibrated", reference_prompts=reference)], draws)
                for draws in args.draws[1:]]
-    groups += [(f"image-{d.name}-s{d.samples}", [d], 1) for d in image_detectors[::-1]]  # nn-margin first
     if args.only is not None:
         groups = [g for g in groups if g[0].startswith(tuple(args.only))]
     skipped = [g[0] for g in groups if g[0].startswith(tuple(args.skip))]
