@@ -90,14 +90,24 @@ def read_rows(path: Path, caption_column: str | None = None) -> tuple[list[str],
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise PromptError(f"prompt file '{path}', line {n}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(record, dict):
+                    raise PromptError(f"prompt file '{path}', line {n}: a JSON {type(record).__name__}, expected an "
+                                      'object such as {"caption": "..."} (plain prompts go in a .txt file, one '
+                                      "per line)")
+                records.append(record)
         return _rows_from_records(records, path, caption_column)
     if suffix in (".csv", ".tsv"):
         head = text.split("\n", 1)[0]
         delimiter = "\t" if suffix == ".tsv" else max([",", ";", "\t"], key=head.count)
-        records = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter, strict=True)
+        try:
+            records = list(reader)
+        except csv.Error as exc:  # e.g. an unterminated quote that would swallow the rest of the file
+            raise PromptError(f"prompt file '{path}' is malformed CSV ({exc}); check for an unterminated or "
+                              "stray quote") from exc
         return _rows_from_records(records, path, caption_column)
     if suffix in (".txt", ""):
         lines = [line.strip() for line in text.splitlines()]
@@ -110,6 +120,8 @@ def read_rows(path: Path, caption_column: str | None = None) -> tuple[list[str],
 def load_prompts(path: str | Path, caption_column: str | None = None) -> PromptSet:
     """Load a prompt file, dropping repeated prompts (counted in ``duplicates``)."""
     path = Path(path)
+    if path.is_dir():
+        raise PromptError(f"prompt file '{path}' is a folder; expected a file (.txt, .jsonl, .csv, .tsv or .parquet)")
     if not path.is_file():
         raise PromptError(f"prompt file '{path}' does not exist")
     texts, records = read_rows(path, caption_column)

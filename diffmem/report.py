@@ -183,8 +183,8 @@ def build_report(run_dirs: list[str | Path], out: str | Path, gallery_size: int 
         if (d / "scores.parquet").is_file():
             on_zoo = _ran_on_zoo(d)
             if context["model"] is None and gallery_size and on_zoo:
-                from diffmem.extract import zoo_training_index
                 from diffmem.models.loader import load_model
+                from diffmem.extract import zoo_training_index
 
                 context["model"] = model if model is not None else load_model()
                 context["index"] = zoo_training_index()
@@ -206,5 +206,6 @@ def run_report_command(args) -> None:
     """``diffmem report RUN_DIR ... --out FILE``: refuses to replace a file it did not write, or an input."""
     from diffmem.outputs import REPORT_SIGNATURE, check_output_file
 
-    check_output_file(args.out, args.runs, args.force, signature=REPORT_SIGNATURE)
+    # a new report may sit inside a run folder; an input file or a file we did not write is never replaced
+    check_output_file(args.out, [r for r in args.runs if Path(r).is_file()], args.force, signature=REPORT_SIGNATURE)
     print(f"report: {build_report(args.runs, args.out, args.gallery)}")

@@ -96,3 +96,179 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("diffmem: error: model folder") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- issue #15: one clear line, nothing written
+def _one_line_error(capsys, *words: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("diffmem: error: ") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+@pytest.fixture()
+def prompts_txt(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a photo of a cat\na dog\na red house\n", encoding="utf-8")
+    return path
+
+
+def test_model_index_naming_another_library_is_refused_before_import(tmp_path, tiny_sd_folder):
+    import json
+
+    copy = tmp_path / "pipe"
+    shutil.copytree(tiny_sd_folder, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index["unet"] = ["os", "system"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=r"component unet names library 'os' in model_index.json; only "
+                                             r"diffusers and transformers"):
+        load_model(copy)
+    index["unet"] = ["diffusers", "logging"]  # a module attribute that is not a model class
+    (copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="is not a model class"):
+        load_model(copy)
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--batch-size", "0", ["--batch-size", ">= 1, got 0"]),
+    ("--batch-size", "-4", ["--batch-size", ">= 1, got -4"]),
+    ("--draws", "0", ["--draws", ">= 1, got 0"]),
+    ("--dtype", "float64", ["--dtype", "'float64'", "float32"]),
+    ("--fpr", "0", ["--fpr", "0 < value < 1"]),
+    ("--fpr", "1.5", ["--fpr", "0 < value < 1"]),
+    ("--limit", "0", ["--limit"]),
+])
+def test_bad_numbers_are_one_line(flag, value, words, tmp_path, capsys, prompts_txt):
+    with pytest.raises(SystemExit) as exc:
+        main(["scan", "--prompts", str(prompts_txt), flag, value, "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    _one_line_error(capsys, *words)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("device,words", [("gpu", ["'gpu' is not a device name", "cuda:N"]),
+                                          ("cuda:x", ["not a device name"])])
+def test_unknown_device_is_refused_everywhere(device, words, tmp_path, capsys, prompts_txt, tiny_sd_folder):
+    for argv in (["scan", "--prompts", str(prompts_txt)], ["extract", "--prompts", str(prompts_txt)],
+                 ["mitigate", "embedding-noise", "--prompts", str(prompts_txt)], ["demo"], ["bench"]):
+        assert main([*argv, "--model", str(tiny_sd_folder), "--device", device, "--out", str(tmp_path / "o")]) == 2
+        _one_line_error(capsys, *words)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused_not_silently_cpu(tmp_path, capsys, prompts_txt, tiny_sd_folder):
+    for argv in (["scan", "--prompts", str(prompts_txt)], ["mitigate", "embedding-noise"]):
+        assert main([*argv, "--model", str(tiny_sd_folder), "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+        _one_line_error(capsys, "no CUDA GPU is available")
+
+
+def test_cuda_index_is_honoured(monkeypatch):
+    from diffmem.cli.options import resolve_device
+    from diffmem.errors import DiffmemError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cuda") == "cuda"
+    with pytest.raises(DiffmemError, match=r"2 CUDA GPU\(s\) \(cuda:0 to cuda:1\)"):
+        resolve_device("cuda:2")
+
+
+def test_bad_prompt_files_are_one_line(tmp_path, capsys, tiny_sd_folder):
+    strings = tmp_path / "plain.jsonl"
+    strings.write_text('"a cat"\n"a dog"\n')
+    csv_file = tmp_path / "broken.csv"
+    csv_file.write_text('caption\n"a cat\na dog\n')
+    folder = tmp_path / "prompts_dir"
+    folder.mkdir()
+    for path, words in [(strings, ["line 1: a JSON str", ".txt file"]), (csv_file, ["malformed CSV", "quote"]),
+                        (folder, ["is a folder; expected a file"])]:
+        assert main(["scan", "--model", str(tiny_sd_folder), "--prompts", str(path),
+                     "--out", str(tmp_path / "o")]) == 2
+        _one_line_error(capsys, str(path), *words)
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, capsys, prompts_txt, tiny_sd_folder, monkeypatch):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    argv = ["scan", "--model", str(tiny_sd_folder), "--prompts", str(prompts_txt)]
+    assert main([*argv, "--out", str(f)]) == 2
+    _one_line_error(capsys, "is an existing file; expected a folder")
+    import os
+
+    monkeypatch.setattr(os, "access", lambda p, mode: False)  # as on a read-only filesystem
+    assert main([*argv, "--out", str(tmp_path / "ro")]) == 2
+    _one_line_error(capsys, "is not writable")
+
+
+def test_eval_detect_scores_missing_or_a_folder(tmp_path, capsys, prompts_txt):
+    for scores, words in [(tmp_path / "nope.parquet", ["does not exist"]),
+                          (tmp_path, ["is a folder without scores.parquet"])]:
+        assert main(["eval", "detect", "--scores", str(scores), "--labels", str(prompts_txt),
+                     "--out", str(tmp_path / "ev")]) == 2
+        _one_line_error(capsys, "--scores", *words)
+    assert not (tmp_path / "ev").exists()
+
+
+def test_calibration_is_checked_before_the_model_loads_and_nothing_is_written(tmp_path, capsys, prompts_txt,
+                                                                              tiny_sd_folder, monkeypatch):
+    import diffmem.models.loader as loader
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load before --calibration is validated")
+
+    out = tmp_path / "scan"
+    argv = ["scan", "--model", str(tiny_sd_folder), "--prompts", str(prompts_txt), "--detector", "noise-norm",
+            "--draws", "1", "--out", str(out), "--quiet"]
+    bad = tmp_path / "cal.json"
+    bad.write_text("{not json")
+    with monkeypatch.context() as m:
+        m.setattr(loader, "load_model", no_load)
+        assert main([*argv, "--calibration", str(tmp_path / "missing.json")]) == 2
+        _one_line_error(capsys, "--calibration", "does not exist")
+        assert main([*argv, "--calibration", str(bad)]) == 2
+        _one_line_error(capsys, "is not a calibration.json")
+        assert main([*argv, "--fpr", "0.1"]) == 2
+        _one_line_error(capsys, "--fpr needs --calibration")
+    assert not out.exists()  # nothing written: the corrected rerun is not refused as "other settings"
+    assert main(argv) == 0
+
+
+def test_resume_compares_prompts_by_content_and_names_what_differs(tmp_path, capsys, prompts_txt, tiny_sd_folder):
+    out = tmp_path / "scan"
+    argv = ["scan", "--model", str(tiny_sd_folder), "--detector", "noise-norm", "--draws", "1", "--out", str(out),
+            "--quiet"]
+    assert main([*argv, "--prompts", str(prompts_txt)]) == 0
+    moved = tmp_path / "elsewhere" / "same.txt"
+    moved.parent.mkdir()
+    moved.write_text(prompts_txt.read_text())
+    assert main([*argv, "--prompts", str(moved)]) == 0  # same prompts under another path: resumed
+    capsys.readouterr()
+    changed = tmp_path / "changed.txt"
+    changed.write_text("a photo of a cat\na dog\n")
+    assert main([*argv, "--prompts", str(changed)]) == 2
+    _one_line_error(capsys, "prompts.sha256_16", "prompts.n_unique")
+    argv[argv.index("--draws") + 1] = "2"
+    assert main([*argv, "--prompts", str(prompts_txt)]) == 2
+    _one_line_error(capsys, "settings.n_draws (2 now, 1 before)")
+
+
+def test_scan_limit_and_verbose_after_the_subcommand(tmp_path, capsys, prompts_txt, tiny_sd_folder):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "scan"
+    assert main(["scan", "--model", str(tiny_sd_folder), "--prompts", str(prompts_txt), "--detector", "noise-norm",
+                 "--draws", "1", "--limit", "2", "--out", str(out), "-v", "--quiet"]) == 0
+    assert pq.read_table(out / "scores.parquet").column("text").to_pylist() == ["a photo of a cat", "a dog"]
+    err = capsys.readouterr().err
+    assert "%|" not in err  # --quiet: no progress bars
+
+
+def test_quiet_run_prints_no_library_warnings(tmp_path, capsys, prompts_txt, tiny_sd_folder):
+    assert main(["scan", "--model", str(tiny_sd_folder), "--prompts", str(prompts_txt), "--detector", "noise-norm",
+                 "--draws", "1", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "Warning" not in err and "warn" not in err.lower() and "%|" not in err, err

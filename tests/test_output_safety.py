@@ -195,7 +195,8 @@ def test_report_refuses_to_replace_a_file_it_did_not_write(tmp_path, capsys):
     mine.write_text("<html>my notes</html>")
     assert main(["report", str(run), "--out", str(mine)]) == 2
     assert "diffmem did not write" in capsys.readouterr().err and mine.read_text() == "<html>my notes</html>"
-    assert main(["report", str(run), "--out", str(run / "bench.json")]) == 2  # an input
+    assert main(["report", str(run), "--out", str(run / "bench.json")]) == 2  # an input file
+    assert (run / "bench.json").read_text() == json.dumps({"results": {}})
     assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
     assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0  # our own report: replaced
     assert _mode(tmp_path / "r.html") == 0o644
