@@ -229,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default: 25)")
     info = zsub.add_parser("info", help="print the zoo's manifest summary and labels table")
     info.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
+    check = zsub.add_parser("check-corpus", help="the corpus gate, before training: does an ideal denoiser's "
+                            "guidance separate duplicated captions from ordinary ones? (docs/zoo-sd.md)")
+    check.add_argument("--corpus", choices=["sd", "collapse"], default="sd",
+                       help="sd: the SD-like corpus; collapse: the shipped zoo's corpus (default: sd)")
+    check.add_argument("--vae", default=None, help="AutoencoderKL folder (default: the shipped zoo's pipeline/vae)")
+    check.add_argument("--out", default=None, help="also write the full report to this JSON file (default: none)")
     _add_common_to_leaves(sub)
     return parser
 
@@ -294,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handler = HANDLERS[args.command]
         if args.command == "zoo":
-            handler = f"{handler}:run_{args.zoo_command}"
+            handler = f"{handler}:run_{args.zoo_command.replace('-', '_')}"
         module, _, name = handler.partition(":")
         getattr(importlib.import_module(module), name)(args)
     except DiffmemError as exc:

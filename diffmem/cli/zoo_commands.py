@@ -83,3 +83,13 @@ def run_info(args: argparse.Namespace) -> None:
     if "labels" in record:
         print(format_summary(record["labels"]))
 
+
+def run_check_corpus(args: argparse.Namespace) -> None:
+    """``diffmem zoo check-corpus``: the ideal-denoiser proxy gate and balance checks of a corpus."""
+    from diffmem.zoo.gate import check_corpus, corpus_view, format_report, load_zoo_vae
+
+    report = check_corpus(corpus_view(args.corpus), load_zoo_vae(args.vae))
+    print(format_report(report))
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps(report, indent=2))
+        print(f"wrote {args.out}")

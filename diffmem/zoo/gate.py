@@ -121,7 +121,7 @@ def latent_features(images: np.ndarray, vae, batch_size: int = 512) -> np.ndarra
 
 
 @torch.no_grad()
-def vae_roundtrip_ssim(images: np.ndarray, vae, n: int = 512, seed: int = 0) -> dict:
+def vae_roundtrip_ssim(images: np.ndarray, vae, n: int = 256, seed: int = 0) -> dict:
     """SSIM of ``n`` random training images with their VAE reconstruction (posterior mean): how faithfully
     the latent space the proxy is computed in represents this corpus."""
     from diffmem.eval.similarity import ssim_pairs
@@ -340,7 +340,8 @@ def balance_report(view: CorpusView) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def check_corpus(view: CorpusView, vae=None, ssim_captions: int = 200, seed: int = 0) -> dict:
+def check_corpus(view: CorpusView, vae=None, ssim_captions: int = 200, roundtrip_images: int = 256,
+                 seed: int = 0) -> dict:
     """Every gate figure of ``view`` (see the module docstring); ``vae`` defaults to the shipped zoo's."""
     torch.manual_seed(seed)
     vae = vae if vae is not None else load_zoo_vae()
@@ -362,7 +363,7 @@ def check_corpus(view: CorpusView, vae=None, ssim_captions: int = 200, seed: int
             "template": caption_diversity(view, "template", ssim_captions, seed=seed),
         },
         "balance": balance_report(view),
-        "vae_roundtrip_ssim": vae_roundtrip_ssim(view.images, vae, seed=seed),
+        "vae_roundtrip_ssim": vae_roundtrip_ssim(view.images, vae, n=roundtrip_images, seed=seed),
     }
     value = report["latent"]["auroc_duplicated_vs_ordinary"]
     report["gate"] = {"statistic": "latent auroc_duplicated_vs_ordinary", "value": value, "target": GATE_TARGET,
