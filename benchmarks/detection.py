@@ -121,7 +121,8 @@ def finished_scan(folder: Path, model, prompts: PromptSet, detectors: list[Detec
             and prov["prompts"]["sha256_16"] == prompt_hash(prompts)
             and json.loads(json.dumps(prov["detectors"])) == json.loads(json.dumps([d.config() for d in detectors],
                                                                                    default=str))
-            and all(prov["settings"].get(k) == getattr(settings, k) for k in ("n_draws", "seed", "schedule_steps")))
+            and all(prov["settings"].get(k) == getattr(settings, k) for k in ("n_draws", "seed", "schedule_steps"))
+            and prov["settings"].get("seed_per_prompt", False) == getattr(settings, "seed_per_prompt", False))
     return path if same else None
 
 
