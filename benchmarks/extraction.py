@@ -116,7 +116,7 @@ def attack_table(model, rows, calib, index, scores_path: Path | None = None) -> 
                                                                         and r["replication"] == rate]))
                                               for rate in rates},
                  "flag_rate_by_kind": {k: float(np.mean([f for f, r in zip(flagged, rows) if r["kind"] == k]))
-                                       for k in SUBSET}}
+                                       for k in SUBSET if any(r["kind"] == k for r in rows)}}
         columns[name] = pa.array(score, pa.float64())
         columns[f"flagged_{name}"] = pa.array(flagged.tolist())
         if "match_label" in res:
