@@ -1,0 +1,117 @@
+"""Markdown tables of the README and docs, rendered from the results files in ``benchmarks/results/``.
+
+The docs' tables are pasted from this script's output, and ``tests/test_benchmark_tables.py`` checks
+that every row it renders appears verbatim in the page that quotes it, so a figure in the docs cannot
+drift from its file. Rounding: 3 decimals for rates and AUROCs (Python's ``format``, round half to
+even on the binary value), 1 decimal for seconds, FID to the unit.
+
+    .venv/bin/python benchmarks/tables.py detection            # docs/detectors.md
+    .venv/bin/python benchmarks/tables.py detection --compact  # README
+    .venv/bin/python benchmarks/tables.py bench [--compact]    # docs/mitigation.md, README
+    .venv/bin/python benchmarks/tables.py extraction           # docs/extraction.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def label(key: str) -> str:
+    """A detection result key as the docs name it."""
+    if m := re.fullmatch(r"(.+) \(draws=(\d+)\)", key):
+        return f"{m[1]}, {m[2]} draws"
+    if m := re.fullmatch(r"noise-norm-trajectory \(steps=(\d+), gens=(\d+)\)", key):
+        return f"noise-norm-trajectory (first {m[1]} of 50 steps, {m[2]} generations)"
+    if m := re.fullmatch(r"(nn-\w+) \(samples=(\d+), (\d+)/(\d+) steps\)", key):
+        return f"{m[1]} ({m[2]} seeds, x0 after {m[3]} of {m[4]} steps)"
+    return key
+
+
+def _tpr(m: dict, target: str = "tpr@0.01fpr") -> str:
+    return f"{m[target]['strict']:.3f} / {m[target]['closest']:.3f}"
+
+
+def detection_rows(record: dict, compact: bool = False) -> list[str]:
+    if compact:
+        head = ["| detector | AUROC | TPR@1%FPR strict / closest | AUROC, stable labels | "
+                "TPR@1%FPR, stable labels (strict / closest) |", "|---|---|---|---|---|"]
+    else:
+        head = ["| detector | AUROC | TPR@1%FPR strict / closest | TPR@0.1%FPR strict / closest | AUROC, scene | "
+                "AUROC, stable labels | TPR@1%FPR, stable labels (strict / closest) | UNet calls per prompt |",
+                "|---|---|---|---|---|---|---|---|"]
+    draws = [int(d) for k in record["results"] for d in re.findall(r"\(draws=(\d+)\)", k)]
+    rows = []
+    for key, m in record["results"].items():
+        if key.startswith("_"):  # timings in records written before they moved to "timings"
+            continue
+        if compact and f"(draws={min(draws)})" not in key and "(draws=" in key:
+            continue  # the README shows the first draw count only
+        c = m.get("confident")
+        stable = [f"{c['auroc']:.3f}", _tpr(c)] if c else ["-", "-"]
+        if compact:
+            cells = [label(key), f"{m['auroc']:.3f}", _tpr(m), *stable]
+        else:
+            scene = m["within_family"].get("scene")
+            cells = [label(key), f"{m['auroc']:.3f}", _tpr(m), _tpr(m, "tpr@0.001fpr"),
+                     f"{scene:.3f}" if scene is not None else "-", *stable, f"{m['unet_calls_per_prompt']:.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
+def bench_rows(record: dict, compact: bool = False) -> list[str]:
+    if compact:
+        head = ["| method | acts at | extraction (matching / template) | under re-trigger | fidelity |",
+                "|---|---|---|---|---|"]
+    else:
+        head = ["| method | acts at | extraction (matching / template) | under re-trigger | fidelity | "
+                "FID (reader features) | diversity | noise-norm | fit s | params changed |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for name, r in record["results"].items():
+        cells = [name, r["acts_at"], f"{r['extraction_rate']:.3f} ({r['matching_verbatim']:.3f} / "
+                 f"{r['template_verbatim']:.3f})", f"{r['retrigger_extraction_rate']:.3f}", f"{r['fidelity']:.3f}"]
+        if not compact:
+            cells += [f"{r['fid']:.0f}", f"{r['diversity']:.3f}", f"{r['noise_norm_memorized']:.2f}",
+                      f"{r['fit_seconds']:.1f}", str(r["parameters_changed"])]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
+def extraction_rows(record: dict) -> list[str]:
+    head = ["| attack | AUROC of its score | flagged | flag precision | flag recall | flagged at 1x / 4x / 16x / 64x | "
+            "UNet calls per prompt | seconds |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for name, a in record["attacks"]["attacks"].items():
+        by_rate = " / ".join(f"{v:.2f}" for v in a["flag_rate_by_replication"].values())
+        cells = [name, f"{a['auroc']:.3f}", str(a["flagged"]), f"{a['precision']:.3f}" if a["flagged"] else "-",
+                 f"{a['recall']:.3f}", by_rate, f"{a['unet_calls_per_prompt']:.0f}", f"{a['seconds']:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
+TABLES = {"detection": ("detection.json", detection_rows), "bench": ("bench.json", bench_rows),
+          "extraction": ("extraction.json", extraction_rows)}
+
+
+def render(table: str, compact: bool = False, results: Path = RESULTS) -> list[str]:
+    """The markdown lines of one table, read from its results file."""
+    filename, rows = TABLES[table]
+    record = json.loads((results / filename).read_text())
+    return rows(record, compact) if table != "extraction" else rows(record)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("table", choices=sorted(TABLES))
+    parser.add_argument("--compact", action="store_true", help="the README's shorter form")
+    args = parser.parse_args()
+    print("\n".join(render(args.table, args.compact)))
+
+
+if __name__ == "__main__":
+    main()
