@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--out", default="runs/eval-detect", help="output folder (default: runs/eval-detect)")
     add_force(detect)
 
+    from diffmem.cli.sample_commands import add_sample_args
+
+    sample = sub.add_parser("sample", help="generate images for prompts, optionally through --mitigation FILE")
+    _add_model_args(sample)
+    add_sample_args(sample)
+
     from diffmem.cli.extract_commands import add_extract_args
 
     extract = sub.add_parser("extract", help="run extraction attacks and match generations to training data")
@@ -283,6 +289,7 @@ HANDLERS = {
     "calibrate": "diffmem.cli.scan_commands:run_calibrate",
     "eval": "diffmem.cli.scan_commands:run_eval_detect",
     "extract": "diffmem.cli.extract_commands:run_extract_command",
+    "sample": "diffmem.cli.sample_commands:run_sample",
     "mitigate": "diffmem.cli.mitigate_commands:run_mitigate",
     "bench": "diffmem.cli.mitigate_commands:run_bench_command",
     "report": "diffmem.report:run_report_command",
