@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="zoo captions in the closing scan (default: 400)")
     demo.add_argument("--scan-samples", type=non_negative_int, default=2,
                       help="generations per caption of the scan's nn-margin detector, 0 to skip it (default: 2)")
-    demo.add_argument("--no-report", action="store_true", help="skip the closing scan and HTML report")
+    demo.add_argument("--no-report", action="store_true", help="skip the closing scan and HTML report (default: off)")
 
     from diffmem.cli.scan_commands import add_scan_args
 
@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--label-column", default="memorized", help="boolean label column (default: memorized)")
     detect.add_argument("--rate-column", default=None,
                         help="label from a replication-rate column instead: memorized when rate >= --positive-rate, "
-                             "ordinary when rate == 0, prompts in between left out (stochastic labels)")
+                             "ordinary when rate == 0, prompts in between left out (stochastic labels; "
+                             "default: none)")
     detect.add_argument("--positive-rate", type=float, default=0.5, help="with --rate-column (default: 0.5)")
     detect.add_argument("--split-by", default=None,
                         help="also report positives per value of this column (default: none)")
@@ -197,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="runs/bench", help="output folder; rerun to resume (default: runs/bench)")
     add_force(bench)
     bench.add_argument("--seed", type=int, default=0, help="seed of the prompt split and fits (default: 0)")
-    bench.add_argument("--option", action="append", default=None,
+    bench.add_argument("--option", action="append", default=None, metavar="METHOD.KEY=VALUE",
                        help="METHOD.KEY=VALUE for a mitigator, or retrigger.KEY=VALUE for the adaptive attack "
-                            "(e.g. retrigger.lr=0.01; repeatable)")
+                            "(e.g. retrigger.lr=0.01; repeatable; default: none)")
 
     report = sub.add_parser("report", help="one self-contained HTML report of run folders")
     report.add_argument("runs", nargs="+", help="run folders (scan, extract, eval, benchmark JSON)")

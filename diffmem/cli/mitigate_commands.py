@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from diffmem.cli.options import parse_options, parse_scoped_options
+from diffmem.cli.options import parse_method_options, parse_options, parse_scoped_options
 from diffmem.errors import DiffmemError
 
 
@@ -24,7 +24,7 @@ def run_mitigate(args: argparse.Namespace) -> None:
     check_output_dir(args.out, "mitigate", [args.model or _zoo_pipeline(), args.prompts, args.reference],
                      args.force, writes=[MITIGATION_FILE])
     try:
-        make_mitigator(args.method, **parse_options(args.option))
+        make_mitigator(args.method, **parse_method_options(args.option, args.method))
     except KeyError as exc:
         raise DiffmemError(str(exc).strip("'\"")) from exc
     except TypeError as exc:
@@ -42,7 +42,7 @@ def run_mitigate(args: argparse.Namespace) -> None:
                      and r["kind"] in ("signature", "template")]
     ordinary = ordinary_prompts if ordinary_prompts is not None else zoo_reference_prompts()
     try:
-        mitigator = make_mitigator(args.method, **parse_options(args.option))
+        mitigator = make_mitigator(args.method, **parse_method_options(args.option, args.method))
     except KeyError as exc:
         raise DiffmemError(str(exc).strip("'\"")) from exc
     except TypeError as exc:

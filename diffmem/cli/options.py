@@ -22,6 +22,21 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def parse_method_options(pairs: list[str] | None, method: str) -> dict[str, Any]:
+    """Options of one method: ``KEY=VALUE`` or, as ``bench`` takes them, ``METHOD.KEY=VALUE`` (same format
+    everywhere: an option scoped to another method is refused by name)."""
+    out: list[str] = []
+    for pair in pairs or []:
+        key = pair.split("=", 1)[0]
+        if "." in key:
+            scope, _, rest = pair.partition(".")
+            if scope != method:
+                raise DiffmemError(f"option {pair!r} is scoped to {scope!r}, but the method is {method!r}")
+            pair = rest
+        out.append(pair)
+    return parse_options(out)
+
+
 def parse_scoped_options(pairs: list[str] | None, scopes: list[str], what: str) -> dict[str, dict[str, Any]]:
     """``NAME.key=value`` pairs grouped by NAME, each NAME one of ``scopes`` (e.g. chosen attacks or methods)."""
     options: dict[str, dict[str, Any]] = {n: {} for n in scopes}
