@@ -40,9 +40,16 @@ from diffmem.scan import score_chunk
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> tuple[float, object]:
+    _sync()
     start = time.perf_counter()
     out = fn()
+    _sync()  # GPU kernels run asynchronously: time their completion, not their launch
     return time.perf_counter() - start, out
 
 
@@ -100,7 +107,7 @@ def measure(model, texts: list[str], draws: int, batch_size: int, naive: bool) -
         results[name] = {"seconds": round(seconds, 3), "prompts_per_second": round(len(texts) / seconds, 2),
                          "load_avg_1min_before": round(load, 2)}
         if out is not None:
-            results[name]["_scores"] = out.double()
+            results[name]["_scores"] = out.double().cpu()
     engine = results["c_engine"].pop("_scores")
     for entry in results.values():
         if "_scores" in entry:
