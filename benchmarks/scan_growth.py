@@ -19,6 +19,7 @@ set is the first n, so the sets are nested.
 
     nice -n 10 .venv/bin/python benchmarks/scan_growth.py --sizes 1000 10000 --resume-test 10000
     nice -n 10 .venv/bin/python benchmarks/scan_growth.py --sizes 100000     # ~40 min on 2 free cores
+    nice -n 10 .venv/bin/python benchmarks/scan_growth.py --sizes --synthetic 1000 10000 100000 1000000
 
 Every finished point is saved at once in ``--out`` (finished points are skipped on a rerun, and an
 interrupted point resumes where its scan stopped, marked ``"interrupted": true``); ``--plot`` redraws the
@@ -224,6 +225,37 @@ def resume_test(work: Path, n: int, threads: int) -> dict[str, Any]:
             "final_table_equals_uninterrupted": bool(same)}
 
 
+def synthetic_jobs(work: Path, n: int) -> dict[str, Any]:
+    """The job machinery alone at n prompts (a stub score, no model): its wall time and RSS change over the
+    chunk loop (``run_chunks``) and the time of ``merge_parts``, to show neither grows faster than n."""
+    import shutil
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from diffmem.jobs import merge_parts, run_chunks
+    from diffmem.prompts import PromptSet
+
+    out = work / f"synthetic_{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    prompts = PromptSet(ids=[str(i) for i in range(n)], texts=[f"prompt {i}" for i in range(n)], source="synthetic")
+    rng = np.random.default_rng(0)
+    rss_before = _rss_mb(os.getpid())
+    start = time.perf_counter()
+    run_chunks(prompts, out, BATCH, lambda chunk: {"score": rng.standard_normal(len(chunk))}, progress=False)
+    loop_s = time.perf_counter() - start
+    rss_after_loop = _rss_mb(os.getpid())
+    start = time.perf_counter()
+    merged = merge_parts(out, prompts, 1, BATCH, "scores.parquet")
+    merge_s = time.perf_counter() - start
+    rows = pq.read_metadata(merged).num_rows
+    shutil.rmtree(out)
+    return {"prompts": n, "parts": -(-n // BATCH), "chunk_loop_s": round(loop_s, 2),
+            "chunk_loop_ms_per_part": round(1000 * loop_s / -(-n // BATCH), 3), "merge_s": round(merge_s, 3),
+            "merge_us_per_prompt": round(1e6 * merge_s / n, 3), "merged_rows": rows,
+            "rss_mb_before": round(rss_before or 0, 1), "rss_mb_after_loop": round(rss_after_loop or 0, 1)}
+
+
 # ------------------------------------------------------------------------------------------- output
 def plot(record: dict[str, Any], path: Path) -> None:
     import matplotlib
@@ -257,6 +289,8 @@ def plot(record: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000])
+    parser.add_argument("--synthetic", type=int, nargs="*", default=[],
+                        help="also time the job loop and merge alone (stub scores) at these sizes")
     parser.add_argument("--resume-test", type=int, default=None, help="prompts of the kill/rerun test (e.g. 10000)")
     parser.add_argument("--threads", type=int, default=2, help="OMP threads of the scan command (default: 2)")
     parser.add_argument("--work", default="runs/scan_growth", help="scratch folder (prompt files, scans, logs)")
@@ -290,6 +324,10 @@ def main() -> None:
             p = record["points"][str(n)]
             print(f"{n}: {p['wall_s']} s, {p['per_prompt_ms']} ms/prompt, peak RSS {p['peak_rss_mb']} MB, "
                   f"{p['parts']} parts, merge {p['merge_s']} s", flush=True)
+        for n in args.synthetic:
+            mine.setdefault("synthetic_jobs", dict(record.get("synthetic_jobs", {})))[str(n)] = synthetic_jobs(work, n)
+            save()
+            print(json.dumps(mine["synthetic_jobs"][str(n)]), flush=True)
         if args.resume_test:
             mine["resume"] = resume_test(work, args.resume_test, args.threads)
             save()
