@@ -219,5 +219,10 @@ def test_two_processes_merge_into_the_single_process_table(tiny_sd_folder, tmp_p
     two = pq.read_table(tmp_path / "two" / "scores.parquet")
     assert two.column("text").to_pylist() == one.column("text").to_pylist()
     assert len(list((tmp_path / "two" / "parts").glob("rank001-*.parquet"))) > 0
+    # the shards are disjoint and together cover every prompt once (rank r scores positions r, r + 2, ...)
+    shards = [[p for f in sorted((tmp_path / "two" / "parts").glob(f"rank00{r}-*.parquet"))
+               for p in pq.read_table(f).column("position").to_pylist()] for r in (0, 1)]
+    assert shards[0] == list(range(0, len(PROMPTS), 2)) and shards[1] == list(range(1, len(PROMPTS), 2))
+    assert two.column("id").to_pylist() == one.column("id").to_pylist()
     torch.testing.assert_close(torch.tensor(two.column("noise-norm").to_numpy()),
                                torch.tensor(one.column("noise-norm").to_numpy()), rtol=1e-5, atol=1e-6)
