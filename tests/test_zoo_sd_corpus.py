@@ -15,6 +15,7 @@ from diffmem.zoo.gate import (
     check_corpus,
     corpus_view,
     explained_variance,
+    ideal_guidance_norms,
     pixel_features,
     proxy_distances,
     proxy_report,
@@ -168,6 +169,23 @@ def test_proxy_distance_hand_computed():
     assert report["auroc_duplicated_vs_ordinary"] == pytest.approx(0.5)  # 1.5 beats 0.5, loses to 2.5
     # ordinary examples 1, -1, 3, 1 (mean 1, total SS 8); caption means 0, 2: between SS 2 + 2 = 4
     assert explained_variance(features, view) == pytest.approx(0.5)
+
+
+def test_ideal_guidance_norms_limit_and_hand_computed():
+    view, features = _toy_view()
+    # alpha_bar -> 0: the posterior is the duplication-weighted mean, the proxy distance
+    assert ideal_guidance_norms(features, view, alpha_bar=1e-12, draws=3) == pytest.approx([2.5, 0.5, 1.5])
+    a, x_t = 0.5, np.random.default_rng(7).standard_normal(1)[0]  # the draw the function makes with seed 7
+
+    def posterior_mean(images, counts):
+        x = np.array(images)
+        w = np.array(counts) * np.exp((np.sqrt(a) * x_t * x - a * x**2 / 2) / (1 - a))
+        return (w * x).sum() / w.sum()
+
+    uncond = posterior_mean([1.0, -1.0, 3.0, 1.0, 4.0], [1, 1, 1, 1, 4])
+    expected = [abs(posterior_mean([1.0, -1.0], [1, 1]) - uncond), abs(posterior_mean([3.0, 1.0], [1, 1]) - uncond),
+                abs(4.0 - uncond)]
+    assert ideal_guidance_norms(features, view, alpha_bar=a, draws=1, seed=7) == pytest.approx(expected)
 
 
 def test_gate_passes_on_a_small_sd_corpus_and_the_collapse_corpus_fails_in_pixels():

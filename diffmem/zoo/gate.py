@@ -37,6 +37,7 @@ import torch
 
 DUPLICATED_MIN_RATE = 4
 GATE_TARGET = 0.95
+FIRST_STEP_ALPHA_BAR = 0.005775495897978544  # SD v1's scaled-linear schedule at t = 981 (50-step DDIM's first)
 
 
 @dataclass
@@ -226,6 +227,55 @@ def proxy_report(features: np.ndarray, view: CorpusView) -> dict:
     return out
 
 
+def ideal_guidance_norms(features: np.ndarray, view: CorpusView, alpha_bar: float = FIRST_STEP_ALPHA_BAR,
+                         draws: int = 16, seed: int = 0) -> np.ndarray:
+    """Mean over ``draws`` noise draws x_T of ``|| E[x0 | x_t, c] - E[x0 | x_t] ||`` under the ideal denoiser of
+    the training set (a mixture of its examples, duplicates weighted), at ``x_t = sqrt(a) x0 + sqrt(1-a) n``
+    drawn from pure noise as a sampler starts. Times ``sqrt(a / (1 - a))`` it is Wen et al. (2024)'s
+    first-step noise-norm ``|| eps(x_t, c) - eps(x_t, empty) ||`` of a model that fits its data exactly.
+
+    Unlike :func:`proxy_distances` (the ``a -> 0`` limit), the posterior over a caption's images is not flat:
+    ``log w_i = sqrt(a) <x_t, x_i> / (1 - a) - a ||x_i||^2 / (2 (1 - a)) + log(count_i)``, so a caption with
+    many images is pulled towards the one nearest ``x_t``. NaN for untrained captions.
+    """
+    keys, counts = np.unique(np.stack([view.pair_item, view.pair_image], 1), axis=0, return_counts=True)
+    item, image = keys[:, 0], keys[:, 1]  # sorted by item
+    starts = np.flatnonzero(np.r_[True, item[1:] != item[:-1]])
+    trained = item[starts]
+    log_count = np.log(counts.astype(np.float64))
+    sq = (features**2).sum(1)
+    rng = np.random.default_rng(seed)
+    total = np.zeros(view.n_items)
+    for _ in range(draws):
+        x_t = rng.standard_normal(features.shape[1])  # pure noise, as the sampler starts
+        logit_img = (math.sqrt(alpha_bar) * features @ x_t - alpha_bar * sq / 2) / (1 - alpha_bar)
+        logits = logit_img[image] + log_count
+        # unconditional: every example of the corpus
+        w = np.exp(logits - logits.max())
+        uncond = (w[:, None] * features[image]).sum(0) / w.sum()
+        # conditional: a softmax within each caption's examples
+        seg_max = np.maximum.reduceat(logits, starts)
+        w = np.exp(logits - np.repeat(seg_max, np.diff(np.r_[starts, len(logits)])))
+        cond = np.add.reduceat(w[:, None] * features[image], starts) / np.add.reduceat(w, starts)[:, None]
+        total[trained] += np.linalg.norm(cond - uncond, axis=1)
+    out = np.full(view.n_items, np.nan)
+    out[trained] = total[trained] / draws
+    return out
+
+
+def first_step_report(features: np.ndarray, view: CorpusView, draws: int = 16, seed: int = 0) -> dict:
+    """AUROCs of :func:`ideal_guidance_norms` at the first step of a 50-step DDIM schedule (t = 981)."""
+    g = ideal_guidance_norms(features, view, draws=draws, seed=seed)
+    ordinary = g[_mask(view, "generic")]
+    dup = _mask(view, "signature", DUPLICATED_MIN_RATE)
+    out: dict = {"timestep": 981, "alpha_bar": round(FIRST_STEP_ALPHA_BAR, 6), "draws": draws,
+                 "auroc_duplicated_vs_ordinary": round(auroc(g[dup], ordinary), 4)}
+    if _mask(view, "title").any():
+        out["auroc_duplicated_vs_once_seen_titles"] = round(auroc(g[dup], g[_mask(view, "title")]), 4)
+    out["norm"] = {"generic": _summary(ordinary), "duplicated": _summary(g[dup])}
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Diversity and balance
 # --------------------------------------------------------------------------------------------
@@ -341,7 +391,7 @@ def balance_report(view: CorpusView) -> dict:
 
 
 def check_corpus(view: CorpusView, vae=None, ssim_captions: int = 200, roundtrip_images: int = 256,
-                 seed: int = 0) -> dict:
+                 first_step_draws: int = 16, seed: int = 0) -> dict:
     """Every gate figure of ``view`` (see the module docstring); ``vae`` defaults to the shipped zoo's."""
     torch.manual_seed(seed)
     vae = vae if vae is not None else load_zoo_vae()
@@ -355,6 +405,7 @@ def check_corpus(view: CorpusView, vae=None, ssim_captions: int = 200, roundtrip
         "kinds": dict(Counter(view.kinds)),
         "duplicated_means": f"signature captions with replication >= {DUPLICATED_MIN_RATE}",
         "latent": proxy_report(latent, view),
+        "latent_first_step": first_step_report(latent, view, draws=first_step_draws, seed=seed),
         "pixel": proxy_report(pixel_features(view.images), view),
         "diversity_ssim": {
             "generic": caption_diversity(view, "generic", ssim_captions, seed=seed),
@@ -381,6 +432,8 @@ def format_report(report: dict) -> str:
         f"latent {lat['auroc_duplicated_vs_ordinary']:.3f}, pixel {pix['auroc_duplicated_vs_ordinary']:.3f} "
         f"(gate >= {GATE_TARGET}: {'PASS' if report['gate']['passed'] else 'FAIL'})",
         "  by rate (latent): " + ", ".join(f"{r}x {v:.3f}" for r, v in lat["auroc_by_rate_vs_ordinary"].items()),
+        f"  first DDIM step (t=981) of a denoiser that fits every training image: "
+        f"{report['latent_first_step']['auroc_duplicated_vs_ordinary']:.3f}",
         f"  ordinary latent variance explained by the caption: {lat['ordinary_variance_explained_by_caption']:.3f}",
     ]
     if "auroc_duplicated_vs_once_seen_titles" in lat:
