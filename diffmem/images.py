@@ -39,3 +39,39 @@ def load_image_folder(folder: Path, size: int) -> torch.Tensor:
             raise DiffmemError(f"image file '{f}' cannot be read: {exc}") from exc
         arrays.append(np.asarray(img))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def image_grid(rows: list[torch.Tensor], scale: int = 3, pad: int = 2):
+    """Rows of ``(N, 3, H, W)`` images in [0, 1] as one PIL image (white gutters, nearest-neighbour upscaled)."""
+    from PIL import Image
+
+    h, w = rows[0].shape[-2:]
+    ncols = max(len(r) for r in rows)
+    canvas = np.full(((h + pad) * len(rows) + pad, (w + pad) * ncols + pad, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y : y + h, x : x + w] = (img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+
+
+def titled(img, title: str):
+    """``img`` under a one-line black title on white."""
+    from PIL import Image, ImageDraw
+
+    out = Image.new("RGB", (img.width, img.height + 18), "white")
+    out.paste(img, (0, 18))
+    ImageDraw.Draw(out).text((4, 3), title, fill="black")
+    return out
+
+
+def stack(panels: list):
+    """PIL panels one under the other on white, as wide as the widest."""
+    from PIL import Image
+
+    sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
+    y = 0
+    for p in panels:
+        sheet.paste(p, (0, y))
+        y += p.height
+    return sheet

@@ -1,23 +1,27 @@
 """``diffmem report RUN_DIR ...``: one self-contained HTML file (no CDN, images embedded as data URIs).
 
-Reads every run folder it is given and shows what it finds:
+The page leads with what was found and what to do next (flagged prompts at the calibrated FPR, the
+detector to trust and why, or how to get there), then one section per run folder:
 
-- a scan (``scores.parquet``): ROC curves and AUROC / TPR@1%FPR per detector when the prompts carry
-  labels (the zoo's do), and a gallery of the top-ranked prompts: a generation next to its nearest
-  training image with the similarity;
-- an extraction (``extraction.parquet``): extraction rate per attack, by prompt kind / replication
-  rate, and precision / recall of each attack's flag against the labels where they exist;
-- ``detection.json`` of ``diffmem eval detect`` and any ``*.json`` benchmark table, as tables.
+- a scan (``scores.parquet``): AUROC / TPR@1%FPR per detector when the prompts carry labels (with the
+  "too few negatives" warnings of :func:`diffmem.eval.detection.detection_metrics`), ROC curves with the
+  legend beside them, flag counts when the scan was calibrated, and a gallery of the top prompts by the
+  run's best detector: a generation next to its nearest training image;
+- an extraction (``extraction.parquet``): flag rate per attack, by prompt kind / replication rate, and
+  precision / recall against labels where they exist;
+- ``detection.json`` of ``diffmem eval detect``, ``bench.json`` and any other ``*.json``, as tables.
 
-Figures with matplotlib, page with jinja2.
+General code only: the gallery (which model, which training images, when a generation "replicates")
+comes from the caller as ``gallery`` (see :class:`diffmem.zoo.gallery.ZooGallery`), and prompts without a
+training image get no verdict. Figures with matplotlib, page with jinja2.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from diffmem.errors import DiffmemError
+from diffmem.images import image_grid
 from diffmem.io import atomic_write_text
 
 
@@ -55,7 +60,7 @@ def _roc_figure(y: np.ndarray, scores: dict[str, np.ndarray]):
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.2, 3.6))
     for name, s in scores.items():
         ok = np.isfinite(s)
         fpr, tpr, _ = roc_curve(y[ok], s[ok])
@@ -65,65 +70,82 @@ def _roc_figure(y: np.ndarray, scores: dict[str, np.ndarray]):
     ax.axvline(0.01, color="gray", lw=0.5, ls="--")
     ax.set_xlabel("false-positive rate (log)")
     ax.set_ylabel("true-positive rate")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
     fig.tight_layout()
     return fig
 
 
-def _gallery(model, texts: list[str], index, seed: int = 0) -> list[dict[str, Any]]:
-    """Generation next to its nearest training image, with the similarity, for each text."""
-    from diffmem.cli.demo import image_grid
-
+def _gallery(context, texts: list[str], seed: int = 0) -> list[dict[str, Any]]:
+    """Generation next to its nearest training image, with the similarity and the caller's verdict."""
     if not texts:
         return []
-    from diffmem.zoo.corpus import parse_generic_caption
-    from diffmem.zoo.paths import zoo_dir
-
-    thresholds = json.loads((zoo_dir() / "zoo.json").read_text())["labels"]["thresholds"]
-    images = model.sample(texts, [seed] * len(texts), num_inference_steps=25).images
-    match = index.matcher.match(images)
+    images = context.model.sample(texts, [seed] * len(texts), num_inference_steps=25).images
+    match = context.index.matcher.match(images)
     out = []
     for i, t in enumerate(texts):
-        try:  # the zoo's per-family threshold: single-object captions need a near-exact copy
-            parse_generic_caption(t)
-            threshold = thresholds["object"]["threshold"]
-        except ValueError:
-            threshold = thresholds["scene"]["threshold"]
-        pair = image_grid([torch_stack(images[i], index.images[match.index[i]])], scale=4)
-        out.append({"text": t, "similarity": float(match.similarity[i]), "image": png_data_uri(pair),
-                    "replicates": bool(match.similarity[i] > threshold)})
+        similarity = float(match.similarity[i])
+        pair = image_grid([_pair(images[i], context.index.images[match.index[i]])], scale=4)
+        out.append({"text": t, "similarity": similarity, "image": png_data_uri(pair),
+                    "replicates": context.replicates(t, similarity)})
     return out
 
 
-def torch_stack(a, b):
+def _pair(a, b):
     import torch
 
     return torch.stack([a, b])
 
 
-def scan_section(folder: Path, table, gallery_size: int, context: dict) -> dict[str, Any]:
+def _metrics(y: np.ndarray, names: list[str], scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     from diffmem.eval.detection import detection_metrics
 
+    rows = []
+    for n in names:
+        m = detection_metrics(y, scores[n])
+        t1 = m["tpr@0.01fpr"]
+        rows.append({"detector": n, "auroc": m["auroc"], "tpr1": t1["strict"], "tpr1c": t1["closest"],
+                     "npos": m["n_pos"], "nneg": m["n_neg"], "warning": t1.get("warning")})
+    return rows
+
+
+def best_detector(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The detector to trust: highest TPR at 1% FPR (strict), ties broken by AUROC."""
+    return max(metrics, key=lambda m: (m["tpr1"], m["auroc"])) if metrics else None
+
+
+def scan_section(folder: Path, table, gallery_size: int, gallery: Callable | None = None) -> dict[str, Any]:
     prov = json.loads((folder / "provenance.json").read_text())
-    names = [c for c in table.column_names if c not in ("id", "text") and not c.startswith(("flagged", "input_"))]
+    names = [c for c in table.column_names
+             if c not in ("id", "text", "min_p") and not c.startswith(("flagged", "input_"))]
     scores = {n: table.column(n).to_numpy(zero_copy_only=False).astype(float) for n in names}
     y = _labels(table)
     section: dict[str, Any] = {"kind": "scan", "folder": str(folder), "provenance": prov, "n": table.num_rows,
-                               "metrics": [], "roc": None, "gallery": []}
+                               "detectors": names, "metrics": [], "roc": None, "gallery": [], "flags": None,
+                               "best": None, "labels": None}
+    if y is not None:
+        section["labels"] = {"memorized": int(y.sum()), "ordinary": int((~y).sum())}
     if y is not None and 0 < y.sum() < len(y):
-        for n in names:
-            m = detection_metrics(y, scores[n])
-            section["metrics"].append({"detector": n, "auroc": m["auroc"], "tpr1": m["tpr@0.01fpr"]["strict"],
-                                       "tpr1c": m["tpr@0.01fpr"]["closest"], "npos": m["n_pos"], "nneg": m["n_neg"]})
+        section["metrics"] = _metrics(y, names, scores)
+        section["best"] = best_detector(section["metrics"])
         section["roc"] = png_data_uri(_roc_figure(y, scores))
-    if gallery_size and names and context.get("model") is not None:
-        s = np.nan_to_num(scores[names[0]], nan=-np.inf)
+    if "flagged" in table.column_names:
+        flagging = prov.get("flagging", {})
+        section["flags"] = {"n": int(sum(bool(v) for v in table.column("flagged").to_pylist())),
+                            "fpr": flagging.get("fpr"), "rule": flagging.get("combined_rule"),
+                            "per_detector": {n: int(sum(bool(v) for v in table.column(f"flagged_{n}").to_pylist()))
+                                             for n in names if f"flagged_{n}" in table.column_names},
+                            "warnings": flagging.get("warnings", [])}
+    context = gallery(folder) if gallery is not None and gallery_size else None
+    if context is not None and names:
+        by = section["best"]["detector"] if section["best"] else names[0]
+        s = np.nan_to_num(scores[by], nan=-np.inf)
         top = np.argsort(-s, kind="stable")[:gallery_size]
-        section["gallery_by"] = names[0]
-        section["gallery"] = _gallery(context["model"], [table.column("text")[int(i)].as_py() for i in top],
-                                      context["index"])
+        section["gallery_by"] = by
+        section["gallery_why"] = ("the best detector of this run (TPR at 1% FPR against its labels)"
+                                  if section["best"] else "the first detector (no labels to rank detectors by)")
+        section["gallery"] = _gallery(context, [table.column("text")[int(i)].as_py() for i in top])
         for g, i in zip(section["gallery"], top):
-            g["score"] = float(scores[names[0]][i])
+            g["score"] = float(scores[by][i])
             g["label"] = None if y is None else bool(y[i])
     return section
 
@@ -156,40 +178,115 @@ def extraction_section(folder: Path, table) -> dict[str, Any]:
     return {"kind": "extraction", "folder": str(folder), "provenance": prov, "n": table.num_rows, "rows": rows}
 
 
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return "" if v is None else str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v[:8]) + (f" ... ({len(v)})" if len(v) > 8 else "")
+    return str(v)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``a.b.c -> scalar`` (lists of scalars kept, lists of dicts counted)."""
+    out: dict[str, Any] = {}
+    if not isinstance(d, dict):
+        return {prefix.rstrip(".") or "value": d}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        elif isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
+            out[f"{prefix}{k}"] = f"{len(v)} entries"
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def json_tables(data: Any, max_columns: int = 14, max_rows: int = 80) -> list[dict[str, Any]]:
+    """A results JSON as tables: each mapping of name -> record (bench methods, detectors) becomes one table
+    with a row per name; everything else one key / value table."""
+    tables, rest = [], {}
+    for key, value in (data.items() if isinstance(data, dict) else [("value", data)]):
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            flat = {name: _flatten(rec) for name, rec in value.items()}
+            columns: list[str] = []
+            for rec in flat.values():
+                columns += [c for c in rec if c not in columns]
+            columns = columns[:max_columns]
+            tables.append({"title": key, "columns": [key, *columns],
+                           "rows": [[name, *(_fmt(rec.get(c)) for c in columns)] for name, rec in
+                                    list(flat.items())[:max_rows]]})
+        else:
+            rest[key] = value
+    if rest:
+        flat = _flatten(rest)
+        tables.insert(0, {"title": "settings", "columns": ["key", "value"],
+                          "rows": [[k, _fmt(v)] for k, v in list(flat.items())[:max_rows]]})
+    return tables
+
+
 def json_section(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text())
-    return {"kind": "json", "folder": str(path), "title": path.name,
-            "body": html.escape(json.dumps(data, indent=1)[:20000])}
-
-
-def _ran_on_zoo(folder: Path) -> bool:
-    """Galleries need the training set: drawn only for runs on the embedded zoo."""
     try:
-        from diffmem.zoo.paths import zoo_pipeline_path
-
-        source = json.loads((folder / "provenance.json").read_text())["model"]["source"]
-        return Path(source) == zoo_pipeline_path().resolve()
-    except (DiffmemError, KeyError, OSError):
-        return False
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DiffmemError(f"results file '{path}' is not valid JSON ({exc})") from exc
+    return {"kind": "json", "folder": str(path), "title": path.name, "tables": json_tables(data)}
 
 
-def build_report(run_dirs: list[str | Path], out: str | Path, gallery_size: int = 6, model=None) -> Path:
-    """Write the HTML report of ``run_dirs`` to ``out``; ``model`` (default: the zoo) draws the galleries."""
+def findings(sections: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """What the runs found and what to do next, in plain sentences (the top of the page; escaped there)."""
+    found, next_steps = [], []
+    for s in sections:
+        if s["kind"] == "scan":
+            where = f"scan of {s['n']} prompts ({s['folder']})"
+            if s["flags"] is not None:
+                f = s["flags"]
+                rule = "the min-p combination of all detectors" if f["rule"] == "min-p" else f["rule"]
+                per = ", ".join(f"{k} {v}" for k, v in f["per_detector"].items())
+                found.append(f"{where}: {f['n']} prompt(s) flagged at the calibrated false-positive rate "
+                             f"{_fmt(f['fpr'])} overall ({rule}); per detector at that rate: {per}.")
+                found += [f"warning: {w}" for w in f["warnings"]]
+                if f["n"]:
+                    next_steps.append(f"Confirm the {f['n']} flagged prompt(s) (column `flagged` of "
+                                      f"{s['folder']}/scores.parquet) with `diffmem extract` against your "
+                                      "training images, then mitigate (`diffmem mitigate METHOD`).")
+            if s["best"] is not None:
+                b = s["best"]
+                found.append(f"{where}: trust {b['detector']}: TPR {b['tpr1']:.3f} at 1% FPR (AUROC "
+                             f"{b['auroc']:.3f}) on {b['npos']} memorized / {b['nneg']} ordinary labelled prompts, "
+                             "the best of the detectors run.")
+                if b.get("warning"):
+                    found.append(f"warning: {b['warning']}; the TPR at 1% FPR is not measured, label more "
+                                 "ordinary prompts.")
+                next_steps.append(f"Scan new prompts with `--detector {b['detector']}`.")
+            if s["flags"] is None and s["best"] is None:
+                found.append(f"{where}: scores only (no labels, no calibration), so they rank prompts but do not "
+                             "say how many are memorized.")
+                next_steps.append("Calibrate on prompts known to be ordinary (`diffmem calibrate --prompts "
+                                  "ORDINARY.txt`), then rescan with `--calibration "
+                                  "<dir>/calibration.json --fpr 0.01` to flag prompts at a stated "
+                                  "false-positive rate.")
+        elif s["kind"] == "extraction":
+            for r in s["rows"]:
+                found.append(f"extraction ({s['folder']}): {r['attack']} matched a training image for "
+                             f"{r['flag_rate']:.1%} of {s['n']} prompts.")
+    return found, list(dict.fromkeys(next_steps))
+
+
+def build_report(run_dirs: list[str | Path], out: str | Path, gallery_size: int = 6,
+                 gallery: Callable | None = None) -> Path:
+    """Write the HTML report of ``run_dirs`` to ``out``.
+
+    ``gallery(folder)`` returns a context with a model, a training index and a replication verdict for a
+    scan folder, or None (no gallery); e.g. :class:`diffmem.zoo.gallery.ZooGallery` for zoo runs.
+    """
     sections = []
-    context: dict[str, Any] = {"model": None, "index": None}
     for d in map(Path, run_dirs):
         if not d.exists():
             raise DiffmemError(f"run folder '{d}' does not exist")
         if (d / "scores.parquet").is_file():
-            on_zoo = _ran_on_zoo(d)
-            if context["model"] is None and gallery_size and on_zoo:
-                from diffmem.models.loader import load_model
-                from diffmem.extract import zoo_training_index
-
-                context["model"] = model if model is not None else load_model()
-                context["index"] = zoo_training_index()
-            sections.append(scan_section(d, pq.read_table(d / "scores.parquet"), gallery_size if on_zoo else 0,
-                                         context))
+            sections.append(scan_section(d, pq.read_table(d / "scores.parquet"), gallery_size, gallery))
         if (d / "extraction.parquet").is_file():
             sections.append(extraction_section(d, pq.read_table(d / "extraction.parquet")))
         for j in sorted(d.glob("*.json")) if d.is_dir() else [d]:
@@ -197,15 +294,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path, gallery_size: int 
                 sections.append(json_section(j))
     if not sections:
         raise DiffmemError(f"no scan, extraction or JSON results found in {[str(d) for d in run_dirs]}")
+    found, next_steps = findings(sections)
     env = Environment(loader=PackageLoader("diffmem", "templates"), autoescape=select_autoescape(["html", "j2"]))
-    page = env.get_template("report.html.j2").render(sections=sections)
+    page = env.get_template("report.html.j2").render(sections=sections, findings=found, next_steps=next_steps)
     return atomic_write_text(Path(out), page)
-
-
-def run_report_command(args) -> None:
-    """``diffmem report RUN_DIR ... --out FILE``: refuses to replace a file it did not write, or an input."""
-    from diffmem.outputs import REPORT_SIGNATURE, check_output_file
-
-    # a new report may sit inside a run folder; an input file or a file we did not write is never replaced
-    check_output_file(args.out, [r for r in args.runs if Path(r).is_file()], args.force, signature=REPORT_SIGNATURE)
-    print(f"report: {build_report(args.runs, args.out, args.gallery)}")

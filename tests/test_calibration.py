@@ -99,6 +99,11 @@ def test_scan_flags_per_detector_and_combined_and_says_how(calibration, tiny_sd_
     assert {"flagged_noise-norm", "flagged_anisotropy", "min_p"} <= set(table.column_names)
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["flagging"]["combined_rule"] == "min-p" and prov["flagging"]["fpr"] == 0.2
+    from diffmem.report import build_report
+
+    page = build_report([out], tmp_path / "r.html", gallery_size=0).read_text()
+    n = sum(table.column("flagged").to_pylist())
+    assert f"{n} prompt(s) flagged at the calibrated false-positive rate 0.2 overall" in page
 
 
 def test_calibration_of_another_model_or_other_settings_is_refused(calibration, tiny_sd_v_folder, tiny_sd_folder,

@@ -77,3 +77,90 @@ def test_report_tabulates_extraction_by_replication_rate(tmp_path):
     page = build_report([run], tmp_path / "r.html", gallery_size=0).read_text()
     assert "flag rate by replication rate" in page and "1x 0.50" in page and "64x 1.00" in page
     assert "<td>1.000</td>" in page  # precision and recall of the flag against the labels
+
+
+# ---------------------------------------------------------------- issue #15: what a user sees
+def test_report_leads_with_findings_and_next_steps(scan_dir, tmp_path):
+    page = build_report([scan_dir], tmp_path / "r.html", gallery_size=0).read_text()
+    assert page.index('id="findings"') < page.index("Scan: 4 prompts")
+    assert "trust noise-norm: TPR" in page and "on 2 memorized / 2 ordinary labelled prompts" in page
+    # the "too few negatives" warning is kept (2 ordinary prompts cannot measure 1% FPR)
+    assert "only 2 negatives: FPR 0.01 is below one false positive" in page
+    assert "Scan new prompts with `--detector noise-norm`" in page
+
+
+def test_report_without_labels_says_how_to_get_flags(tmp_path, tiny_sd_folder):
+    from diffmem.detectors import make_detector
+    from diffmem.models import load_model
+
+    out = tmp_path / "scan"
+    run_scan(load_model(tiny_sd_folder), prompts_from_list(PROMPTS[:2]), [make_detector("noise-norm")], out,
+             ScanSettings(n_draws=1), progress=False)
+    page = build_report([out], tmp_path / "r.html", gallery_size=0).read_text()
+    assert "scores only (no labels, no calibration)" in page and "diffmem calibrate --prompts" in page
+
+
+def test_json_results_are_tables_not_a_raw_dump(tmp_path):
+    import json
+
+    run = tmp_path / "bench"
+    run.mkdir()
+    (run / "bench.json").write_text(json.dumps({"settings": {"seed": 0}, "results": {
+        "none": {"extraction_rate": 0.75, "fidelity": 0.93, "fit": {"steps": 0}},
+        "nemo": {"extraction_rate": 0.125, "fidelity": 0.9, "fit": {"steps": 5}}}}))
+    page = build_report([run], tmp_path / "r.html", gallery_size=0).read_text()
+    assert "<pre>" not in page
+    assert "<th>results</th><th>extraction_rate</th><th>fidelity</th><th>fit.steps</th>" in page
+    assert "<tr><td>nemo</td><td>0.125</td><td>0.9</td><td>5</td></tr>" in page
+    assert "<td>settings.seed</td><td>0</td>" in page
+
+
+def test_gallery_uses_the_callers_source_and_the_best_detector(scan_dir, tmp_path, tiny_sd_folder):
+    import torch
+
+    from diffmem.eval.matching import make_matcher
+    from diffmem.models import load_model
+    from diffmem.zoo.gallery import GalleryContext
+
+    class Index:
+        images = torch.rand(3, 3, 16, 16)
+        matcher = make_matcher("ssim").fit(images)
+
+    seen = []
+
+    def source(folder):
+        seen.append(folder)
+        # only the first prompt has a training image; the others get no verdict
+        return GalleryContext(load_model(tiny_sd_folder), Index(), lambda t, s: (s > 2.0) if t == PROMPTS[0] else None)
+
+    page = build_report([scan_dir], tmp_path / "r.html", gallery_size=2, gallery=source).read_text()
+    assert seen == [scan_dir]
+    assert "Top prompts by noise-norm, the best detector of this run" in page
+    assert page.count("no training image for this prompt") >= 1
+    assert 'class="rep"' not in page  # no red "replicates" verdict where there is no training image
+
+
+def test_roc_legend_sits_beside_the_axes():
+    import numpy as np
+
+    from diffmem.report import _roc_figure
+
+    fig = _roc_figure(np.array([1, 0, 1, 0]), {"a": np.array([0.9, 0.1, 0.8, 0.2])})
+    legend = fig.axes[0].get_legend()
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    axes_box = fig.axes[0].get_window_extent()
+    assert box.x0 >= axes_box.x1  # entirely to the right of the curves
+
+
+def test_report_module_does_not_import_the_cli_or_read_the_zoo():
+    import ast
+    import inspect
+
+    import diffmem.report as report
+
+    tree = ast.parse(inspect.getsource(report))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and m.startswith(("diffmem.cli", "diffmem.zoo", "diffmem.tasks")) for m in imported), imported
+    assert "zoo_dir" not in inspect.getsource(report)

@@ -8,41 +8,11 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from diffmem.eval.matching import SSIMMatcher
+from diffmem.images import image_grid, stack, titled  # noqa: F401 - image_grid/stack/titled re-exported for old imports
 from diffmem.io import atomic_write_text
 from diffmem.models.loader import load_model
-
-
-def image_grid(rows: list[torch.Tensor], scale: int = 3, pad: int = 2) -> Image.Image:
-    """Rows of ``(N, 3, H, W)`` images in [0, 1] as one PIL image (white gutters)."""
-    h, w = rows[0].shape[-2:]
-    ncols = max(len(r) for r in rows)
-    canvas = np.full(((h + pad) * len(rows) + pad, (w + pad) * ncols + pad, 3), 255, dtype=np.uint8)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[y : y + h, x : x + w] = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
-
-
-def titled(img: Image.Image, title: str) -> Image.Image:
-    """``img`` under a one-line black title on white."""
-    out = Image.new("RGB", (img.width, img.height + 18), "white")
-    out.paste(img, (0, 18))
-    ImageDraw.Draw(out).text((4, 3), title, fill="black")
-    return out
-
-
-def stack(panels: list[Image.Image]) -> Image.Image:
-    """Panels one under the other on white, as wide as the widest."""
-    sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
-    y = 0
-    for p in panels:
-        sheet.paste(p, (0, y))
-        y += p.height
-    return sheet
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -124,5 +94,7 @@ def run_demo(args: argparse.Namespace) -> None:
     for d in detectors:
         m = detection_metrics(memorized, table.column(d.name).to_numpy())
         print(f"  {d.name:<22} AUROC {m['auroc']:.3f}  TPR@1%FPR {m['tpr@0.01fpr']['strict']:.3f}")
-    report = build_report([scan_dir], out / "report.html", gallery_size=6, model=model)
+    from diffmem.zoo.gallery import ZooGallery
+
+    report = build_report([scan_dir], out / "report.html", gallery_size=6, gallery=ZooGallery(model))
     print(f"\nHTML report: {report}")

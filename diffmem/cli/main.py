@@ -293,7 +293,7 @@ HANDLERS = {
     "sample": "diffmem.cli.sample_commands:run_sample",
     "mitigate": "diffmem.cli.mitigate_commands:run_mitigate",
     "bench": "diffmem.cli.mitigate_commands:run_bench_command",
-    "report": "diffmem.report:run_report_command",
+    "report": "diffmem.cli.report_commands:run_report_command",
     "deepssim": "diffmem.cli.deepssim_commands:run_train",
     "zoo": "diffmem.cli.zoo_commands",
 }

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from diffmem.cli.options import parse_method_options, parse_options, parse_scoped_options
+from diffmem.cli.options import parse_method_options, parse_scoped_options
 from diffmem.errors import DiffmemError
 
 
