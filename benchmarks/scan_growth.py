@@ -4,7 +4,8 @@ Each point runs the real command line in a child process,
 
     diffmem scan --prompts <n prompts> --detector noise-norm --draws 4 --quiet --out <folder>
 
-and records its wall time, per-prompt time (overall and steady state, from the parts' write times),
+and records its wall time and CPU time (``ru_utime + ru_stime``: on a shared machine the CPU seconds per
+prompt are the load-independent cost), per-prompt time (overall and steady state, from the parts' write times),
 the child's peak RSS (``os.wait4`` rusage, i.e. ``getrusage(RUSAGE_CHILDREN)`` of that child alone), an
 RSS timeline sampled from ``/proc``, the Parquet part count, the time to merge the parts again (checked
 equal to the command's own ``scores.parquet``) and the lines the command printed.
@@ -133,7 +134,8 @@ def run_cli(prompts: Path, out: Path, log: Path, threads: int, kill_at_parts: in
         time.sleep(0.2)
     wall = time.time() - start
     text = log.read_text(errors="replace")
-    return {"wall_s": round(wall, 2), "returncode": os.waitstatus_to_exitcode(status), "killed": killed,
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "returncode": os.waitstatus_to_exitcode(status), "killed": killed,
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "start_time": start,
             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "terminal_lines": len(text.splitlines()), "terminal_tail": text.splitlines()[-3:],
@@ -179,6 +181,16 @@ def point(work: Path, n: int, threads: int) -> dict[str, Any]:
     resumed = out.exists() and not (out / "scores.parquet").is_file()
     done_before = len(_parts(out))
     run = run_cli(prompts, out, work / f"scan_{n}.log", threads)
+    if run["returncode"] < 0:  # stopped by a signal (e.g. at a deadline): what it did until then, resumable
+        times = sorted(p.stat().st_mtime for p in _parts(out))
+        steady = round((times[-1] - times[0]) / (len(times) - 1), 2) if len(times) > 2 else None
+        timeline = run["rss_timeline"][:: max(1, len(run["rss_timeline"]) // 60)]
+        return {"prompts": n, "finished": False, "threads": threads, "signal": -run["returncode"],
+                "wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "parts_written": len(times),
+                "parts_expected": -(-n // BATCH), "peak_rss_mb": run["peak_rss_mb"],
+                "cpu_per_prompt_ms_so_far": round(1000 * run["cpu_s"] / max(1, len(times) * BATCH), 3),
+                "steady_wall_s_per_part": steady, "load_avg_1min": run["load_avg_1min"], "rss_timeline": timeline,
+                "resume_with": f"rerun the same command: {len(times)} parts are kept"}
     if run["returncode"] != 0:
         raise SystemExit(f"scan of {n} prompts failed (rc {run['returncode']}); see {work / f'scan_{n}.log'}")
     parts = _parts(out)
@@ -186,6 +198,7 @@ def point(work: Path, n: int, threads: int) -> dict[str, Any]:
     record = {"prompts": n, "threads": threads, **{k: v for k, v in run.items() if k != "start_time"},
               "parts": len(parts),
               "per_prompt_ms": round(1000 * run["wall_s"] / n, 3),
+              "cpu_per_prompt_ms": round(1000 * run["cpu_s"] / n, 3),
               "steady_per_prompt_ms": round(1000 * (steady_per_prompt(out, n) or float("nan")), 3),
               "interrupted": resumed, "parts_before_this_run": done_before,
               "provenance_truncated": truncated,
@@ -241,18 +254,22 @@ def synthetic_jobs(work: Path, n: int) -> dict[str, Any]:
     prompts = PromptSet(ids=[str(i) for i in range(n)], texts=[f"prompt {i}" for i in range(n)], source="synthetic")
     rng = np.random.default_rng(0)
     rss_before = _rss_mb(os.getpid())
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run_chunks(prompts, out, BATCH, lambda chunk: {"score": rng.standard_normal(len(chunk))}, progress=False)
-    loop_s = time.perf_counter() - start
+    loop_s, loop_cpu = time.perf_counter() - start, time.process_time() - cpu
     rss_after_loop = _rss_mb(os.getpid())
-    start = time.perf_counter()
-    merged = merge_parts(out, prompts, 1, BATCH, "scores.parquet")
-    merge_s = time.perf_counter() - start
+    merge_s = merge_cpu = float("inf")
+    for _ in range(2):  # best of two: the first read may wait on the disk, the machine is shared
+        start, cpu = time.perf_counter(), time.process_time()
+        merged = merge_parts(out, prompts, 1, BATCH, "scores.parquet")
+        merge_s, merge_cpu = min(merge_s, time.perf_counter() - start), min(merge_cpu, time.process_time() - cpu)
     rows = pq.read_metadata(merged).num_rows
     shutil.rmtree(out)
-    return {"prompts": n, "parts": -(-n // BATCH), "chunk_loop_s": round(loop_s, 2),
-            "chunk_loop_ms_per_part": round(1000 * loop_s / -(-n // BATCH), 3), "merge_s": round(merge_s, 3),
-            "merge_us_per_prompt": round(1e6 * merge_s / n, 3), "merged_rows": rows,
+    parts = -(-n // BATCH)
+    return {"prompts": n, "parts": parts, "chunk_loop_s": round(loop_s, 2), "chunk_loop_cpu_s": round(loop_cpu, 2),
+            "chunk_loop_cpu_ms_per_part": round(1000 * loop_cpu / parts, 3), "merge_s": round(merge_s, 3),
+            "merge_cpu_s": round(merge_cpu, 3), "merge_cpu_us_per_prompt": round(1e6 * merge_cpu / n, 3),
+            "merged_rows": rows,
             "rss_mb_before": round(rss_before or 0, 1), "rss_mb_after_loop": round(rss_after_loop or 0, 1)}
 
 
@@ -319,7 +336,13 @@ def main() -> None:
             if str(n) in record["points"]:
                 print(f"{n}: done ({record['points'][str(n)]['wall_s']} s); skipped")
                 continue
-            mine.setdefault("points", {})[str(n)] = point(work, n, args.threads)
+            result = point(work, n, args.threads)
+            if not result.get("finished", True):
+                mine.setdefault("unfinished", dict(record.get("unfinished", {})))[str(n)] = result
+                save()
+                print(f"{n}: stopped after {result['parts_written']} of {result['parts_expected']} parts", flush=True)
+                continue
+            mine.setdefault("points", {})[str(n)] = result
             save()
             p = record["points"][str(n)]
             print(f"{n}: {p['wall_s']} s, {p['per_prompt_ms']} ms/prompt, peak RSS {p['peak_rss_mb']} MB, "
