@@ -18,7 +18,7 @@ from diffmem.models.loader import load_model
 def run_demo(args: argparse.Namespace) -> None:
     from diffmem.cli.options import resolve_device
     from diffmem.cli.zoo_commands import format_summary
-    from diffmem.outputs import check_output_dir, claim_output_dir
+    from diffmem.outputs import check_output_dir, claim_output_dir, make_shareable
     from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
     from diffmem.zoo.paths import zoo_dir
 
@@ -61,6 +61,7 @@ def run_demo(args: argparse.Namespace) -> None:
         title = f"{name}: {args.seeds} seeds | nearest training image (via the zoo VAE)"
         panels.append(titled(image_grid(grid_rows), title))
     stack(panels).save(out / "grid.png")
+    make_shareable(out / "grid.png")
     print("\nprompt                                                              rate  max SSIM to nearest")
     for row in table:
         print(f"{row['caption'][:66]:<66} {row['replication']:>4}  {row['max_ssim_to_nearest_training_image']:.3f}")

@@ -338,7 +338,7 @@ def _rate(value, path: str, column: str) -> float:
 
 def run_eval_detect(args: argparse.Namespace) -> None:
     from diffmem.eval.detection import detection_metrics, plot_roc
-    from diffmem.outputs import check_output_dir, claim_output_dir
+    from diffmem.outputs import check_output_dir, claim_output_dir, make_shareable
 
     table = read_scores(Path(args.scores))
     if not Path(args.labels).is_file():
@@ -381,6 +381,7 @@ def run_eval_detect(args: argparse.Namespace) -> None:
         curves[name] = (y, s)
     out = claim_output_dir(args.out, "eval-detect", ["detection.json", "roc.png"])
     plot_roc(curves, out / "roc.png", title=f"{len(keep)} prompts, {int(y.sum())} memorized")
+    make_shareable(out / "roc.png")
     atomic_write_text(out / "detection.json", json.dumps(report, indent=2))
     print(f"{'detector':<24} {'AUROC':>7} {'TPR@1% (strict/closest)':>24} {'TPR@0.1%':>18}")
     for name, entry in report["detectors"].items():
