@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -59,12 +60,27 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _alive(pid: int | None) -> bool:
+    """Whether a process with this id runs now (a session it holds open is still going)."""
+    if not pid or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Timings:
     """Wall-clock seconds of every session of every scan, kept in the benchmark's own state file.
 
-    ``begin`` records a session's start before any work, ``end`` its end; a session that never ended
-    (killed) is closed at the modification time of the last part its folder got after the start, so
-    the parts it finished are counted. ``seconds`` sums a key's sessions.
+    ``begin`` records a session's start (and process id) before any work, ``end`` its end; a session
+    that never ended and whose process is gone (killed) is closed at the modification time of the last
+    part its folder got after the start, so the parts it finished are counted. ``seconds`` sums a key's
+    sessions. Several processes may scan different groups into one work folder at once: each merges
+    only its own entries into the file.
     """
 
     def __init__(self, path: Path) -> None:
@@ -72,27 +88,33 @@ class Timings:
         self.state: dict = json.loads(path.read_text()) if path.is_file() else {}
         for entry in self.state.values():
             for session in entry["sessions"]:
-                if "end" not in session:
+                if "end" not in session and not _alive(session.get("pid")):
                     parts = Path(entry["folder"]) / "parts" if entry.get("folder") else None
                     mtimes = [p.stat().st_mtime for p in parts.glob("*.parquet")] if parts and parts.is_dir() else []
                     session["end"] = max([session["start"], *[t for t in mtimes if t >= session["start"]]])
                     session["interrupted"] = True
         self._save()
 
-    def _save(self) -> None:
+    def _save(self, key: str | None = None) -> None:
+        """Write the state; with ``key``, merge that entry into the file as it is now, so processes scanning
+        other groups into the same work folder at the same time keep theirs."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if key is not None and self.path.is_file():
+            self.state = {**json.loads(self.path.read_text()), key: self.state[key]}
         atomic_write_text(self.path, json.dumps(self.state, indent=2))
 
-    def begin(self, key: str, folder: Path | None = None, **info) -> None:
+    def begin(self, key: str, folder: Path | None = None, start: float | None = None, **info) -> None:
+        if self.path.is_file():  # another process may have recorded this key since we started
+            self.state.update({k: v for k, v in json.loads(self.path.read_text()).items() if k not in self.state})
         entry = self.state.setdefault(key, {"folder": str(folder) if folder else None, "sessions": [], **info})
-        entry["sessions"].append({"start": time.time()})
-        self._save()
+        entry["sessions"].append({"start": start or time.time(), "pid": os.getpid()})
+        self._save(key)
 
     def end(self, key: str, **info) -> None:
         entry = self.state[key]
         entry["sessions"][-1]["end"] = time.time()
         entry.update(info)
-        self._save()
+        self._save(key)
 
     def seconds(self, key: str) -> float | None:
         sessions = self.state.get(key, {}).get("sessions", [])
@@ -129,11 +151,12 @@ def finished_scan(folder: Path, model, prompts: PromptSet, detectors: list[Detec
 def scan_group(label: str, model, prompts: PromptSet, detectors: list[Detector], settings: ScanSettings,
                work: Path, timings: Timings) -> tuple[dict[str, np.ndarray], str]:
     """Scores of one detector group, from its finished folder or a (resumed) scan; returns (scores, key)."""
+    start = time.time()  # a detector's config may build its training index (counted in the scan's time)
     key = f"{label}-{digest([[d.config() for d in detectors], settings.n_draws, settings.seed])}"
     folder = work / key
     path = finished_scan(folder, model, prompts, detectors, settings)
     if path is None:
-        timings.begin(key, folder, detectors=[d.name for d in detectors], n_draws=settings.n_draws,
+        timings.begin(key, folder, start, detectors=[d.name for d in detectors], n_draws=settings.n_draws,
                       prompts=len(prompts))
         path = run_scan(model, prompts, detectors, folder, settings)
         timings.end(key)

@@ -62,6 +62,11 @@ def run_mitigate(args: argparse.Namespace) -> None:
     out = mitigator.save(args.out, model, force=args.force)
     kind = "inference-time config" if isinstance(mitigator, InferenceMitigator) else "patched checkpoint"
     print(f"{args.method}: {kind} written to {out}")
+    if isinstance(mitigator, InferenceMitigator):
+        print(f"it changes how prompts are encoded or sampled, not the weights: apply it with `diffmem scan|extract|"
+              f"sample --model {args.model or '<zoo>'} --mitigation {out}`")
+    else:
+        print(f"load it like any model: `diffmem scan --model {out}`")
     print(json.dumps({k: v for k, v in mitigator.describe_fit().items() if k != "neurons"}, default=str)[:2000])
 
 
