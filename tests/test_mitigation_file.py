@@ -31,6 +31,13 @@ def test_mitigation_file_says_how_to_use_it(files):
     assert "--mitigation" in record["use"] and record["acts_at"] == "inference"
 
 
+def test_mitigate_says_how_to_apply_the_file(files, tiny_sd_folder, tmp_path, capsys):
+    prompts, _ = files
+    assert main(["mitigate", "embedding-noise", "--model", str(tiny_sd_folder), "--prompts", str(prompts),
+                 "--reference", str(prompts), "--out", str(tmp_path / "n"), "--quiet"]) == 0
+    assert f"--mitigation {tmp_path / 'n' / 'mitigation.json'}" in capsys.readouterr().out
+
+
 def test_scan_with_mitigation_scores_the_mitigated_model(files, tiny_sd_folder, tmp_path):
     prompts, mitigation = files
     base = ["scan", "--model", str(tiny_sd_folder), "--prompts", str(prompts), "--detector", "noise-norm",
