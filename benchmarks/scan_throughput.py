@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,14 @@ def _timed(fn) -> tuple[float, object]:
     out = fn()
     _sync()  # GPU kernels run asynchronously: time their completion, not their launch
     return time.perf_counter() - start, out
+
+
+def _cpu_timed(fn) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, result): on a shared machine the CPU seconds are the
+    load-independent cost (wall time there mostly measures the other jobs)."""
+    cpu = time.process_time()
+    wall, out = _timed(fn)
+    return wall, time.process_time() - cpu, out
 
 
 def engine_scores(model, texts: list[str], draws: int, batch_size: int) -> torch.Tensor:
@@ -103,9 +112,9 @@ def measure(model, texts: list[str], draws: int, batch_size: int, naive: bool) -
     results: dict = {}
     for name, fn in runs:
         load = os.getloadavg()[0]
-        seconds, out = _timed(fn)
+        seconds, cpu, out = _cpu_timed(fn)
         results[name] = {"seconds": round(seconds, 3), "prompts_per_second": round(len(texts) / seconds, 2),
-                         "load_avg_1min_before": round(load, 2)}
+                         "cpu_seconds": round(cpu, 3), "load_avg_1min_before": round(load, 2)}
         if out is not None:
             results[name]["_scores"] = out.double().cpu()
     engine = results["c_engine"].pop("_scores")
@@ -124,15 +133,20 @@ def cli_versus_engine(model, n: int, draws: int, batch_size: int, threads: int) 
     with tempfile.TemporaryDirectory(prefix="diffmem-throughput-") as tmp:
         prompts = Path(tmp) / "prompts.txt"
         prompts.write_text("\n".join(texts) + "\n", encoding="utf-8")
-        engine_s, _ = _timed(lambda: engine_scores(model, texts, draws, batch_size))
+        engine_s, engine_cpu, _ = _cpu_timed(lambda: engine_scores(model, texts, draws, batch_size))
         cmd = [sys.executable, "-m", "diffmem.cli", "scan", "--prompts", str(prompts), "--detector", "noise-norm",
                "--draws", str(draws), "--batch-size", str(batch_size), "--quiet", "--out", str(Path(tmp) / "scan")]
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         cli_s, proc = _timed(lambda: subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cli_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
         if proc.returncode != 0:
             raise SystemExit(f"CLI failed: {proc.stderr[-2000:]}")
     return {"prompts": n, "engine_seconds": round(engine_s, 2), "cli_seconds": round(cli_s, 2),
-            "cli_over_engine": round(cli_s / engine_s, 3), "cli_prompts_per_second": round(n / cli_s, 2),
+            "engine_cpu_seconds": round(engine_cpu, 2), "cli_cpu_seconds": round(cli_cpu, 2),
+            "cli_over_engine": round(cli_s / engine_s, 3), "cli_over_engine_cpu": round(cli_cpu / engine_cpu, 3),
+            "cli_prompts_per_second": round(n / cli_s, 2),
             "cli_terminal_lines": len((proc.stdout + proc.stderr).splitlines())}
 
 
@@ -153,17 +167,23 @@ def main() -> None:
     texts = zoo_prompts().texts[: args.prompts]
     results = measure(model, texts, args.draws, args.batch_size, args.naive)
     sec = {k: v["seconds"] for k, v in results.items()}
+    cpu = {k: v["cpu_seconds"] for k, v in results.items()}
     floor = sec["d_conditional_forwards_only"]
     record = {"benchmark": "scan_throughput", "command": " ".join(["benchmarks/scan_throughput.py", *sys.argv[1:]]),
               "model": model.describe(), "prompts": len(texts), "draws": args.draws, "batch_size": args.batch_size,
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "results": results,
               "ratios": {"engine_speedup_over_reference": round(sec["a_reference_per_prompt"] / sec["c_engine"], 2),
                          "engine_speedup_over_batched_pairs": round(sec["b_batched_pairs"] / sec["c_engine"], 2),
-                         "engine_over_conditional_only": round(sec["c_engine"] / floor, 3)}}
+                         "engine_over_conditional_only": round(sec["c_engine"] / floor, 3),
+                         "cpu_engine_speedup_over_reference": round(cpu["a_reference_per_prompt"] / cpu["c_engine"], 2),
+                         "cpu_engine_over_conditional_only": round(cpu["c_engine"] / cpu["d_conditional_forwards_only"],
+                                                                   3)}}
     if args.cli_prompts:
+        atomic_write_text(Path(args.out), json.dumps(record, indent=2))  # (a)-(d) kept if the CLI part is stopped
         record["cli"] = cli_versus_engine(model, args.cli_prompts, args.draws, args.batch_size,
                                           torch.get_num_threads())
         record["ratios"]["cli_over_engine"] = record["cli"]["cli_over_engine"]
+        record["ratios"]["cpu_cli_over_engine"] = record["cli"]["cli_over_engine_cpu"]
     atomic_write_text(Path(args.out), json.dumps(record, indent=2))
     print(json.dumps(record["ratios"], indent=2))
 
