@@ -275,29 +275,45 @@ def synthetic_jobs(work: Path, n: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- output
 def plot(record: dict[str, Any], path: Path) -> None:
+    """Left: seconds against prompts (the command's wall and CPU time; the job loop and merge alone).
+    Right: the command's peak RSS against prompts (hollow: a run stopped before the end, at its prompts done)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted(record["points"].values(), key=lambda p: p["prompts"])
-    n = [p["prompts"] for p in pts]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    ax1.loglog(n, [p["wall_s"] for p in pts], "o-", label="wall (whole command)")
-    ax1.loglog(n, [n[0] * p["wall_s"] / pts[0]["prompts"] for p in pts], ":", color="gray",
-               label="linear from the first point")
-    for p in pts:
-        ax1.annotate(f"{p['per_prompt_ms']:.0f} ms/prompt", (p["prompts"], p["wall_s"]), textcoords="offset points",
-                     xytext=(4, -12), fontsize=8)
+    pts = sorted(record.get("points", {}).values(), key=lambda p: p["prompts"])
+    stopped = sorted(record.get("unfinished", {}).values(), key=lambda p: p["prompts"])
+    synthetic = sorted(record.get("synthetic_jobs", {}).values(), key=lambda p: p["prompts"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if pts:
+        n = [p["prompts"] for p in pts]
+        ax1.loglog(n, [p["wall_s"] for p in pts], "o-", label="scan command: wall")
+        if all("cpu_s" in p for p in pts):
+            ax1.loglog(n, [p["cpu_s"] for p in pts], "s-", label="scan command: CPU")
+    for p in stopped:
+        done = p["parts_written"] * record["batch_size"]
+        ax1.loglog([done], [p["cpu_s"]], "s", mfc="none", color="C1", label=f"stopped {p['prompts']} run: CPU so far")
+    if synthetic:
+        m = [p["prompts"] for p in synthetic]
+        ax1.loglog(m, [p["chunk_loop_cpu_s"] for p in synthetic], "^--", label="job loop alone (stub scores): CPU")
+        ax1.loglog(m, [p["merge_cpu_s"] for p in synthetic], "v--", label="merge_parts alone: CPU")
     ax1.set_xlabel("prompts")
     ax1.set_ylabel("seconds")
-    ax1.legend(fontsize=8)
-    ax2.semilogx(n, [p["peak_rss_mb"] for p in pts], "o-", color="C1")
-    ax2.set_ylim(0, max(p["peak_rss_mb"] for p in pts) * 1.3)
-    ax2.set_xlabel("prompts")
+    ax1.legend(fontsize=7)
+    if pts:
+        ax2.semilogx([p["prompts"] for p in pts], [p["peak_rss_mb"] for p in pts], "o-", color="C0",
+                     label="finished scan")
+    for p in stopped:
+        ax2.semilogx([p["parts_written"] * record["batch_size"]], [p["peak_rss_mb"]], "o", mfc="none", color="C1",
+                     label=f"{p['prompts']}-prompt scan, stopped")
+    peaks = [p["peak_rss_mb"] for p in pts + stopped] or [1.0]
+    ax2.set_ylim(0, max(peaks) * 1.3)
+    ax2.set_xlabel("prompts scored")
     ax2.set_ylabel("peak RSS of the command (MB)")
+    ax2.legend(fontsize=7)
     fig.suptitle(f"diffmem scan, noise-norm at {record['draws']} draws, zoo model, CPU "
-                 f"({record['threads']} threads, shared machine)", fontsize=9)
+                 f"({record['threads']} threads, 2 cores shared by 5 jobs)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

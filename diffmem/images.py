@@ -21,8 +21,11 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def load_image_folder(folder: Path, size: int) -> torch.Tensor:
-    """Every image under ``folder`` as ``(N, 3, size, size)`` in [0, 1] (sorted file order)."""
+    """Every image under ``folder`` as ``(N, 3, size, size)`` in [0, 1] (sorted file order), resized by
+    :func:`diffmem.eval.similarity.resize_images`, the path generations take to the index's size."""
     from PIL import Image, UnidentifiedImageError
+
+    from diffmem.eval.similarity import resize_images
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -34,11 +37,11 @@ def load_image_folder(folder: Path, size: int) -> torch.Tensor:
     arrays = []
     for f in files:
         try:
-            img = Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)
+            img = np.asarray(Image.open(f).convert("RGB"))
         except (UnidentifiedImageError, OSError) as exc:
             raise DiffmemError(f"image file '{f}' cannot be read: {exc}") from exc
-        arrays.append(np.asarray(img))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+        arrays.append(resize_images(torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255.0, size)[0])
+    return torch.stack(arrays)
 
 
 def image_grid(rows: list[torch.Tensor], scale: int = 3, pad: int = 2):

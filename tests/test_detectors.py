@@ -372,3 +372,36 @@ def test_trajectory_with_seed_per_prompt_draws_from_one_generator_per_prompt(mod
                                max_steps=1))
     assert got == pytest.approx(float((steps[0].eps_cond - steps[0].eps_uncond).flatten(1).norm(dim=1).mean()),
                                 rel=1e-4)
+
+
+def test_nn_margin_measures_the_margin_to_the_nearest_other_duplicate_group(model):
+    """An index holding copies of the memorized image (as real training sets do): without deduplication its
+    nearest and second-nearest neighbours are both copies and the margin is 0; with it (default) the margin is
+    taken to the nearest other group and is large. The groups are counted in the detector's config."""
+    import numpy as np
+
+    from diffmem.attacks.base import TrainingIndex
+    from diffmem.eval.matching import make_matcher
+
+    emb = model.encode_prompts(PROMPTS[:1])
+    image = model.early_estimate(emb, [0], num_inference_steps=3, stop_after=3)  # what nn-margin generates
+    g = torch.Generator().manual_seed(0)
+    others = torch.rand(4, *image.shape[1:], generator=g)
+    train = torch.cat([image, others[:2], image, image, others[2:]])  # three copies of the memorized image
+    scores = {}
+    for dedup in (True, False):
+        det = make_detector("nn-margin", samples=1, steps=3, stop_after=3, dedup=dedup)
+        det._index = TrainingIndex(train, np.arange(len(train)), make_matcher("ssim").fit(train), 0.5)
+        scores[dedup] = float(score_chunk(NoiseStepEngine(model, n_draws=1, seed=0), [det], PROMPTS[:1])["nn-margin"][0])
+        if dedup:
+            assert det.config()["training_index"] == {"images": 7, "groups": 5, "exact_copies": 2,
+                                                      "near_duplicates": 0, "duplicate_threshold": 0.95}
+    second = float(ssim_pairs_max(image, others))
+    assert scores[False] == pytest.approx(0.0, abs=1e-6)
+    assert scores[True] == pytest.approx(1.0 - second, abs=1e-5) and scores[True] > 0.5
+
+
+def ssim_pairs_max(image: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    from diffmem.eval.similarity import ssim_pairs
+
+    return ssim_pairs(image.expand_as(others), others).max()

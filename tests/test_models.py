@@ -86,9 +86,46 @@ def test_pipeline_object_and_folder_load_through_the_same_call(tiny_sd_folder):
     torch.testing.assert_close(from_object.predict_noise(x, 10, emb), from_folder.predict_noise(x, 10, emb))
 
 
-def test_images_round_trip_through_the_vae_shape(tiny_sd_folder):
+def test_images_round_trip_through_the_vae(tiny_sd_folder):
+    """encode_images = the VAE posterior mean of 2x - 1, scaled; decode = (VAE decode of latents / scale + 1) / 2."""
     model = load_model(tiny_sd_folder)
-    images = torch.rand(2, 3, 16, 16)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     latents = model.encode_images(images)
     assert latents.shape == (2, 4, 8, 8)
-    assert model.decode(latents).shape == (2, 3, 16, 16)
+    sf = model.vae.config.scaling_factor
+    with torch.no_grad():
+        expected = model.vae.encode(images * 2 - 1).latent_dist.mean * sf
+        decoded = ((model.vae.decode(expected / sf).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(latents, expected)
+    torch.testing.assert_close(model.decode(latents), decoded)
+    assert 0 <= float(model.decode(latents).min()) and float(model.decode(latents).max()) <= 1
+
+
+def test_encode_prompts_is_the_text_encoder_on_padded_ids(tiny_sd_folder):
+    model = load_model(tiny_sd_folder)
+    ids = model.tokenize(PROMPTS)
+    assert ids.shape == (2, 77)
+    assert ids[0, 0] == 49406 and (ids[1, 6:] == 49407).all()  # start token; "a photo of a cat" then end-padded
+    with torch.no_grad():
+        expected = model.text_encoder(ids)[0]
+    torch.testing.assert_close(model.encode_prompts(PROMPTS), expected)
+
+
+def test_tokenizer_longer_than_the_text_encoder_is_clamped_at_load(clip_tokenizer, caplog):
+    """A tokenizer with model_max_length 100 on a 77-position text encoder: one warning naming both numbers at
+    load time, and prompts (long ones too) encode at 77 tokens instead of raising in the first scan."""
+    import copy
+    import logging
+
+    from conftest import make_tiny_sd
+
+    pipe = make_tiny_sd(clip_tokenizer)
+    pipe.tokenizer = copy.deepcopy(clip_tokenizer)
+    pipe.tokenizer.model_max_length = 100
+    with caplog.at_level(logging.WARNING, logger="diffmem.models.model"):
+        model = load_model(pipe)
+    lines = [r.getMessage() for r in caplog.records if "max_position_embeddings" in r.getMessage()]
+    assert len(lines) == 1 and "100" in lines[0] and "77" in lines[0]
+    assert model.max_tokens == 77 and model.describe()["max_tokens"] == 77
+    long_prompt = " ".join(["a red circle"] * 40)
+    assert model.encode_prompts([long_prompt, PROMPTS[0]]).shape == (2, 77, 32)

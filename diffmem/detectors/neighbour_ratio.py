@@ -12,6 +12,13 @@ memorized prompts settle in the first steps), n_1 and n_2 are its two most simil
 under the chosen matcher (SSIM by default, the zoo's ground-truth similarity) and d = 1 - similarity.
 A replica sits on one training image (r near 0); a novel image sits between many (r near 1).
 
+The training index is deduplicated first (``dedup``, default on): exact copies and near duplicates
+(matcher similarity at or above ``duplicate_threshold``, default the matcher's) form one group, one
+image per group (its first) stands for it, and n_2 is the nearest image of another group. Without it, a
+memorized image -- duplicated in the training set by definition -- has two copies of itself as n_1 and
+n_2, and its margin is 0 (on an independent model's index with copies, nn-margin's AUROC fell from 0.986
+to 0.109). The group counts are reported in the detector's config (provenance).
+
 The ratio needs no threshold per caption family: an absolute similarity does (a plain single object
 is close to many training images; a textured scene is close to none), which is why the zoo's
 absolute-similarity and guidance-magnitude scores rank ordinary objects above memorized scenes.
@@ -20,6 +27,7 @@ It needs the training images: a model owner's audit, not a third party's.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,9 +36,13 @@ import torch
 
 from diffmem.detectors.base import DETECTORS, PromptDetector
 from diffmem.detectors.engine import NoiseStepEngine
+from diffmem.errors import DiffmemError
+from diffmem.eval.matching import DuplicateGroups, Matcher, duplicate_groups
 
 if TYPE_CHECKING:
     from diffmem.attacks.base import TrainingIndex
+
+log = logging.getLogger(__name__)
 
 
 @DETECTORS.register("nn-ratio", "carlini-ratio")
@@ -47,7 +59,10 @@ class NeighbourRatio(PromptDetector):
     index: str | None = None  # folder of training images (default: the zoo's training set)
     index_size: int = 64  # a folder's images are resized to this side; generations are resized to match
     seed_offset: int = 0
+    dedup: bool = True
+    duplicate_threshold: float | None = None  # None: the matcher's own (SSIM 0.95)
     _index: TrainingIndex | None = field(default=None, repr=False, compare=False)
+    _search: tuple[Matcher, DuplicateGroups | None] | None = field(default=None, repr=False, compare=False)
 
     def training_index(self) -> TrainingIndex:
         """The matcher fitted on the training images, built once."""
@@ -58,6 +73,32 @@ class NeighbourRatio(PromptDetector):
                            else zoo_training_index(self.matcher))
         return self._index
 
+    def search_index(self) -> tuple[Matcher, DuplicateGroups | None]:
+        """The matcher over one image per duplicate group (or over every image without ``dedup``), built once."""
+        if self._search is None:
+            index = self.training_index()
+            if not self.dedup:
+                self._search = (index.matcher, None)
+            else:
+                groups = duplicate_groups(index.matcher.train, index.matcher, self.duplicate_threshold)
+                if len(groups.representatives) < 2:
+                    raise DiffmemError(f"{self.name}: the training index holds {len(groups.group)} image(s) in "
+                                       f"{len(groups.representatives)} duplicate group; a margin needs at least 2")
+                if len(groups.representatives) < len(groups.group):
+                    log.info("%s: %d training images form %d duplicate groups (%d exact copies, %d near duplicates); "
+                             "margins are taken to the nearest other group", self.name, len(groups.group),
+                             len(groups.representatives), groups.exact_copies, groups.near_duplicates)
+                self._search = (index.matcher.subset(groups.representatives), groups)
+        return self._search
+
+    def config(self) -> dict:
+        """Settings, and the training index's duplicate groups (counted once the index is built)."""
+        cfg = super().config()
+        groups = self.search_index()[1]
+        cfg["training_index"] = (groups.summary() if groups is not None
+                                 else {"images": len(self.training_index().images), "dedup": False})
+        return cfg
+
     @torch.no_grad()
     def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine,
                       prompt_ids: list[int] | None = None) -> torch.Tensor:
@@ -66,7 +107,7 @@ class NeighbourRatio(PromptDetector):
         images = model.early_estimate(embeddings.repeat_interleave(k, 0), seeds, num_inference_steps=self.steps,
                                       stop_after=self.stop_after, guidance_scale=self.guidance_scale)
         engine.unet_calls += 2 * self.stop_after * b * k
-        matcher = self.training_index().matcher
+        matcher = self.search_index()[0]
         top = matcher.match_top(images, 2)
         return self.criterion(top.similarity[:, 0], top.similarity[:, 1], matcher).view(b, k).mean(1)
 

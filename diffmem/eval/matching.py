@@ -11,17 +11,23 @@ is installed and ``use_faiss=True``, for very large training sets):
 
 A match is *matching verbatim* when the nearest image belongs to the prompt's own training item and
 *template verbatim* when it belongs to another item; ``none`` below the threshold.
+
+:func:`duplicate_groups` partitions a training index into groups of exact copies and near duplicates
+(similarity at or above the matcher's ``duplicate_threshold``): real training sets hold many copies of
+an image (memorized images, by definition), and a margin or ratio between a generation's two nearest
+training images is meaningless when both are copies of one image.
 """
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from diffmem.eval.similarity import l2_nearest, ssim_pairs
+from diffmem.eval.similarity import l2_nearest, resize_images, ssim_pairs
 from diffmem.registry import Registry
 
 MATCHERS: Registry[Matcher] = Registry("matcher")
@@ -40,6 +46,7 @@ class Matcher(ABC):
 
     name = "matcher"
     default_threshold: float = 0.5
+    duplicate_threshold: float = 0.95  # two training images this similar (or more) are near duplicates
 
     def fit(self, train_images: torch.Tensor) -> Matcher:
         self.train = train_images.float()
@@ -47,10 +54,7 @@ class Matcher(ABC):
 
     def resize(self, queries: torch.Tensor) -> torch.Tensor:
         """Queries at the training images' size (generations may be larger than the stored index)."""
-        size = tuple(self.train.shape[-2:])
-        if tuple(queries.shape[-2:]) == size:
-            return queries.float()
-        return F.interpolate(queries.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        return resize_images(queries, tuple(self.train.shape[-2:]))
 
     def match(self, queries: torch.Tensor) -> MatchResult:
         """Nearest training image of every query (resized to the index's size first)."""
@@ -66,6 +70,12 @@ class Matcher(ABC):
     def distance(self, similarity: torch.Tensor) -> torch.Tensor:
         """A non-negative distance from this matcher's similarity (0 = identical), for ratios of distances."""
         return (1.0 - similarity).clamp_min(0.0)
+
+    def subset(self, keep: torch.Tensor | np.ndarray) -> Matcher:
+        """A copy that searches only the training images ``keep`` (indices into the fitted index), renumbered."""
+        out = copy.copy(self)
+        out.train = self.train[torch.as_tensor(keep, dtype=torch.long)]
+        return out
 
     @abstractmethod
     def _match_top(self, queries: torch.Tensor, k: int) -> MatchResult:
@@ -97,6 +107,7 @@ class SSIMMatcher(Matcher):
 class L2Matcher(Matcher):
     name = "l2"
     default_threshold = -0.05
+    duplicate_threshold = -0.02  # pixel RMS distance 0.02 (about 5 of 255 levels)
 
     def _match_top(self, queries: torch.Tensor, k: int) -> MatchResult:
         d, ids = l2_nearest(queries, self.train, k=k)
@@ -130,6 +141,11 @@ class DeepSSIMMatcher(Matcher):
         self.index = self._embedder().embed(self.train)
         return self
 
+    def subset(self, keep: torch.Tensor | np.ndarray) -> Matcher:
+        out = super().subset(keep)
+        out.index = self.index[torch.as_tensor(keep, dtype=torch.long)]
+        return out
+
     def _match_top(self, queries: torch.Tensor, k: int) -> MatchResult:
         q = self._embedder().embed(queries)
         if self.use_faiss:
@@ -153,3 +169,67 @@ class DeepSSIMMatcher(Matcher):
 
 def make_matcher(name: str, **options) -> Matcher:
     return MATCHERS.get(name)(**options)
+
+
+@dataclass
+class DuplicateGroups:
+    """A partition of a training index into duplicate groups (numbered by their first image, in index order)."""
+
+    group: np.ndarray  # (M,) group id of every image
+    representatives: np.ndarray  # (G,) the first image of each group, in index order
+    exact_copies: int  # images identical (pixel for pixel) to an earlier one
+    near_duplicates: int  # images joined to a group only through near-duplicate similarity
+    threshold: float | None  # the similarity at or above which two images are near duplicates (None: exact only)
+
+    def summary(self) -> dict:
+        return {"images": int(len(self.group)), "groups": int(len(self.representatives)),
+                "exact_copies": self.exact_copies, "near_duplicates": self.near_duplicates,
+                "duplicate_threshold": self.threshold}
+
+
+def duplicate_groups(images: torch.Tensor, matcher: Matcher | None = None, threshold: float | None = None,
+                     candidates: int = 8) -> DuplicateGroups:
+    """Group exact copies (identical pixels) and, with a ``matcher``, near duplicates: pairs among each image's
+    ``candidates`` nearest pixel-L2 neighbours whose ``matcher.pairwise`` similarity is at least ``threshold``
+    (default: the matcher's ``duplicate_threshold``), joined transitively (union-find)."""
+    m = len(images)
+    parent = np.arange(m)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return int(i)
+
+    def union(i: int, j: int) -> None:
+        a, b = find(i), find(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    flat = images.reshape(m, -1).float().contiguous()
+    first: dict[bytes, int] = {}
+    exact = 0
+    for i in range(m):
+        key = flat[i].numpy().tobytes()
+        if key in first:
+            union(first[key], i)
+            exact += 1
+        else:
+            first[key] = i
+    after_exact = {find(i) for i in range(m)}
+    if matcher is not None and m > 1:
+        thr = matcher.duplicate_threshold if threshold is None else threshold
+        _, ids = l2_nearest(images, images, k=min(candidates + 1, m))
+        rows = torch.arange(m)[:, None].expand_as(ids)
+        pairs = ids != rows
+        a, b = rows[pairs], ids[pairs]
+        sims = torch.cat([matcher.pairwise(images[a[s : s + 4096]].float(), images[b[s : s + 4096]].float())
+                          for s in range(0, len(a), 4096)]) if len(a) else torch.zeros(0)
+        for i, j in zip(a[sims >= thr].tolist(), b[sims >= thr].tolist()):
+            union(i, j)
+        threshold = thr
+    roots = np.array([find(i) for i in range(m)])
+    reps = np.unique(roots)  # a root is the smallest index of its group
+    group = np.searchsorted(reps, roots)
+    return DuplicateGroups(group=group, representatives=reps, exact_copies=exact,
+                           near_duplicates=len(after_exact) - len(reps), threshold=threshold)

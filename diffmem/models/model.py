@@ -80,6 +80,11 @@ class DiffusionModel:
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
         self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
         self.max_tokens = int(tokenizer.model_max_length)
+        positions = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
+        if positions is not None and self.max_tokens > int(positions):  # checked at load, before any file is written
+            log.warning("the tokenizer's model_max_length %d exceeds the text encoder's max_position_embeddings %d; "
+                        "prompts are padded and truncated to %d tokens", self.max_tokens, positions, positions)
+            self.max_tokens = int(positions)
         self._empty: torch.Tensor | None = None
         self._fingerprint: str | None = None
 
