@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.eval.quality import zoo_fidelity
 from diffmem.eval.similarity import ssim_pairs
 from diffmem.io import atomic_write_text
 from diffmem.mitigators.memcontrol import FinetuneData, MemControlSearch, finetune, transformer_blocks
 from diffmem.models import load_model
+from diffmem.tasks.zoo import zoo_object_fidelity as zoo_fidelity
 from diffmem.zoo.corpus import render
 from diffmem.zoo.load import load_corpus, load_labels, vae_roundtrip
 from diffmem.zoo.paths import zoo_dir

@@ -28,26 +28,28 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/gallery_adversarial_finetune.png")
     args = parser.parse_args()
 
-    from diffmem.bench import BenchSettings, split_zoo_prompts, surrogate_images
+    from diffmem.bench import BenchSettings
     from diffmem.cli.demo import image_grid, stack, titled
-    from diffmem.extract import zoo_training_index
     from diffmem.io import atomic_write_text
     from diffmem.mitigators import make_mitigator
     from diffmem.models import load_model
+    from diffmem.tasks.zoo import ZooTask
 
     started = time.time()
-    settings = BenchSettings(seed=args.seed)
+    settings = BenchSettings()
     model = load_model()
-    split = split_zoo_prompts(settings)
+    task = ZooTask()
+    split = task.splits(args.seed, settings.sizes)
+    index = task.training_index(model)
     method = make_mitigator(args.method)
-    fit = [r["caption"] for r in split["fit"]]
-    extra = {"surrogates": surrogate_images(split["fit"])} if args.method == "adversarial-finetune" else {}
-    method.fit(model, fit, split["reference"], **extra)
+    fit = [p.caption for p in split.fit]
+    # model-derived surrogates checked against the training index (the bench's default)
+    extra = {"index": index} if args.method == "adversarial-finetune" else {}
+    method.fit(model, fit, split.ordinary_fit, **extra)
     patched = method.patched()
-    index = zoo_training_index("ssim")
-    memorized = [r["caption"] for r in split["eval"][: args.memorized]]
-    generic = split["generic_eval"][: args.generic]
-    seeds = [settings.seed] * (len(memorized) + len(generic))
+    memorized = [p.caption for p in split.test[: args.memorized]]
+    generic = split.ordinary_test[: args.generic]
+    seeds = [args.seed] * (len(memorized) + len(generic))
     before = model.sample(memorized + generic, seeds, num_inference_steps=settings.steps).images
     after = patched.sample(memorized + generic, seeds, num_inference_steps=settings.steps).images
     m_before, m_after = index.matcher.match(before), index.matcher.match(after)

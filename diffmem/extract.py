@@ -7,7 +7,6 @@ Resumable and incremental like ``scan`` (see :mod:`diffmem.jobs`); the result is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,42 +31,37 @@ class ExtractSettings:
     threshold: float | None = None
 
 
-def zoo_training_index(matcher: str = "ssim", threshold: float | None = None) -> TrainingIndex:
-    """The zoo's unique training images (through its VAE, see ``ZooTrainingSet``); default SSIM
-    threshold = the zoo's scene-family threshold."""
-    from diffmem.zoo.load import zoo_training_set
-    from diffmem.zoo.paths import zoo_dir
-
-    ts = zoo_training_set()
-    images, item_of_image = ts.reference, ts.item_of_image
-    m = make_matcher(matcher).fit(images)
-    if threshold is None:
-        record = json.loads((zoo_dir() / "zoo.json").read_text())
-        threshold = record["labels"]["thresholds"]["scene"]["threshold"] if matcher == "ssim" else m.default_threshold
-    return TrainingIndex(images, item_of_image, m, float(threshold))
-
-
 def folder_training_index(folder: Path, matcher: str = "ssim", threshold: float | None = None,
                           size: int = 32) -> TrainingIndex:
     """Every image of ``folder`` (each its own item, numbered in sorted file order)."""
-    from diffmem.cli.deepssim_commands import load_image_folder
+    from diffmem.images import load_image_folder
 
     images = load_image_folder(folder, size)
     m = make_matcher(matcher).fit(images)
     return TrainingIndex(images, np.arange(len(images)), m, m.default_threshold if threshold is None else threshold)
 
 
+OWN_ITEM_COLUMN = "own_item"
+
+
 def own_items_of(prompts: PromptSet) -> list[int | None]:
-    """Each prompt's training item, when the prompt set says (the zoo's trained captions)."""
-    if "kind" not in prompts.columns:
+    """Each prompt's own training item from an ``own_item`` column (empty: none), else ``None`` for all.
+
+    A task that knows the items (the zoo: :func:`diffmem.tasks.zoo.zoo_own_items`) passes them to
+    :func:`run_extract` instead."""
+    values = prompts.columns.get(OWN_ITEM_COLUMN)
+    if values is None:
         return [None] * len(prompts)
-    return [int(i) if not str(k).startswith("heldout") else None for i, k in zip(prompts.ids, prompts.columns["kind"])]
+    return [None if v is None or str(v).strip() in ("", "None", "nan") else int(v) for v in values]
 
 
 def run_extract(model: DiffusionModel, prompts: PromptSet, attacks: list[Attack], index: TrainingIndex | None,
                 out_dir: str | Path, settings: ExtractSettings = ExtractSettings(), rank: int = 0,
-                world_size: int = 1, progress: bool = True) -> Path | None:
-    """Run every attack on every chunk; returns ``extraction.parquet`` once complete (rank 0)."""
+                world_size: int = 1, progress: bool = True, own_items: list[int | None] | None = None
+                ) -> Path | None:
+    """Run every attack on every chunk; returns ``extraction.parquet`` once complete (rank 0).
+
+    ``own_items``: each prompt's own training item (default: :func:`own_items_of`)."""
     if not attacks:
         raise DiffmemError("no attack given; choose at least one with --attack")
     out = Path(out_dir)
@@ -78,7 +72,9 @@ def run_extract(model: DiffusionModel, prompts: PromptSet, attacks: list[Attack]
                                                    "training_images": len(index.images)},
             "versions": versions()}
     claim_folder(out, prov, rank, command="extract")
-    own = own_items_of(prompts)
+    own = own_items_of(prompts) if own_items is None else own_items
+    if len(own) != len(prompts):
+        raise DiffmemError(f"got {len(own)} own items for {len(prompts)} prompts; expected one each")
 
     def score(chunk: list[int]) -> dict[str, pa.Array]:
         ctx = AttackContext(index=index, own_items=[own[i] for i in chunk], seed=settings.seed)

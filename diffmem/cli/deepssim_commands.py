@@ -9,29 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.errors import DiffmemError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def load_image_folder(folder: Path, size: int) -> torch.Tensor:
-    """Every image under ``folder`` as ``(N, 3, size, size)`` in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not folder.is_dir():
-        raise DiffmemError(f"image folder '{folder}' does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(files) < 2:
-        raise DiffmemError(f"image folder '{folder}' holds {len(files)} image(s); expected at least 2 "
-                           f"({', '.join(IMAGE_SUFFIXES)})")
-    arrays = []
-    for f in files:
-        try:
-            img = Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DiffmemError(f"image file '{f}' cannot be read: {exc}") from exc
-        arrays.append(np.asarray(img))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+from diffmem.images import IMAGE_SUFFIXES, load_image_folder  # noqa: F401 - re-exported for old imports
 
 
 def zoo_images_and_groups() -> tuple[torch.Tensor, np.ndarray]:

@@ -41,10 +41,11 @@ def run_extract_command(args: argparse.Namespace) -> None:
     from diffmem.attacks import make_attack
     from diffmem.cli.options import parse_scoped_options, resolve_device
     from diffmem.cli.scan_commands import first_n, with_mitigation, zoo_prompts
-    from diffmem.extract import ExtractSettings, folder_training_index, run_extract, zoo_training_index
+    from diffmem.extract import ExtractSettings, folder_training_index, run_extract
     from diffmem.models.loader import load_model
     from diffmem.outputs import check_output_dir, claim_output_dir
     from diffmem.prompts import load_prompts
+    from diffmem.tasks.zoo import zoo_own_items, zoo_training_index
 
     # checked before the model loads; a failure writes nothing
     device = resolve_device(args.device)
@@ -72,7 +73,8 @@ def run_extract_command(args: argparse.Namespace) -> None:
     claim_output_dir(args.out, "extract", EXTRACT_WRITES)
     path = run_extract(model, prompts, attacks, index, args.out,
                        ExtractSettings(seed=args.seed, batch_size=args.batch_size, matcher=args.matcher,
-                                       threshold=index.threshold), progress=not args.quiet)
+                                       threshold=index.threshold), progress=not args.quiet,
+                       own_items=None if args.prompts else zoo_own_items(prompts))
     table = pq.read_table(path)
     for attack in attacks:
         score = table.column(f"{attack.name}.score").to_numpy(zero_copy_only=False)

@@ -189,15 +189,44 @@ def build_parser() -> argparse.ArgumentParser:
                           help="new output folder: a patched checkpoint, or mitigation.json for inference-time "
                                "methods (re-applied by scan/extract/sample --mitigation); never the input")
     add_force(mitigate)
+    mitigate.add_argument("--train-index", default=None, metavar="DIR",
+                          help="training images adversarial-finetune's model-made surrogates must not match "
+                               "(default: they must differ from the model's own repeated generations)")
     mitigate.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
                           help="method option, values parsed as JSON when they parse (repeatable; default: none)")
 
-    bench = sub.add_parser("bench", help="every mitigator on the zoo: memorization removed vs quality kept")
+    bench = sub.add_parser("bench", help="every mitigator on a task (default: the zoo): memorization removed vs "
+                                         "quality kept, tuned on dev, reported on test")
     _add_model_args(bench)
     bench.add_argument("--mitigators", nargs="+", default=None, help="methods (default: all)")
     bench.add_argument("--out", default="runs/bench", help="output folder; rerun to resume (default: runs/bench)")
     add_force(bench)
-    bench.add_argument("--seed", type=int, default=0, help="seed of the prompt split and fits (default: 0)")
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                       help="split seeds: each cuts its own fit/dev/test splits; the table is the mean and spread "
+                            "(default: 0 1)")
+    bench.add_argument("--memorized", default=None, metavar="FILE",
+                       help="memorized prompts of --model (with --ordinary: a folder task instead of the zoo; "
+                            "default: none)")
+    bench.add_argument("--ordinary", default=None, metavar="FILE", help="ordinary prompts of --model (default: none)")
+    bench.add_argument("--train-index", default=None, metavar="DIR",
+                       help="training images to match against (default: the original model's own generations of "
+                            "the memorized prompts)")
+    bench.add_argument("--clip-weights", default=None, metavar="FILE",
+                       help="local open_clip weights for CLIP-score fidelity of a folder task (default: none)")
+    bench.add_argument("--surrogates", choices=("model", "oracle"), default="model",
+                       help="adversarial-finetune's surrogates: made from the model (default) or the zoo's "
+                            "ground-truth renders ('oracle', an ablation)")
+    bench.add_argument("--tune", action="append", default=None, metavar="METHOD.KEY=V1,V2",
+                       help="candidate settings chosen on the dev split (repeatable; default: none)")
+    bench.add_argument("--size", action="append", default=None, metavar="SPLIT=N",
+                       help="split size, SPLIT in fit, dev, test, ordinary_fit, ordinary_dev, ordinary_test "
+                            "(repeatable; default: 40, 24, 40, 128, 32, 64)")
+    bench.add_argument("--samples", type=int, default=3, help="generations per prompt (default: 3)")
+    bench.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default: 25)")
+    bench.add_argument("--attack-prompts", type=positive_int, default=16,
+                       help="test prompts under the re-trigger attack (default: 16)")
+    bench.add_argument("--attack-steps", type=positive_int, default=30,
+                       help="re-trigger optimisation steps (default: 30)")
     bench.add_argument("--option", action="append", default=None, metavar="METHOD.KEY=VALUE",
                        help="METHOD.KEY=VALUE for a mitigator, or retrigger.KEY=VALUE for the adaptive attack "
                             "(e.g. retrigger.lr=0.01; repeatable; default: none)")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
-from diffmem.cli.options import parse_method_options, parse_scoped_options
+from diffmem.cli.options import parse_method_options, parse_options, parse_scoped_options
 from diffmem.errors import DiffmemError
 
 
@@ -35,11 +36,9 @@ def run_mitigate(args: argparse.Namespace) -> None:
     if memorized_prompts is not None:
         memorized = memorized_prompts
     else:
-        from diffmem.zoo.load import load_labels
-        from diffmem.zoo.paths import zoo_dir
+        from diffmem.tasks.zoo import zoo_memorized_captions
 
-        memorized = [r["caption"] for r in load_labels(zoo_dir()) if r["memorized"]
-                     and r["kind"] in ("signature", "template")]
+        memorized = zoo_memorized_captions()
     ordinary = ordinary_prompts if ordinary_prompts is not None else zoo_reference_prompts()
     try:
         mitigator = make_mitigator(args.method, **parse_method_options(args.option, args.method))
@@ -47,16 +46,14 @@ def run_mitigate(args: argparse.Namespace) -> None:
         raise DiffmemError(str(exc).strip("'\"")) from exc
     except TypeError as exc:
         raise DiffmemError(str(exc)) from exc
-    if args.method == "adversarial-finetune":
-        if args.prompts:
-            raise DiffmemError("adversarial-finetune from the CLI needs surrogate images; run it on the zoo "
-                               "(no --prompts) or through the Python API with surrogates=...")
-        from diffmem.bench import surrogate_images
-        from diffmem.zoo.load import load_labels
-        from diffmem.zoo.paths import zoo_dir
+    if "index" in inspect.signature(mitigator.fit).parameters:
+        # adversarial-finetune makes its surrogates from the model; a training index (if given) checks them
+        index = None
+        if getattr(args, "train_index", None):
+            from diffmem.extract import folder_training_index
 
-        rows = {r["caption"]: r for r in load_labels(zoo_dir())}
-        mitigator.fit(model, memorized, ordinary, surrogates=surrogate_images([rows[p] for p in memorized]))
+            index = folder_training_index(Path(args.train_index))
+        mitigator.fit(model, memorized, ordinary, index=index)
     else:
         mitigator.fit(model, memorized, ordinary)
     out = mitigator.save(args.out, model, force=args.force)
@@ -81,26 +78,59 @@ def run_bench_command(args: argparse.Namespace) -> None:
     from diffmem.cli.options import resolve_device
     from diffmem.models.loader import load_model
     from diffmem.outputs import check_output_dir, claim_output_dir
+    from diffmem.tasks import SplitSizes, make_task
 
     device = resolve_device(args.device)
-    check_output_dir(args.out, "bench", [args.model or _zoo_pipeline()], args.force, writes=["bench.json"])
-    model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
-    claim_output_dir(args.out, "bench", ["bench.json"])
+    if bool(args.memorized) != bool(args.ordinary):
+        raise DiffmemError("a folder task needs both --memorized FILE and --ordinary FILE (or neither: the zoo)")
     methods = args.mitigators or list(DEFAULT_METHODS)
     options = parse_scoped_options(args.option, [*methods, "retrigger"], "METHOD")
-    settings = BenchSettings(seed=args.seed, retrigger=options.pop("retrigger"),
-                             options={k: v for k, v in options.items() if v})
-    record = run_bench(model, methods, args.out, settings)
+    tune = {k: {kk: _candidates(v) for kk, v in d.items()}
+            for k, d in parse_scoped_options(args.tune, methods, "METHOD").items() if d}
+    try:
+        sizes = SplitSizes(**{k: int(v) for k, v in parse_options(args.size).items()})
+        settings = BenchSettings(sizes=sizes, split_seeds=tuple(args.seeds), samples=args.samples, steps=args.steps,
+                                 attack_prompts=args.attack_prompts, attack_steps=args.attack_steps,
+                                 surrogates=args.surrogates, retrigger=options.pop("retrigger"),
+                                 options={k: v for k, v in options.items() if v}, tune=tune)
+    except (TypeError, ValueError) as exc:
+        raise DiffmemError(f"bench settings: {exc}") from exc
+    check_output_dir(args.out, "bench", [args.model or _zoo_pipeline(), args.memorized, args.ordinary,
+                                         args.train_index], args.force, writes=["bench.json"])
+    task = (make_task("folder", memorized=args.memorized, ordinary=args.ordinary, train_index=args.train_index,
+                      clip_weights=args.clip_weights) if args.memorized else make_task("zoo"))
+    model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
+    claim_output_dir(args.out, "bench", ["bench.json"])
+    record = run_bench(model, task, methods, args.out, settings)
     print(format_bench(record))
     print(f"\nresults: {Path(args.out) / 'bench.json'}")
 
 
+def _candidates(value) -> list:
+    """``--tune`` values: a JSON list, or comma-separated values each parsed as JSON when it parses."""
+    if isinstance(value, list):
+        return value
+    if not isinstance(value, str):
+        return [value]
+    out = []
+    for part in value.split(","):
+        try:
+            out.append(json.loads(part))
+        except json.JSONDecodeError:
+            out.append(part)
+    return out
+
+
 def format_bench(record: dict) -> str:
+    """The test-split table: mean +- standard deviation over split seeds."""
     cols = ["extraction_rate", "matching_verbatim", "template_verbatim", "retrigger_extraction_rate", "fidelity",
-            "fid", "diversity", "noise_norm_memorized", "fit_seconds", "parameters_changed"]
-    head = f"{'method':<22}" + "".join(f"{c[:12]:>13}" for c in cols)
-    lines = [head]
+            "fidelity_memorized_all", "fid", "diversity", "fit_seconds", "parameters_changed"]
+    head = f"{'method':<22}" + "".join(f"{c[:14]:>17}" for c in cols)
+    lines = [f"test split, mean +- sd over split seeds {list(record.get('runs', {}))}", head]
     for name, r in record["results"].items():
-        lines.append(f"{name:<22}" + "".join(f"{r[c]:>13.4g}" if isinstance(r[c], float) else f"{r[c]:>13}"
-                                             for c in cols))
+        cells = []
+        for c in cols:
+            v, sd = r.get(c), r.get(f"{c}_std")
+            cells.append(f"{'-':>17}" if v is None else f"{f'{v:.3g}+-{sd:.2g}' if sd else f'{v:.4g}':>17}")
+        lines.append(f"{name:<22}" + "".join(cells))
     return "\n".join(lines)

@@ -1,13 +1,13 @@
 """Quality metrics a mitigation must report: FID, prompt fidelity, diversity across seeds.
 
 - **FID** (Heusel et al. 2017) through torchmetrics' ``FrechetInceptionDistance`` with a custom
-  feature extractor: Inception weights cannot be downloaded here, so the zoo's features are the
-  attribute reader's 256-d penultimate layer (a classifier trained on the corpus, the role Inception
+  feature extractor: Inception weights cannot be downloaded here, so a task supplies its features
+  (the zoo: its attribute reader's 256-d penultimate layer, :class:`ReaderFeatures`, the role Inception
   plays for ImageNet). ``feature="inception"`` keeps torchmetrics' own path for users whose
   torch-fidelity Inception weights are available locally.
-- **Prompt fidelity** on the zoo: share of generations whose shape, colour and position the
-  attribute reader reads back (the zoo's CLIP score). ``clip_score`` wraps torchmetrics' CLIPScore
-  for users with a local CLIP folder.
+- **Prompt fidelity** is the task's (:meth:`diffmem.tasks.base.BenchTask.fidelity`; the zoo reads the
+  attributes each caption names). For a real model: ``open_clip_score`` (open_clip with a local weights
+  file) or ``clip_score`` (torchmetrics' CLIPScore with a local transformers CLIP folder).
 - **Diversity**: mean pairwise ``1 - SSIM`` among one prompt's generations, averaged over prompts.
 """
 
@@ -40,19 +40,10 @@ class ReaderFeatures(nn.Module):
         return self.features(x * 2 - 1).double()
 
 
-def zoo_feature_extractor() -> ReaderFeatures:
-    from diffmem.zoo.attributes import AttributeReader
-    from diffmem.zoo.paths import zoo_dir
-
-    return ReaderFeatures(AttributeReader.load(zoo_dir() / "attribute_reader"))
-
-
-def fid(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | str | None = None,
+def fid(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | str,
         batch_size: int = 512) -> float:
-    """FID between two image sets in [0, 1]; ``feature`` defaults to the zoo's reader features."""
-    if feature is None:
-        feature = zoo_feature_extractor()
-    elif feature == "inception":
+    """FID between two image sets in [0, 1] with ``feature`` (a module, or ``"inception"``)."""
+    if feature == "inception":
         feature = 2048
     metric = FrechetInceptionDistance(feature=feature, normalize=True)
     for x, real_flag in ((real, True), (fake, False)):
@@ -82,15 +73,26 @@ def clip_score(images: torch.Tensor, prompts: list[str], clip_path: str | Path) 
     return float(metric.compute())
 
 
-def zoo_fidelity(images: torch.Tensor, captions: list[str]) -> float:
-    """Share of generations whose shape, colour and position the zoo's attribute reader reads back.
+def open_clip_score(images: torch.Tensor, prompts: list[str], weights: str | Path, arch: str = "ViT-B-32",
+                    batch_size: int = 64) -> float:
+    """CLIPScore (Hessel et al. 2021), ``100 * max(cos(image, text), 0)`` averaged, through open_clip with a
+    local weights file (no download)."""
+    import open_clip
 
-    ``captions`` must be single-object zoo captions (one per image).
-    """
-    from diffmem.zoo.attributes import AttributeReader, attribute_accuracy
-    from diffmem.zoo.corpus import parse_generic_caption
-    from diffmem.zoo.paths import zoo_dir
-
-    reader = AttributeReader.load(zoo_dir() / "attribute_reader")
-    parsed = [parse_generic_caption(c) for c in captions]
-    return float(attribute_accuracy(reader, images, [p[0] for p in parsed], [p[1] for p in parsed])["all"].mean())
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"open_clip weights '{weights}' not found")
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights))
+    tokenizer = open_clip.get_tokenizer(arch)
+    size = preprocess.transforms[0].size
+    size = size if isinstance(size, int) else size[0]
+    mean = torch.tensor(preprocess.transforms[-1].mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.transforms[-1].std).view(1, 3, 1, 1)
+    scores = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = F.interpolate(images[i : i + batch_size].float(), size=(size, size), mode="bicubic", antialias=True)
+            img = F.normalize(model.encode_image((x.clamp(0, 1) - mean) / std), dim=-1)
+            txt = F.normalize(model.encode_text(tokenizer(prompts[i : i + batch_size])), dim=-1)
+            scores.append(100 * (img * txt).sum(-1).clamp_min(0))
+    return float(torch.cat(scores).mean())

@@ -16,8 +16,13 @@ trains the UNet against that move. Each round:
            + retain_weight * E_t,eps [ || eps_theta(x_t(z_0), t, c) - eps_orig(x_t(z_0), t, c) ||^2 ],
        c in {ordinary prompts, ""}
 
-Targets (the memorized images) default to the model's own generation for the prompt; surrogates must
-be given (the zoo supplies independent renders of the caption). ``lora_rank`` trains LoRA adapters
+Targets (the memorized images) default to the model's own generation for the prompt. Surrogates
+default to the model's own (:mod:`diffmem.mitigators.surrogates`, Dori's recipe): the generation of the
+model under ``surrogate_source`` (random tokens by default) for the prompt, kept only when it is not a
+copy (below the training index's threshold when ``index`` is given, else SSIM < ``surrogate_max_ssim``
+to the original model's repeated generations); prompts without a valid surrogate are left out of the
+forget set (``describe_fit()["surrogates"]`` says how many). Surrogates passed to ``fit`` are used as
+given (e.g. the zoo's oracle renders, an ablation). ``lora_rank`` trains LoRA adapters
 (peft) on the attention projections instead of the full UNet, merged into the weights at the end;
 ``lora_rank=None`` fine-tunes the full UNet (Dori's setting; Dori reports LoRA is not enough, on the
 zoo it is). ``lora_targets`` narrows the adapters (peft's ``target_modules``: module-name suffixes, or
@@ -30,11 +35,13 @@ best of the zoo benchmark's follow-up runs (README, Mitigators).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from diffmem.attacks.base import TrainingIndex
 from diffmem.attacks.retrigger import optimise_embeddings
 from diffmem.errors import DiffmemError
 from diffmem.mitigators.base import MITIGATORS, WeightMitigator, check_prompt_lists, clone_model
@@ -75,25 +82,53 @@ class AdversarialFinetune(WeightMitigator):
     lora_rank: int | None = 8  # None: the full UNet
     lora_targets: list[str] | str | None = None
     seed: int = 0
+    surrogate_source: str = "random-tokens"
+    surrogate_options: dict[str, Any] = field(default_factory=dict)
+    surrogate_candidates: int = 4
+    surrogate_max_ssim: float = 0.5
+    sample_steps: int = 25  # DDIM steps of the generations the fit needs (targets, retain latents, surrogates)
 
     def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str],
-            surrogates: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> None:
+            surrogates: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+            index: TrainingIndex | None = None) -> None:
+        """``surrogates``: one non-replicating image per memorized prompt, or ``None`` to make them from the
+        model (``index``: the training images they must not match, optional)."""
         check_prompt_lists(memorized, ordinary)
-        if surrogates is None or len(surrogates) != len(memorized):
-            raise DiffmemError("adversarial-finetune needs one surrogate (non-replicating) image per memorized prompt")
+        if surrogates is None:
+            from diffmem.mitigators.surrogates import make_surrogates
+
+            sset = make_surrogates(model, memorized, ordinary, source=self.surrogate_source,
+                                   source_options=self.surrogate_options, candidates=self.surrogate_candidates,
+                                   seed=self.seed, steps=self.sample_steps, index=index,
+                                   max_ssim=self.surrogate_max_ssim)
+            self._surrogate_info = sset.describe()
+            if not sset.kept:
+                raise DiffmemError(f"no model-derived surrogate passed the copy check for any of {len(memorized)} "
+                                   f"prompts ({sset.rule}, threshold {sset.threshold}); try another "
+                                   "--option surrogate_source=... or more surrogate_candidates")
+            memorized = [memorized[i] for i in sset.kept]
+            targets = None if targets is None else targets[sset.kept]
+            surrogates = sset.images
+        else:
+            self._surrogate_info = {"source": "given", "prompts": len(memorized)}
+        if len(surrogates) != len(memorized):
+            raise DiffmemError(f"adversarial-finetune got {len(surrogates)} surrogate images for {len(memorized)} "
+                               "memorized prompts; expected one each")
         torch.manual_seed(self.seed)
         g = torch.Generator().manual_seed(self.seed)
         original = model
         self._model = clone_model(model)
         m = self._model
         if targets is None:
-            targets = original.sample(memorized, [self.seed] * len(memorized), num_inference_steps=25).images
+            targets = original.sample(memorized, [self.seed] * len(memorized),
+                                      num_inference_steps=self.sample_steps).images
         target_lat = original.encode_images(targets).cpu()
         surrogate_lat = original.encode_images(surrogates).cpu()
         e0 = original.encode_prompts(memorized).detach()
         retain = ordinary[: self.retain_prompts]
         e_ret = torch.cat([original.encode_prompts(retain), original.empty_embedding()]).detach()
-        z_ret = original.sample(retain, [self.seed + i for i in range(len(retain))], num_inference_steps=25).latents
+        z_ret = original.sample(retain, [self.seed + i for i in range(len(retain))],
+                                num_inference_steps=self.sample_steps).latents
         params = self._trainable(m)
         opt = torch.optim.AdamW(params, lr=self.lr)
         self._history = []
@@ -153,4 +188,5 @@ class AdversarialFinetune(WeightMitigator):
     def describe_fit(self) -> dict:
         n_params = sum(p.numel() for p in self._model.unet.parameters()) if hasattr(self, "_model") else None
         return {"history": getattr(self, "_history", []), "unet_parameters": n_params,
-                "mode": "full" if self.lora_rank is None else f"lora-r{self.lora_rank}"}
+                "mode": "full" if self.lora_rank is None else f"lora-r{self.lora_rank}",
+                "surrogates": getattr(self, "_surrogate_info", None)}

@@ -34,8 +34,8 @@ class EmbeddingNoise(InferenceMitigator):
         original = model.encode_prompts
 
         class NoisyEmbeddings(PatchedModel):
-            def encode_prompts(self, prompts, batch_size: int = 256):
-                emb = original(prompts, batch_size)
+            def encode_prompts(self, prompts, batch_size: int = 256, **kwargs):  # kwargs: e.g. warn_truncation
+                emb = original(prompts, batch_size, **kwargs)
                 if list(prompts) == [""]:
                     return emb  # the unconditional branch stays exact
                 noise = torch.stack([torch.randn(emb.shape[1:], generator=torch.Generator().manual_seed(

@@ -95,8 +95,8 @@ class PromptAdaptation(InferenceMitigator):
         original = model.encode_prompts
 
         class Adapted(PatchedModel):
-            def encode_prompts(self, prompts, batch_size: int = 256):
-                emb = original(prompts, batch_size)
+            def encode_prompts(self, prompts, batch_size: int = 256, **kwargs):  # kwargs: e.g. warn_truncation
+                emb = original(prompts, batch_size, **kwargs)
                 if list(prompts) == [""]:
                     return emb
                 out, _ = adapt_embeddings(model, emb, mitigator.target, mitigator.lr, mitigator.max_steps,

@@ -41,9 +41,9 @@ class RandomTokens(InferenceMitigator):
         original = model.encode_prompts
 
         class ExtraWords(PatchedModel):
-            def encode_prompts(self, prompts, batch_size: int = 256):
+            def encode_prompts(self, prompts, batch_size: int = 256, **kwargs):  # kwargs: e.g. warn_truncation
                 changed = [p if p == "" else insert_random_words(p, mitigator.words, mitigator.n_tokens,
                                                                  mitigator.seed) for p in prompts]
-                return original(changed, batch_size)
+                return original(changed, batch_size, **kwargs)
 
         return ExtraWords.of(model)

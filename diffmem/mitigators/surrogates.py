@@ -1,0 +1,128 @@
+"""Surrogate images from the model itself: what a memorized prompt should draw instead of its copy.
+
+Adversarial fine-tuning (Finding Dori, 2025) steers memorized prompts towards *surrogates*: images with
+the prompt's semantics but other pixels. Dori takes them from a memorization-suppressed model: the
+generation, for the original prompt, of the model under a mitigation. Here the suppressing model is
+any registered mitigator (``source``), so surrogates exist for any checkpoint:
+
+- an inference-time mitigation (``random-tokens`` by default: random words inserted into the prompt;
+  or ``embedding-noise``), applied to the model as it is;
+- a weight-level one (``nemo``, ``subspace-pruning``), fitted first on the memorized and ordinary prompts.
+
+The suppressed model draws ``candidates`` images per prompt (candidate ``j`` uses sampling seed
+``seed + j`` and, when the source has a ``seed`` option, mitigator seed ``seed + j``: other random words
+or other noise; a weight-level source is fitted once). A candidate is kept only when it is not a copy:
+
+- with a training index: its nearest training image is below the index's match threshold (it copies
+  no training image at all, neither the prompt's own nor another one);
+- without one: its SSIM to each of ``reference_samples`` generations of the *original* model for the
+  prompt is below ``max_ssim`` (it differs from what the model repeats for that prompt).
+
+The first kept candidate (in seed order) is the prompt's surrogate; prompts with no kept candidate are
+rejected, and the caller drops them from the forget set. :class:`SurrogateSet` reports how many were
+kept and rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffmem.attacks.base import TrainingIndex
+from diffmem.errors import DiffmemError
+from diffmem.eval.similarity import ssim_pairs
+from diffmem.models.model import DiffusionModel
+
+DEFAULT_SOURCE = "random-tokens"
+
+
+@dataclass
+class SurrogateSet:
+    """Surrogates of the kept prompts, and which prompts were kept."""
+
+    images: torch.Tensor  # (len(kept), 3, H, W) in [0, 1]
+    kept: list[int]  # indices into the prompt list
+    similarity: list[float]  # per prompt: the chosen candidate's similarity (nan when rejected)
+    rule: str  # "training-index" or "original-generations"
+    source: dict[str, Any]
+    threshold: float
+    candidates: int
+    n_prompts: int = 0
+    chosen_candidate: list[int] = field(default_factory=list)  # per kept prompt
+
+    def describe(self) -> dict[str, Any]:
+        sims = [s for s in self.similarity if not np.isnan(s)]
+        return {"source": self.source, "rule": self.rule, "threshold": self.threshold,
+                "candidates": self.candidates, "prompts": self.n_prompts, "kept": len(self.kept),
+                "rejected": self.n_prompts - len(self.kept),
+                "mean_similarity_kept": float(np.mean(sims)) if sims else None,
+                "mean_chosen_candidate": float(np.mean(self.chosen_candidate)) if self.chosen_candidate else None}
+
+
+def suppressed_model(model: DiffusionModel, source: str, options: dict[str, Any], memorized: list[str],
+                     ordinary: list[str]) -> DiffusionModel:
+    """The model under mitigator ``source`` (fitted first when it edits weights)."""
+    from diffmem.mitigators.base import InferenceMitigator, make_mitigator
+
+    if source == "adversarial-finetune":
+        raise DiffmemError("adversarial-finetune cannot be its own surrogate source; choose e.g. random-tokens or nemo")
+    mitigator = make_mitigator(source, **options)
+    mitigator.fit(model, memorized, ordinary)
+    return mitigator.apply(model) if isinstance(mitigator, InferenceMitigator) else mitigator.patched()
+
+
+def make_surrogates(model: DiffusionModel, memorized: list[str], ordinary: list[str], *,
+                    source: str = DEFAULT_SOURCE, source_options: dict[str, Any] | None = None,
+                    candidates: int = 4, seed: int = 0, steps: int = 25,
+                    index: TrainingIndex | None = None, max_ssim: float = 0.5, reference_samples: int = 4
+                    ) -> SurrogateSet:
+    """Generate, check and pick one surrogate per memorized prompt (see the module docstring)."""
+    from diffmem.mitigators.base import MITIGATORS, InferenceMitigator
+
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    options = dict(source_options or {})
+    cls = MITIGATORS.get(source)
+    # an inference-time source is cheap to re-apply: each candidate gets its own mitigator seed; a weight
+    # edit is fitted once and varies by sampling seed only
+    has_seed = issubclass(cls, InferenceMitigator) and "seed" in {f.name for f in dataclasses.fields(cls)}
+    n = len(memorized)
+    images: list[torch.Tensor] = []
+    weight_model = None
+    for j in range(candidates):
+        if has_seed or weight_model is None:
+            weight_model = suppressed_model(model, source, options | ({"seed": seed + j} if has_seed else {}),
+                                            memorized, ordinary)
+        images.append(weight_model.sample(memorized, [seed + j] * n, num_inference_steps=steps).images)
+    cand = torch.stack(images, 1)  # (n, candidates, 3, H, W)
+    flat = cand.flatten(0, 1)
+    if index is not None:
+        sim = index.matcher.match(flat).similarity.view(n, candidates)
+        ok = sim <= index.threshold
+        rule, threshold = "training-index", float(index.threshold)
+    else:
+        k = reference_samples
+        ref = model.sample([p for p in memorized for _ in range(k)], [seed + 10_000 + r for _ in memorized
+                                                                     for r in range(k)],
+                           num_inference_steps=steps).images.view(n, k, *flat.shape[1:])
+        a = cand.unsqueeze(2).expand(-1, -1, k, -1, -1, -1).flatten(0, 2)
+        b = ref.unsqueeze(1).expand(-1, candidates, -1, -1, -1, -1).flatten(0, 2)
+        sim = ssim_pairs(a, b).view(n, candidates, k).amax(2)
+        ok = sim < max_ssim
+        rule, threshold = "original-generations", float(max_ssim)
+    kept, chosen, sims, out = [], [], [], []
+    for i in range(n):
+        valid = torch.nonzero(ok[i]).flatten().tolist()
+        if valid:
+            kept.append(i)
+            chosen.append(valid[0])
+            out.append(cand[i, valid[0]])
+            sims.append(float(sim[i, valid[0]]))
+        else:
+            sims.append(float("nan"))
+    stacked = torch.stack(out) if out else torch.empty(0, *flat.shape[1:])
+    return SurrogateSet(stacked, kept, sims, rule, {"name": source, **options}, threshold, candidates, n, chosen)
