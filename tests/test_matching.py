@@ -54,3 +54,22 @@ def test_duplicate_groups_joins_exact_copies_and_near_duplicates():
     assert exact_only.group.tolist() == [0, 1, 0, 2, 3, 1] and exact_only.near_duplicates == 0
     sub = matcher.subset(groups.representatives)
     assert torch.equal(sub.train, images[[0, 1, 4]]) and len(matcher.train) == 6
+
+
+@pytest.mark.parametrize("max_k", [64, 2])  # 2: every shortlisted image is a copy, the groups' first images decide
+def test_nearest_two_groups_skips_copies_of_the_nearest_image(max_k):
+    from diffmem.eval.matching import nearest_two_groups
+
+    g = torch.Generator().manual_seed(2)
+    a, b, c = (torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(32, 32), mode="bilinear")[0]
+               for _ in range(3))
+    images = torch.stack([a, a, b, a, c])
+    matcher = make_matcher("ssim").fit(images)
+    groups = duplicate_groups(images, matcher)
+    assert groups.group.tolist() == [0, 0, 1, 0, 2]
+    nearest, second = nearest_two_groups(matcher, groups, torch.stack([a, c]), max_k=max_k)
+    expected = ssim_pairs(torch.stack([a, a]), torch.stack([b, c])).max()
+    assert float(nearest[0]) == pytest.approx(1.0, abs=1e-6) and float(second[0]) == pytest.approx(float(expected))
+    assert float(second[1]) == pytest.approx(float(ssim_pairs(c[None].expand(2, -1, -1, -1), torch.stack([a, b])).max()))
+    top = matcher.match_top(a[None], 2)  # what a plain search sees: two copies, margin 0
+    assert float(top.similarity[0, 0] - top.similarity[0, 1]) == pytest.approx(0.0, abs=1e-6)

@@ -13,8 +13,8 @@ under the chosen matcher (SSIM by default, the zoo's ground-truth similarity) an
 A replica sits on one training image (r near 0); a novel image sits between many (r near 1).
 
 The training index is deduplicated first (``dedup``, default on): exact copies and near duplicates
-(matcher similarity at or above ``duplicate_threshold``, default the matcher's) form one group, one
-image per group (its first) stands for it, and n_2 is the nearest image of another group. Without it, a
+(matcher similarity at or above ``duplicate_threshold``, default the matcher's) form one group, and n_2
+is the nearest image of another group than n_1's. Without it, a
 memorized image -- duplicated in the training set by definition -- has two copies of itself as n_1 and
 n_2, and its margin is 0 (on an independent model's index with copies, nn-margin's AUROC fell from 0.986
 to 0.109). The group counts are reported in the detector's config (provenance).
@@ -37,7 +37,7 @@ import torch
 from diffmem.detectors.base import DETECTORS, PromptDetector
 from diffmem.detectors.engine import NoiseStepEngine
 from diffmem.errors import DiffmemError
-from diffmem.eval.matching import DuplicateGroups, Matcher, duplicate_groups
+from diffmem.eval.matching import DuplicateGroups, duplicate_groups, nearest_two_groups
 
 if TYPE_CHECKING:
     from diffmem.attacks.base import TrainingIndex
@@ -62,40 +62,36 @@ class NeighbourRatio(PromptDetector):
     dedup: bool = True
     duplicate_threshold: float | None = None  # None: the matcher's own (SSIM 0.95)
     _index: TrainingIndex | None = field(default=None, repr=False, compare=False)
-    _search: tuple[Matcher, DuplicateGroups | None] | None = field(default=None, repr=False, compare=False)
+    _groups: DuplicateGroups | None = field(default=None, repr=False, compare=False)
 
     def training_index(self) -> TrainingIndex:
         """The matcher fitted on the training images, built once."""
         if self._index is None:
-            from diffmem.extract import folder_training_index
-            from diffmem.tasks.zoo import zoo_training_index
+            from diffmem.extract import folder_training_index, zoo_training_index
 
             self._index = (folder_training_index(Path(self.index), self.matcher, size=self.index_size) if self.index
                            else zoo_training_index(self.matcher))
         return self._index
 
-    def search_index(self) -> tuple[Matcher, DuplicateGroups | None]:
-        """The matcher over one image per duplicate group (or over every image without ``dedup``), built once."""
-        if self._search is None:
-            index = self.training_index()
-            if not self.dedup:
-                self._search = (index.matcher, None)
-            else:
-                groups = duplicate_groups(index.matcher.train, index.matcher, self.duplicate_threshold)
-                if len(groups.representatives) < 2:
-                    raise DiffmemError(f"{self.name}: the training index holds {len(groups.group)} image(s) in "
-                                       f"{len(groups.representatives)} duplicate group; a margin needs at least 2")
-                if len(groups.representatives) < len(groups.group):
-                    log.info("%s: %d training images form %d duplicate groups (%d exact copies, %d near duplicates); "
-                             "margins are taken to the nearest other group", self.name, len(groups.group),
-                             len(groups.representatives), groups.exact_copies, groups.near_duplicates)
-                self._search = (index.matcher.subset(groups.representatives), groups)
-        return self._search
+    def duplicate_groups(self) -> DuplicateGroups | None:
+        """The training index's duplicate groups (None without ``dedup``), built once."""
+        if self.dedup and self._groups is None:
+            matcher = self.training_index().matcher
+            groups = duplicate_groups(matcher.train, matcher, self.duplicate_threshold)
+            if len(groups.representatives) < 2:
+                raise DiffmemError(f"{self.name}: the training index holds {len(groups.group)} image(s) in "
+                                   f"{len(groups.representatives)} duplicate group; a margin needs at least 2")
+            if len(groups.representatives) < len(groups.group):
+                log.info("%s: %d training images form %d duplicate groups (%d exact copies, %d near duplicates); "
+                         "margins are taken to the nearest other group", self.name, len(groups.group),
+                         len(groups.representatives), groups.exact_copies, groups.near_duplicates)
+            self._groups = groups
+        return self._groups
 
     def config(self) -> dict:
-        """Settings, and the training index's duplicate groups (counted once the index is built)."""
+        """Settings, and the training index's duplicate groups (the index is built here, before any scoring)."""
         cfg = super().config()
-        groups = self.search_index()[1]
+        groups = self.duplicate_groups()
         cfg["training_index"] = (groups.summary() if groups is not None
                                  else {"images": len(self.training_index().images), "dedup": False})
         return cfg
@@ -108,9 +104,13 @@ class NeighbourRatio(PromptDetector):
         images = model.early_estimate(embeddings.repeat_interleave(k, 0), seeds, num_inference_steps=self.steps,
                                       stop_after=self.stop_after, guidance_scale=self.guidance_scale)
         engine.unet_calls += 2 * self.stop_after * b * k
-        matcher = self.search_index()[0]
-        top = matcher.match_top(images, 2)
-        return self.criterion(top.similarity[:, 0], top.similarity[:, 1], matcher).view(b, k).mean(1)
+        matcher, groups = self.training_index().matcher, self.duplicate_groups()
+        if groups is None:
+            top = matcher.match_top(images, 2)
+            nearest, second = top.similarity[:, 0], top.similarity[:, 1]
+        else:
+            nearest, second = nearest_two_groups(matcher, groups, images)
+        return self.criterion(nearest, second, matcher).view(b, k).mean(1)
 
     def criterion(self, nearest: torch.Tensor, second: torch.Tensor, matcher) -> torch.Tensor:
         """Per generation: 1 - d(n1) / d(n2) from the similarities of the two nearest training images."""

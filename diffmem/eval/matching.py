@@ -187,6 +187,30 @@ class DuplicateGroups:
                 "duplicate_threshold": self.threshold}
 
 
+def nearest_two_groups(matcher: Matcher, groups: DuplicateGroups, queries: torch.Tensor, max_k: int = 64
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query: the similarity of its nearest training image and of the nearest image in *another* duplicate group.
+
+    ``matcher`` is fitted on every image of the index that ``groups`` partitions. The second group is searched
+    among the query's ``1 + largest group`` (at most ``max_k``) nearest images; where all of those belong to the
+    nearest image's group, among the groups' first images instead.
+    """
+    sizes = np.bincount(groups.group)
+    k = int(min(len(groups.group), max(2, min(max_k, int(sizes.max()) + 1))))
+    top = matcher.match_top(queries, k)
+    group_of = torch.as_tensor(groups.group, dtype=torch.long)
+    grp = group_of[top.index]  # (N, k)
+    other = grp != grp[:, :1]
+    nearest = top.similarity[:, 0]
+    second = top.similarity.gather(1, other.float().argmax(1, keepdim=True))[:, 0].clone()
+    missing = ~other.any(1)
+    if missing.any():
+        reps = matcher.subset(groups.representatives).match_top(queries[missing], 2)  # rep i stands for group i
+        pick = (reps.index[:, 0] == grp[missing, 0]).long()[:, None]
+        second[missing] = reps.similarity.gather(1, pick)[:, 0]
+    return nearest, second
+
+
 def duplicate_groups(images: torch.Tensor, matcher: Matcher | None = None, threshold: float | None = None,
                      candidates: int = 8) -> DuplicateGroups:
     """Group exact copies (identical pixels) and, with a ``matcher``, near duplicates: pairs among each image's
