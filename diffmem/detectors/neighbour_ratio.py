@@ -67,7 +67,8 @@ class NeighbourRatio(PromptDetector):
     def training_index(self) -> TrainingIndex:
         """The matcher fitted on the training images, built once."""
         if self._index is None:
-            from diffmem.extract import folder_training_index, zoo_training_index
+            from diffmem.extract import folder_training_index
+            from diffmem.tasks.zoo import zoo_training_index
 
             self._index = (folder_training_index(Path(self.index), self.matcher, size=self.index_size) if self.index
                            else zoo_training_index(self.matcher))
