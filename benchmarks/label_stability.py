@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import cohen_kappa_score
 
 from diffmem.eval.detection import detection_metrics
 from diffmem.io import atomic_write_text
@@ -78,14 +79,13 @@ def main() -> None:
     ceiling = detection_metrics(old, retest)
     agree_label = retest >= 0.25
     po = float((agree_label == old).mean())
-    pe = float(old.mean() * agree_label.mean() + (1 - old.mean()) * (1 - agree_label.mean()))
     result = {
         "benchmark": "label_stability", "zoo": str(folder), "fresh_seeds": args.seeds,
         "seed_offset": args.seed_offset, "n_captions": len(rows), "n_memorized_shipped": int(old.sum()),
         "retest_ceiling": {"auroc": ceiling["auroc"], "tpr@0.01fpr": ceiling["tpr@0.01fpr"],
                            "note": "fresh-seed replication fraction as a score against the shipped labels"},
         "agreement_rate_ge_quarter_vs_shipped": {"agreement": round(po, 4),
-                                                 "cohen_kappa": round((po - pe) / max(1 - pe, 1e-12), 4)},
+                                                 "cohen_kappa": round(float(cohen_kappa_score(old, agree_label)), 4)},
         "confident": {"positives (rate >= 0.5)": int((rate >= 0.5).sum()),
                       "negatives (rate == 0)": int((rate == 0).sum()),
                       "ambiguous": int(((rate > 0) & (rate < 0.5)).sum())},
