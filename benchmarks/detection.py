@@ -198,8 +198,8 @@ def main() -> None:
     parser.add_argument("--rates", default="benchmarks/results/zoo_replication_rates.jsonl",
                         help="label_stability.py's rates file: adds the confident-subset metrics (skipped if absent)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="scan only the groups whose label starts with one of these (e.g. draws8 image-); "
-                             "no results are written")
+                        help="scan only the groups whose label starts with one of these (e.g. draws8 image-; "
+                             "'combined': the noise-step combinations' reference passes); no results are written")
     parser.add_argument("--skip", nargs="*", default=[],
                         help="leave out the groups whose label starts with one of these (recorded in the JSON)")
     parser.add_argument("--limit", type=int, default=None, help="evenly spaced prompts kept (a quick smoke run)")
@@ -253,6 +253,11 @@ def main() -> None:
             entries.append((name, d, name, draws))
             timing_keys[name] = [key]
     if args.only is not None:
+        if "combined" in args.only:  # the reference passes of the noise-step combinations, kept in the state
+            engine = NoiseStepEngine(model, first)
+            for members in COMBINATIONS:
+                if not any(d.name in members for d in image_detectors):
+                    combination(members, image_detectors, reference, engine, timings)
         print("scanned:", [g[0] for g in groups])
         return
 

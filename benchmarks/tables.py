@@ -9,6 +9,7 @@ even on the binary value), 1 decimal for seconds, FID to the unit.
     .venv/bin/python benchmarks/tables.py detection --compact  # README
     .venv/bin/python benchmarks/tables.py bench [--compact]    # docs/mitigation.md, README
     .venv/bin/python benchmarks/tables.py extraction           # docs/extraction.md
+    .venv/bin/python benchmarks/tables.py detection-previous   # rows the last detection run did not rescan
 """
 
 from __future__ import annotations
@@ -63,6 +64,23 @@ def detection_rows(record: dict, compact: bool = False) -> list[str]:
     return head + rows
 
 
+def previous_detection_rows(record: dict, previous: dict) -> list[str]:
+    """Rows of the previous detection run whose detectors the current run did not rescan: AUROC and Wen's
+    strict TPR only (the previous run's "closest" TPR came from the estimator fixed since)."""
+    head = ["| detector (previous run) | AUROC | TPR@1%FPR strict | AUROC, scene | AUROC, stable labels | "
+            "TPR@1%FPR, stable labels (strict) | UNet calls per prompt |", "|---|---|---|---|---|---|---|"]
+    rows = []
+    for key, m in previous["results"].items():
+        if key.startswith("_") or key in record["results"]:
+            continue
+        c, scene = m.get("confident"), m["within_family"].get("scene")
+        cells = [label(key), f"{m['auroc']:.3f}", f"{m['tpr@0.01fpr']['strict']:.3f}",
+                 f"{scene:.3f}" if scene is not None else "-", f"{c['auroc']:.3f}" if c else "-",
+                 f"{c['tpr@0.01fpr']['strict']:.3f}" if c else "-", f"{m['unet_calls_per_prompt']:.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows if rows else []
+
+
 def bench_rows(record: dict, compact: bool = False) -> list[str]:
     if compact:
         head = ["| method | acts at | extraction (matching / template) | under re-trigger | fidelity |",
@@ -95,13 +113,17 @@ def extraction_rows(record: dict) -> list[str]:
 
 
 TABLES = {"detection": ("detection.json", detection_rows), "bench": ("bench.json", bench_rows),
-          "extraction": ("extraction.json", extraction_rows)}
+          "extraction": ("extraction.json", extraction_rows),
+          "detection-previous": ("detection.json", previous_detection_rows)}
+PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
 
 
 def render(table: str, compact: bool = False, results: Path = RESULTS) -> list[str]:
     """The markdown lines of one table, read from its results file."""
     filename, rows = TABLES[table]
     record = json.loads((results / filename).read_text())
+    if table == "detection-previous":
+        return rows(record, json.loads((results / PREVIOUS_DETECTION).read_text()))
     return rows(record, compact) if table != "extraction" else rows(record)
 
 

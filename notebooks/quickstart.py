@@ -10,7 +10,7 @@
 # %% [markdown]
 # # diffmem quickstart: the memorization zoo, a detector scan and its evaluation
 #
-# Everything here runs on a laptop CPU in about a minute, on the zoo that ships with diffmem.
+# Everything here runs on a laptop CPU, on the zoo that ships with diffmem.
 
 # %%
 import json
@@ -43,7 +43,7 @@ for r in sample:
 # Generate: memorized captions snap to one image whatever the seed; generic captions vary.
 
 # %%
-from diffmem.cli.demo import image_grid  # noqa: E402
+from diffmem.images import image_grid  # noqa: E402
 
 images = model.sample([r["caption"] for r in sample for _ in range(3)], seeds=[0, 1, 2] * len(sample),
                       num_inference_steps=25).images
