@@ -395,7 +395,7 @@ def test_nn_margin_measures_the_margin_to_the_nearest_other_duplicate_group(mode
         scores[dedup] = float(score_chunk(NoiseStepEngine(model, n_draws=1, seed=0), [det], PROMPTS[:1])["nn-margin"][0])
         if dedup:
             assert det.config()["training_index"] == {"images": 7, "groups": 5, "exact_copies": 2,
-                                                      "near_duplicates": 0, "duplicate_threshold": 0.95}
+                                                      "near_duplicates": 0, "near_duplicate_rms": 0.01}
     second = float(ssim_pairs_max(image, others))
     assert scores[False] == pytest.approx(0.0, abs=1e-6)
     assert scores[True] == pytest.approx(1.0 - second, abs=1e-5) and scores[True] > 0.5

@@ -42,18 +42,19 @@ def test_duplicate_groups_joins_exact_copies_and_near_duplicates():
     a, b, c = (torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(32, 32), mode="bilinear")[0]
                for _ in range(3))
     near_a = (a + 0.004 * torch.randn(a.shape, generator=g)).clamp(0, 1)  # a re-encoded copy: off by ~1 level of 255
-    images = torch.stack([a, b, a, near_a, c, b])
+    close_b = (b + 0.03).clamp(0, 1)  # a different image, 7.6 levels brighter: SSIM 0.99 to b, yet not a copy
+    images = torch.stack([a, b, a, near_a, c, b, close_b])
+    assert float(ssim_pairs(b[None], close_b[None])[0]) > 0.99
+    groups = duplicate_groups(images)
+    assert groups.group.tolist() == [0, 1, 0, 0, 2, 1, 3]
+    assert groups.representatives.tolist() == [0, 1, 4, 6]
+    assert groups.summary() == {"images": 7, "groups": 4, "exact_copies": 2, "near_duplicates": 1,
+                                "near_duplicate_rms": 0.01}
+    exact_only = duplicate_groups(images, max_rms=0)
+    assert exact_only.group.tolist() == [0, 1, 0, 2, 3, 1, 4] and exact_only.near_duplicates == 0
     matcher = make_matcher("ssim").fit(images)
-    assert float(matcher.pairwise(a[None], near_a[None])[0]) > 0.95
-    groups = duplicate_groups(images, matcher)
-    assert groups.group.tolist() == [0, 1, 0, 0, 2, 1]
-    assert groups.representatives.tolist() == [0, 1, 4]
-    assert groups.summary() == {"images": 6, "groups": 3, "exact_copies": 2, "near_duplicates": 1,
-                                "duplicate_threshold": 0.95}
-    exact_only = duplicate_groups(images)  # without a matcher: identical pixels only
-    assert exact_only.group.tolist() == [0, 1, 0, 2, 3, 1] and exact_only.near_duplicates == 0
     sub = matcher.subset(groups.representatives)
-    assert torch.equal(sub.train, images[[0, 1, 4]]) and len(matcher.train) == 6
+    assert torch.equal(sub.train, images[[0, 1, 4, 6]]) and len(matcher.train) == 7
 
 
 @pytest.mark.parametrize("max_k", [64, 2])  # 2: every shortlisted image is a copy, the groups' first images decide
@@ -65,7 +66,7 @@ def test_nearest_two_groups_skips_copies_of_the_nearest_image(max_k):
                for _ in range(3))
     images = torch.stack([a, a, b, a, c])
     matcher = make_matcher("ssim").fit(images)
-    groups = duplicate_groups(images, matcher)
+    groups = duplicate_groups(images)
     assert groups.group.tolist() == [0, 0, 1, 0, 2]
     nearest, second = nearest_two_groups(matcher, groups, torch.stack([a, c]), max_k=max_k)
     expected = ssim_pairs(torch.stack([a, a]), torch.stack([b, c])).max()

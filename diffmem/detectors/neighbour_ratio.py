@@ -13,8 +13,8 @@ under the chosen matcher (SSIM by default, the zoo's ground-truth similarity) an
 A replica sits on one training image (r near 0); a novel image sits between many (r near 1).
 
 The training index is deduplicated first (``dedup``, default on): exact copies and near duplicates
-(matcher similarity at or above ``duplicate_threshold``, default the matcher's) form one group, and n_2
-is the nearest image of another group than n_1's. Without it, a
+(pixel RMS distance at most ``near_duplicate_rms``, default 0.01 = 2.5 grey levels) form one group, and
+n_2 is the nearest image of another group than n_1's. Without it, a
 memorized image -- duplicated in the training set by definition -- has two copies of itself as n_1 and
 n_2, and its margin is 0 (on an independent model's index with copies, nn-margin's AUROC fell from 0.986
 to 0.109). The group counts are reported in the detector's config (provenance).
@@ -37,7 +37,7 @@ import torch
 from diffmem.detectors.base import DETECTORS, PromptDetector
 from diffmem.detectors.engine import NoiseStepEngine
 from diffmem.errors import DiffmemError
-from diffmem.eval.matching import DuplicateGroups, duplicate_groups, nearest_two_groups
+from diffmem.eval.matching import NEAR_DUPLICATE_RMS, DuplicateGroups, duplicate_groups, nearest_two_groups
 
 if TYPE_CHECKING:
     from diffmem.attacks.base import TrainingIndex
@@ -60,7 +60,7 @@ class NeighbourRatio(PromptDetector):
     index_size: int = 64  # a folder's images are resized to this side; generations are resized to match
     seed_offset: int = 0
     dedup: bool = True
-    duplicate_threshold: float | None = None  # None: the matcher's own (SSIM 0.95)
+    near_duplicate_rms: float = NEAR_DUPLICATE_RMS  # 0: exact copies only
     _index: TrainingIndex | None = field(default=None, repr=False, compare=False)
     _groups: DuplicateGroups | None = field(default=None, repr=False, compare=False)
 
@@ -78,7 +78,7 @@ class NeighbourRatio(PromptDetector):
         """The training index's duplicate groups (None without ``dedup``), built once."""
         if self.dedup and self._groups is None:
             matcher = self.training_index().matcher
-            groups = duplicate_groups(matcher.train, matcher, self.duplicate_threshold)
+            groups = duplicate_groups(matcher.train, self.near_duplicate_rms)
             if len(groups.representatives) < 2:
                 raise DiffmemError(f"{self.name}: the training index holds {len(groups.group)} image(s) in "
                                    f"{len(groups.representatives)} duplicate group; a margin needs at least 2")

@@ -13,9 +13,9 @@ A match is *matching verbatim* when the nearest image belongs to the prompt's ow
 *template verbatim* when it belongs to another item; ``none`` below the threshold.
 
 :func:`duplicate_groups` partitions a training index into groups of exact copies and near duplicates
-(similarity at or above the matcher's ``duplicate_threshold``): real training sets hold many copies of
-an image (memorized images, by definition), and a margin or ratio between a generation's two nearest
-training images is meaningless when both are copies of one image.
+(pixel RMS distance at most ``max_rms``, re-encoding or resampling noise): real training sets hold many
+copies of an image (memorized images, by definition), and a margin or ratio between a generation's two
+nearest training images is meaningless when both are copies of one image.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ class Matcher(ABC):
 
     name = "matcher"
     default_threshold: float = 0.5
-    duplicate_threshold: float = 0.95  # two training images this similar (or more) are near duplicates
 
     def fit(self, train_images: torch.Tensor) -> Matcher:
         self.train = train_images.float()
@@ -107,7 +106,6 @@ class SSIMMatcher(Matcher):
 class L2Matcher(Matcher):
     name = "l2"
     default_threshold = -0.05
-    duplicate_threshold = -0.02  # pixel RMS distance 0.02 (about 5 of 255 levels)
 
     def _match_top(self, queries: torch.Tensor, k: int) -> MatchResult:
         d, ids = l2_nearest(queries, self.train, k=k)
@@ -171,6 +169,9 @@ def make_matcher(name: str, **options) -> Matcher:
     return MATCHERS.get(name)(**options)
 
 
+NEAR_DUPLICATE_RMS = 0.01  # pixel RMS distance (images in [0, 1]): about 2.5 of 255 grey levels
+
+
 @dataclass
 class DuplicateGroups:
     """A partition of a training index into duplicate groups (numbered by their first image, in index order)."""
@@ -178,44 +179,22 @@ class DuplicateGroups:
     group: np.ndarray  # (M,) group id of every image
     representatives: np.ndarray  # (G,) the first image of each group, in index order
     exact_copies: int  # images identical (pixel for pixel) to an earlier one
-    near_duplicates: int  # images joined to a group only through near-duplicate similarity
-    threshold: float | None  # the similarity at or above which two images are near duplicates (None: exact only)
+    near_duplicates: int  # images joined to a group only as near duplicates
+    max_rms: float  # the pixel RMS distance at or below which two images are near duplicates (0: exact only)
 
     def summary(self) -> dict:
         return {"images": int(len(self.group)), "groups": int(len(self.representatives)),
                 "exact_copies": self.exact_copies, "near_duplicates": self.near_duplicates,
-                "duplicate_threshold": self.threshold}
+                "near_duplicate_rms": self.max_rms}
 
 
-def nearest_two_groups(matcher: Matcher, groups: DuplicateGroups, queries: torch.Tensor, max_k: int = 64
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query: the similarity of its nearest training image and of the nearest image in *another* duplicate group.
-
-    ``matcher`` is fitted on every image of the index that ``groups`` partitions. The second group is searched
-    among the query's ``1 + largest group`` (at most ``max_k``) nearest images; where all of those belong to the
-    nearest image's group, among the groups' first images instead.
-    """
-    sizes = np.bincount(groups.group)
-    k = int(min(len(groups.group), max(2, min(max_k, int(sizes.max()) + 1))))
-    top = matcher.match_top(queries, k)
-    group_of = torch.as_tensor(groups.group, dtype=torch.long)
-    grp = group_of[top.index]  # (N, k)
-    other = grp != grp[:, :1]
-    nearest = top.similarity[:, 0]
-    second = top.similarity.gather(1, other.float().argmax(1, keepdim=True))[:, 0].clone()
-    missing = ~other.any(1)
-    if missing.any():
-        reps = matcher.subset(groups.representatives).match_top(queries[missing], 2)  # rep i stands for group i
-        pick = (reps.index[:, 0] == grp[missing, 0]).long()[:, None]
-        second[missing] = reps.similarity.gather(1, pick)[:, 0]
-    return nearest, second
-
-
-def duplicate_groups(images: torch.Tensor, matcher: Matcher | None = None, threshold: float | None = None,
-                     candidates: int = 8) -> DuplicateGroups:
-    """Group exact copies (identical pixels) and, with a ``matcher``, near duplicates: pairs among each image's
-    ``candidates`` nearest pixel-L2 neighbours whose ``matcher.pairwise`` similarity is at least ``threshold``
-    (default: the matcher's ``duplicate_threshold``), joined transitively (union-find)."""
+def duplicate_groups(images: torch.Tensor, max_rms: float = NEAR_DUPLICATE_RMS, candidates: int = 8
+                     ) -> DuplicateGroups:
+    """Group exact copies (identical pixels) and near duplicates: pairs among each image's ``candidates`` nearest
+    neighbours whose pixel RMS distance (Gu et al. 2025's L2 / sqrt(CHW)) is at most ``max_rms``, joined
+    transitively (union-find). A pixel criterion, not the matcher's similarity: on small renders two different
+    images can score SSIM 0.99 (the zoo's single objects), while a re-encoded or resampled copy stays within a
+    few grey levels everywhere."""
     m = len(images)
     parent = np.arange(m)
 
@@ -240,20 +219,38 @@ def duplicate_groups(images: torch.Tensor, matcher: Matcher | None = None, thres
             exact += 1
         else:
             first[key] = i
-    after_exact = {find(i) for i in range(m)}
-    if matcher is not None and m > 1:
-        thr = matcher.duplicate_threshold if threshold is None else threshold
-        _, ids = l2_nearest(images, images, k=min(candidates + 1, m))
+    after_exact = len({find(i) for i in range(m)})
+    if max_rms > 0 and m > 1:
+        d, ids = l2_nearest(flat, flat, k=min(candidates + 1, m))
         rows = torch.arange(m)[:, None].expand_as(ids)
-        pairs = ids != rows
-        a, b = rows[pairs], ids[pairs]
-        sims = torch.cat([matcher.pairwise(images[a[s : s + 4096]].float(), images[b[s : s + 4096]].float())
-                          for s in range(0, len(a), 4096)]) if len(a) else torch.zeros(0)
-        for i, j in zip(a[sims >= thr].tolist(), b[sims >= thr].tolist()):
+        near = (d <= max_rms) & (ids != rows)
+        for i, j in zip(rows[near].tolist(), ids[near].tolist()):
             union(i, j)
-        threshold = thr
     roots = np.array([find(i) for i in range(m)])
     reps = np.unique(roots)  # a root is the smallest index of its group
-    group = np.searchsorted(reps, roots)
-    return DuplicateGroups(group=group, representatives=reps, exact_copies=exact,
-                           near_duplicates=len(after_exact) - len(reps), threshold=threshold)
+    return DuplicateGroups(group=np.searchsorted(reps, roots), representatives=reps, exact_copies=exact,
+                           near_duplicates=after_exact - len(reps), max_rms=float(max_rms))
+
+
+def nearest_two_groups(matcher: Matcher, groups: DuplicateGroups, queries: torch.Tensor, max_k: int = 64
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query: the similarity of its nearest training image and of the nearest image in *another* duplicate group.
+
+    ``matcher`` is fitted on every image of the index that ``groups`` partitions. The second group is searched
+    among the query's ``1 + largest group`` (at most ``max_k``) nearest images; where all of those belong to the
+    nearest image's group, among the groups' first images instead.
+    """
+    sizes = np.bincount(groups.group)
+    k = int(min(len(groups.group), max(2, min(max_k, int(sizes.max()) + 1))))
+    top = matcher.match_top(queries, k)
+    group_of = torch.as_tensor(groups.group, dtype=torch.long)
+    grp = group_of[top.index]  # (N, k)
+    other = grp != grp[:, :1]
+    nearest = top.similarity[:, 0]
+    second = top.similarity.gather(1, other.float().argmax(1, keepdim=True))[:, 0].clone()
+    missing = ~other.any(1)
+    if missing.any():
+        reps = matcher.subset(groups.representatives).match_top(queries[missing], 2)  # rep i stands for group i
+        pick = (reps.index[:, 0] == grp[missing, 0]).long()[:, None]
+        second[missing] = reps.similarity.gather(1, pick)[:, 0]
+    return nearest, second
