@@ -36,14 +36,30 @@ def test_labels_cover_every_caption(zoo):
 
 
 def test_required_memorization_outcome(zoo):
-    """Memorized fraction rises with replication, >= 80% at the top rate, <= 5% for generic captions."""
-    summary = zoo["record"]["labels"]
-    rates = summary["signature_by_replication"]
-    fractions = [rates[k]["memorized"] for k in sorted(rates, key=int)]
-    assert fractions == sorted(fractions) and fractions[-1] >= 0.8
-    assert summary["by_kind"]["generic"]["memorized"] <= 0.05
-    assert summary["by_kind"]["heldout_generic"]["memorized"] <= 0.05
-    assert summary["generic_fidelity"]["generic"] >= 0.8 and summary["generic_fidelity"]["heldout_generic"] >= 0.8
+    """Memorized fraction rises with replication, >= 80% at the top rate, <= 5% for generic captions: recomputed
+    from the per-caption labels (each one a regeneration's verdict), and zoo.json's summary must say the same."""
+    import numpy as np
+
+    rows, summary = zoo["labels"], zoo["record"]["labels"]
+
+    def share(selected, key="memorized"):
+        return float(np.mean([float(r[key]) for r in selected]))
+
+    signature = [r for r in rows if r["kind"] == "signature"]
+    fractions = {str(rep): share([r for r in signature if r["replication"] == rep])
+                 for rep in sorted({r["replication"] for r in signature})}
+    assert list(fractions.values()) == sorted(fractions.values()) and list(fractions.values())[-1] >= 0.8
+    by_kind = {k: share([r for r in rows if r["kind"] == k]) for k in ("generic", "heldout_generic")}
+    assert by_kind["generic"] <= 0.05 and by_kind["heldout_generic"] <= 0.05
+    fidelity = {k: share([r for r in rows if r["kind"] == k], "fidelity") for k in ("generic", "heldout_generic")}
+    assert fidelity["generic"] >= 0.8 and fidelity["heldout_generic"] >= 0.8
+    assert {k: v["memorized"] for k, v in summary["signature_by_replication"].items()} == pytest.approx(fractions,
+                                                                                                      abs=1e-4)
+    assert {k: summary["by_kind"][k]["memorized"] for k in by_kind} == pytest.approx(by_kind, abs=1e-4)
+    assert summary["generic_fidelity"] == pytest.approx(fidelity, abs=1e-4)
+    assert summary["n_memorized"] == sum(r["memorized"] for r in rows)
+    # a label is the any-of-4 verdict of its labelling seeds
+    assert all(r["memorized"] == (r["memorized_seeds"] >= 1) for r in rows)
 
 
 def test_memorized_captions_replicate_and_generic_ones_do_not(zoo):
@@ -98,3 +114,40 @@ def test_nn_ratio_separates_memorized_scenes_from_ordinary_captions(zoo):
                          [r["caption"] for r in rows])["nn-ratio"]
     y = [1] * len(positives) + [0] * len(negatives)
     assert roc_auc_score(y, scores) >= 0.85, list(zip(y, scores.round(3)))
+
+
+def test_zoo_ema_against_diffusers_ema_model():
+    """The zoo's EMA equals diffusers' EMAModel with update_after_step=-1 to float32 round-off (not bit for bit),
+    and differs from EMAModel's defaults (warm-up one step behind, first update copies): why build.py keeps its own."""
+    from diffusers.training_utils import EMAModel
+
+    from diffmem.zoo.build import _ema_update
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    ours = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    aligned = EMAModel(net.parameters(), decay=0.9, update_after_step=-1, use_ema_warmup=False, foreach=False)
+    default = EMAModel(net.parameters(), decay=0.9)
+    for step in range(1, 31):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        _ema_update(ours, net, 0.9, step)
+        aligned.step(net.parameters())
+        default.step(net.parameters())
+    names = [n for n, _ in net.named_parameters()]
+    for n, s in zip(names, aligned.shadow_params):
+        torch.testing.assert_close(ours[n], s, rtol=0, atol=1e-6)
+    assert not all(torch.equal(ours[n], s) for n, s in zip(names, aligned.shadow_params))
+    assert max(float((ours[n] - s).abs().max()) for n, s in zip(names, default.shadow_params)) > 1e-3
+    # by hand for one weight: decay_t = min(0.9, (1 + t) / (10 + t)), the first step already averages
+    w = torch.tensor([0.0])
+    for t, p in enumerate([1.0, 2.0], start=1):
+        d = min(0.9, (1 + t) / (10 + t))
+        w = d * w + (1 - d) * p
+    layer = torch.nn.Linear(1, 1, bias=False)
+    ema = {"weight": torch.zeros(1, 1)}
+    for t, p in enumerate([1.0, 2.0], start=1):
+        layer.weight.data.fill_(p)
+        _ema_update(ema, layer, 0.9, t)
+    assert float(ema["weight"]) == pytest.approx(float(w[0]), abs=1e-7)

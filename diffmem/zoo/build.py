@@ -154,7 +154,14 @@ def encode_latents(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float, step: int) -> None:
     """EMA with diffusers' warm-up: decay_t = min(decay, (1 + t) / (10 + t)), so the random initial
-    weights do not linger in the average of a short training run."""
+    weights do not linger in the average of a short training run.
+
+    Kept instead of ``diffusers.training_utils.EMAModel`` because that does not give the same weights:
+    with its defaults (``update_after_step=0``) the warm-up runs one step behind and its first update
+    copies the weights (0.008 apart after 30 steps on a tiny model); with ``update_after_step=-1`` it agrees
+    only to float32 round-off (it updates ``s -= (1 - d)(s - p)``, not ``s = d s + (1 - d) p``), and its state
+    is not the state-dict-keyed average our checkpoints resume from. Ours rebuilds the shipped zoo bit for bit
+    (``tests/test_zoo_model.py`` pins both comparisons)."""
     decay = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for name, p in model.state_dict().items():
