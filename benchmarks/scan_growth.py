@@ -273,6 +273,21 @@ def synthetic_jobs(work: Path, n: int) -> dict[str, Any]:
             "rss_mb_before": round(rss_before or 0, 1), "rss_mb_after_loop": round(rss_after_loop or 0, 1)}
 
 
+def tokenizer_rate(n: int) -> dict[str, Any]:
+    """Prompts per CPU second and per wall second of the truncation record (``token_counts`` of the zoo
+    model's CLIP tokenizer), which every scan process computes once over the whole prompt list."""
+    from diffmem.models import load_model
+
+    model, texts = load_model(), growth_prompts(n)
+    start, cpu = time.perf_counter(), time.process_time()
+    counts = model.token_counts(texts)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"prompts": n, "tokenizer": type(model.tokenizer).__name__, "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2), "prompts_per_cpu_second": round(n / cpu),
+            "prompts_per_wall_second": round(n / wall),
+            "truncated": sum(c > model.max_tokens for c in counts), "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
 # ------------------------------------------------------------------------------------------- output
 def plot(record: dict[str, Any], path: Path) -> None:
     """Left: seconds against prompts (the command's wall and CPU time; the job loop and merge alone).
@@ -324,6 +339,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000])
     parser.add_argument("--synthetic", type=int, nargs="*", default=[],
                         help="also time the job loop and merge alone (stub scores) at these sizes")
+    parser.add_argument("--tokenizer-rate", type=int, default=0, help="time the truncation record on N prompts")
     parser.add_argument("--resume-test", type=int, default=None, help="prompts of the kill/rerun test (e.g. 10000)")
     parser.add_argument("--threads", type=int, default=2, help="OMP threads of the scan command (default: 2)")
     parser.add_argument("--work", default="runs/scan_growth", help="scratch folder (prompt files, scans, logs)")
@@ -367,6 +383,10 @@ def main() -> None:
             mine.setdefault("synthetic_jobs", dict(record.get("synthetic_jobs", {})))[str(n)] = synthetic_jobs(work, n)
             save()
             print(json.dumps(mine["synthetic_jobs"][str(n)]), flush=True)
+        if args.tokenizer_rate:
+            mine["tokenizer_rate"] = tokenizer_rate(args.tokenizer_rate)
+            save()
+            print(json.dumps(mine["tokenizer_rate"]), flush=True)
         if args.resume_test:
             mine["resume"] = resume_test(work, args.resume_test, args.threads)
             save()
