@@ -177,3 +177,31 @@ def test_cli_mitigate_adversarial_finetune_on_any_checkpoint(tiny_sd_folder, pro
     changed = sum(int((a != b).sum()) for a, b in zip(original.unet.state_dict().values(),
                                                       patched.unet.state_dict().values()))
     assert changed > 0
+
+
+def test_open_clip_score_loads_local_weights_and_matches_the_formula(tmp_path):
+    """A tiny random open_clip model saved to a file: the score is 100 * max(cos, 0), averaged."""
+    import open_clip
+    import torch.nn.functional as F
+
+    from diffmem.eval.quality import open_clip_score
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "diffmem-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    torch.manual_seed(0)
+    model = open_clip.create_model("diffmem-tiny-clip")
+    weights = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    images, prompts = torch.rand(3, 3, 32, 32), ["a red circle", "a blue square", "a cat"]
+    score = open_clip_score(images, prompts, weights, arch="diffmem-tiny-clip")
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = F.normalize(model.eval().encode_image((images - mean) / std), dim=-1)
+        txt = F.normalize(model.encode_text(open_clip.get_tokenizer("diffmem-tiny-clip")(prompts)), dim=-1)
+    assert score == pytest.approx(float((100 * (img * txt).sum(-1).clamp_min(0)).mean()), rel=1e-4)
+    with pytest.raises(FileNotFoundError):
+        open_clip_score(images, prompts, tmp_path / "missing.pt")

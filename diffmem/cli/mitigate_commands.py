@@ -53,6 +53,10 @@ def run_mitigate(args: argparse.Namespace) -> None:
             from diffmem.extract import folder_training_index
 
             index = folder_training_index(Path(args.train_index))
+        elif not args.prompts:  # the zoo's own captions: its training images check the surrogates
+            from diffmem.tasks.zoo import zoo_training_index
+
+            index = zoo_training_index()
         mitigator.fit(model, memorized, ordinary, index=index)
     else:
         mitigator.fit(model, memorized, ordinary)
