@@ -102,11 +102,24 @@ def test_anisotropy_on_a_v_prediction_model_follows_the_reference_code(tiny_sd_v
 
 
 def test_calibrated_anisotropy_standardises_on_reference(model):
-    det = make_detector("anisotropy-calibrated", reference_prompts=PROMPTS)
+    """z(norm) + z(align) with each term's mean and (n - 1) std on the reference prompts, applied to other prompts."""
+    reference = PROMPTS
+    others = ["a blue square in the center", "a watercolor of a lighthouse"]
+    det = make_detector("anisotropy-calibrated", reference_prompts=reference)
     engine = NoiseStepEngine(model, n_draws=2)
     det.prepare(engine)
-    scores = score_chunk(engine, [det], PROMPTS)["anisotropy-calibrated"]
-    assert abs(scores.mean()) < 1e-5  # z(norm) + z(align) averages to 0 on the reference itself
+    # the two terms by hand: anisotropy with gamma = (1, 0) is the norm, with gamma = (0, 1) the alignment
+    terms = {}
+    for name, gammas in (("norm", (1.0, 0.0)), ("align", (0.0, 1.0))):
+        raw = make_detector("anisotropy", gamma1=gammas[0], gamma2=gammas[1])
+        terms[name] = tuple(score_chunk(engine, [raw], texts)["anisotropy"] for texts in (reference, others))
+    for name, (ref, _) in terms.items():
+        assert det.stats[f"{name}_mean"] == pytest.approx(float(ref.mean()), rel=1e-5)
+        assert det.stats[f"{name}_std"] == pytest.approx(float(ref.std(ddof=1)), rel=1e-4)
+    expected = sum((new - ref.mean()) / ref.std(ddof=1) for ref, new in terms.values())
+    got = score_chunk(engine, [det], others)["anisotropy-calibrated"]
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert got != pytest.approx([0.0, 0.0], abs=1e-2)  # other prompts are not at the reference's mean
 
 
 def test_unconditional_prediction_computed_once_per_draw(model):
@@ -392,7 +405,8 @@ def test_nn_margin_measures_the_margin_to_the_nearest_other_duplicate_group(mode
     for dedup in (True, False):
         det = make_detector("nn-margin", samples=1, steps=3, stop_after=3, dedup=dedup)
         det._index = TrainingIndex(train, np.arange(len(train)), make_matcher("ssim").fit(train), 0.5)
-        scores[dedup] = float(score_chunk(NoiseStepEngine(model, n_draws=1, seed=0), [det], PROMPTS[:1])["nn-margin"][0])
+        engine = NoiseStepEngine(model, n_draws=1, seed=0)
+        scores[dedup] = float(score_chunk(engine, [det], PROMPTS[:1])["nn-margin"][0])
         if dedup:
             assert det.config()["training_index"] == {"images": 7, "groups": 5, "exact_copies": 2,
                                                       "near_duplicates": 0, "near_duplicate_rms": 0.01}

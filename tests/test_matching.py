@@ -71,6 +71,7 @@ def test_nearest_two_groups_skips_copies_of_the_nearest_image(max_k):
     nearest, second = nearest_two_groups(matcher, groups, torch.stack([a, c]), max_k=max_k)
     expected = ssim_pairs(torch.stack([a, a]), torch.stack([b, c])).max()
     assert float(nearest[0]) == pytest.approx(1.0, abs=1e-6) and float(second[0]) == pytest.approx(float(expected))
-    assert float(second[1]) == pytest.approx(float(ssim_pairs(c[None].expand(2, -1, -1, -1), torch.stack([a, b])).max()))
+    expected_c = ssim_pairs(c[None].expand(2, -1, -1, -1), torch.stack([a, b])).max()
+    assert float(second[1]) == pytest.approx(float(expected_c))
     top = matcher.match_top(a[None], 2)  # what a plain search sees: two copies, margin 0
     assert float(top.similarity[0, 0] - top.similarity[0, 1]) == pytest.approx(0.0, abs=1e-6)

@@ -98,7 +98,7 @@ def test_images_round_trip_through_the_vae(tiny_sd_folder):
         decoded = ((model.vae.decode(expected / sf).sample + 1) / 2).clamp(0, 1)
     torch.testing.assert_close(latents, expected)
     torch.testing.assert_close(model.decode(latents), decoded)
-    assert 0 <= float(model.decode(latents).min()) and float(model.decode(latents).max()) <= 1
+    assert float(model.decode(latents).min()) >= 0 and float(model.decode(latents).max()) <= 1
 
 
 def test_encode_prompts_is_the_text_encoder_on_padded_ids(tiny_sd_folder):
