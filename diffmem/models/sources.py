@@ -174,7 +174,9 @@ def load_single_file(source: ModelSource, dtype: Any) -> Any:
     """A ``StableDiffusionPipeline`` from one original-layout checkpoint file (safety checker not loaded)."""
     from diffusers import StableDiffusionPipeline
 
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "load_safety_checker": False, "safety_checker": None,
+    # safety_checker/feature_extractor passed as None: never loaded (diffusers' load_safety_checker flag, even
+    # False, is deprecated and would fetch the checker from the hub)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "feature_extractor": None,
                               "local_files_only": offline() or source.config is not None}
     if source.config is not None:
         kwargs["config"] = source.config
