@@ -54,10 +54,36 @@ def test_one_step_whitebox_matches_hand_computation(model):
     assert got == pytest.approx(float((x - out).pow(2).mean()), rel=1e-4)
 
 
-def test_one_step_blackbox_scores_are_fractions(model):
-    out = make_attack("one-step-blackbox", seeds=3, edge_threshold=0.2).run(model, ["a cat", "a dog"],
-                                                                            AttackContext())
-    assert out["score"].shape == (2,) and ((out["score"] >= 0) & (out["score"] <= 1)).all()
+def test_one_step_blackbox_matches_hand_computation(model):
+    """Share of pixels whose Sobel magnitude (summed over channels) exceeds the threshold in more than half of the
+    one-step generations of seeds ctx.seed + j, computed by hand with a plain loop over pixels and seeds."""
+    from diffmem.attacks.one_step_blackbox import sobel_magnitude
+
+    prompts, k = ["a cat", "a dog"], 3
+    # a threshold inside the range of this random model's magnitudes, so the score is not 0 or 1 by construction
+    thr = float(sobel_magnitude(model.sample(prompts[:1], [4], num_inference_steps=1).images).median())
+    out = make_attack("one-step-blackbox", seeds=k, edge_threshold=thr).run(model, prompts, AttackContext(seed=4))
+    kx = [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]
+    for p, got in zip(prompts, out["score"]):
+        images = model.sample([p] * k, [4 + j for j in range(k)], num_inference_steps=1).images.double()
+        _, c, h, w = images.shape
+        votes = torch.zeros(h, w)
+        for img in images:
+            for y in range(h):
+                for x in range(w):
+                    mag = 0.0
+                    for ch in range(c):
+                        gx = gy = 0.0
+                        for dy in (-1, 0, 1):
+                            for dx in (-1, 0, 1):
+                                v = float(img[ch, min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)])
+                                gx += kx[dy + 1][dx + 1] * v
+                                gy += kx[dx + 1][dy + 1] * v
+                        mag += (gx * gx + gy * gy) ** 0.5
+                    votes[y, x] += mag > thr
+        expected = float((votes > k / 2).float().mean())
+        assert got == pytest.approx(expected, abs=1.5 / (h * w))  # at most one pixel on float round-off
+    assert 0 < out["score"].max() < 1  # neither degenerate: some pixels are consistent edges, not all
 
 
 def test_ssim_matcher_finds_exact_copies_and_labels_them():
@@ -155,3 +181,13 @@ def test_matchers_rank_the_k_nearest_and_give_distances():
         with pytest.raises(ValueError, match="k must be"):
             matcher.match_top(query, 13)
     assert make_matcher("ssim").fit(train).match_top(query, 1).index.item() == 4
+    # the values, by hand: the 3 best of every training image's SSIM / negative pixel RMS distance to the query
+    from diffmem.eval.similarity import ssim_pairs
+
+    ssim_all = ssim_pairs(query.expand(12, -1, -1, -1), train)
+    rms_all = -((query - train) ** 2).flatten(1).mean(1).sqrt()
+    for name, values in (("ssim", ssim_all), ("l2", rms_all)):
+        top = make_matcher(name, **({"candidates": 12} if name == "ssim" else {})).fit(train).match_top(query, 3)
+        best, order = values.topk(3)
+        assert top.index[0].tolist() == order.tolist()
+        torch.testing.assert_close(top.similarity[0], best, rtol=1e-5, atol=1e-6)
