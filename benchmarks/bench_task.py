@@ -9,6 +9,8 @@ resumable ``bench.json``; once every (seed, method) is done it is copied to the 
     python benchmarks/bench_task.py --name oracle --methods adversarial-finetune --surrogates oracle
     # only the surrogate step on each seed's fit split: how many pass the copy check, what they draw
     python benchmarks/bench_task.py --name surrogates --surrogates-only
+    # the scene-fidelity reader checked on the zoo's training images (through its VAE)
+    python benchmarks/bench_task.py --name scene_check --scene-check
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def run() -> None:
     parser.add_argument("--work", default=None, help="run folder (default: runs/bench_task_<name>)")
     parser.add_argument("--surrogates-only", action="store_true",
                         help="measure only the model-derived surrogates of each seed's fit split")
+    parser.add_argument("--scene-check", action="store_true",
+                        help="check the zoo task's scene fidelity on the training images of memorized captions")
     args = parser.parse_args()
+    if args.scene_check:
+        scene_check(args)
+        return
     if args.surrogates_only:
         surrogate_stats(args)
         return
@@ -77,6 +84,35 @@ def surrogate_stats(args: argparse.Namespace) -> None:
         RESULTS.mkdir(exist_ok=True)
         atomic_write_text(RESULTS / f"bench_task_{args.name}.json", json.dumps(record, indent=2, default=str))
     print(json.dumps(record["seeds"], indent=2))
+
+
+def scene_check(args: argparse.Namespace) -> None:
+    """Share of named objects the scene reader finds in the training images (through the zoo's VAE) of the
+    memorized captions, for their own caption and for the next caption's objects (a wrong caption)."""
+    import numpy as np
+
+    from diffmem.io import atomic_write_text
+    from diffmem.tasks.zoo import ZooTask, parse_scene_caption, scene_object_present
+    from diffmem.zoo.load import zoo_training_set
+
+    task, ts = ZooTask(), zoo_training_set()
+    rows = task.memorized()
+    images = ts.reference[[ts.images_of_item[p.item][0] for p in rows]]
+    own, other = [], []
+    for i, p in enumerate(rows):
+        wrong = parse_scene_caption(rows[(i + 1) % len(rows)].caption)[0]
+        for colour, _, position in parse_scene_caption(p.caption)[0]:
+            own.append(bool(scene_object_present(images[i : i + 1], colour, position)[0]))
+        for colour, _, position in wrong:
+            if (colour, position) not in {(c, q) for c, _, q in parse_scene_caption(p.caption)[0]}:
+                other.append(bool(scene_object_present(images[i : i + 1], colour, position)[0]))
+    record = {"what": "scene fidelity's per-object check on the training images (through the zoo's VAE) of the "
+                      "memorized captions", "captions": len(rows),
+              "own_objects": len(own), "own_objects_found": float(np.mean(own)),
+              "other_caption_objects": len(other), "other_caption_objects_found": float(np.mean(other))}
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write_text(RESULTS / f"bench_task_{args.name}.json", json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

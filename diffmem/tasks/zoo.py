@@ -191,12 +191,14 @@ class ZooTask(BenchTask):
 
         return load_labels(zoo_dir())
 
+    def memorized(self) -> list[MemorizedPrompt]:
+        """Every trained caption labelled memorized (signature and template kinds), with its item."""
+        return [MemorizedPrompt(r["caption"], int(r["item_id"])) for r in self._labels()
+                if r["memorized"] and r["kind"] in MEMORIZED_KINDS]
+
     def splits(self, seed: int, sizes: SplitSizes = SplitSizes()) -> TaskSplits:
-        labels = self._labels()
-        mem = [MemorizedPrompt(r["caption"], int(r["item_id"])) for r in labels
-               if r["memorized"] and r["kind"] in MEMORIZED_KINDS]
-        ordinary = [r["caption"] for r in labels if r["kind"] in ORDINARY_KINDS and not r["memorized"]]
-        return split_by_seed(mem, ordinary, seed, sizes)
+        ordinary = [r["caption"] for r in self._labels() if r["kind"] in ORDINARY_KINDS and not r["memorized"]]
+        return split_by_seed(self.memorized(), ordinary, seed, sizes)
 
     def build_index(self, model) -> TrainingIndex:
         return zoo_training_index(self.matcher)
