@@ -291,7 +291,7 @@ def tokenizer_rate(n: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- output
 def plot(record: dict[str, Any], path: Path) -> None:
     """Left: seconds against prompts (the command's wall and CPU time; the job loop and merge alone).
-    Right: the command's peak RSS against prompts (hollow: a run stopped before the end, at its prompts done)."""
+    Right: the command's RSS against the prompts it has scored, and its peak (hollow: a stopped run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,16 +316,19 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ax1.set_xlabel("prompts")
     ax1.set_ylabel("seconds")
     ax1.legend(fontsize=7)
-    if pts:
-        ax2.semilogx([p["prompts"] for p in pts], [p["peak_rss_mb"] for p in pts], "o-", color="C0",
-                     label="finished scan")
+    for i, p in enumerate(pts):  # RSS while the scan runs, against the prompts scored so far (parts x batch)
+        timeline = [(min(parts * record["batch_size"], p["prompts"]), rss) for _, parts, rss in p["rss_timeline"]
+                    if parts > 0]
+        if timeline:
+            ax2.plot(*zip(*timeline), ".-", color=f"C{i}", label=f"{p['prompts']:,}-prompt scan: RSS while running")
+        ax2.plot([p["prompts"]], [p["peak_rss_mb"]], "*", ms=10, color=f"C{i}", label=f"{p['prompts']:,}: peak RSS")
     for p in stopped:
-        ax2.semilogx([p["parts_written"] * record["batch_size"]], [p["peak_rss_mb"]], "o", mfc="none", color="C1",
-                     label=f"{p['prompts']}-prompt scan, stopped")
+        ax2.plot([p["parts_written"] * record["batch_size"]], [p["peak_rss_mb"]], "o", mfc="none", color="C1",
+                 label=f"{p['prompts']}-prompt scan, stopped")
     peaks = [p["peak_rss_mb"] for p in pts + stopped] or [1.0]
     ax2.set_ylim(0, max(peaks) * 1.3)
     ax2.set_xlabel("prompts scored")
-    ax2.set_ylabel("peak RSS of the command (MB)")
+    ax2.set_ylabel("RSS of the command (MB)")
     ax2.legend(fontsize=7)
     fig.suptitle(f"diffmem scan, noise-norm at {record['draws']} draws, zoo model, CPU "
                  f"({record['threads']} threads, 2 cores shared by 5 jobs)", fontsize=9)
