@@ -139,6 +139,8 @@ def _tables_module():
 
 @pytest.mark.parametrize("table, compact, page", [("detection", True, "README.md"),
                                                    ("detection", False, "docs/detectors.md"),
+                                                   ("detection-previous", False, "README.md"),
+                                                   ("detection-previous", False, "docs/detectors.md"),
                                                    ("bench", True, "README.md"),
                                                    ("bench", False, "docs/mitigation.md"),
                                                    ("extraction", False, "docs/extraction.md")])
