@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from diffmem.bench import BenchSettings
-    from diffmem.cli.demo import image_grid, stack, titled
+    from diffmem.images import image_grid, stack, titled
     from diffmem.io import atomic_write_text
     from diffmem.mitigators import make_mitigator
     from diffmem.models import load_model
