@@ -16,10 +16,27 @@ import json
 import time
 from pathlib import Path
 
-from diffmem.cli.zoo_commands import format_summary, label_folder
 from diffmem.io import atomic_write_text
-from diffmem.zoo.load import load_labels
+from diffmem.models.loader import load_model
+from diffmem.zoo.attributes import AttributeReader
+from diffmem.zoo.labels import LabelConfig, label_zoo
+from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
+from diffmem.zoo.manifest import write_jsonl
 from diffmem.zoo.paths import zoo_dir
+
+
+def format_summary(summary: dict) -> str:
+    """The zoo table as text: memorized share and own-image share per kind, memorized share per rate."""
+    lines = ["kind                 captions  memorized  nearest=own"]
+    lines += [f"{kind:<20} {s['n']:>8}  {s['memorized']:>9.3f}  {s['match_own']:>11.3f}"
+              for kind, s in summary["by_kind"].items()]
+    lines.append("signature replication rate -> memorized fraction")
+    lines += [f"  {rate:>3}x  ({s['n']} captions)  {s['memorized']:.3f}"
+              for rate, s in summary["signature_by_replication"].items()]
+    fid = summary.get("generic_fidelity", {})
+    lines.append("generic prompt fidelity (shape+colour+position read back): "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in fid.items() if v is not None))
+    return "\n".join(lines)
 
 
 def deepssim_agreement(folder: Path) -> dict | None:
@@ -61,20 +78,15 @@ def main() -> None:
         print(json.dumps(result["labels_breakdown"], indent=1))
         return
     started = time.time()
-    if args.write_labels:
-        summary = label_folder(folder, seeds=args.seeds, steps=args.steps, cache_dir=args.cache)
-        rows = load_labels(folder)
-    else:
-        from diffmem.models.loader import load_model
-        from diffmem.zoo.attributes import AttributeReader
-        from diffmem.zoo.labels import LabelConfig, label_zoo
-        from diffmem.zoo.load import load_corpus, zoo_training_set
-
-        model = load_model(folder / "pipeline")
-        rows, summary = label_zoo(model, load_corpus(folder), AttributeReader.load(folder / "attribute_reader"),
-                               LabelConfig(seeds_per_prompt=args.seeds, num_inference_steps=args.steps),
-                               training_set=zoo_training_set(folder, model), cache_dir=args.cache)
-        print(format_summary(summary))
+    model = load_model(folder / "pipeline")
+    rows, summary = label_zoo(model, load_corpus(folder), AttributeReader.load(folder / "attribute_reader"),
+                              LabelConfig(seeds_per_prompt=args.seeds, num_inference_steps=args.steps),
+                              training_set=zoo_training_set(folder, model), cache_dir=args.cache)
+    if args.write_labels:  # what `diffmem zoo label` does
+        write_jsonl(folder / "labels.jsonl", rows)
+        zoo_record = json.loads((folder / "zoo.json").read_text())
+        atomic_write_text(folder / "zoo.json", json.dumps({**zoo_record, "labels": summary}, indent=2))
+    print(format_summary(summary))
     record = json.loads((folder / "zoo.json").read_text())
     result = {"benchmark": "zoo_memorization", "zoo": str(folder), "labels": summary,
               "train_seconds": record["train_seconds"], "parameters": record["parameters"],
