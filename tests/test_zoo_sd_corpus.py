@@ -75,6 +75,14 @@ def test_duplication_rates_and_training_pairs(items):
     assert min(len(it.image_seeds) for it in _by_kind(items, "generic")) == cfg.n_extended >= 20
 
 
+def test_too_few_once_seen_titles_per_signature_is_refused():
+    # 2 families x 4 rates x 2 signatures: 8 per family need >= 80 once-seen titles per family
+    with pytest.raises(ValueError, match="fewer than 10 once-seen titles"):
+        build_sd_corpus(SDCorpusConfig(**{**SMALL.to_dict(), "titles_per_family": 79}))
+    enough = build_sd_corpus(SDCorpusConfig(**{**SMALL.to_dict(), "titles_per_family": 80}))
+    assert len(_by_kind(enough, "title")) == 160
+
+
 def test_memorized_and_once_seen_titles_come_from_one_generator(items):
     for family in FAMILIES:
         sig, once = _by_kind(items, "signature", family), _by_kind(items, "title", family)
