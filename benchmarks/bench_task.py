@@ -34,6 +34,10 @@ def run() -> None:
     parser.add_argument("--surrogates", choices=("model", "oracle"), default="model")
     parser.add_argument("--tune", action="append", default=[], help="METHOD.KEY=V1,V2 chosen on dev")
     parser.add_argument("--work", default=None, help="run folder (default: runs/bench_task_<name>)")
+    parser.add_argument("--size", action="append", default=None,
+                        help="SPLIT=N (default: test=24, ordinary_test=32: sized for a shared 2-core machine)")
+    parser.add_argument("--samples", default="2", help="generations per prompt (default: 2)")
+    parser.add_argument("--attack-prompts", default="8", help="test prompts under the re-trigger (default: 8)")
     parser.add_argument("--surrogates-only", action="store_true",
                         help="measure only the model-derived surrogates of each seed's fit split")
     parser.add_argument("--scene-check", action="store_true",
@@ -47,7 +51,9 @@ def run() -> None:
         return
     work = Path(args.work or f"runs/bench_task_{args.name}")
     argv = ["bench", "--out", str(work), "--mitigators", *args.methods, "--seeds", *args.seeds,
-            "--surrogates", args.surrogates, "--option", "retrigger.lr=0.01",
+            "--surrogates", args.surrogates, "--samples", args.samples, "--attack-prompts", args.attack_prompts,
+            *[f"--size={s}" for s in (args.size or ["test=24", "ordinary_test=32"])],
+            "--option", "retrigger.lr=0.01",
             "--option", "retrigger.max_relative_norm=0.3", *[f"--tune={t}" for t in args.tune]]
     if main(argv) != 0:
         raise SystemExit(f"diffmem bench failed; rerun the same command to resume ({work})")

@@ -14,9 +14,9 @@ Fidelity (share of generations that draw what the caption names), per caption fa
   square in the center on a gray background"): for every object the caption names, at least 25% of
   the pixels in a disc of radius 3 around its position must have the named colour (nearest colour of
   the palette, within distance 70 in 0-255 RGB); all objects must pass. Shape and background are not
-  read (the reader was trained on single objects, and scene backgrounds are textured). Checked on the
-  training images through the zoo's VAE: 94.6% of the named objects pass, 4.5% of objects named by
-  another scene's caption (``tests/test_bench_task.py`` pins this).
+  read (the reader was trained on single objects, and scene backgrounds are textured). How often it
+  finds the named objects in the training images through the zoo's VAE, and objects of another
+  caption: ``benchmarks/bench_task.py --scene-check``; ``tests/test_bench_task.py`` pins raw renders.
 
 ``oracle_surrogates`` draws fresh renders of a caption from its ground-truth spec: information no real
 checkpoint has, kept only as an ablation (``--surrogates oracle``), never the default.
