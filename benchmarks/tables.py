@@ -10,6 +10,7 @@ even on the binary value), 1 decimal for seconds, FID to the unit.
     .venv/bin/python benchmarks/tables.py bench [--compact]    # docs/mitigation.md, README
     .venv/bin/python benchmarks/tables.py extraction           # docs/extraction.md
     .venv/bin/python benchmarks/tables.py detection-previous   # rows the last detection run did not rescan
+    .venv/bin/python benchmarks/tables.py update-docs          # rewrite every quoted table after a rerun
 """
 
 from __future__ import annotations
@@ -127,11 +128,47 @@ def render(table: str, compact: bool = False, results: Path = RESULTS) -> list[s
     return rows(record, compact) if table != "extraction" else rows(record)
 
 
+# page -> (header of the table's first line, table, compact) for every table a page quotes
+PAGES = {"README.md": [("| detector | AUROC", "detection", True),
+                       ("| detector (previous run)", "detection-previous", False),
+                       ("| method | acts at", "bench", True)],
+         "docs/detectors.md": [("| detector | AUROC", "detection", False),
+                               ("| detector (previous run)", "detection-previous", False)],
+         "docs/mitigation.md": [("| method | acts at", "bench", False)],
+         "docs/extraction.md": [("| attack | AUROC", "extraction", False)]}
+
+
+def update_pages(root: Path = RESULTS.parents[1]) -> list[str]:
+    """Rewrite every quoted table in place from its results file (the text around the tables is left to you:
+    check the figures it quotes). Returns the pages changed."""
+    changed = []
+    for page, blocks in PAGES.items():
+        path = root / page
+        lines = path.read_text().split("\n")
+        for header, table, compact in blocks:
+            start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
+            if start is None:
+                continue
+            end = start
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            lines[start:end] = render(table, compact)
+        text = "\n".join(lines)
+        if text != path.read_text():
+            path.write_text(text)
+            changed.append(page)
+    return changed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("table", choices=sorted(TABLES))
+    parser.add_argument("table", choices=[*sorted(TABLES), "update-docs"],
+                        help="a table to print, or update-docs: rewrite every quoted table in README and docs/")
     parser.add_argument("--compact", action="store_true", help="the README's shorter form")
     args = parser.parse_args()
+    if args.table == "update-docs":
+        print("updated:", update_pages() or "nothing")
+        return
     print("\n".join(render(args.table, args.compact)))
 
 
