@@ -36,7 +36,9 @@ from diffmem.eval.detection import threshold_at_fpr
 CALIBRATION_FILE = "calibration.json"
 COMBINED_RULE = "min-p"
 # scan settings that change scores (batch size does not)
-SCORE_SETTINGS = ("n_draws", "seed", "schedule_steps")
+SCORE_SETTINGS = ("n_draws", "seed", "schedule_steps", "seed_per_prompt")
+# the value a provenance without the key was made with (shared draws before --seed-per-prompt existed)
+SETTING_DEFAULTS: dict[str, Any] = {"seed_per_prompt": False}
 
 
 @dataclass
@@ -113,7 +115,9 @@ def calibration_mismatches(cal: Calibration, scan_provenance: dict[str, Any], na
             keys = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
             out.append(f"detector {name} settings {keys}")
     for key in SCORE_SETTINGS:
-        a, b = cal.provenance.get("settings", {}).get(key), scan_provenance.get("settings", {}).get(key)
+        default = SETTING_DEFAULTS.get(key)  # a calibration older than the setting ran with its default
+        a = cal.provenance.get("settings", {}).get(key, default)
+        b = scan_provenance.get("settings", {}).get(key, default)
         if a != b:
             out.append(f"{'draws' if key == 'n_draws' else key} {b} (calibrated with {a})")
     return out

@@ -81,7 +81,7 @@ def test_calibration_records_model_detectors_and_draws(calibration, tiny_sd_fold
     record = json.loads(calibration[0].read_text())
     assert record["model_fingerprint"] == load_model(tiny_sd_folder).fingerprint
     assert [d["name"] for d in record["detectors"]] == ["noise-norm", "anisotropy"]
-    assert record["settings"] == {"n_draws": 1, "seed": 0, "schedule_steps": 50}
+    assert record["settings"] == {"n_draws": 1, "seed": 0, "schedule_steps": 50, "seed_per_prompt": False}
     assert record["noise_seeds"] == [0] and len(record["scores"]["noise-norm"]) == len(ORDINARY)
 
 
@@ -119,3 +119,16 @@ def test_calibration_of_another_model_or_other_settings_is_refused(calibration, 
     assert main([*base, "--model", str(tiny_sd_v_folder), "--draws", "1", "--out", str(tmp_path / "c"),
                  "--accept-calibration-mismatch"]) == 0
     assert "its FPR does not hold" in caplog.text
+
+
+def test_seeding_convention_is_a_calibration_setting():
+    from diffmem.calibration import calibration_mismatches
+
+    model = {"fingerprint": "abc"}
+    shared = {"model": model, "detectors": [], "settings": {"n_draws": 4, "seed": 0, "schedule_steps": 50}}
+    cal = Calibration(scores={"noise-norm": np.zeros(3)}, provenance=shared)
+    # a calibration written before the setting existed ran with shared draws: same as seed_per_prompt=False
+    same = {**shared, "settings": {**shared["settings"], "seed_per_prompt": False}}
+    assert calibration_mismatches(cal, same, ["noise-norm"]) == []
+    per_prompt = {**shared, "settings": {**shared["settings"], "seed_per_prompt": True}}
+    assert calibration_mismatches(cal, per_prompt, ["noise-norm"]) == ["seed_per_prompt True (calibrated with False)"]

@@ -29,37 +29,25 @@ class Parser(argparse.ArgumentParser):
                           help="no progress bars, weight-loading bars or library warnings (default: off)")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
+def _checked_number(parse, accept, expected: str):
+    """An argparse type: ``parse(text)`` kept when ``accept(value)``, else one line saying what was expected."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value:g}")
+        return value
+
+    convert.__name__ = parse.__name__  # argparse names the type in its messages
+    return convert
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
-
-
-def open_unit_float(text: str) -> float:
-    """argparse type: a float strictly between 0 and 1 (a false-positive rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected 0 < value < 1 (a false-positive rate), got {value:g}")
-    return value
+positive_int = _checked_number(int, lambda v: v >= 1, "a whole number >= 1")
+non_negative_int = _checked_number(int, lambda v: v >= 0, "a whole number >= 0")
+open_unit_float = _checked_number(float, lambda v: 0 < v < 1, "0 < value < 1 (a false-positive rate)")
 
 
 def add_force(p: argparse.ArgumentParser) -> None:
