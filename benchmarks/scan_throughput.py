@@ -179,7 +179,7 @@ def main() -> None:
         atomic_write_text(out, json.dumps(record, indent=2))
         print(json.dumps(record["cli"], indent=2))
         return
-    from diffmem.cli.scan_commands import zoo_prompts
+    from diffmem.zoo.prompts import zoo_prompts
 
     texts = zoo_prompts().texts[: args.prompts]
     results = measure(model, texts, args.draws, args.batch_size, args.naive, args.repeats)

@@ -71,10 +71,11 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"\ngrid: {out / 'grid.png'}  provenance: {out / 'provenance.json'}")
     if args.no_report:
         return
-    from diffmem.cli.scan_commands import print_summary, zoo_prompts, zoo_reference_prompts
+    from diffmem.cli.scan_commands import print_summary
     from diffmem.detectors import make_detector
     from diffmem.report import build_report
     from diffmem.scan import ScanSettings, run_scan
+    from diffmem.zoo.prompts import zoo_prompts, zoo_reference_prompts
 
     prompts = zoo_prompts(max_negatives_per_kind=200).evenly(args.scan_prompts)
     print(f"\nscanning {len(prompts)} zoo captions (memorized and not, evenly spaced) with noise-norm and "

@@ -40,12 +40,13 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
 def run_extract_command(args: argparse.Namespace) -> None:
     from diffmem.attacks import make_attack
     from diffmem.cli.options import parse_scoped_options, resolve_device
-    from diffmem.cli.scan_commands import first_n, with_mitigation, zoo_prompts
+    from diffmem.cli.scan_commands import first_n, with_mitigation
     from diffmem.extract import ExtractSettings, folder_training_index, run_extract
     from diffmem.models.loader import load_model
     from diffmem.outputs import check_output_dir, claim_output_dir
     from diffmem.prompts import load_prompts
     from diffmem.tasks.zoo import zoo_own_items, zoo_training_index
+    from diffmem.zoo.prompts import zoo_prompts
 
     # checked before the model loads; a failure writes nothing
     device = resolve_device(args.device)

@@ -13,12 +13,12 @@ from diffmem.errors import DiffmemError
 
 def run_mitigate(args: argparse.Namespace) -> None:
     from diffmem.cli.options import resolve_device
-    from diffmem.cli.scan_commands import zoo_reference_prompts
     from diffmem.mitigators import make_mitigator
     from diffmem.mitigators.base import MITIGATION_FILE, InferenceMitigator
     from diffmem.models.loader import load_model
     from diffmem.outputs import check_output_dir
     from diffmem.prompts import load_prompts
+    from diffmem.zoo.prompts import zoo_reference_prompts
 
     # everything checked before the model loads; nothing is written until the result is complete
     device = resolve_device(args.device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from diffmem.calibration import CALIBRATION_FILE
 from diffmem.errors import DiffmemError
 from diffmem.io import atomic_write_text
 from diffmem.jobs import write_parquet
+from diffmem.zoo.prompts import zoo_prompts, zoo_reference_prompts  # noqa: F401  (re-exported for the CLI)
 
 
 def add_scan_args(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -46,46 +46,6 @@ def add_scan_args(p: argparse.ArgumentParser, default_out: str) -> None:
                    help="a detector setting, e.g. nn-margin.index=/data/train_images or "
                         "'combined.members=[\"nn-margin\",\"sharpness\"]' (values parsed as JSON when they parse; "
                         "repeatable; default: none)")
-
-
-def zoo_prompts(max_negatives_per_kind: int | None = None, exclude: set[str] | frozenset[str] = frozenset()):
-    """The zoo's captions with their kind, replication rate and extracted label.
-
-    With ``max_negatives_per_kind``: every memorized caption, and per kind at most that many evenly spaced
-    non-memorized ones (a stratified set for benchmarks and the demo); captions in ``exclude`` (e.g. the
-    reference prompts a calibrated detector standardises on) are left out.
-    """
-    from diffmem.prompts import PromptSet
-    from diffmem.zoo.load import load_labels
-    from diffmem.zoo.paths import zoo_dir
-
-    rows = [r for r in load_labels(zoo_dir()) if r["caption"] not in exclude]
-    if max_negatives_per_kind is not None:
-        keep = [r for r in rows if r["memorized"]]
-        for kind in sorted({r["kind"] for r in rows}):
-            negatives = [r for r in rows if r["kind"] == kind and not r["memorized"]]
-            step = max(1, -(-len(negatives) // max_negatives_per_kind))
-            keep += negatives[::step][:max_negatives_per_kind]
-        chosen = {r["item_id"] for r in keep}
-        rows = [r for r in rows if r["item_id"] in chosen]
-    return PromptSet(ids=[str(r["item_id"]) for r in rows], texts=[r["caption"] for r in rows],
-                     source=f"zoo:{zoo_dir()}", columns={"kind": [r["kind"] for r in rows],
-                                                         "replication": [r["replication"] for r in rows],
-                                                         "memorized": [r["memorized"] for r in rows],
-                                                         "family": [r["family"] for r in rows]})
-
-
-def zoo_reference_prompts(n: int = 200) -> list[str]:
-    """Ordinary reference prompts: trained zoo captions of both families (single objects and scenes) that
-    the labels call not memorized, every 5th of each, alternating between the families (first n)."""
-    from diffmem.zoo.load import load_labels
-    from diffmem.zoo.paths import zoo_dir
-
-    rows = load_labels(zoo_dir())
-    families = [[r["caption"] for r in rows if r["kind"] == kind and not r["memorized"]][::5]
-                for kind in ("generic", "generic_scene")]
-    mixed = [c for pair in itertools.zip_longest(*families) for c in pair if c is not None]
-    return mixed[:n]
 
 
 def _detectors(args: argparse.Namespace):

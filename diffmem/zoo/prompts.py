@@ -1,7 +1,7 @@
 """Prompt sets built from the zoo's labels: the benchmark set and the ordinary reference prompts.
 
-Library copies of the builders the CLI uses (``diffmem.cli.scan_commands``), so that benchmarks and
-library code never import the command line. The two must give the same prompts (tested).
+The one definition of these builders: the CLI (scan, extract, mitigate, demo) and the benchmarks import
+them from here, so library code and benchmarks never import the command line.
 """
 
 from __future__ import annotations
