@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", action="append", default=None, metavar="SPLIT=N",
                        help="split size, SPLIT in fit, dev, test, ordinary_fit, ordinary_dev, ordinary_test "
                             "(repeatable; default: 40, 24, 40, 128, 32, 64)")
-    bench.add_argument("--samples", type=int, default=3, help="generations per prompt (default: 3)")
+    bench.add_argument("--samples", type=positive_int, default=3, help="generations per prompt (default: 3)")
     bench.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default: 25)")
     bench.add_argument("--attack-prompts", type=positive_int, default=16,
                        help="test prompts under the re-trigger attack (default: 16)")
