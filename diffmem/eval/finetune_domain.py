@@ -1,0 +1,182 @@
+"""A fine-tuning set with a purpose, and the extraction measure that goes with it.
+
+Memorization-aware fine-tuning (MemControl, Dutt et al., WACV 2025) is only meaningful when the
+fine-tuning set has something to *learn*: otherwise the method that changes the model least wins
+every comparison. A :class:`DomainFinetuneSet` therefore has two parts:
+
+- **learnt** captions of a domain the base model has not seen, each with several fresh training
+  images, plus held-out images of the same captions (split into ``dev`` and ``test`` captions) on which
+  a quality term (:func:`diffmem.eval.quality.heldout_denoising_loss`) measures what was learnt;
+- **duplicated** identifier-like captions (titles), each with one image repeated ``copies`` times: the
+  part that tempts memorization (Somepalli et al. 2023: duplicated image-caption pairs are what gets
+  memorized), split into ``dev`` and ``test`` titles so that a search can be steered on one half and
+  reported on the other.
+
+:func:`build_sd_domain_set` fills it from the SD-like zoo corpus (:mod:`diffmem.zoo.sd_corpus`), whose
+"painting"/"poster" scenes and under-specified captions ("a poster of a blue cross") the shipped zoo
+never trained on. :func:`title_extraction` is the memorization measure: the share of generations of
+a title whose nearest fine-tuning image is that title's own image, above a similarity threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from diffmem.eval.similarity import ssim_pairs
+
+SPLITS: tuple[str, ...] = ("dev", "test")
+
+
+@dataclass
+class DomainFinetuneSet:
+    """Captions and uint8 ``(N, H, W, 3)`` images of one fine-tuning set (see the module docstring).
+
+    ``learn_split[i]`` / ``title_split[j]`` say whether learnt caption ``i`` / title ``j`` belongs to
+    ``dev`` or ``test``; ``train_images[i]`` are caption ``i``'s fine-tuning images and
+    ``heldout_images[i]`` its held-out ones; every title is trained ``copies`` times on its one image.
+    """
+
+    learn_captions: list[str]
+    learn_split: list[str]
+    train_images: np.ndarray  # (n_captions, n_train, H, W, 3)
+    heldout_images: np.ndarray  # (n_captions, n_heldout, H, W, 3)
+    titles: list[str]
+    title_split: list[str]
+    title_images: np.ndarray  # (n_titles, H, W, 3)
+    copies: int
+    config: dict = field(default_factory=dict)
+
+    def training_examples(self) -> tuple[list[str], np.ndarray]:
+        """Every (caption, image) of one epoch, duplicates repeated: learnt images first, then titles."""
+        n, k = self.train_images.shape[:2]
+        captions = [c for c in self.learn_captions for _ in range(k)]
+        captions += [t for t in self.titles for _ in range(self.copies)]
+        images = np.concatenate([self.train_images.reshape(n * k, *self.train_images.shape[2:]),
+                                 np.repeat(self.title_images, self.copies, axis=0)])
+        return captions, images
+
+    def unique_training_images(self) -> tuple[np.ndarray, np.ndarray]:
+        """(images, owner): each distinct fine-tuning image once; ``owner`` is its title's index, -1 for a
+        learnt image (the index extraction searches)."""
+        n, k = self.train_images.shape[:2]
+        images = np.concatenate([self.train_images.reshape(n * k, *self.train_images.shape[2:]), self.title_images])
+        owner = np.concatenate([np.full(n * k, -1), np.arange(len(self.titles))])
+        return images, owner
+
+    def heldout(self, split: str) -> tuple[list[str], np.ndarray]:
+        """(captions, images) of the held-out images of the learnt captions in ``split``."""
+        _check_split(split)
+        rows = [i for i, s in enumerate(self.learn_split) if s == split]
+        k = self.heldout_images.shape[1]
+        return ([self.learn_captions[i] for i in rows for _ in range(k)],
+                self.heldout_images[rows].reshape(len(rows) * k, *self.heldout_images.shape[2:]))
+
+    def title_indices(self, split: str) -> list[int]:
+        """Indices of the titles in ``split``."""
+        _check_split(split)
+        return [j for j, s in enumerate(self.title_split) if s == split]
+
+    def summary(self) -> dict:
+        """Sizes for a results file."""
+        n_examples = len(self.train_images) * self.train_images.shape[1] + len(self.titles) * self.copies
+        return {"learnt_captions": len(self.learn_captions),
+                "train_images_per_caption": int(self.train_images.shape[1]),
+                "heldout_images_per_caption": int(self.heldout_images.shape[1]),
+                "learnt_captions_per_split": {s: self.learn_split.count(s) for s in SPLITS},
+                "duplicated_titles": len(self.titles),
+                "titles_per_split": {s: self.title_split.count(s) for s in SPLITS},
+                "copies": self.copies, "examples_per_epoch": n_examples,
+                "duplicated_share": round(len(self.titles) * self.copies / n_examples, 4),
+                "config": self.config}
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` to float ``(N, 3, H, W)`` in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def build_sd_domain_set(seed: int = 0, n_train: int = 8, n_heldout: int = 4, titles_per_family: int = 8,
+                        copies: int = 32, styles: tuple[str, ...] | None = None) -> DomainFinetuneSet:
+    """A new-domain fine-tuning set from the SD-like zoo corpus, a pure function of its arguments.
+
+    Learnt captions: every ``style x colour x shape`` caption of the SD-like grammar ("a painting of a
+    red circle"); each names three factors and leaves background, texture or band, position, size and
+    the small objects to chance, so its ``n_train`` + ``n_heldout`` images are independent draws (the
+    domain has to be learnt, not copied). Half of the captions of each style are ``dev``, half ``test``.
+    Titles: ``titles_per_family`` fresh titles per style family ("quiet harbor by mira kessel",
+    "silent river poster, lisbon 1987") from the corpus's title generator, each with one image of its
+    family, alternately ``dev`` and ``test``; each trained ``copies`` times.
+    """
+    from diffmem.zoo.corpus import COLORS, SHAPES
+    from diffmem.zoo.sd_corpus import STYLES, Named, describe, render_scene, sample_scene, title
+
+    if n_train < 1 or n_heldout < 1 or titles_per_family < 2 or copies < 1:
+        raise ValueError("build_sd_domain_set needs n_train >= 1, n_heldout >= 1, titles_per_family >= 2 "
+                         "(one dev and one test title per family) and copies >= 1")
+    styles = tuple(styles or STYLES)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 12]))
+
+    def seeds(n: int) -> list[int]:
+        return [int(s) for s in rng.integers(2**31, size=n)]
+
+    named = [Named(style=st, color=c, shape=sh) for st in styles for c in COLORS for sh in SHAPES]
+    split = [""] * len(named)
+    for st in styles:
+        rows = [i for i, n in enumerate(named) if n.style == st]
+        order = rng.permutation(len(rows))
+        for rank, r in enumerate(order):
+            split[rows[int(r)]] = SPLITS[0] if rank < len(rows) // 2 else SPLITS[1]
+    train, heldout = [], []
+    for n in named:
+        s = seeds(n_train + n_heldout)
+        imgs = [render_scene(sample_scene(n, x)) for x in s]
+        train.append(np.stack(imgs[:n_train]))
+        heldout.append(np.stack(imgs[n_train:]))
+    titles, title_split, title_images, used = [], [], [], set()
+    for family in styles:
+        k = 0
+        while k < titles_per_family:
+            caption, _ = title(family, rng)
+            if caption in used:
+                continue
+            used.add(caption)
+            titles.append(caption)
+            title_split.append(SPLITS[k % 2])
+            title_images.append(render_scene(sample_scene(Named(style=family), seeds(1)[0])))
+            k += 1
+    return DomainFinetuneSet([describe(n) for n in named], split, np.stack(train), np.stack(heldout), titles,
+                             title_split, np.stack(title_images), copies,
+                             {"source": "diffmem.zoo.sd_corpus", "seed": seed, "n_train": n_train,
+                              "n_heldout": n_heldout, "titles_per_family": titles_per_family, "copies": copies,
+                              "styles": list(styles)})
+
+
+def title_extraction(generations: torch.Tensor, owner: list[int] | torch.Tensor, index: torch.Tensor,
+                     index_owner: list[int] | torch.Tensor, threshold: float) -> dict:
+    """Share of generations that reproduce their own fine-tuning image.
+
+    ``generations[i]`` was drawn for title ``owner[i]``; ``index`` holds every distinct fine-tuning image
+    (as the model's VAE returns it, so that a perfect copy can score 1) and ``index_owner`` the title
+    each belongs to (-1 for images of no title). A generation counts as extracted when its SSIM-nearest
+    index image is its own title's image and that SSIM exceeds ``threshold``. Returns ``share``, the
+    per-generation ``nearest_own`` flags and ``own_ssim`` (SSIM to its own image, for the distribution).
+    """
+    owner = torch.as_tensor(owner)
+    index_owner = torch.as_tensor(index_owner)
+    if len(generations) != len(owner):
+        raise ValueError(f"{len(generations)} generations but {len(owner)} owners")
+    n, m = len(generations), len(index)
+    sim = ssim_pairs(generations.repeat_interleave(m, 0), index.repeat(n, 1, 1, 1)).view(n, m)
+    best, arg = sim.max(1)
+    own = torch.stack([sim[i, index_owner == owner[i]].max() for i in range(n)])
+    hit = (index_owner[arg] == owner) & (best > threshold)
+    return {"share": float(hit.float().mean()) if n else 0.0, "extracted": hit.tolist(),
+            "own_ssim": [round(float(v), 4) for v in own]}
