@@ -1,5 +1,5 @@
 """MemControl (Dutt et al., WACV 2025): choose *which* parameters to fine-tune so that fine-tuning on
-data with duplicated items does not memorize them.
+data with duplicated items learns the data without memorizing the duplicates.
 
 Setting: a base model is fine-tuned on new data in which a subset is repeated many times. The search
 space is a per-block on/off mask over the UNet's transformer blocks (down, mid, up) for one
@@ -8,17 +8,25 @@ parameter-efficient family, plus the learning rate:
 - ``attention``: LoRA (peft, rank ``lora_rank``) on the attention projections of the selected blocks;
 - ``bias-norm``: biases and normalisation weights of the selected blocks.
 
-Bi-level search: the outer loop (Optuna, multi-objective TPE) proposes a mask and learning rate;
-the inner loop fine-tunes for ``steps`` steps and measures memorization (first-step noise-norm of the
-duplicated captions, mean) and quality (prompt fidelity of generic captions, zoo attribute reader).
-The chosen configuration is the Pareto-optimal trial with the lowest memorization whose fidelity is
-within ``fidelity_tolerance`` of the best trial's. Reported beside it: full fine-tuning and plain LoRA
-(all blocks) with the same steps, and the fraction of parameters each tunes.
+Bi-level search, as the paper frames it: the outer loop (Optuna, multi-objective TPE) proposes a mask
+and learning rate; the inner loop fine-tunes for ``steps`` steps and the caller's ``evaluate`` returns
+two rewards, a **memorization** term on the duplicated subset (lower is better; the paper uses the
+first-step noise norm, :func:`noise_norm_memorization`; an extraction share works too) and a
+**quality** term (higher is better; the paper uses FID; on a fine-tuning set with a new domain, the
+relative drop of the held-out denoising loss, :func:`diffmem.eval.quality.heldout_denoising_loss`).
+
+Which Pareto point to ship is this module's rule, :func:`select_trial`: the trial that learns most
+among those whose memorization stays within ``memorization_budget``; if none does, the trial that
+memorizes least. A trial that learns without memorizing therefore always outranks one that learns
+more by memorizing, and among non-memorizing trials the one that changed the model least does not win
+by default (the failure of a quality term that only measures preservation).
 """
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,9 +114,44 @@ def finetune(base: DiffusionModel, data: FinetuneData, family: str, blocks: list
     return model, n_tuned
 
 
+def as_scores(result: tuple[float, float] | Mapping[str, float]) -> dict[str, float]:
+    """An ``evaluate`` result as a dict with ``memorization`` and ``quality`` (plus any extra figures)."""
+    if isinstance(result, Mapping):
+        missing = {"memorization", "quality"} - set(result)
+        if missing:
+            raise DiffmemError(f"evaluate() must return 'memorization' and 'quality'; missing {sorted(missing)}")
+        return {k: float(v) for k, v in result.items()}
+    memorization, quality = result
+    return {"memorization": float(memorization), "quality": float(quality)}
+
+
+def trial_rank(trial: Mapping[str, Any], memorization_budget: float) -> tuple[int, float, float]:
+    """Sort key of :func:`select_trial` (smaller ranks first).
+
+    Within the budget: more quality first, then fewer tuned parameters. Over the budget: always after
+    every trial within it, less memorization first.
+    """
+    tuned = float(trial.get("tuned_fraction", 0.0))
+    if trial["memorization"] <= memorization_budget:
+        return (0, -float(trial["quality"]), tuned)
+    return (1, float(trial["memorization"]), -float(trial["quality"]))
+
+
+def select_trial(history: list[dict[str, Any]], memorization_budget: float) -> dict[str, Any]:
+    """The trial to ship: best quality with memorization <= ``memorization_budget``, else least memorization."""
+    if not history:
+        raise DiffmemError("no trials to select from")
+    return min(history, key=lambda h: trial_rank(h, memorization_budget))
+
+
 @dataclass
 class MemControlSearch:
-    """The bi-level search; ``evaluate(model) -> (memorization, fidelity)`` is supplied by the caller."""
+    """The bi-level search; ``evaluate(model)`` is supplied by the caller and returns
+    ``(memorization, quality)`` or a dict with those keys (extra keys are recorded with the trial).
+
+    ``memorization_budget`` is in the unit of the caller's memorization term (a share of extracted
+    generations: 0.05 is the issue's 5% target).
+    """
 
     family: str = "attention"
     trials: int = 8
@@ -116,11 +159,12 @@ class MemControlSearch:
     batch: int = 32
     lora_rank: int = 4
     lr_range: tuple[float, float] = (1e-4, 3e-3)
-    fidelity_tolerance: float = 0.02
+    memorization_budget: float = 0.05
     seed: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def run(self, base: DiffusionModel, data: FinetuneData, evaluate) -> dict[str, Any]:
+    def run(self, base: DiffusionModel, data: FinetuneData,
+            evaluate: Callable[[DiffusionModel], tuple[float, float] | Mapping[str, float]]) -> dict[str, Any]:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -131,20 +175,19 @@ class MemControlSearch:
             mask = [trial.suggest_categorical(b, [False, True]) for b in blocks]
             chosen = [b for b, on in zip(blocks, mask) if on] or [blocks[-1]]
             lr = trial.suggest_float("lr", *self.lr_range, log=True)
+            start = time.perf_counter()
             model, n = finetune(base, data, self.family, chosen, lr, self.steps, self.batch, self.lora_rank,
                                 self.seed)
-            mem, fid_ = evaluate(model)
-            self.history.append({"trial": trial.number, "blocks": chosen, "lr": lr, "memorization": mem,
-                                 "fidelity": fid_, "tuned_fraction": n / total})
-            return mem, fid_
+            scores = as_scores(evaluate(model))
+            self.history.append({"trial": trial.number, "blocks": chosen, "lr": lr, **scores,
+                                 "tuned_fraction": n / total, "seconds": round(time.perf_counter() - start, 1)})
+            return scores["memorization"], scores["quality"]
 
         study = optuna.create_study(directions=["minimize", "maximize"],
                                     sampler=optuna.samplers.TPESampler(seed=self.seed))
         study.optimize(objective, n_trials=self.trials)
-        best_fid = max(h["fidelity"] for h in self.history)
-        ok = [h for h in self.history if h["fidelity"] >= best_fid - self.fidelity_tolerance]
-        chosen = min(ok, key=lambda h: h["memorization"])
-        return {"chosen": chosen, "trials": self.history,
+        chosen = select_trial(self.history, self.memorization_budget)
+        return {"chosen": chosen, "trials": self.history, "memorization_budget": self.memorization_budget,
                 "pareto": [t.number for t in study.best_trials], "unet_parameters": total}
 
 
