@@ -10,7 +10,9 @@ generation, so it cannot learn a denoiser's mistakes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,10 +33,18 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 
 
 class AttributeReader(nn.Module):
-    """Images in [0, 1], ``(N, 3, 32, 32)`` -> logits per attribute."""
+    """Images in [0, 1], ``(N, 3, 32, 32)`` -> logits per attribute.
 
-    def __init__(self, width: int = 32):
+    ``attributes`` (name -> values, one head each) defaults to ``default_attributes``: the collapse corpus's; a reader
+    of another corpus is a subclass that only sets it (:class:`diffmem.zoo.sd_attributes.SDAttributeReader`).
+    :meth:`load` rebuilds the heads saved with the weights, so any reader folder loads through this class.
+    """
+
+    default_attributes: ClassVar[dict[str, tuple[str, ...]]] = ATTRIBUTES
+
+    def __init__(self, width: int = 32, attributes: dict[str, tuple[str, ...]] | None = None):
         super().__init__()
+        self.attributes = {k: tuple(v) for k, v in (attributes or self.default_attributes).items()}
         self.features = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
@@ -42,7 +52,7 @@ class AttributeReader(nn.Module):
             nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.ReLU(),
             nn.Flatten(), nn.Linear(4 * width * 16, 256), nn.ReLU(),
         )
-        self.heads = nn.ModuleDict({name: nn.Linear(256, len(values)) for name, values in ATTRIBUTES.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(256, len(values)) for name, values in self.attributes.items()})
         self.width = width
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -53,10 +63,10 @@ class AttributeReader(nn.Module):
     def read(self, images: torch.Tensor, batch_size: int = 512) -> dict[str, list[str]]:
         """The most likely value of each attribute for each image."""
         self.eval()
-        out: dict[str, list[str]] = {name: [] for name in ATTRIBUTES}
+        out: dict[str, list[str]] = {name: [] for name in self.attributes}
         for i in range(0, len(images), batch_size):
             logits = self(images[i : i + batch_size].float())
-            for name, values in ATTRIBUTES.items():
+            for name, values in self.attributes.items():
                 out[name].extend(values[j] for j in logits[name].argmax(1).tolist())
         return out
 
@@ -64,13 +74,13 @@ class AttributeReader(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps({"width": self.width, "attributes": ATTRIBUTES}, indent=2))
+        (folder / "config.json").write_text(json.dumps({"width": self.width, "attributes": self.attributes}, indent=2))
 
     @classmethod
     def load(cls, folder: str | Path) -> AttributeReader:
         folder = Path(folder)
         cfg = json.loads((folder / "config.json").read_text())
-        model = cls(width=cfg["width"])
+        model = cls(width=cfg["width"], attributes=cfg.get("attributes"))
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
         return model.eval()
 
@@ -96,25 +106,35 @@ def _degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x + 0.04 * torch.rand(len(x), 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)).clamp(0, 1)
 
 
-def train_attribute_reader(seed: int, steps: int, batch: int, vae=None) -> AttributeReader:
-    """Train the reader on fresh renders (a new batch each step, so it cannot overfit)."""
+Batch = Callable[[np.random.Generator, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def fit_reader(reader_type: type[AttributeReader], sample: Batch, seed: int, steps: int, batch: int,
+               vae=None, desc: str = "zoo: attribute reader") -> AttributeReader:
+    """Train a reader of ``reader_type`` on fresh renders from ``sample(rng, n)`` (images in [0, 1] and value
+    indices per attribute; a new batch each step, so it cannot overfit), half of each batch through ``vae``."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 3])
     g = torch.Generator().manual_seed(seed)
-    reader = AttributeReader()
+    reader = reader_type()
     opt = torch.optim.AdamW(reader.parameters(), lr=2e-3)
-    for _ in tqdm(range(steps), desc="zoo: attribute reader", dynamic_ncols=True):
-        x, y = random_generic_batch(rng, batch)
+    for _ in tqdm(range(steps), desc=desc, dynamic_ncols=True):
+        x, y = sample(rng, batch)
         if vae is not None:
             half = batch // 2
             with torch.no_grad():
                 x[:half] = ((vae.decode(vae.encode(x[:half] * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
         logits = reader(_degrade(x, g))
-        loss = sum(F.cross_entropy(logits[k], y[k]) for k in ATTRIBUTES)
+        loss = sum(F.cross_entropy(logits[k], y[k]) for k in reader.attributes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return reader.eval()
+
+
+def train_attribute_reader(seed: int, steps: int, batch: int, vae=None) -> AttributeReader:
+    """Train the collapse corpus's reader on fresh renders of its single-object grammar."""
+    return fit_reader(AttributeReader, random_generic_batch, seed, steps, batch, vae)
 
 
 def attribute_accuracy(reader: AttributeReader, images: torch.Tensor, objects: list[ZooObject],
