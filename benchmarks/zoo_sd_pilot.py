@@ -28,24 +28,7 @@ from diffmem.io import atomic_write_text
 from diffmem.zoo.architecture import ArchitectureConfig
 from diffmem.zoo.build import TrainConfig, TrainingImages, ZooConfig, train_denoiser
 from diffmem.zoo.gate import load_zoo_vae
-from diffmem.zoo.sd_corpus import SDCorpusConfig, SDItem, build_sd_corpus, render_sd_item, sd_training_pairs
-
-
-class SDTrainingImages(TrainingImages):
-    """:class:`TrainingImages` (unique images, the epoch's duplicated index list) for the SD-like corpus."""
-
-    def __init__(self, items: list[SDItem]):  # noqa: D107 - same fields as the parent's
-        self.items = items
-        pairs = sd_training_pairs(items)
-        keys: dict[tuple[int, int], int] = {}
-        images = []
-        for p in pairs:
-            if p not in keys:
-                keys[p] = len(images)
-                images.append(render_sd_item(items[p[0]], p[1]))
-        self.pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        self.image_of_pair = np.array([keys[p] for p in pairs], dtype=np.int64)
-        self.item_of_pair = np.array([p[0] for p in pairs], dtype=np.int64)
+from diffmem.zoo.sd_corpus import SDCorpusConfig, build_sd_corpus, render_sd_item
 
 
 def pairwise_ssim(block: torch.Tensor) -> float:
@@ -72,10 +55,11 @@ def main() -> None:
         corpus = SDCorpusConfig(n_base=4, n_extended=1, titles_per_family=40, signatures_per_rate=1,
                                 heldout_signature_per_family=4, template_groups_per_family=1)
     items = build_sd_corpus(corpus)
-    data = SDTrainingImages(items)
+    data = TrainingImages.for_corpus("sd", items)
     arch = ArchitectureConfig(unet_channels=(32, 64, 64), text_width=64)
-    cfg = ZooConfig(seed=0, arch=arch, train=TrainConfig(unet_steps=args.steps, unet_batch=args.batch,
-                                                         warmup_steps=50, checkpoint_every=50))
+    cfg = ZooConfig(seed=0, corpus=corpus, arch=arch,
+                    train=TrainConfig(unet_steps=args.steps, unet_batch=args.batch, warmup_steps=50,
+                                      checkpoint_every=50))
     vae = load_zoo_vae()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

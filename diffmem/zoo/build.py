@@ -1,28 +1,37 @@
-"""Train the memorization zoo: VAE, then text encoder + UNet, then the attribute reader.
+"""Train the memorization zoo: VAE, then text encoder + UNet, then the attribute reader and DeepSSIM.
 
-Resumable: each stage checkpoints to ``work_dir`` atomically every ``checkpoint_every`` steps, and the
-batch and noise of step ``k`` are pure functions of ``(seed, k)``, so an interrupted build resumed from
-its checkpoint follows the same trajectory as an uninterrupted one (up to floating-point noise).
+One build trains on one corpus, named in its config (:data:`CORPORA`): ``collapse``
+(:mod:`diffmem.zoo.corpus`, the shipped zoo's, every factor of an ordinary image named) or ``sd``
+(:mod:`diffmem.zoo.sd_corpus`, under-specified captions, memorization only by duplication; its defaults
+are :func:`sd_zoo_config`, see docs/zoo-sd.md). Resumable: each stage checkpoints to ``work_dir``
+atomically every ``checkpoint_every`` steps, and the batch and noise of step ``k`` are pure functions of
+``(seed, k)``, so an interrupted build resumed from its checkpoint follows the same trajectory as an
+uninterrupted one (up to floating-point noise).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffmem.errors import DiffmemError
 from diffmem.io import atomic_torch_save, atomic_write_text
 from diffmem.zoo.architecture import ArchitectureConfig, make_scheduler, make_text_encoder, make_unet, make_vae
-from diffmem.zoo.corpus import CorpusConfig, ZooItem, build_corpus, render_item, training_pairs
+from diffmem.zoo.corpus import CorpusConfig, build_corpus, render_item, training_pairs
+from diffmem.zoo.sd_corpus import SDCorpusConfig, build_sd_corpus, render_sd_item, sd_training_pairs
 
 log = logging.getLogger(__name__)
 
@@ -44,35 +53,143 @@ class TrainConfig:
     reader_steps: int = 600
     reader_batch: int = 128
     checkpoint_every: int = 100
+    deepssim_steps: int = 1500  # DeepSSIMConfig's default (what the shipped zoo was built with)
+
+
+class ZooBuildError(DiffmemError, ValueError):
+    """A build cannot start as asked (e.g. its work folder holds another build); the CLI prints one line."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """How a build reads one corpus: its config type, manifest builder, epoch pairs, renderer and reader.
+
+    ``pairs(items)`` lists ``(item index, image copy)`` for every training example of one epoch (duplicates
+    included) and ``render(item, copy)`` draws that image as ``(32, 32, 3)`` uint8; ``train_reader(seed,
+    steps, batch, vae)`` trains the attribute reader that reads this corpus's renders back.
+    """
+
+    name: str
+    config_type: type
+    build: Callable[[Any], list]
+    pairs: Callable[[list], list[tuple[int, int]]]
+    render: Callable[[Any, int], np.ndarray]
+    train_reader: Callable[..., Any]
+
+
+def _train_collapse_reader(seed: int, steps: int, batch: int, vae=None):
+    from diffmem.zoo.attributes import train_attribute_reader
+
+    return train_attribute_reader(seed, steps, batch, vae)
+
+
+def _train_sd_reader(seed: int, steps: int, batch: int, vae=None):
+    from diffmem.zoo.sd_attributes import train_sd_attribute_reader
+
+    return train_sd_attribute_reader(seed, steps, batch, vae)
+
+
+CORPORA: dict[str, Corpus] = {
+    "collapse": Corpus("collapse", CorpusConfig, build_corpus, training_pairs, render_item, _train_collapse_reader),
+    "sd": Corpus("sd", SDCorpusConfig, build_sd_corpus, sd_training_pairs, render_sd_item, _train_sd_reader),
+}
+
+
+def corpus_of(config: CorpusConfig | SDCorpusConfig) -> Corpus:
+    """The :class:`Corpus` whose config type ``config`` is."""
+    for corpus in CORPORA.values():
+        if type(config) is corpus.config_type:
+            return corpus
+    raise ZooBuildError(f"unknown corpus config {type(config).__name__}; expected one of "
+                        + ", ".join(c.config_type.__name__ for c in CORPORA.values()))
+
+
+def corpus_by_name(name: str) -> Corpus:
+    """The :class:`Corpus` called ``name`` (``collapse`` or ``sd``), or one error line naming both."""
+    if name not in CORPORA:
+        raise ZooBuildError(f"unknown zoo corpus '{name}'; expected one of {', '.join(CORPORA)}")
+    return CORPORA[name]
 
 
 @dataclass(frozen=True)
 class ZooConfig:
-    """Everything that determines the zoo: corpus, architecture, optimisation, seed."""
+    """Everything that determines the zoo: corpus (its config's type names it), architecture, optimisation, seed."""
 
     seed: int = 0
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    corpus: CorpusConfig | SDCorpusConfig = field(default_factory=CorpusConfig)
     arch: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    @property
+    def corpus_name(self) -> str:
+        """``"collapse"`` or ``"sd"``: which corpus ``corpus`` configures."""
+        return corpus_of(self.corpus).name
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON record of the config; ``corpus_name`` says which corpus ``corpus`` holds the settings of."""
+        return {"corpus_name": self.corpus_name, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> ZooConfig:
+        """Inverse of :meth:`to_dict`; a record without ``corpus_name`` (written before the SD corpus) is
+        ``collapse``."""
+        corpus = corpus_by_name(record.get("corpus_name", "collapse"))
+        corpus_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record["corpus"].items()}
+        return cls(seed=int(record["seed"]), corpus=corpus.config_type(**corpus_fields),
+                   arch=ArchitectureConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in record["arch"].items()}),
+                   train=TrainConfig(**record["train"]))
+
+
+def sd_zoo_config(seed: int = 0, corpus: SDCorpusConfig = SDCorpusConfig(), **train: Any) -> ZooConfig:
+    """The SD-like zoo's defaults (docs/zoo-sd.md, training plan): the shipped architecture, a VAE of its own
+    (1,500 steps x 64: the shipped VAE does not represent textured scenes), text encoder + UNet 5,000 steps x 128
+    (24 epochs of the corpus) and a longer reader run (five heads on cluttered scenes); ``train`` overrides."""
+    defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=5000, unet_batch=128, reader_steps=1000)
+    return ZooConfig(seed=seed, corpus=corpus, train=dataclasses.replace(defaults, **train))
+
+
+def default_config(corpus: str = "collapse", seed: int = 0, **train: Any) -> ZooConfig:
+    """The default :class:`ZooConfig` of a corpus name; ``train`` overrides :class:`TrainConfig` fields."""
+    if corpus_by_name(corpus).name == "sd":
+        return sd_zoo_config(seed, **train)
+    return ZooConfig(seed=seed, train=dataclasses.replace(TrainConfig(), **train))
 
 
 class TrainingImages:
-    """The unique training images of the corpus in memory, and the epoch's duplicated index list."""
+    """The unique training images of a corpus in memory, and the epoch's duplicated index list.
 
-    def __init__(self, items: list[ZooItem]):
+    ``pairs`` (default: the collapse corpus's :func:`~diffmem.zoo.corpus.training_pairs` of ``items``) lists
+    one epoch's training examples as ``(item index, image copy)``; ``render(item, copy)`` (default:
+    :func:`~diffmem.zoo.corpus.render_item`) draws each unique one once. :meth:`for_corpus` picks both by name.
+    """
+
+    def __init__(self, items: list, pairs: Sequence[tuple[int, int]] | None = None,
+                 render: Callable[[Any, int], np.ndarray] | None = None):
         self.items = items
+        pairs = training_pairs(items) if pairs is None else list(pairs)
+        render = render_item if render is None else render
         keys: dict[tuple[int, int], int] = {}
         images = []
-        for item_id, copy in training_pairs(items):
+        for item_id, copy in pairs:
             if (item_id, copy) not in keys:
                 keys[(item_id, copy)] = len(images)
-                images.append(render_item(items[item_id], copy))
+                images.append(render(items[item_id], copy))
         self.pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        self.image_of_pair = np.array([keys[p] for p in training_pairs(items)], dtype=np.int64)
-        self.item_of_pair = np.array([p[0] for p in training_pairs(items)], dtype=np.int64)
+        self.image_of_pair = np.array([keys[p] for p in pairs], dtype=np.int64)
+        self.item_of_pair = np.array([p[0] for p in pairs], dtype=np.int64)
+
+    @classmethod
+    def for_corpus(cls, corpus: str | Corpus, items: list) -> TrainingImages:
+        """The training images of ``items`` of the corpus named ``corpus`` (``collapse`` or ``sd``)."""
+        c = corpus_by_name(corpus) if isinstance(corpus, str) else corpus
+        return cls(items, c.pairs(items), c.render)
+
+    def item_of_image(self) -> np.ndarray:
+        """The item each unique image was rendered for (every image belongs to exactly one item)."""
+        groups = np.zeros(len(self.pixels), dtype=np.int64)
+        groups[self.image_of_pair] = self.item_of_pair
+        return groups
 
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([seed, epoch]).permutation(len(self.image_of_pair))
@@ -100,7 +217,7 @@ def _load_checkpoint(path: Path) -> dict | None:
 
 
 def train_vae(cfg: ZooConfig, data: TrainingImages, work: Path):
-    """Stage 1: reconstruct the corpus through an 8x8x4 latent (MSE + a weak KL, as SD's VAE)."""
+    """Stage 1: reconstruct the corpus through the 8x8 latent of ``cfg.arch`` (MSE + a weak KL, as SD's VAE)."""
     torch.manual_seed(cfg.seed)
     vae = make_vae(cfg.arch)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.train.vae_lr, weight_decay=0.0)
@@ -248,46 +365,69 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
 
 def _resumable_part(config: dict) -> dict:
     """What a checkpoint must share to be resumed: everything but the denoiser's step count, which may grow
-    (the VAE's may not: the denoiser was trained on its latents)."""
+    (the VAE's may not: the denoiser was trained on its latents). Fields added to :class:`TrainConfig` since a
+    work folder was written count as their defaults; the corpus name is checked on its own first."""
     config = json.loads(json.dumps(config))
+    config.pop("corpus_name", None)
+    config["train"] = {**asdict(TrainConfig()), **config["train"]}
     config["train"].pop("unet_steps", None)
     return config
 
 
-def build_zoo(out_dir: str | Path, cfg: ZooConfig = ZooConfig(), work_dir: str | Path | None = None) -> Path:
-    """Train every stage (resuming from ``work_dir``) and save the pipeline folder to ``out_dir``."""
+def check_resumable(work: Path, cfg: ZooConfig) -> None:
+    """Refuse, in one line, a work folder that holds a build of another corpus or another configuration."""
+    config_path = work / "zoo_config.json"
+    if not config_path.is_file():
+        return
+    saved = json.loads(config_path.read_text())
+    saved_corpus = saved.get("corpus_name", "collapse")
+    if saved_corpus != cfg.corpus_name:
+        raise ZooBuildError(f"work folder '{work}' holds a build of the '{saved_corpus}' corpus, not "
+                            f"'{cfg.corpus_name}'; remove it or choose another --work-dir")
+    if _resumable_part(saved) != _resumable_part(cfg.to_dict()):
+        raise ZooBuildError(f"work folder '{work}' holds a build with another configuration (only --unet-steps may "
+                            "change on resume); remove it or choose another --work-dir")
+
+
+def build_zoo(out_dir: str | Path, cfg: ZooConfig | None = None, work_dir: str | Path | None = None,
+              corpus: str | None = None) -> Path:
+    """Train every stage (resuming from ``work_dir``) and save the pipeline folder to ``out_dir``.
+
+    ``corpus`` (``collapse`` or ``sd``) picks :func:`default_config` when ``cfg`` is not given, and must agree
+    with ``cfg`` when both are.
+    """
     from diffusers import StableDiffusionPipeline
 
     from diffmem.models.tokenizer import build_clip_tokenizer
 
+    if cfg is None:
+        cfg = default_config(corpus or "collapse")
+    elif corpus is not None and corpus_by_name(corpus).name != cfg.corpus_name:
+        raise ZooBuildError(f"corpus '{corpus}' disagrees with the config's corpus '{cfg.corpus_name}'")
+    source = corpus_of(cfg.corpus)
     out, work = Path(out_dir), Path(work_dir or Path(out_dir).with_name(Path(out_dir).name + ".work"))
+    check_resumable(work, cfg)
     work.mkdir(parents=True, exist_ok=True)
-    config_path = work / "zoo_config.json"
-    if config_path.is_file() and _resumable_part(json.loads(config_path.read_text())) != _resumable_part(cfg.to_dict()):
-        raise ValueError(f"{work} holds a build with another configuration (only --unet-steps may change on "
-                         "resume); remove it or choose another --work-dir")
-    atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2))
-    items = build_corpus(cfg.corpus)
-    data = TrainingImages(items)
+    atomic_write_text(work / "zoo_config.json", json.dumps(cfg.to_dict(), indent=2))
+    items = source.build(cfg.corpus)
+    data = TrainingImages.for_corpus(source, items)
     tokenizer = build_clip_tokenizer(work / "tokenizer", model_max_length=cfg.arch.max_tokens)
     vae, vae_seconds = train_vae(cfg, data, work)
     text_encoder, unet, scheduler, unet_seconds = train_denoiser(cfg, data, vae.eval(), tokenizer, work)
     started = time.time()
     from diffmem.outputs import discard, publish, staging_dir
-    from diffmem.zoo.attributes import train_attribute_reader
     from diffmem.zoo.manifest import write_manifest
 
     staging = staging_dir(out)  # a fresh hidden sibling, renamed onto out at the end (never deletes user files)
     # the reader and DeepSSIM depend on the corpus and VAE only: trained once into work/, then reused
     if not (work / "attribute_reader" / "model.safetensors").is_file():
-        train_attribute_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae).save(
+        source.train_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae).save(
             work / "attribute_reader")
     if not (work / "deepssim" / "model.safetensors").is_file():
-        from diffmem.eval.deepssim import train_and_save
+        from diffmem.eval.deepssim import DeepSSIMConfig, train_and_save
 
-        groups = np.zeros(len(data.pixels), dtype=np.int64)
-        groups[data.image_of_pair] = data.item_of_pair
-        train_and_save((data.pixels + 1) / 2, groups, work / "deepssim")
+        train_and_save((data.pixels + 1) / 2, data.item_of_image(), work / "deepssim",
+                       DeepSSIMConfig(steps=cfg.train.deepssim_steps))
     for name in ("attribute_reader", "deepssim"):
         shutil.copytree(work / name, staging / name)
     pipe = StableDiffusionPipeline(
