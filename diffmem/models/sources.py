@@ -2,9 +2,9 @@
 
 A spec is one of
 
-- ``None``, ``"zoo"`` or another name in :data:`ZOO_MODELS` (``"zoo:collapse"``): an embedded zoo model.
-  The table maps a name to a function returning its diffusers folder, so other zoos register themselves
-  with one line (``ZOO_MODELS["zoo:sd"] = ...``).
+- ``None``, ``"zoo"`` or another name in :data:`ZOO_MODELS` (``"zoo:collapse"``, ``"zoo:sd"``): an embedded
+  zoo model. The table maps a name to a function returning its diffusers folder, so other zoos register
+  themselves with one line; ``zoo:sd`` (the SD-like zoo) fails with how to build it until it is built.
 - a local diffusers pipeline folder (``model_index.json`` inside), as ``save_pretrained`` writes it;
 - a hub id ``org/name``: the snapshot in the local Hugging Face cache
   (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``; laid out as
@@ -39,8 +39,16 @@ def _zoo_pipeline() -> Path:
     return zoo_pipeline_path()
 
 
-# name -> function returning the model's diffusers folder; "zoo" is the default model
-ZOO_MODELS: dict[str, Callable[[], Path]] = {"zoo": _zoo_pipeline, "zoo:collapse": _zoo_pipeline}
+def _sd_zoo_pipeline() -> Path:
+    """The SD-like zoo (docs/zoo-sd.md); until it is built, one error line saying how to build it."""
+    from diffmem.zoo.paths import zoo_pipeline_path
+
+    return zoo_pipeline_path("sd")
+
+
+# name -> function returning the model's diffusers folder; "zoo" is the default model (the collapse zoo)
+ZOO_MODELS: dict[str, Callable[[], Path]] = {"zoo": _zoo_pipeline, "zoo:collapse": _zoo_pipeline,
+                                             "zoo:sd": _sd_zoo_pipeline}
 
 # --config family name -> hub id of the reference pipeline whose config files describe that family
 FAMILIES: dict[str, str] = {
