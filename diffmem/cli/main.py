@@ -58,8 +58,8 @@ def add_force(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="zoo | zoo:collapse | a diffusers folder | a hub id org/name (read from the Hugging Face "
-                        "cache; downloaded only when HF_HUB_OFFLINE=0) | one .safetensors file (default: zoo)")
+                   help="zoo | zoo:collapse | zoo:sd | a diffusers folder | a hub id org/name (read from the Hugging "
+                        "Face cache; downloaded only when HF_HUB_OFFLINE=0) | one .safetensors file (default: zoo)")
     p.add_argument("--config", default=None,
                    help="for a single .safetensors file: its family (sd1, sd2; their config files must be in the "
                         "Hugging Face cache offline) or a diffusers folder with its configs (default: inferred)")
@@ -240,12 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     build = zsub.add_parser("build", help="train the zoo from its seed (resumable)")
     build.add_argument("--out", required=True, help="folder to write the zoo to")
     add_force(build)
+    build.add_argument("--corpus", choices=["collapse", "sd"], default="collapse",
+                       help="collapse: the shipped zoo's corpus; sd: the SD-like corpus of docs/zoo-sd.md, whose "
+                            "zoo loads as zoo:sd from diffmem/zoo/checkpoint_sd (default: collapse)")
     build.add_argument("--work-dir", default=None, help="checkpoint folder (default: OUT.work); rerun to resume")
     build.add_argument("--seed", type=int, default=0, help="seed of the corpus and training (default: 0)")
     build.add_argument("--vae-steps", type=positive_int, default=None,
-                       help="VAE training steps (default: the config's)")
+                       help="VAE training steps (default: the corpus's config: collapse 1000, sd 1500)")
     build.add_argument("--unet-steps", type=positive_int, default=None,
-                       help="denoiser training steps (default: the config's)")
+                       help="denoiser training steps (default: the corpus's config: collapse 2000, sd 5000)")
+    build.add_argument("--reader-steps", type=positive_int, default=None,
+                       help="attribute reader training steps (default: the corpus's config: collapse 600, sd 1000)")
     build.add_argument("--no-label", action="store_true", help="skip the ground-truth extraction (default: off)")
     label = zsub.add_parser("label", help="(re)compute the zoo's ground-truth labels by extraction")
     label.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
