@@ -1,0 +1,245 @@
+"""Building the zoo from a corpus name: the SD-like corpus end to end on a tiny config (a few steps of every
+stage), resume and its refusals, the SD attribute reader and named-factor fidelity, and ``zoo:sd`` by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffmem.cli.main import main
+from diffmem.errors import ModelLoadError
+from diffmem.models.sources import resolve
+from diffmem.models.tokenizer import build_clip_tokenizer
+from diffmem.zoo.architecture import ArchitectureConfig
+from diffmem.zoo.attributes import AttributeReader
+from diffmem.zoo.build import (
+    TrainingImages,
+    ZooBuildError,
+    ZooConfig,
+    build_zoo,
+    check_resumable,
+    default_config,
+    sd_zoo_config,
+    train_denoiser,
+    train_vae,
+)
+from diffmem.zoo.corpus import CorpusConfig, build_corpus
+from diffmem.zoo.gate import corpus_view
+from diffmem.zoo.paths import SHIPPED
+from diffmem.zoo.sd_attributes import (
+    SD_ATTRIBUTES,
+    SDAttributeReader,
+    factor_hits,
+    factors_shown,
+    fidelity,
+    random_scene_batch,
+    scene_truth,
+    train_sd_attribute_reader,
+)
+from diffmem.zoo.sd_corpus import Named, SDCorpusConfig, build_sd_corpus, render_scene, sample_scene
+
+TINY_SD = SDCorpusConfig(n_base=4, n_extended=1, titles_per_family=40, signatures_per_rate=1,
+                         heldout_signature_per_family=4, template_groups_per_family=1)
+TINY_ARCH = ArchitectureConfig(text_width=32, text_layers=1, text_heads=2, unet_channels=(32, 32, 32), unet_heads=2,
+                               vae_channels=(16, 16, 16))
+SMOKE = dataclasses.replace(
+    sd_zoo_config(corpus=TINY_SD, vae_steps=2, vae_batch=4, unet_steps=4, unet_batch=8, checkpoint_every=2,
+                  warmup_steps=2, reader_steps=2, reader_batch=8, deepssim_steps=2),
+    arch=TINY_ARCH)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One smoke build of the SD-like zoo: every stage, a few steps each."""
+    root = tmp_path_factory.mktemp("sdzoo")
+    out = build_zoo(root / "zoo_sd", SMOKE, root / "work")
+    return {"out": out, "work": root / "work", "root": root}
+
+
+def test_sd_defaults_follow_the_training_plan():
+    cfg = default_config("sd")
+    assert cfg == sd_zoo_config()
+    assert cfg.corpus_name == "sd" and cfg.corpus == SDCorpusConfig()
+    t = cfg.train
+    assert (t.vae_steps, t.vae_batch, t.unet_steps, t.unet_batch) == (1500, 64, 5000, 128)
+    assert cfg.arch == ArchitectureConfig()  # the shipped architecture
+    collapse = default_config()
+    assert collapse == ZooConfig() and collapse.corpus_name == "collapse"
+    assert default_config("sd", seed=3, unet_steps=7).train.unet_steps == 7
+    with pytest.raises(ZooBuildError, match="unknown zoo corpus 'laion'; expected one of collapse, sd"):
+        default_config("laion")
+
+
+def test_config_json_names_its_corpus_and_round_trips():
+    record = json.loads(json.dumps(SMOKE.to_dict()))
+    assert record["corpus_name"] == "sd" and record["corpus"]["titles_per_family"] == 40
+    assert ZooConfig.from_dict(record) == SMOKE
+    old = ZooConfig().to_dict()
+    assert old["corpus_name"] == "collapse"
+    del old["corpus_name"]  # written before the SD corpus existed: read as collapse
+    assert ZooConfig.from_dict(old) == ZooConfig()
+
+
+def test_training_images_take_pairs_and_renderer():
+    """The shared TrainingImages gives the SD corpus exactly the gate's view (an independent construction), and
+    the collapse corpus by default the same as by name."""
+    items = build_sd_corpus(TINY_SD)
+    data = TrainingImages.for_corpus("sd", items)
+    view = corpus_view("sd", TINY_SD)
+    assert data.pixels.shape == (len(view.images), 3, 32, 32)
+    expected = torch.from_numpy(view.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    assert torch.equal(data.pixels, expected)
+    assert np.array_equal(data.image_of_pair, view.pair_image) and np.array_equal(data.item_of_pair, view.pair_item)
+    signature = next(it for it in items if it.kind == "signature" and it.replication == 4)
+    assert (data.item_of_pair == signature.item_id).sum() == 4  # duplicated 4x, one unique image
+    assert (data.item_of_image() == signature.item_id).sum() == 1
+    collapse = build_corpus(CorpusConfig(n_generic=1152, items_per_rate=2, n_heldout_signature=4, n_template_groups=1,
+                                         captions_per_template=2, heldout_per_template=1))
+    a, b = TrainingImages(collapse), TrainingImages.for_corpus("collapse", collapse)
+    assert torch.equal(a.pixels, b.pixels) and np.array_equal(a.image_of_pair, b.image_of_pair)
+
+
+def test_smoke_build_writes_an_sd_zoo(built):
+    from diffmem.models.loader import load_model
+
+    out, work = built["out"], built["work"]
+    record = json.loads((out / "zoo.json").read_text())
+    assert record["corpus"] == "sd" and record["config"]["corpus_name"] == "sd"
+    assert json.loads((work / "zoo_config.json").read_text())["corpus_name"] == "sd"
+    assert ZooConfig.from_dict(record["config"]) == SMOKE
+    items = build_sd_corpus(TINY_SD)
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in rows] == [it.caption for it in items]
+    first = rows[0]
+    assert first["kind"] == "generic" and first["family"] == "ordinary" and set(first["named"]) == {"color", "shape"}
+    assert torch.load(work / "denoiser.pt", weights_only=True)["step"] == 4
+    assert torch.load(work / "vae.pt", weights_only=True)["step"] == 2
+    reader = AttributeReader.load(out / "attribute_reader")  # the base class's loader reads the SD heads
+    assert set(json.loads((out / "attribute_reader" / "config.json").read_text())["attributes"]) == set(SD_ATTRIBUTES)
+    sd_reader = SDAttributeReader.load(out / "attribute_reader")
+    assert set(sd_reader.read(torch.rand(2, 3, 32, 32))) == {"shape", "color", "position", "size", "style"}
+    assert reader is not None and (out / "deepssim" / "model.safetensors").is_file()
+    model = load_model(out / "pipeline")
+    assert model.latent_shape[1:] == (8, 8)
+
+
+def test_resume_continues_at_the_saved_step(tmp_path):
+    """An SD denoiser stopped after 2 steps and resumed to 4 equals one trained 4 steps straight."""
+    data = TrainingImages.for_corpus("sd", build_sd_corpus(TINY_SD))
+    tokenizer = build_clip_tokenizer(tmp_path / "tok", model_max_length=TINY_ARCH.max_tokens)
+    vae, _ = train_vae(SMOKE, data, tmp_path / "vae")
+    vae.eval()
+    full = train_denoiser(SMOKE, data, vae, tokenizer, tmp_path / "full")[1]
+    half = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_steps=2))
+    train_denoiser(half, data, vae, tokenizer, tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / "denoiser.pt", weights_only=True)["step"] == 2
+    resumed = train_denoiser(SMOKE, data, vae, tokenizer, tmp_path / "resumed")[1]
+    assert torch.load(tmp_path / "resumed" / "denoiser.pt", weights_only=True)["step"] == 4
+    for (name, x), y in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=name)
+
+
+def test_resume_refuses_a_work_folder_of_another_corpus(built, capsys):
+    collapse = dataclasses.replace(ZooConfig(), train=SMOKE.train, arch=TINY_ARCH)
+    with pytest.raises(ZooBuildError, match="holds a build of the 'sd' corpus, not 'collapse'"):
+        build_zoo(built["root"] / "other", collapse, built["work"])
+    longer = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_steps=9))
+    check_resumable(built["work"], longer)  # more denoiser steps: resumable
+    other_vae = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, vae_steps=3))
+    with pytest.raises(ZooBuildError, match="another configuration"):
+        check_resumable(built["work"], other_vae)
+    code = main(["zoo", "build", "--corpus", "collapse", "--out", str(built["root"] / "cli"), "--work-dir",
+                 str(built["work"]), "--no-label"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("diffmem: error: work folder")
+    assert "'sd' corpus, not 'collapse'" in err
+
+
+def test_work_folder_written_before_corpus_names_still_resumes(tmp_path):
+    old = ZooConfig().to_dict()
+    del old["corpus_name"]
+    del old["train"]["deepssim_steps"]  # a field added since: counts as its default
+    (tmp_path / "zoo_config.json").write_text(json.dumps(old))
+    check_resumable(tmp_path, ZooConfig())
+    with pytest.raises(ZooBuildError, match="'collapse' corpus, not 'sd'"):
+        check_resumable(tmp_path, sd_zoo_config())
+
+
+def test_cli_rejects_an_unknown_corpus(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["zoo", "build", "--corpus", "laion", "--out", str(tmp_path / "z")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("diffmem: error:") and err.count("\n") == 1
+    assert "invalid choice: 'laion'" in err
+
+
+def test_sd_reader_reads_above_chance_after_a_short_run():
+    """150 steps of batch 32 (no VAE), scored on fresh renders of the distribution it trains on."""
+    reader = train_sd_attribute_reader(0, 150, 32)
+    x, y = random_scene_batch(np.random.default_rng(123), 300)
+    reads = reader.read(x)
+    accuracy = {k: float(np.mean([values.index(r) == t for r, t in zip(reads[k], y[k].tolist())]))
+                for k, values in SD_ATTRIBUTES.items()}
+    chance = {k: 1 / len(v) for k, v in SD_ATTRIBUTES.items()}
+    assert accuracy["position"] >= 0.5, accuracy  # chance 0.2
+    assert accuracy["color"] >= chance["color"] + 0.05, accuracy  # chance 0.125
+    assert np.mean([accuracy[k] - chance[k] for k in SD_ATTRIBUTES]) >= 0.1, accuracy
+
+
+class TruthReader:
+    """A hand-made reader that reads every scene exactly (what a perfect reader would say)."""
+
+    def __init__(self, scenes):
+        self.truth = [scene_truth(s) for s in scenes]
+
+    def read(self, images):
+        assert len(images) == len(self.truth)
+        return {k: [t[k] for t in self.truth] for k in SD_ATTRIBUTES}
+
+
+def test_named_factor_check_accepts_the_caption_and_rejects_another_colour():
+    named = Named(color="red", shape="circle")
+    scenes = [sample_scene(named, 7), sample_scene(Named(color="blue", shape="circle"), 7),
+              sample_scene(Named(color="red", shape="square"), 8), sample_scene(named, 9)]
+    reads = TruthReader(scenes).read(np.stack([render_scene(s) for s in scenes]))
+    assert factors_shown(reads, named).tolist() == [True, False, False, True]
+    hits = factor_hits(reads, named)
+    assert hits["color"].tolist() == [1.0, 0.0, 1.0, 1.0] and hits["shape"].tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert np.isnan(hits["position"]).all() and np.isnan(hits["style"]).all()  # unnamed: free
+    assert factors_shown(reads, Named()).all()  # a caption naming nothing accepts anything
+    # one Named per image: each render checked against its own caption
+    per_image = [named, Named(color="blue", shape="circle"), Named(color="red", shape="square"), Named(style="poster")]
+    expected_style = scenes[3].style == "poster"
+    assert factors_shown(reads, per_image).tolist() == [True, True, True, expected_style]
+    images = torch.zeros(4, 3, 32, 32)
+    assert fidelity(TruthReader(scenes), images, named) == {"all": 0.5, "color": 0.75, "shape": 0.75}
+    with pytest.raises(ValueError, match="3 Named for 4 images"):
+        factors_shown(reads, per_image[:3])
+
+
+def test_zoo_sd_by_name(monkeypatch, tmp_path, built, capsys):
+    monkeypatch.delenv("DIFFMEM_ZOO", raising=False)
+    assert resolve(None).folder == SHIPPED / "pipeline"  # the default model stays the collapse zoo
+    assert resolve("zoo:collapse").folder == SHIPPED / "pipeline"
+    monkeypatch.setenv("DIFFMEM_ZOO_SD", str(tmp_path / "absent"))
+    with pytest.raises(ModelLoadError) as exc:
+        resolve("zoo:sd")
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith("zoo:sd is not built")
+    assert f"diffmem zoo build --corpus sd --out {tmp_path / 'absent'}" in message
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    code = main(["sample", "--model", "zoo:sd", "--prompts", str(prompts), "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("diffmem: error: zoo:sd is not built")
+    monkeypatch.setenv("DIFFMEM_ZOO_SD", str(built["out"]))
+    assert resolve("zoo:sd").folder == built["out"] / "pipeline"
