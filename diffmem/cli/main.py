@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--unet-steps", type=positive_int, default=None,
                        help="denoiser training steps (default: the corpus's config: collapse 2000, sd 5000)")
     build.add_argument("--reader-steps", type=positive_int, default=None,
-                       help="attribute reader training steps (default: the corpus's config: collapse 600, sd 1000)")
+                       help="attribute reader training steps (default: the corpus's config: 600)")
     build.add_argument("--no-label", action="store_true", help="skip the ground-truth extraction (default: off)")
     label = zsub.add_parser("label", help="(re)compute the zoo's ground-truth labels by extraction")
     label.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")

@@ -144,8 +144,9 @@ class ZooConfig:
 def sd_zoo_config(seed: int = 0, corpus: SDCorpusConfig = SDCorpusConfig(), **train: Any) -> ZooConfig:
     """The SD-like zoo's defaults (docs/zoo-sd.md, training plan): the shipped architecture, a VAE of its own
     (1,500 steps x 64: the shipped VAE does not represent textured scenes), text encoder + UNet 5,000 steps x 128
-    (24 epochs of the corpus) and a longer reader run (five heads on cluttered scenes); ``train`` overrides."""
-    defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=5000, unet_batch=128, reader_steps=1000)
+    (24 epochs of the corpus), the reader 600 steps x 128 as the collapse zoo's (a step, half through the VAE,
+    costs 1-2 s on a shared core); ``train`` overrides."""
+    defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=5000, unet_batch=128, reader_steps=600)
     return ZooConfig(seed=seed, corpus=corpus, train=dataclasses.replace(defaults, **train))
 
 
