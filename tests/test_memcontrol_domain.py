@@ -107,6 +107,9 @@ def test_title_extraction_needs_the_own_image_nearest_and_above_threshold():
     assert out["extracted"] == [True, False, False, True] and out["share"] == pytest.approx(0.5)
     assert out["own_ssim"][0] == pytest.approx(1.0, abs=1e-4)
     assert title_extraction(gens, [0, 0, 1, 1], index, index_owner, threshold=1.01)["share"] == 0.0
+    # the L2 shortlist (plus the own image) gives the same answer here
+    short = title_extraction(gens, [0, 0, 1, 1], index, index_owner, threshold=0.9, candidates=1)
+    assert short["extracted"] == out["extracted"] and short["own_ssim"] == out["own_ssim"]
 
 
 def test_selection_ranks_learning_without_memorizing_first():

@@ -160,23 +160,42 @@ def build_sd_domain_set(seed: int = 0, n_train: int = 8, n_heldout: int = 4, tit
 
 
 def title_extraction(generations: torch.Tensor, owner: list[int] | torch.Tensor, index: torch.Tensor,
-                     index_owner: list[int] | torch.Tensor, threshold: float) -> dict:
+                     index_owner: list[int] | torch.Tensor, threshold: float, candidates: int | None = 16) -> dict:
     """Share of generations that reproduce their own fine-tuning image.
 
     ``generations[i]`` was drawn for title ``owner[i]``; ``index`` holds every distinct fine-tuning image
     (as the model's VAE returns it, so that a perfect copy can score 1) and ``index_owner`` the title
     each belongs to (-1 for images of no title). A generation counts as extracted when its SSIM-nearest
-    index image is its own title's image and that SSIM exceeds ``threshold``. Returns ``share``, the
-    per-generation ``nearest_own`` flags and ``own_ssim`` (SSIM to its own image, for the distribution).
+    index image is its own title's image and that SSIM exceeds ``threshold``.
+
+    SSIM over every (generation, index image) pair costs minutes on a CPU at a few hundred images, so
+    with ``candidates`` the SSIM-nearest is searched among the ``candidates`` pixel-L2-nearest index
+    images plus the generation's own image (``None``: all of them). An image with a higher SSIM but
+    outside the L2 shortlist would be missed, which can only turn a non-extraction into an extraction
+    when it is the own image, and the own image is always scored.
+
+    Returns ``share``, the per-generation ``extracted`` flags and ``own_ssim`` (SSIM to its own image).
     """
+    from diffmem.eval.similarity import l2_nearest
+
     owner = torch.as_tensor(owner)
     index_owner = torch.as_tensor(index_owner)
     if len(generations) != len(owner):
         raise ValueError(f"{len(generations)} generations but {len(owner)} owners")
     n, m = len(generations), len(index)
-    sim = ssim_pairs(generations.repeat_interleave(m, 0), index.repeat(n, 1, 1, 1)).view(n, m)
-    best, arg = sim.max(1)
-    own = torch.stack([sim[i, index_owner == owner[i]].max() for i in range(n)])
-    hit = (index_owner[arg] == owner) & (best > threshold)
-    return {"share": float(hit.float().mean()) if n else 0.0, "extracted": hit.tolist(),
-            "own_ssim": [round(float(v), 4) for v in own]}
+    if candidates is None or candidates >= m:
+        shortlist = [torch.arange(m) for _ in range(n)]
+    else:
+        _, ids = l2_nearest(generations, index, k=candidates)
+        shortlist = [torch.unique(torch.cat([ids[i].cpu(), torch.nonzero(index_owner == owner[i]).flatten()]))
+                     for i in range(n)]
+    rows = torch.cat([torch.full((len(c),), i) for i, c in enumerate(shortlist)])
+    cols = torch.cat(shortlist)
+    sim = ssim_pairs(generations[rows], index[cols])
+    extracted, own_ssim = [], []
+    for i in range(n):
+        s, c = sim[rows == i], cols[rows == i]
+        best = int(s.argmax())
+        extracted.append(bool(index_owner[c[best]] == owner[i]) and float(s[best]) > threshold)
+        own_ssim.append(round(float(s[index_owner[c] == owner[i]].max()), 4))
+    return {"share": float(np.mean(extracted)) if n else 0.0, "extracted": extracted, "own_ssim": own_ssim}
