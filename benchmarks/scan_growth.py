@@ -275,7 +275,7 @@ def synthetic_jobs(work: Path, n: int) -> dict[str, Any]:
 
 def tokenizer_rate(n: int) -> dict[str, Any]:
     """Prompts per CPU second and per wall second of the truncation record (``token_counts`` of the zoo
-    model's CLIP tokenizer), which every scan process computes once over the whole prompt list."""
+    model's CLIP tokenizer). Scans no longer pay it up front: each process counts its own chunks' tokens."""
     from diffmem.models import load_model
 
     model, texts = load_model(), growth_prompts(n)

@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cli-prompts", type=int, default=0, help="also time the CLI on this many prompts (0: skip)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the patterns; the best is kept")
-    parser.add_argument("--cli-only", action="store_true", help="only the CLI comparison, added to --out")
+    parser.add_argument("--cli-only", action="store_true", help="only the CLI comparison, into --out")
     parser.add_argument("--naive", action="store_true", help="add the one-draw-per-call row (labelled extra)")
     parser.add_argument("--out", default="benchmarks/results/scan_throughput.json")
     args = parser.parse_args()
@@ -171,7 +171,10 @@ def main() -> None:
     model = load_model(args.model)
     out = Path(args.out)
     if args.cli_only:  # add the CLI comparison to an existing record of (a)-(d)
-        record = json.loads(out.read_text())
+        record = (json.loads(out.read_text()) if out.exists() else
+                  {"benchmark": "scan_throughput (CLI against the engine only)", "model": model.describe(),
+                   "draws": args.draws, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+                   "cpus": os.cpu_count(), "ratios": {}})
         record["cli"] = cli_versus_engine(model, args.cli_prompts, args.draws, args.batch_size, torch.get_num_threads())
         record["ratios"]["cli_over_engine"] = record["cli"]["cli_over_engine"]
         record["ratios"]["cpu_cli_over_engine"] = record["cli"]["cli_over_engine_cpu"]

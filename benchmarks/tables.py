@@ -10,6 +10,8 @@ even on the binary value), 1 decimal for seconds, FID to the unit.
     .venv/bin/python benchmarks/tables.py bench [--compact]    # docs/mitigation.md, README
     .venv/bin/python benchmarks/tables.py extraction           # docs/extraction.md
     .venv/bin/python benchmarks/tables.py detection-previous   # rows the last detection run did not rescan
+    .venv/bin/python benchmarks/tables.py throughput           # docs/scale.md and README (also throughput-ratios, cli)
+    .venv/bin/python benchmarks/tables.py growth [--compact]   # docs/scale.md, README
     .venv/bin/python benchmarks/tables.py update-docs          # rewrite every quoted table after a rerun
 """
 
@@ -113,28 +115,113 @@ def extraction_rows(record: dict) -> list[str]:
     return head + rows
 
 
-TABLES = {"detection": ("detection.json", detection_rows), "bench": ("bench.json", bench_rows),
-          "extraction": ("extraction.json", extraction_rows),
-          "detection-previous": ("detection.json", previous_detection_rows)}
+PATTERNS = {"a_reference_per_prompt": ("(a) reference: one prompt per call", "2 x {d}"),
+            "b_batched_pairs": ("(b) batched pairs", "2 x {b} x {d}"),
+            "c_engine": ("(c) engine (`diffmem scan`)", "{b} x {d} (+ {d} once)"),
+            "d_conditional_forwards_only": ("(d) conditional forwards alone", "{b} x {d}")}
+
+
+def throughput_rows(one_thread: dict, two_threads: dict) -> list[str]:
+    """The four call patterns of ``scan_throughput.py`` with 1 and 2 threads (CPU and wall seconds)."""
+    head = ["| pattern | UNet rows per call | 1 thread: CPU s | 1 thread: wall s | 2 threads: CPU s | "
+            "2 threads: wall s | max abs diff vs engine |", "|---|---|---|---|---|---|---|"]
+    rows = []
+    for key, (name, shape) in PATTERNS.items():
+        a, b = one_thread["results"][key], two_threads["results"][key]
+        diff = a.get("max_abs_diff_vs_engine")
+        cells = [name, shape.format(d=one_thread["draws"], b=one_thread["batch_size"]), f"{a['cpu_seconds']}",
+                 f"{a['seconds']}", f"{b['cpu_seconds']}", f"{b['seconds']}",
+                 f"{diff:.1e}" if diff is not None else "-"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
+def throughput_ratio_rows(one_thread: dict, two_threads: dict) -> list[str]:
+    head = ["| ratio | 1 thread: CPU | 1 thread: wall | 2 threads: CPU | 2 threads: wall | target |",
+            "|---|---|---|---|---|---|"]
+    rows = []
+    for name, cpu, wall, target in (("engine speed-up over (a)", "cpu_engine_speedup_over_reference",
+                                     "engine_speedup_over_reference", ">= 3x"),
+                                    ("engine / (d), the floor", "cpu_engine_over_conditional_only",
+                                     "engine_over_conditional_only", "<= 1.1")):
+        x = "x" if "speed-up" in name else ""
+        cells = [name, *(f"{r['ratios'][k]}{x}" for r in (one_thread, two_threads) for k in (cpu, wall)), target]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
+def cli_rows(*records: dict) -> list[str]:
+    """The whole command line against the engine alone on the same generated prompts (``--cli-only``)."""
+    head = ["| prompts | engine s (CPU s) | `diffmem scan` s (CPU s) | CLI / engine, wall | CLI / engine, CPU | "
+            "prompts/s end to end | lines printed |", "|---|---|---|---|---|---|---|"]
+    rows = []
+    for c in (r["cli"] for r in records):
+        cells = [f"{c['prompts']:,}", f"{c['engine_seconds']} ({c['engine_cpu_seconds']})",
+                 f"{c['cli_seconds']} ({c['cli_cpu_seconds']})", f"{c['cli_over_engine']}",
+                 f"{c['cli_over_engine_cpu']}", f"{c['cli_prompts_per_second']}", str(c["cli_terminal_lines"])]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
+def growth_rows(record: dict, compact: bool = False) -> list[str]:
+    """``scan_growth.py``'s points: time, memory, parts and merge per prompt-list size."""
+    if compact:
+        head = ["| prompts | wall s | CPU ms / prompt | peak RSS MB | parts | merge s |", "|---|---|---|---|---|---|"]
+    else:
+        head = ["| prompts | wall s | CPU s | CPU ms / prompt | wall ms / prompt (steady) | peak RSS MB | "
+                "RSS while scanning, MB | parts | merge s | lines printed | truncated prompts | "
+                "load avg (start, end) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for p in sorted(record["points"].values(), key=lambda p: p["prompts"]):
+        if compact:
+            cells = [f"{p['prompts']:,}", f"{p['wall_s']}", f"{p['cpu_per_prompt_ms']}", f"{p['peak_rss_mb']}",
+                     f"{p['parts']}", f"{p['merge_s']}"]
+        else:
+            scanning = [rss for _, parts, rss in p["rss_timeline"] if parts > 0]
+            cells = [f"{p['prompts']:,}", f"{p['wall_s']}", f"{p['cpu_s']}", f"{p['cpu_per_prompt_ms']}",
+                     f"{p['per_prompt_ms']} ({p['steady_per_prompt_ms']})", f"{p['peak_rss_mb']}",
+                     f"{min(scanning)} to {max(scanning)}" if scanning else "-", f"{p['parts']}", f"{p['merge_s']}",
+                     f"{p['terminal_lines']}", f"{p['provenance_truncated']}",
+                     ", ".join(str(x) for x in p["load_avg_1min"])]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
 PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
+THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
+CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
+# table -> (results files it reads, renderer(records, compact))
+TABLES = {
+    "detection": (("detection.json",), lambda r, compact: detection_rows(r[0], compact)),
+    "detection-previous": (("detection.json", PREVIOUS_DETECTION), lambda r, _: previous_detection_rows(*r)),
+    "bench": (("bench.json",), lambda r, compact: bench_rows(r[0], compact)),
+    "extraction": (("extraction.json",), lambda r, _: extraction_rows(r[0])),
+    "throughput": (THROUGHPUT, lambda r, _: throughput_rows(*r)),
+    "throughput-ratios": (THROUGHPUT, lambda r, _: throughput_ratio_rows(*r)),
+    "cli": (CLI, lambda r, _: cli_rows(*r)),
+    "growth": (("scan_growth.json",), lambda r, compact: growth_rows(r[0], compact)),
+}
 
 
 def render(table: str, compact: bool = False, results: Path = RESULTS) -> list[str]:
-    """The markdown lines of one table, read from its results file."""
-    filename, rows = TABLES[table]
-    record = json.loads((results / filename).read_text())
-    if table == "detection-previous":
-        return rows(record, json.loads((results / PREVIOUS_DETECTION).read_text()))
-    return rows(record, compact) if table != "extraction" else rows(record)
+    """The markdown lines of one table, read from its results files."""
+    files, rows = TABLES[table]
+    return rows([json.loads((results / f).read_text()) for f in files], compact)
 
 
 # page -> (header of the table's first line, table, compact) for every table a page quotes
 PAGES = {"README.md": [("| detector | AUROC", "detection", True),
                        ("| detector (previous run)", "detection-previous", False),
-                       ("| method | acts at", "bench", True)],
+                       ("| method | acts at", "bench", True),
+                       ("| ratio | 1 thread", "throughput-ratios", False), ("| prompts | engine s", "cli", False),
+                       ("| prompts | wall s | CPU ms", "growth", True)],
          "docs/detectors.md": [("| detector | AUROC", "detection", False),
                                ("| detector (previous run)", "detection-previous", False)],
          "docs/mitigation.md": [("| method | acts at", "bench", False)],
+         "docs/scale.md": [("| pattern | UNet rows", "throughput", False),
+                           ("| ratio | 1 thread", "throughput-ratios", False), ("| prompts | engine s", "cli", False),
+                           ("| prompts | wall s | CPU s", "growth", False)],
          "docs/extraction.md": [("| attack | AUROC", "extraction", False)]}
 
 

@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 
 from diffmem.errors import DiffmemError
-from diffmem.eval.detection import threshold_at_fpr
 
 CALIBRATION_FILE = "calibration.json"
 COMBINED_RULE = "min-p"
@@ -165,6 +164,8 @@ def flag(table: pa.Table, cal: Calibration, names: list[str], fpr: float) -> tup
     """Add ``flagged_<detector>`` (per-detector FPR ``fpr``; null where the score is NaN), ``min_p`` and
     ``flagged`` (the min-p combination, FPR ``fpr`` overall) to a scan table."""
     check_fpr(fpr)
+    from diffmem.eval.detection import threshold_at_fpr  # sklearn: imported only when calibrating
+
     thresholds = {n: threshold_at_fpr(cal.scores[n], fpr) for n in names}
     warnings = []
     n_cal = min(int(np.isfinite(cal.scores[n]).sum()) for n in names)

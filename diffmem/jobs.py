@@ -67,6 +67,7 @@ def _comparable(p: dict) -> dict:
             p["model"].pop(key, None)
     if isinstance(p.get("prompts"), dict):
         p["prompts"].pop("source", None)
+        p["prompts"].pop("truncated", None)  # an outcome of the scan (added at its merge), not a setting
     return p
 
 

@@ -32,6 +32,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from diffmem.errors import DiffmemError
 from diffmem.images import image_grid
 from diffmem.io import atomic_write_text
+from diffmem.scan import score_columns
 
 
 def png_data_uri(fig_or_image) -> str:
@@ -115,8 +116,7 @@ def best_detector(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def scan_section(folder: Path, table, gallery_size: int, gallery: Callable | None = None) -> dict[str, Any]:
     prov = json.loads((folder / "provenance.json").read_text())
-    names = [c for c in table.column_names
-             if c not in ("id", "text", "min_p") and not c.startswith(("flagged", "input_"))]
+    names = score_columns(table)
     scores = {n: table.column(n).to_numpy(zero_copy_only=False).astype(float) for n in names}
     y = _labels(table)
     section: dict[str, Any] = {"kind": "scan", "folder": str(folder), "provenance": prov, "n": table.num_rows,

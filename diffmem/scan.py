@@ -41,19 +41,25 @@ class ScanSettings:
 
 
 TRUNCATED_LISTED = 10_000  # ids of truncated prompts kept in provenance.json (the count is always exact)
+TOKENS_COLUMN = "tokens"  # each prompt's token count before truncation, written with its scores
 
 
-def truncation(model: DiffusionModel, prompts: PromptSet, chunk: int = 4096) -> dict[str, Any]:
+NOT_SCORES = ("id", "text", "min_p", TOKENS_COLUMN)
+
+
+def score_columns(table: pa.Table) -> list[str]:
+    """The detector-score columns of a scan table (not ids, texts, token counts, flags or input columns)."""
+    return [c for c in table.column_names if c not in NOT_SCORES and not c.startswith(("flagged", "input_"))]
+
+
+def truncation(ids: list[str], tokens: np.ndarray, max_tokens: int) -> dict[str, Any]:
     """Which prompts the model's tokenizer truncates: their count and (the first ``TRUNCATED_LISTED``) ids with
-    token counts. Computed once per scan for provenance, so the terminal gets one line, not one per prompt."""
-    listed, count = [], 0
-    for start in range(0, len(prompts), chunk):
-        for offset, n in enumerate(model.token_counts(prompts.texts[start : start + chunk])):
-            if n > model.max_tokens:
-                count += 1
-                if len(listed) < TRUNCATED_LISTED:
-                    listed.append({"id": prompts.ids[start + offset], "tokens": n})
-    return {"max_tokens": model.max_tokens, "count": count, "listed": listed}
+    token counts, so the terminal gets one line, not one per prompt. The counts come from the scan's own
+    chunks (each process counts its shard's prompts once, beside their scores), not from a pass over the
+    whole list before the scan."""
+    over = np.flatnonzero(tokens > max_tokens)
+    listed = [{"id": ids[i], "tokens": int(tokens[i])} for i in over[:TRUNCATED_LISTED]]
+    return {"max_tokens": max_tokens, "count": int(len(over)), "listed": listed}
 
 
 def provenance(model: DiffusionModel, prompts: PromptSet, detectors: list[Detector], settings: ScanSettings,
@@ -61,7 +67,7 @@ def provenance(model: DiffusionModel, prompts: PromptSet, detectors: list[Detect
     return {
         "model": model.describe(),
         "prompts": {"source": prompts.source, "n_unique": len(prompts), "duplicates_dropped": prompts.duplicates,
-                    "sha256_16": prompt_hash(prompts), "truncated": truncation(model, prompts)},
+                    "sha256_16": prompt_hash(prompts)},
         "detectors": [d.config() for d in detectors],
         "settings": settings.__dict__,
         "noise_seeds": (f"per prompt: the first {settings.n_draws} draws of a generator seeded {settings.seed} + the "
@@ -81,6 +87,30 @@ def score_chunk(engine: NoiseStepEngine, detectors: list[Detector], texts: list[
     return {name: v.double().cpu().numpy() for name, v in scores.items()}
 
 
+def record_truncation(out: Path, scores_path: Path, model: DiffusionModel, prompts: PromptSet) -> None:
+    """After the merge: add ``prompts.truncated`` to provenance.json (from the table's ``tokens`` column; parts
+    written before that column existed are recounted here) and say it in one line."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from diffmem.io import atomic_write_text
+    from diffmem.jobs import PROVENANCE_FILE
+
+    names = pq.read_schema(scores_path).names
+    tokens = (pq.read_table(scores_path, columns=[TOKENS_COLUMN]).column(TOKENS_COLUMN).to_numpy()
+              if TOKENS_COLUMN in names else np.asarray(model.token_counts(prompts.texts)))
+    summary = truncation(prompts.ids, tokens, model.max_tokens)
+    path = out / PROVENANCE_FILE
+    record = json.loads(path.read_text())
+    if record["prompts"].get("truncated") != summary:
+        record["prompts"]["truncated"] = summary
+        atomic_write_text(path, json.dumps(record, indent=2, default=str))
+    if summary["count"]:
+        log.warning("%d of %d prompts have more than the tokenizer's %d tokens and are scored truncated "
+                    "(listed in %s)", summary["count"], len(prompts), model.max_tokens, path)
+
+
 def run_scan(model: DiffusionModel, prompts: PromptSet, detectors: list[Detector], out_dir: str | Path,
              settings: ScanSettings = ScanSettings(), rank: int = 0, world_size: int = 1,
              progress: bool = True) -> Path | None:
@@ -96,16 +126,14 @@ def run_scan(model: DiffusionModel, prompts: PromptSet, detectors: list[Detector
     out = Path(out_dir)
     record = provenance(model, prompts, detectors, settings, world_size)
     claim_folder(out, record, rank)
-    truncated = record["prompts"]["truncated"]["count"]
-    if truncated and rank == 0:
-        log.warning("%d of %d prompts have more than the tokenizer's %d tokens and are scored truncated "
-                    "(listed in %s)", truncated, len(prompts), model.max_tokens, out / "provenance.json")
     engine = NoiseStepEngine(model, settings.n_draws, settings.seed, settings.schedule_steps,
                              seed_per_prompt=settings.seed_per_prompt)
 
     def score(chunk: list[int]) -> dict[str, pa.Array]:
-        scores = score_chunk(engine, detectors, [prompts.texts[i] for i in chunk], list(chunk))
-        return {name: pa.array(v, pa.float64()) for name, v in scores.items()}
+        texts = [prompts.texts[i] for i in chunk]
+        scores = score_chunk(engine, detectors, texts, list(chunk))
+        return {**{name: pa.array(v, pa.float64()) for name, v in scores.items()},
+                TOKENS_COLUMN: pa.array(model.token_counts(texts), pa.int32())}
 
     def prepare() -> None:
         for d in detectors:
@@ -114,7 +142,16 @@ def run_scan(model: DiffusionModel, prompts: PromptSet, detectors: list[Detector
     run_chunks(prompts, out, settings.batch_size, score, rank, world_size, "scan", progress, prepare)
     if rank != 0:
         return None
-    return merge_parts(out, prompts, world_size, settings.batch_size, SCORES_FILE)
+    return finish_scan(out, model, prompts, world_size, settings.batch_size)
+
+
+def finish_scan(out: Path, model: DiffusionModel, prompts: PromptSet, world_size: int, batch_size: int
+                ) -> Path | None:
+    """Merge every shard's parts (rank 0, once all are written) and record which prompts were truncated."""
+    path = merge_parts(out, prompts, world_size, batch_size, SCORES_FILE)
+    if path is not None:
+        record_truncation(out, path, model, prompts)
+    return path
 
 
 def apply_thresholds(scores: pa.Table, thresholds: dict[str, float]) -> pa.Table:

@@ -145,7 +145,12 @@ def _tables_module():
                                                    ("detection-previous", False, "docs/detectors.md"),
                                                    ("bench", True, "README.md"),
                                                    ("bench", False, "docs/mitigation.md"),
-                                                   ("extraction", False, "docs/extraction.md")])
+                                                   ("extraction", False, "docs/extraction.md"),
+                                                   ("throughput", False, "docs/scale.md"),
+                                                   ("throughput-ratios", False, "docs/scale.md"),
+                                                   ("throughput-ratios", False, "README.md"),
+                                                   ("cli", False, "docs/scale.md"), ("cli", False, "README.md"),
+                                                   ("growth", False, "docs/scale.md"), ("growth", True, "README.md")])
 def test_docs_quote_each_table_verbatim_from_its_results_file(table, compact, page):
     """Every row rendered from the results file appears, character for character, in the page quoting it."""
     text = (RESULTS.parents[1] / page).read_text()

@@ -40,3 +40,39 @@ def test_a_rerun_with_truncated_prompts_resumes(tiny_sd_folder, tmp_path):
     first = pq.read_table(run_scan(model, prompts, [make_detector("noise-norm")], tmp_path, settings, progress=False))
     again = pq.read_table(run_scan(model, prompts, [make_detector("noise-norm")], tmp_path, settings, progress=False))
     assert again.equals(first)
+
+
+def test_token_counts_come_from_each_shard_and_land_in_the_table(tiny_sd_folder, tmp_path):
+    """Two ranks each count their own prompts' tokens (no pass over the whole list before the scan); the
+    merged table has every prompt's count and provenance the truncation summary."""
+    model = load_model(tiny_sd_folder)
+    prompts = prompts_from_list([LONG, *SHORT, LONG + " again"])
+    settings = ScanSettings(n_draws=1, batch_size=2)
+    out = tmp_path / "scan"
+    for rank in (0, 1):  # rank 0 first: its merge waits for rank 1's parts
+        assert run_scan(model, prompts, [make_detector("noise-norm")], out, settings, rank=rank, world_size=2,
+                        progress=False) is None
+    assert "truncated" not in json.loads((out / "provenance.json").read_text())["prompts"]  # not known yet
+    rank1 = pq.read_table(sorted((out / "parts").glob("rank001-*.parquet"))[0])
+    assert rank1.column("position").to_pylist() == [1, 3] and rank1.column("tokens").to_pylist() == [9, 9]
+    path = run_scan(model, prompts, [make_detector("noise-norm")], out, settings, rank=0, world_size=2, progress=False)
+    assert pq.read_table(path).column("tokens").to_pylist() == [102, 9, 9, 9, 103]
+    truncated = json.loads((out / "provenance.json").read_text())["prompts"]["truncated"]
+    assert truncated["count"] == 2 and [e["tokens"] for e in truncated["listed"]] == [102, 103]
+
+
+def test_parts_without_token_counts_are_recounted_at_the_merge(tiny_sd_folder, tmp_path):
+    """A folder whose parts were written before the ``tokens`` column existed still gets its truncation record."""
+    from diffmem.jobs import write_parquet
+
+    model = load_model(tiny_sd_folder)
+    prompts = prompts_from_list([LONG, *SHORT])
+    settings = ScanSettings(n_draws=1, batch_size=2)
+    out = tmp_path / "scan"
+    run_scan(model, prompts, [make_detector("noise-norm")], out, settings, progress=False)
+    for part in (out / "parts").glob("*.parquet"):  # as an older version wrote them
+        write_parquet(pq.read_table(part).drop_columns(["tokens"]), part)
+    (out / "scores.parquet").unlink()
+    path = run_scan(model, prompts, [make_detector("noise-norm")], out, settings, progress=False)
+    assert "tokens" not in pq.read_table(path).column_names
+    assert json.loads((out / "provenance.json").read_text())["prompts"]["truncated"]["count"] == 1

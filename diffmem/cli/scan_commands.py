@@ -151,10 +151,9 @@ def _scan(args: argparse.Namespace, prepared: dict, check=None):
     if state.num_processes > 1:
         state.wait_for_everyone()
         if state.is_main_process:
-            from diffmem.jobs import merge_parts
-            from diffmem.scan import SCORES_FILE
+            from diffmem.scan import finish_scan
 
-            path = merge_parts(Path(args.out), prompts, state.num_processes, settings.batch_size, SCORES_FILE)
+            path = finish_scan(Path(args.out), model, prompts, state.num_processes, settings.batch_size)
     return path if state.is_main_process else None, [d.name for d in detectors]
 
 
@@ -324,7 +323,9 @@ def run_eval_detect(args: argparse.Namespace) -> None:
     else:
         y = np.array([_truthy(labels[texts[i]][column]) for i in keep])
     groups = np.array([str(labels[texts[i]].get(args.split_by, "")) for i in keep]) if args.split_by else None
-    names = [c for c in table.column_names if c not in ("id", "text") and not c.startswith(("flagged", "input_"))]
+    from diffmem.scan import score_columns
+
+    names = score_columns(table)
     report: dict = {"scores": str(args.scores), "labels": str(args.labels), "label": column,
                     "n_unlabelled": len(texts) - len(keep) - n_ambiguous, "detectors": {}}
     if args.rate_column:

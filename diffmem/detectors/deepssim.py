@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from diffmem.detectors.base import DETECTORS, PromptDetector
 from diffmem.detectors.engine import NoiseStepEngine
-from diffmem.eval.deepssim import DeepSSIM
+
+if TYPE_CHECKING:  # imported when an embedder loads: torchmetrics and sklearn would add ~1 s to every scan's start
+    from diffmem.eval.deepssim import DeepSSIM
 
 
 def default_embedder_path() -> Path:
@@ -46,6 +49,8 @@ class _DeepSSIMBase(PromptDetector):
 
     def load_embedder(self) -> DeepSSIM:
         if self._model is None:
+            from diffmem.eval.deepssim import DeepSSIM
+
             self._model = DeepSSIM.load(self.embedder or default_embedder_path())
         return self._model
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 SSIM_PARAMS = {"gaussian_kernel": True, "kernel_size": 7, "sigma": 1.5, "k1": 0.01, "k2": 0.03, "data_range": 1.0}
 
@@ -33,6 +32,9 @@ def ssim_pairs(a: torch.Tensor, b: torch.Tensor, batch_size: int = 4096) -> torc
     """SSIM of ``a[i]`` with ``b[i]`` for images ``(N, C, H, W)`` in [0, 1]."""
     if a.shape != b.shape:
         raise ValueError(f"ssim_pairs needs two batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    # imported here: torchmetrics pulls in ~2 s of modules that a noise-step scan never needs
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     out = [
         structural_similarity_index_measure(a[i : i + batch_size].float(), b[i : i + batch_size].float(),
                                             reduction="none", **SSIM_PARAMS)
