@@ -1,7 +1,7 @@
 """The held-out mitigation benchmark on the zoo task, written to ``benchmarks/results/bench_task_<name>.json``.
 
-A thin wrapper around ``diffmem bench`` (:func:`diffmem.bench.run_bench`): the run folder keeps the
-resumable ``bench.json``; once every (seed, method) is done it is copied to the results file.
+The library's :func:`diffmem.bench.run_bench` on the zoo task (what ``diffmem bench`` runs): the run folder
+keeps the resumable ``bench.json``; once every (seed, method) is done it is copied to the results file.
 
     # model-derived surrogates (the default and the headline), 2 split seeds, the tuned re-trigger
     python benchmarks/bench_task.py --name model --methods random-tokens adversarial-finetune
@@ -20,8 +20,6 @@ import json
 import shutil
 import time
 from pathlib import Path
-
-from diffmem.cli.main import main
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -50,16 +48,43 @@ def run() -> None:
         surrogate_stats(args)
         return
     work = Path(args.work or f"runs/bench_task_{args.name}")
-    argv = ["bench", "--out", str(work), "--mitigators", *args.methods, "--seeds", *args.seeds,
-            "--surrogates", args.surrogates, "--samples", args.samples, "--attack-prompts", args.attack_prompts,
-            *[f"--size={s}" for s in (args.size or ["test=24", "ordinary_test=32"])],
-            "--option", "retrigger.lr=0.01",
-            "--option", "retrigger.max_relative_norm=0.3", *[f"--tune={t}" for t in args.tune]]
-    if main(argv) != 0:
-        raise SystemExit(f"diffmem bench failed; rerun the same command to resume ({work})")
+    record = run_zoo_bench(args, work)
     RESULTS.mkdir(exist_ok=True)
     shutil.copyfile(work / "bench.json", RESULTS / f"bench_task_{args.name}.json")
+    print(json.dumps(record["results"], indent=1, default=str))
     print(f"results: {RESULTS / f'bench_task_{args.name}.json'}")
+
+
+def _value(text: str):
+    """One option value: JSON when it parses (numbers, booleans, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def run_zoo_bench(args: argparse.Namespace, work: Path) -> dict:
+    """``diffmem.bench.run_bench`` on the zoo task with the tuned re-trigger (lr 0.01, relative norm 0.3),
+    resumable in ``work`` (each finished (seed, method) is kept)."""
+    from diffmem.bench import BenchSettings, run_bench
+    from diffmem.models import load_model
+    from diffmem.outputs import check_output_dir, claim_output_dir
+    from diffmem.tasks import SplitSizes, make_task
+
+    given = args.size or ["test=24", "ordinary_test=32"]
+    sizes = SplitSizes(**{k: int(v) for k, v in (s.split("=", 1) for s in given)})
+    tune: dict[str, dict[str, list]] = {}
+    for item in args.tune:  # METHOD.KEY=V1,V2
+        scoped, values = item.split("=", 1)
+        method, key = scoped.split(".", 1)
+        tune.setdefault(method, {})[key] = [_value(v) for v in values.split(",")]
+    settings = BenchSettings(sizes=sizes, split_seeds=tuple(map(int, args.seeds)), samples=int(args.samples),
+                             attack_prompts=int(args.attack_prompts), surrogates=args.surrogates,
+                             retrigger={"lr": 0.01, "max_relative_norm": 0.3}, tune=tune)
+    check_output_dir(work, "bench", [], writes=["bench.json"])
+    model, task = load_model(), make_task("zoo")
+    claim_output_dir(work, "bench", ["bench.json"])
+    return run_bench(model, task, args.methods, work, settings)
 
 
 def surrogate_stats(args: argparse.Namespace) -> None:
