@@ -188,6 +188,29 @@ def growth_rows(record: dict, compact: bool = False) -> list[str]:
     return head + rows
 
 
+def heldout_bench_rows(record: dict) -> list[str]:
+    """``diffmem bench``'s held-out protocol: test-split figures as mean +- std over split seeds, then each seed's."""
+    seeds = sorted(record["runs"], key=int)
+    head = ["| method | acts at | extraction, test | under re-trigger | fidelity, ordinary captions | "
+            "fidelity, memorized captions | parameters changed | fit s |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(name: str, key: str) -> str:
+        r = record["results"][name]
+        if r.get(key) is None:
+            return "-"
+        per_seed = " / ".join("-" if record["runs"][s][name].get(key) is None else f"{record['runs'][s][name][key]:.3f}"
+                              for s in seeds if name in record["runs"][s])
+        return f"{r[key]:.3f} ± {r[key + '_std']:.3f} ({per_seed})"
+
+    rows = []
+    for name, r in record["results"].items():
+        cells = [name, r["acts_at"], cell(name, "extraction_rate"), cell(name, "retrigger_extraction_rate"),
+                 cell(name, "fidelity_ordinary_all"), cell(name, "fidelity_memorized_all"),
+                 f"{r['parameters_changed']:.0f}", f"{r['fit_seconds']:.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
 PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
 THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
 CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
@@ -196,6 +219,8 @@ TABLES = {
     "detection": (("detection.json",), lambda r, compact: detection_rows(r[0], compact)),
     "detection-previous": (("detection.json", PREVIOUS_DETECTION), lambda r, _: previous_detection_rows(*r)),
     "bench": (("bench.json",), lambda r, compact: bench_rows(r[0], compact)),
+    "bench-heldout": (("bench_task_model.json",), lambda r, _: heldout_bench_rows(r[0])),
+    "bench-heldout-oracle": (("bench_task_oracle.json",), lambda r, _: heldout_bench_rows(r[0])),
     "extraction": (("extraction.json",), lambda r, _: extraction_rows(r[0])),
     "throughput": (THROUGHPUT, lambda r, _: throughput_rows(*r)),
     "throughput-ratios": (THROUGHPUT, lambda r, _: throughput_ratio_rows(*r)),
