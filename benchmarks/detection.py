@@ -1,9 +1,21 @@
-"""Benchmark: every detector on the zoo — AUROC, TPR@1%/0.1% FPR (both estimators), UNet calls per prompt.
+"""Benchmark: every detector on a zoo — AUROC, TPR@1%/0.1% FPR (both estimators), UNet calls per prompt.
 
-Positives: captions the zoo's labels call memorized (found by extraction). Negatives: the other
-captions (ordinary objects and scenes, held-out generic, never-trained look-alike scenes,
-non-memorized signature items), at most ``--max-per-kind`` evenly spaced captions of each kind, and
-never the ordinary reference captions that ``anisotropy-calibrated`` and ``combined`` standardise on.
+``--model`` picks the zoo (``zoo`` = ``zoo:collapse``, the default; ``zoo:sd``; or any model folder with
+``--labels``), ``--labels`` the labels file (default: the zoo's ``labels.jsonl``; columns ``caption, kind,
+memorized, replication, family``). Positives: captions the labels call memorized (found by extraction).
+Negatives: the other captions (ordinary captions, held-out generic, never-trained look-alikes,
+non-memorized signature items, once-seen titles), at most ``--max-per-kind`` evenly spaced captions of
+each kind, and never the ordinary reference captions that ``anisotropy-calibrated`` and ``combined``
+standardise on.
+
+``results`` in the JSON are measured on every prompt (as before; the collapse zoo's figures are
+unchanged). ``heldout`` is the protocol of issue #11 (:mod:`diffmem.eval.protocol`): per split seed
+(``--split-seeds``), a dev / test split of the captions stratified by kind and label; every choice by
+label (a detector's draw count or nn-margin's step, a combination's members, the flagging threshold,
+the best noise-step detector) is made on dev and every figure is reported on test, with the test
+negatives also taken apart (ordinary captions, once-seen titles); whether each detector meets the
+target (AUROC >= 0.99 and TPR@1%FPR >= 0.9 with <= 32 UNet calls and no training images); and the
+spread over split seeds. Resplitting reuses the scores: no model call.
 
 Each group of detectors scans into its own folder under ``--work``, named by a digest of the
 detectors' settings and the draws: a rerun reuses every finished scan whose settings are unchanged
@@ -17,6 +29,7 @@ Writes ``--out`` (JSON), the ROC plot beside it (``.png``) and every prompt's sc
 --labels diffmem/zoo/checkpoint/labels.jsonl`` regenerates the AUROC and TPR columns.
 
     .venv/bin/python benchmarks/detection.py --draws 8 32 --max-per-kind 1000
+    .venv/bin/python benchmarks/detection.py --model zoo:sd --draws 8 32 --max-per-kind 1000  # detection_sd.json
 """
 
 from __future__ import annotations
@@ -35,12 +48,25 @@ import pyarrow.parquet as pq
 from diffmem.detectors import NoiseStepEngine, make_detector
 from diffmem.detectors.base import Detector
 from diffmem.eval.detection import detection_metrics, plot_roc
+from diffmem.eval.protocol import (
+    CombinationSpace,
+    Entry,
+    Target,
+    evaluate_split,
+    labelled_prompts,
+    over_split_seeds,
+    read_labels,
+    reference_captions,
+    split_captions,
+    strata_of,
+    uses_training_images,
+)
 from diffmem.io import atomic_write_text
 from diffmem.jobs import prompt_hash
 from diffmem.models import load_model
 from diffmem.prompts import PromptSet
 from diffmem.scan import SCORES_FILE, ScanSettings, run_scan
-from diffmem.zoo.prompts import zoo_prompts, zoo_reference_prompts
+from diffmem.zoo.paths import zoo_dir
 
 COMBINATIONS = [["noise-norm", "sharpness", "attention-entropy"],  # noise-step signals only
                 ["nn-margin", "sharpness", "attention-entropy"]]  # the image margin with the two best of them
@@ -185,43 +211,142 @@ def combination(members: list[str], image_detectors: list[Detector], reference: 
     return combined, key
 
 
+# the embedded zoos' defaults: model spec -> (corpus, results file, work folder, replication-rates file)
+ZOO_RUNS = {"zoo": ("collapse", "detection.json", "runs/bench-detection",
+                    "benchmarks/results/zoo_replication_rates.jsonl"),
+            "zoo:collapse": ("collapse", "detection.json", "runs/bench-detection",
+                             "benchmarks/results/zoo_replication_rates.jsonl"),
+            "zoo:sd": ("sd", "detection_sd.json", "runs/bench-detection-sd", None)}
+REFERENCE_KINDS = ("generic", "generic_scene", "title")  # ordinary kinds the reference prompts come from
+CANDIDATE_MEMBERS = ("noise-norm", "anisotropy", "sharpness", "attention-entropy")  # a dev-chosen combination's
+
+
+def run_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options whose default depends on the model: an embedded zoo's labels, results file, work
+    folder and rates file; any other model needs ``--labels`` (and gets ``detection_<name>.json``)."""
+    corpus, out, work, rates = ZOO_RUNS.get(args.model, (None, None, None, None))
+    if args.labels is None:
+        if corpus is None:
+            raise SystemExit(f"--labels is needed for model '{args.model}' (only the embedded zoos have labels)")
+        args.labels = str(zoo_dir(corpus) / "labels.jsonl")
+    slug = "".join(c if c.isalnum() else "_" for c in Path(args.model).name).strip("_") or "model"
+    args.out = args.out or f"benchmarks/results/{out or f'detection_{slug}.json'}"
+    args.work = args.work or work or f"runs/bench-detection-{slug}"
+    args.rates = rates if args.rates is None else (args.rates or None)
+    args.corpus = corpus
+    return args
+
+
+def heldout_report(entries: list[Entry], y: np.ndarray, kinds: np.ndarray, prompts: PromptSet, args,
+                   combinations: CombinationSpace | None) -> dict:
+    """The dev / test protocol (diffmem.eval.protocol) for every split seed, and the spread over seeds."""
+    target = Target()
+    strata = strata_of(kinds.tolist(), y.tolist())
+    splits = {}
+    for seed in args.split_seeds:
+        split = split_captions(prompts.texts, strata, seed, args.dev_fraction)
+        splits[seed] = {"split": split.describe(prompts.ids, prompts.texts),
+                        **evaluate_split(entries, y, kinds.tolist(), split, target, combinations)}
+    return {"protocol": "every choice by label (variant of a detector, a combination's members, the flagging "
+                        "threshold, the best noise-step detector) on dev; every figure on test",
+            "selection": "dev AUROC, then dev TPR@1%FPR (strict); ties: fewer UNet calls",
+            "target": target.describe(), "dev_fraction": args.dev_fraction,
+            "negative_groups": "test positives against all test negatives, ordinary captions only "
+                               "(generic, heldout_generic) and once-seen titles only (title)",
+            "splits": {str(k): v for k, v in splits.items()},
+            "over_split_seeds": over_split_seeds(splits) if len(splits) > 1 else None}
+
+
+def print_heldout(heldout: dict) -> None:
+    """The test figures of the first split seed and what dev chose."""
+    seed, report = next(iter(heldout["splits"].items()))
+    print(f"held out (split seed {seed}, {report['split']['n_dev']} dev / {report['split']['n_test']} test):")
+    print(f"{'detector':<64} {'test AUROC':>10} {'TPR@1% s/c':>12} {'target s/c':>10}")
+    for k, m in report["detectors"].items():
+        t, meets = m["test"], m["meets_target"]
+        if t.get("auroc") is None:
+            print(f"{k:<64} {'-':>10}")
+            continue
+        tpr = t["tpr@0.01fpr"]
+        print(f"{k:<64} {t['auroc']:10.4f} {tpr['strict']:6.3f}/{tpr['closest']:.3f} "
+              f"{'yes' if meets['strict'] else 'no':>5}/{'yes' if meets['closest'] else 'no'}")
+    for seed, report in heldout["splits"].items():
+        best = report["chosen_on_dev"].get("best_noise_step")
+        if best:
+            print(f"split {seed}: best noise-step on dev: {best['chosen']}, meets the target on test: "
+                  f"{best['meets_target']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="zoo", help="model spec: zoo (= zoo:collapse, default), zoo:sd, a folder")
+    parser.add_argument("--labels", default=None,
+                        help="labels file (JSON lines: caption, kind, memorized, replication, family); "
+                             "default: the zoo's labels.jsonl")
     parser.add_argument("--draws", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--trajectory-steps", type=int, default=10)
     parser.add_argument("--max-per-kind", type=int, default=600, help="negatives kept per caption kind")
-    parser.add_argument("--work", default="runs/bench-detection")
-    parser.add_argument("--out", default="benchmarks/results/detection.json")
+    parser.add_argument("--work", default=None, help="scan folders and state (default per zoo)")
+    parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/detection.json for "
+                                                    "the collapse zoo, detection_sd.json for zoo:sd)")
     parser.add_argument("--image-samples", type=int, default=4,
                         help="generations per prompt of nn-ratio (0: skip both image detectors)")
     parser.add_argument("--margin-samples", type=int, default=8, help="nn-margin's own (default: 8, its default)")
-    parser.add_argument("--rates", default="benchmarks/results/zoo_replication_rates.jsonl",
-                        help="label_stability.py's rates file: adds the confident-subset metrics (skipped if absent)")
+    parser.add_argument("--margin-stop-after", type=int, nargs="+", default=[8],
+                        help="nn-margin's x0 step(s) out of 10; with several, the step is chosen on dev")
+    parser.add_argument("--image-index", default=None,
+                        help="training-image folder of the image detectors (default: the collapse zoo's own; "
+                             "another model's image detectors are skipped without it)")
+    parser.add_argument("--rates", default=None,
+                        help="label_stability.py's rates file: adds the confident-subset metrics (default: the "
+                             "collapse zoo's; '' for none)")
+    parser.add_argument("--reference", type=int, default=200, help="ordinary reference prompts (left out)")
+    parser.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1],
+                        help="seeds of the dev / test split of the captions (the first is the headline)")
+    parser.add_argument("--dev-fraction", type=float, default=0.5, help="share of each stratum in dev")
+    parser.add_argument("--combine-max-calls", type=float, default=32,
+                        help="UNet-call limit of the combination whose members are chosen on dev")
     parser.add_argument("--only", nargs="*", default=None,
                         help="scan only the groups whose label starts with one of these (e.g. draws8 image-; "
                              "'combined': the noise-step combinations' reference passes); no results are written")
     parser.add_argument("--skip", nargs="*", default=[],
                         help="leave out the groups whose label starts with one of these (recorded in the JSON)")
     parser.add_argument("--limit", type=int, default=None, help="evenly spaced prompts kept (a quick smoke run)")
-    args = parser.parse_args()
+    args = run_defaults(parser.parse_args())
     work = Path(args.work)
     timings = Timings(work / "state.json")
-    model = load_model()
-    reference = sorted(zoo_reference_prompts())  # sorted, as every earlier run passed them
-    prompts = zoo_prompts(args.max_per_kind, exclude=set(reference))
+    model = load_model(args.model)
+    rows = read_labels(args.labels)
+    label_kinds = {r["kind"] for r in rows}
+    reference = sorted(reference_captions(rows, [k for k in REFERENCE_KINDS if k in label_kinds], args.reference))
+    prompts = labelled_prompts(rows, args.max_per_kind, exclude=set(reference), source=f"labels:{args.labels}")
     if args.limit:
         prompts = prompts.evenly(args.limit)
     y = np.array(prompts.columns["memorized"], dtype=bool)
     kinds = np.array(prompts.columns["kind"])
     families = np.array(prompts.columns["family"])
     mixed = [f for f in sorted(set(families)) if y[families == f].any() and (~y[families == f]).any()]
-    rate = replication_rates(prompts, Path(args.rates))
+    rate = replication_rates(prompts, Path(args.rates)) if args.rates else np.full(len(prompts), np.nan)
     confident = (rate >= 0.5) | (rate == 0)
-    image_detectors = ([make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4),
-                        make_detector("nn-margin", samples=args.margin_samples, steps=10, stop_after=8)]
-                       if args.image_samples else [])
+    skip_reasons = {}
+    image_ok = args.image_samples and (args.corpus == "collapse" or args.image_index)
+    if args.image_samples and not image_ok:
+        skip_reasons["image-"] = "no --image-index: the image detectors' default index is the collapse zoo's"
+    index = {"index": args.image_index} if args.image_index else {}
+    image_detectors = ([make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4, **index)]
+                       + [make_detector("nn-margin", samples=args.margin_samples, steps=10, stop_after=k, **index)
+                          for k in args.margin_stop_after]
+                       if image_ok else [])
+    headline_images = [d for d in image_detectors if d.name != "nn-margin" or d.stop_after == args.margin_stop_after[0]]
     pretty = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",
-              **{d.name: f"{d.name} (samples={d.samples}, {d.stop_after}/{d.steps} steps)" for d in image_detectors}}
+              **{id(d): f"{d.name} (samples={d.samples}, {d.stop_after}/{d.steps} steps)" for d in image_detectors}}
+
+    def name_of(d: Detector, draws: int) -> str:
+        return pretty.get(id(d), pretty.get(d.name, f"{d.name} (draws={draws})"))
+
+    def image_label(d: Detector) -> str:  # today's label for the first step, so its scan folder is reused
+        first_step = d.name != "nn-margin" or d.stop_after == args.margin_stop_after[0]
+        return f"image-{d.name}-s{d.samples}" + ("" if first_step else f"-k{d.stop_after}")
 
     # every scan group: (label, detectors, draws), the headline detectors first; each in its own folder, so a
     # change of one detector's settings rescans that group alone
@@ -231,7 +356,7 @@ def main() -> None:
                            make_detector("anisotropy-calibrated", reference_prompts=reference),
                            make_detector("sharpness")], first),
         (f"attention-entropy-draws{first}", [make_detector("attention-entropy")], first)]
-    groups += [(f"image-{d.name}-s{d.samples}", [d], 1) for d in image_detectors[::-1]]  # nn-margin first
+    groups += [(image_label(d), [d], 1) for d in image_detectors[1:] + image_detectors[:1]]  # nn-margin first
     groups.append((f"trajectory-steps{args.trajectory_steps}",
                    [make_detector("noise-norm-trajectory", steps=args.trajectory_steps, generations=4)], first))
     groups += [(f"draws{draws}", [make_detector("noise-norm"), make_detector("anisotropy"),
@@ -241,6 +366,7 @@ def main() -> None:
         groups = [g for g in groups if g[0].startswith(tuple(args.only))]
     skipped = [g[0] for g in groups if g[0].startswith(tuple(args.skip))]
     groups = [g for g in groups if g[0] not in skipped]
+    skipped += [prefix for prefix in skip_reasons]
 
     scores: dict[str, np.ndarray] = {}
     entries: list[tuple[str, Detector, str, int]] = []  # (result key, detector, score column, draws)
@@ -248,30 +374,40 @@ def main() -> None:
     for label, dets, draws in groups:
         group_scores, key = scan_group(label, model, prompts, dets, ScanSettings(n_draws=draws), work, timings)
         for d in dets:
-            name = pretty.get(d.name, f"{d.name} (draws={draws})")
+            name = name_of(d, draws)
             scores[name] = group_scores[d.name]
             entries.append((name, d, name, draws))
             timing_keys[name] = [key]
+    engine = NoiseStepEngine(model, first)
+    members_of = {d.name: name_of(d, dr) for _, ds, dr in groups if dr in (first, 1) for d in ds
+                  if d.name != "nn-margin" or d in headline_images}
+    candidates = [m for m in CANDIDATE_MEMBERS if m in members_of]
     if args.only is not None:
         if "combined" in args.only:  # the reference passes of the noise-step combinations, kept in the state
-            engine = NoiseStepEngine(model, first)
-            for members in COMBINATIONS:
+            for members in [*COMBINATIONS, list(CANDIDATE_MEMBERS)]:
                 if not any(d.name in members for d in image_detectors):
-                    combination(members, image_detectors, reference, engine, timings)
+                    combination(members, headline_images, reference, engine, timings)
         print("scanned:", [g[0] for g in groups])
         return
 
-    engine = NoiseStepEngine(model, first)
-    members_of = {d.name: pretty.get(d.name, f"{d.name} (draws={first})") for _, ds, dr in groups if dr in (first, 1)
-                  for d in ds}
     for members in COMBINATIONS[: 2 if image_detectors else 1]:
         if not all(m in members_of for m in members):
             continue  # a member's group was skipped
-        combined, key = combination(members, image_detectors, reference, engine, timings)
+        combined, key = combination(members, headline_images, reference, engine, timings)
         name = f"combined ({' + '.join(members)})"
         scores[name] = combined.combine({m: scores[members_of[m]] for m in members}).numpy()
         entries.append((name, combined, name, first))
         timing_keys[name] = [k for m in members for k in timing_keys[members_of[m]]] + [key]
+    space = None
+    if len(candidates) > 1:  # reference statistics of every candidate member, for the dev-chosen combination
+        pool, pool_key = combination(candidates, headline_images, reference, engine, timings)
+
+        def cost(members: tuple[str, ...]) -> float:
+            return make_detector("combined", members=list(members), stats={m: pool.stats[m] for m in members}
+                                 ).unet_calls_per_prompt(engine)
+
+        space = CombinationSpace({m: scores[members_of[m]] for m in candidates}, dict(pool.stats), cost,
+                                 args.combine_max_calls, display={m: members_of[m] for m in candidates})
 
     results, curves = {}, {}
     for name, det, column, draws in entries:
@@ -289,6 +425,12 @@ def main() -> None:
         m["timing_parts"] = sorted(set(timing_keys[name]))  # keys of "timings": the scans its scores come from
         results[name] = m
         curves[name] = (y, s)
+    held = [Entry(name, scores[column], results[name]["unet_calls_per_prompt"], uses_training_images(det.config()),
+                  None if det.name == "combined" else det.name) for name, det, column, _ in entries]
+    heldout = heldout_report(held, y, kinds, prompts, args, space)
+    if space is not None:
+        heldout["combination_candidates"] = {"members": list(space.display.values()), "stats": space.stats,
+                                             "max_unet_calls": args.combine_max_calls, "timing_part": pool_key}
 
     out = Path(args.out)
     plot_roc(curves, out.with_suffix(".png"), title=f"zoo: {int(y.sum())} memorized, {int((~y).sum())} not")
@@ -297,18 +439,20 @@ def main() -> None:
     table = pa.table({"id": prompts.ids, "text": prompts.texts, **columns})
     scores_path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, scores_path, compression="zstd", compression_level=19)
-    used = sorted({k for keys in timing_keys.values() for k in keys})
+    used = sorted({k for keys in timing_keys.values() for k in keys} | ({pool_key} if space is not None else set()))
     record = {"benchmark": "detection", "model": model.describe(), "n_pos": int(y.sum()), "n_neg": int((~y).sum()),
+              "labels": args.labels,
               "by_kind": {k: {"positives": int((y & (kinds == k)).sum()), "negatives": int((~y & (kinds == k)).sum())}
                           for k in sorted(set(kinds))},
               "reference_prompts_excluded": len(reference), "max_negatives_per_kind": args.max_per_kind,
               "confident_subset": {"source": args.rates, "positives": int((rate >= 0.5).sum()),
                                    "negatives": int((rate == 0).sum())} if np.isfinite(rate).any() else None,
-              "scores_file": scores_path.name, "skipped_groups": skipped,
+              "scores_file": scores_path.name, "skipped_groups": skipped, "skip_reasons": skip_reasons,
               "timings": {k: timings.summary(k) for k in used},
               "timings_note": "wall-clock seconds summed over every session of a scan (resumes included); "
                               "None: scanned before timings were recorded",
-              "results": results}
+              "results_note": "results: every labelled prompt, choices not held out; heldout: dev / test protocol",
+              "results": results, "heldout": heldout}
     atomic_write_text(out, json.dumps(record, indent=2))
     print(f"{'detector':<48} {'AUROC':>7} {'TPR@1% strict/closest':>22} {'calls':>7}")
     for k, m in results.items():
@@ -319,6 +463,7 @@ def main() -> None:
             within += f"  confident: AUROC {c['auroc']:.3f} TPR@1% {c['tpr@0.01fpr']['strict']:.3f}"
         print(f"{k:<48} {m['auroc']:7.4f} {t['strict']:10.3f}/{t['closest']:.3f} {m['unet_calls_per_prompt']:7.0f}"
               f"  within family: {within}")
+    print_heldout(heldout)
     for k in used:
         print(f"time {k}: {timings.seconds(k)} s")
 
