@@ -10,6 +10,8 @@ even on the binary value), 1 decimal for seconds, FID to the unit.
     .venv/bin/python benchmarks/tables.py bench [--compact]    # docs/mitigation.md, README
     .venv/bin/python benchmarks/tables.py extraction           # docs/extraction.md
     .venv/bin/python benchmarks/tables.py detection-previous   # rows the last detection run did not rescan
+    .venv/bin/python benchmarks/tables.py detection-heldout [--compact]     # dev / test protocol, collapse zoo
+    .venv/bin/python benchmarks/tables.py detection-heldout-sd [--compact]  # the same for zoo:sd (detection_sd.json)
     .venv/bin/python benchmarks/tables.py throughput           # docs/scale.md and README (also throughput-ratios, cli)
     .venv/bin/python benchmarks/tables.py growth [--compact]   # docs/scale.md, README
     .venv/bin/python benchmarks/tables.py update-docs          # rewrite every quoted table after a rerun
@@ -82,6 +84,56 @@ def previous_detection_rows(record: dict, previous: dict) -> list[str]:
                  f"{c['tpr@0.01fpr']['strict']:.3f}" if c else "-", f"{m['unet_calls_per_prompt']:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
     return head + rows if rows else []
+
+
+def _auroc(m: dict | None) -> str:
+    return f"{m['auroc']:.3f}" if m and m.get("auroc") is not None else "-"
+
+
+def _tpr_or_dash(m: dict | None) -> str:
+    return _tpr(m) if m and m.get("auroc") is not None else "-"
+
+
+def heldout_rows(record: dict, compact: bool = False) -> list[str]:
+    """The dev / test table of ``detection.py``'s ``heldout`` section (issue #11's protocol): the headline
+    split seed's test figures for every detector, with the test negatives taken apart (ordinary captions,
+    once-seen titles), the dev-set threshold's test rates, whether the target is met (strict / closest), the
+    spread of test AUROC over split seeds, and a last row naming the noise-step detector dev chose."""
+    heldout = record.get("heldout")
+    if not heldout:
+        raise ValueError("this detection results file has no heldout section: rerun benchmarks/detection.py")
+    seed, split = next(iter(heldout["splits"].items()))
+    over = (heldout.get("over_split_seeds") or {}).get("detectors", {})
+    if compact:
+        head = ["| detector (test split) | AUROC | TPR@1%FPR strict / closest | meets target | UNet calls per prompt |",
+                "|---|---|---|---|---|"]
+    else:
+        head = ["| detector (test split) | AUROC, dev | AUROC | TPR@1%FPR strict / closest | AUROC vs ordinary | "
+                "AUROC vs once-seen titles | dev threshold at 1% FPR: test FPR / TPR | AUROC over split seeds "
+                "(min-max) | meets target (strict / closest) | UNet calls per prompt |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for key, m in split["detectors"].items():
+        meets = "-" if not m["eligible_for_target"] else " / ".join(
+            "yes" if m["meets_target"][e] else "no" for e in ("strict", "closest"))
+        calls = f"{m['unet_calls_per_prompt']:.0f}"
+        if compact:
+            cells = [label(key), _auroc(m["test"]), _tpr_or_dash(m["test"]), meets, calls]
+        else:
+            groups, th = m["test_by_negatives"], m["dev_threshold_at_1%fpr"]
+            rates = (f"{th['test_fpr']:.3f} / {th['test_tpr']:.3f}"
+                     if th.get("test_fpr") is not None and th.get("test_tpr") is not None else "-")
+            spread = over.get(key, {}).get("auroc")
+            cells = [label(key), _auroc(m["dev"]), _auroc(m["test"]), _tpr_or_dash(m["test"]),
+                     _auroc(groups["ordinary"]["metrics"]), _auroc(groups["once_seen_titles"]["metrics"]), rates,
+                     f"{spread['mean']:.3f} ({spread['min']:.3f}-{spread['max']:.3f})" if spread else "-", meets, calls]
+        rows.append("| " + " | ".join(cells) + " |")
+    best = split["chosen_on_dev"].get("best_noise_step")
+    if best:
+        n = 5 if compact else 10
+        text = f"best noise-step detector chosen on dev (split seed {seed}): {label(best['chosen'])}"
+        rows.append("| " + text + " |" + " |" * (n - 1))
+    return head + rows
 
 
 def bench_rows(record: dict, compact: bool = False) -> list[str]:
@@ -218,6 +270,8 @@ CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
 TABLES = {
     "detection": (("detection.json",), lambda r, compact: detection_rows(r[0], compact)),
     "detection-previous": (("detection.json", PREVIOUS_DETECTION), lambda r, _: previous_detection_rows(*r)),
+    "detection-heldout": (("detection.json",), lambda r, compact: heldout_rows(r[0], compact)),
+    "detection-heldout-sd": (("detection_sd.json",), lambda r, compact: heldout_rows(r[0], compact)),
     "bench": (("bench.json",), lambda r, compact: bench_rows(r[0], compact)),
     "bench-heldout": (("bench_task_model.json",), lambda r, _: heldout_bench_rows(r[0])),
     "bench-heldout-oracle": (("bench_task_oracle.json",), lambda r, _: heldout_bench_rows(r[0])),
