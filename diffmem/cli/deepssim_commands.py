@@ -12,16 +12,13 @@ import torch
 from diffmem.images import IMAGE_SUFFIXES, load_image_folder  # noqa: F401 - re-exported for old imports
 
 
-def zoo_images_and_groups() -> tuple[torch.Tensor, np.ndarray]:
-    """The zoo's unique training images and their caption ids (renders of one caption form a group)."""
-    from diffmem.zoo.build import TrainingImages
-    from diffmem.zoo.load import load_corpus
-    from diffmem.zoo.paths import zoo_dir
+def zoo_images_and_groups(folder: str | Path | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """A zoo's unique training images and their caption ids (renders of one caption form a group); ``folder``
+    (default: the shipped zoo) may hold either corpus, rendered by the one its ``zoo.json`` names."""
+    from diffmem.zoo.load import zoo_training_images
 
-    data = TrainingImages(load_corpus(zoo_dir()))
-    groups = np.zeros(len(data.pixels), dtype=np.int64)
-    groups[data.image_of_pair] = data.item_of_pair
-    return (data.pixels + 1) / 2, groups
+    data = zoo_training_images(folder)
+    return (data.pixels + 1) / 2, data.item_of_image()
 
 
 def run_train(args: argparse.Namespace) -> None:

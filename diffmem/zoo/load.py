@@ -1,26 +1,61 @@
-"""Read a zoo folder back: corpus (rebuilt from its seed and checked against the manifest) and labels."""
+"""Read a zoo folder back: corpus (rebuilt from its seed and checked against the manifest) and labels.
+
+A zoo folder names the corpus it was trained on in ``zoo.json`` (``corpus``: ``collapse`` or ``sd``, see
+:data:`diffmem.zoo.build.CORPORA`); a record without it was written before the SD-like corpus existed and is
+the collapse zoo. Every function takes the zoo folder (default: the shipped collapse zoo, :func:`zoo_dir`), so
+``zoo_dir("sd")`` loads the SD-like zoo's data the same way.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from diffmem.errors import ModelLoadError
-from diffmem.zoo.corpus import CorpusConfig, ZooItem, build_corpus
+from diffmem.zoo.corpus import ZooItem
 from diffmem.zoo.manifest import read_jsonl
+from diffmem.zoo.sd_corpus import SDItem
+
+if TYPE_CHECKING:
+    from diffmem.zoo.build import TrainingImages
+
+CorpusItem = ZooItem | SDItem  # an item of either corpus (collapse or SD-like)
 
 
-def load_corpus(folder: str | Path) -> list[ZooItem]:
-    """The zoo's items with their renderer specs, rebuilt from ``zoo.json`` and verified against the manifest."""
-    folder = Path(folder)
-    record = json.loads((folder / "zoo.json").read_text())
-    corpus_cfg = dict(record["config"]["corpus"])
-    corpus_cfg["replication_rates"] = tuple(corpus_cfg["replication_rates"])
-    items = build_corpus(CorpusConfig(**corpus_cfg))
+def _folder(folder: str | Path | None) -> Path:
+    """``folder``, or the shipped (collapse) zoo's folder when ``None``."""
+    from diffmem.zoo.paths import zoo_dir
+
+    return Path(folder) if folder is not None else zoo_dir()
+
+
+def _record(folder: Path) -> dict:
+    return json.loads((folder / "zoo.json").read_text())
+
+
+def zoo_corpus_name(folder: str | Path | None = None) -> str:
+    """The corpus a zoo folder was trained on (``collapse`` or ``sd``), from its ``zoo.json``; ``collapse`` when the
+    record predates corpus names (the shipped zoo's)."""
+    record = _record(_folder(folder))
+    return str(record.get("corpus", record["config"].get("corpus_name", "collapse")))
+
+
+def load_corpus(folder: str | Path | None = None) -> list[CorpusItem]:
+    """The zoo's items (:class:`ZooItem` or :class:`SDItem`, by the corpus ``zoo.json`` names), rebuilt from the
+    recorded corpus config and verified against the manifest; default folder: the shipped zoo."""
+    from diffmem.zoo.build import ZooConfig, corpus_of
+
+    folder = _folder(folder)
+    record = _record(folder)
+    config = dict(record["config"])
+    config.setdefault("corpus_name", zoo_corpus_name(folder))
+    corpus_cfg = ZooConfig.from_dict(config).corpus
+    items: list[CorpusItem] = list(corpus_of(corpus_cfg).build(corpus_cfg))
     manifest = read_jsonl(folder / "manifest.jsonl")
     if [m["caption"] for m in manifest] != [it.caption for it in items] or \
             [m["image_seeds"] for m in manifest] != [it.image_seeds for it in items]:
@@ -29,9 +64,11 @@ def load_corpus(folder: str | Path) -> list[ZooItem]:
     return items
 
 
-def load_labels(folder: str | Path) -> list[dict]:
-    """Rows of ``labels.jsonl`` (one per caption, see :mod:`diffmem.zoo.labels`)."""
-    path = Path(folder) / "labels.jsonl"
+def load_labels(folder: str | Path | None = None) -> list[dict]:
+    """Rows of ``labels.jsonl`` (one per labelled caption, see :mod:`diffmem.zoo.labels` and
+    :mod:`diffmem.zoo.sd_labels`); default folder: the shipped zoo."""
+    folder = _folder(folder)
+    path = folder / "labels.jsonl"
     if not path.is_file():
         raise ModelLoadError(f"zoo folder '{folder}' has no labels.jsonl; run `diffmem zoo label --zoo {folder}`")
     return read_jsonl(path)
@@ -61,21 +98,27 @@ def vae_roundtrip(model, images: torch.Tensor, batch_size: int = 512) -> torch.T
                       for i in range(0, len(images), batch_size)])
 
 
+def zoo_training_images(folder: str | Path | None = None) -> TrainingImages:
+    """The :class:`~diffmem.zoo.build.TrainingImages` of a zoo folder (default: the shipped zoo), rendered by the
+    corpus its ``zoo.json`` names: the unique training images and one epoch's (item, image) pairs."""
+    from diffmem.zoo.build import TrainingImages
+
+    folder = _folder(folder)
+    return TrainingImages.for_corpus(zoo_corpus_name(folder), load_corpus(folder))
+
+
 _CACHE: dict[str, ZooTrainingSet] = {}
 
 
 def zoo_training_set(folder: str | Path | None = None, model=None) -> ZooTrainingSet:
-    """The training set of a zoo folder (default: the embedded zoo), cached per process."""
-    from diffmem.zoo.build import TrainingImages
-    from diffmem.zoo.paths import zoo_dir
-
-    folder = Path(folder) if folder is not None else zoo_dir()
+    """The training set of a zoo folder (default: the embedded zoo) of either corpus, cached per process;
+    ``model`` (default: the folder's pipeline) gives the VAE of the reference round trip."""
+    folder = _folder(folder)
     key = str(folder.resolve())
     if key not in _CACHE:
-        data = TrainingImages(load_corpus(folder))
+        data = zoo_training_images(folder)
         images = (data.pixels + 1) / 2
-        item_of_image = np.zeros(len(images), dtype=np.int64)
-        item_of_image[data.image_of_pair] = data.item_of_pair
+        item_of_image = data.item_of_image()
         images_of_item: dict[int, list[int]] = {}
         for img, item in enumerate(item_of_image.tolist()):
             images_of_item.setdefault(item, []).append(img)
