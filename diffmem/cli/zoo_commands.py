@@ -29,24 +29,34 @@ def run_build(args: argparse.Namespace) -> None:
     print(f"zoo written to {out}")
     if args.no_label:
         return
-    if corpus != "collapse":  # labels of the SD-like zoo: docs/zoo-sd.md, training plan step 5 (not yet written)
-        print(f"not labelled: `diffmem zoo label` supports the collapse zoo only so far (corpus '{corpus}')")
-        return
     label_folder(out)
 
 
 def label_folder(folder: Path, seeds: int = 4, steps: int = 25, cache_dir: str | Path | None = None) -> dict:
-    """Write ``labels.jsonl`` and the summary into ``zoo.json`` of a zoo folder."""
+    """Write ``labels.jsonl`` and the summary into ``zoo.json`` of a zoo folder of either corpus (the one its
+    ``zoo.json`` names): the collapse zoo's every caption (:func:`~diffmem.zoo.labels.label_zoo`), the SD-like
+    zoo's every caption but a fixed 1,000 of its once-seen titles (:func:`~diffmem.zoo.sd_labels.label_sd_zoo`)."""
     from diffmem.models.loader import load_model
-    from diffmem.zoo.attributes import AttributeReader
-    from diffmem.zoo.labels import LabelConfig, label_zoo
-    from diffmem.zoo.load import load_corpus, zoo_training_set
+    from diffmem.zoo.load import load_corpus, zoo_corpus_name, zoo_training_set
 
+    folder = Path(folder)
     items = load_corpus(folder)
     model = load_model(folder / "pipeline")
-    reader = AttributeReader.load(folder / "attribute_reader")
-    rows, summary = label_zoo(model, items, reader, LabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps),
-                              training_set=zoo_training_set(folder, model), cache_dir=cache_dir)
+    training_set = zoo_training_set(folder, model)
+    if zoo_corpus_name(folder) == "sd":
+        from diffmem.zoo.sd_attributes import SDAttributeReader
+        from diffmem.zoo.sd_labels import SDLabelConfig, label_sd_zoo
+
+        rows, summary = label_sd_zoo(model, items, SDAttributeReader.load(folder / "attribute_reader"), training_set,
+                                     SDLabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps),
+                                     cache_dir=cache_dir)
+    else:
+        from diffmem.zoo.attributes import AttributeReader
+        from diffmem.zoo.labels import LabelConfig, label_zoo
+
+        rows, summary = label_zoo(model, items, AttributeReader.load(folder / "attribute_reader"),
+                                  LabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps),
+                                  training_set=training_set, cache_dir=cache_dir)
     write_jsonl(folder / "labels.jsonl", rows)
     record = json.loads((folder / "zoo.json").read_text())
     record["labels"] = summary
@@ -63,7 +73,8 @@ def format_summary(summary: dict) -> str:
     for rate, s in summary["signature_by_replication"].items():
         lines.append(f"  {rate:>3}x  ({s['n']} captions)  {s['memorized']:.3f}")
     fid = summary.get("generic_fidelity", {})
-    lines.append("generic prompt fidelity (shape+colour+position read back): "
+    reads = summary.get("fidelity_reads", "shape+colour+position")
+    lines.append(f"generic prompt fidelity ({reads} read back): "
                  + ", ".join(f"{k} {v:.3f}" for k, v in fid.items() if v is not None))
     return "\n".join(lines)
 
