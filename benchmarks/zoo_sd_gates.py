@@ -1,0 +1,155 @@
+"""Benchmark: the SD-like zoo's after-training gates (issue #11; docs/zoo-sd.md, training plan step 6).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/zoo_sd_gates.py --out benchmarks/results/zoo_sd_gates.json
+
+``--model`` names the zoo (default ``zoo:sd``; also a zoo folder, or its ``pipeline`` folder); ``--smoke`` runs
+tiny sizes (a few captions, 2 DDIM steps) to check the script end to end. The computations live in
+:mod:`diffmem.zoo.sd_gates` and :mod:`diffmem.zoo.sd_labels`; this script picks the captions (a fixed random
+sample of each kind, sizes in the JSON's ``sizes``), labels them with the rule of ``diffmem zoo label``
+(thresholds from the same null over the whole corpus), generates ``diversity_seeds`` images of ordinary and
+memorized captions, and writes every gate as ``{value, target, pass}``.
+
+Default sizes (about 3,000 generations at 25 steps; the collapse zoo's architecture generates 128 images in
+21 s on one niced thread of the shared 2-core machine, so well under 15 minutes on 2 cores):
+96 ordinary captions, all 29 held-out ordinary ones, all 64 signatures, all 300 look-alike titles, all template
+captions, 100 once-seen titles, 4 seeds each; diversity and fidelity on 48 ordinary captions and every
+signature duplicated >= 16x, 8 seeds each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffmem.io import atomic_write_text
+from diffmem.models.loader import load_model
+from diffmem.models.sources import resolve
+from diffmem.zoo.load import load_corpus, zoo_corpus_name, zoo_training_set
+from diffmem.zoo.sd_attributes import SDAttributeReader
+from diffmem.zoo.sd_corpus import SDItem
+from diffmem.zoo.sd_gates import caption_diversity, diversity_config, named_fidelity, sd_gates
+from diffmem.zoo.sd_labels import SDLabelConfig, label_sd_zoo, summarise_by_family
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many captions of each kind are labelled (``None``: all), and the diversity set; saved in the JSON."""
+
+    generic: int | None = 96
+    heldout_generic: int | None = None
+    signature: int | None = None
+    heldout_signature: int | None = None
+    template: int | None = None
+    heldout_template: int | None = None
+    title: int | None = 100
+    label_seeds: int = 4
+    diversity_ordinary: int = 48
+    diversity_memorized: int | None = None  # signatures duplicated >= diversity_min_rate
+    diversity_min_rate: int = 16
+    diversity_seeds: int = 8
+    steps: int = 25
+    null_captions: int = 300
+    sample_seed: int = 0
+
+
+SMOKE = Sizes(generic=4, heldout_generic=2, signature=None, heldout_signature=4, template=2, heldout_template=2,
+              title=4, label_seeds=2, diversity_ordinary=3, diversity_memorized=2, diversity_min_rate=1,
+              diversity_seeds=3, steps=2, null_captions=8)
+
+
+def zoo_folder(spec: str) -> Path:
+    """The zoo folder (``zoo.json`` inside) of a model spec: a zoo name, a zoo folder or its pipeline folder."""
+    path = Path(spec)
+    if (path / "zoo.json").is_file():
+        return path
+    folder = resolve(spec).folder
+    if folder is None or not (folder.parent / "zoo.json").is_file():
+        raise SystemExit(f"zoo_sd_gates: '{spec}' is not a zoo (no zoo.json beside its pipeline)")
+    return folder.parent
+
+
+def sample(items: list[SDItem], n: int | None, rng: np.random.Generator) -> list[SDItem]:
+    """A fixed random ``n`` of ``items`` (all when ``n`` is None or larger), in corpus order."""
+    if n is None or n >= len(items):
+        return list(items)
+    keep = set(rng.permutation(len(items))[:n].tolist())
+    return [it for i, it in enumerate(items) if i in keep]
+
+
+def choose(items: list[SDItem], sizes: Sizes) -> tuple[list[SDItem], list[SDItem], list[SDItem]]:
+    """(captions to label, ordinary and memorized captions of the diversity set)."""
+    rng = np.random.default_rng(sizes.sample_seed)
+    by_kind = {kind: [it for it in items if it.kind == kind] for kind in dict.fromkeys(it.kind for it in items)}
+    label = [it for kind, sel in by_kind.items() for it in sample(sel, getattr(sizes, kind), rng)]
+    label.sort(key=lambda it: it.item_id)
+    ordinary = sample(by_kind.get("generic", []), sizes.diversity_ordinary, rng)
+    memorized = sample([it for it in by_kind.get("signature", []) if it.replication >= sizes.diversity_min_rate],
+                       sizes.diversity_memorized, rng)
+    return label, ordinary, memorized
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="zoo:sd", help="zoo:sd (default), a zoo folder or its pipeline folder")
+    parser.add_argument("--out", default="benchmarks/results/zoo_sd_gates.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and 2 DDIM steps: checks the script only")
+    args = parser.parse_args()
+    sizes = SMOKE if args.smoke else Sizes()
+    started = time.time()
+    seconds: dict[str, float] = {}
+
+    folder = zoo_folder(args.model)
+    if zoo_corpus_name(folder) != "sd":
+        raise SystemExit(f"zoo_sd_gates: '{folder}' is a zoo of the '{zoo_corpus_name(folder)}' corpus, not 'sd'")
+    items: list[SDItem] = load_corpus(folder)  # type: ignore[assignment]
+    model = load_model(folder / "pipeline")
+    reader = SDAttributeReader.load(folder / "attribute_reader")
+    training_set = zoo_training_set(folder, model)
+    seconds["load"] = round(time.time() - started, 1)
+
+    label_items, ordinary, memorized = choose(items, sizes)
+    cfg = SDLabelConfig(seeds_per_prompt=sizes.label_seeds, num_inference_steps=sizes.steps,
+                        null_captions=sizes.null_captions)
+    t = time.time()
+    rows, summary = label_sd_zoo(model, items, reader, training_set, cfg, selection=label_items)
+    seconds["labels"] = round(time.time() - t, 1)
+
+    t = time.time()
+    div_cfg = diversity_config(cfg, sizes.diversity_seeds)
+    ordinary_ssim, ordinary_gen = caption_diversity(model, ordinary, div_cfg)
+    memorized_ssim, _ = caption_diversity(model, memorized, div_cfg)
+    fid = named_fidelity(reader, ordinary_gen, ordinary, sizes.diversity_seeds)
+    seconds["diversity_and_fidelity"] = round(time.time() - t, 1)
+
+    gates = sd_gates(rows, ordinary_ssim, memorized_ssim, fid)
+    seconds["total"] = round(time.time() - started, 1)
+    result = {
+        "model": str(folder), "fingerprint": model.fingerprint, "smoke": args.smoke,
+        "passed": sum(g["pass"] for g in gates.values()), "gates_total": len(gates), "gates": gates,
+        "sizes": {**asdict(sizes), "labelled_captions": len(label_items), "diversity_captions":
+                  {"ordinary": len(ordinary), "memorized": len(memorized)},
+                  "generations": len(label_items) * sizes.label_seeds
+                  + (len(ordinary) + len(memorized)) * sizes.diversity_seeds},
+        "labels": {"by_kind": summary["by_kind"], "by_family": summarise_by_family(rows),
+                   "signature_by_replication": summary["signature_by_replication"],
+                   "thresholds": summary["thresholds"], "label_fidelity": summary["generic_fidelity"],
+                   "label_config": dataclasses.asdict(cfg)},
+        "diversity": {"ordinary_per_caption": [round(float(v), 4) for v in ordinary_ssim],
+                      "memorized_per_caption": [round(float(v), 4) for v in memorized_ssim]},
+        "fidelity": {k: round(v, 4) for k, v in fid.items()},
+        "seconds": seconds,
+    }
+    atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    for name, g in gates.items():
+        print(f"{name:<28} {json.dumps(g['value']):<40} {g['target']:<28} {'pass' if g['pass'] else 'FAIL'}")
+    print(f"{result['passed']}/{len(gates)} gates pass; wrote {args.out} in {seconds['total']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The SD-like zoo's after-training gates (issue #11; docs/zoo-sd.md, training plan step 6).
+
+What a user of Stable Diffusion sees, measured on the trained zoo:
+
+- **diversity**: an ordinary caption's generations differ across seeds (mean pairwise SSIM <= 0.5), a memorized
+  (signature, duplicated >= 16x) caption's repeat (>= 0.9) (:func:`caption_diversity`);
+- **memorization only by duplication**: the memorized fraction (extraction labels,
+  :func:`~diffmem.zoo.sd_labels.label_sd_zoo`) rises with the replication rate, >= 90% at 16x and 64x, <= 10% at
+  1x; never-trained look-alike titles <= 5%; ordinary captions <= 1%; template captions reproduce their
+  template (>= 50%, Webster 2023's template verbatim: a target of this module, the issue names none);
+- **fidelity**: every factor an ordinary caption names read back by the SD attribute reader in >= 85% of
+  generations (:func:`~diffmem.zoo.sd_attributes.fidelity`).
+
+Every gate is ``{"value", "target", "pass"}`` (:func:`gate`); :func:`sd_gates` assembles them from label rows,
+diversity and fidelity. ``benchmarks/zoo_sd_gates.py`` chooses the captions and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from diffmem.eval.similarity import ssim_pairs
+from diffmem.models.model import DiffusionModel
+from diffmem.zoo.attributes import AttributeReader
+from diffmem.zoo.labels import LabelConfig, generate
+from diffmem.zoo.sd_attributes import fidelity
+from diffmem.zoo.sd_corpus import SDItem
+
+_OPS = {"<=": operator.le, ">=": operator.ge}
+
+
+def gate(value: float | None, op: str, bound: float) -> dict:
+    """One gate: its measured ``value``, the ``target`` as text (``"<= 0.5"``) and whether it passes (a gate with
+    nothing measured, ``value`` None, fails)."""
+    passed = value is not None and bool(_OPS[op](value, bound))
+    return {"value": None if value is None else round(float(value), 4), "target": f"{op} {bound}", "pass": passed}
+
+
+def pairwise_ssim(images: torch.Tensor, k: int) -> np.ndarray:
+    """Per caption, the mean SSIM over all ``k (k - 1) / 2`` pairs of its ``k`` generations; ``images`` holds
+    ``k`` images per caption, caption after caption (``(n k, 3, H, W)`` in [0, 1])."""
+    if k < 2 or len(images) % k:
+        raise ValueError(f"pairwise SSIM needs k >= 2 images per caption and a multiple of k, got {len(images)}, k={k}")
+    n = len(images) // k
+    ii, jj = np.triu_indices(k, 1)
+    a = torch.cat([images[c * k + torch.as_tensor(ii)] for c in range(n)])
+    b = torch.cat([images[c * k + torch.as_tensor(jj)] for c in range(n)])
+    return ssim_pairs(a, b).view(n, len(ii)).mean(1).double().numpy()
+
+
+def mean_pairwise_ssim(images: torch.Tensor) -> float:
+    """Mean SSIM over all pairs of ``images`` (one caption's generations across seeds): about 1 when a caption
+    always gives the same picture, low when its seeds give different pictures."""
+    return float(pairwise_ssim(images, len(images))[0])
+
+
+def caption_diversity(model: DiffusionModel, items: Sequence[SDItem], cfg: LabelConfig, progress: bool = True
+                      ) -> tuple[np.ndarray, torch.Tensor]:
+    """Generate ``cfg.seeds_per_prompt`` images of each caption (as labelling does) and return each caption's
+    mean pairwise SSIM and the generations."""
+    gen = generate(model, list(items), cfg, progress)
+    return pairwise_ssim(gen, cfg.seeds_per_prompt), gen
+
+
+def named_fidelity(reader: AttributeReader, gen: torch.Tensor, items: Sequence[SDItem], k: int) -> dict[str, float]:
+    """:func:`~diffmem.zoo.sd_attributes.fidelity` of ``k`` generations per ordinary caption against its named
+    factors: ``all`` (every named factor read back) and each factor's read-back rate."""
+    return fidelity(reader, gen, [it.named for it in items for _ in range(k)])
+
+
+def _fraction(rows: list[dict], **match: object) -> float | None:
+    sel = [r["memorized"] for r in rows if all(r[key] == value for key, value in match.items())]
+    return float(np.mean(sel)) if sel else None
+
+
+def memorized_by_rate(rows: list[dict]) -> dict[int, float]:
+    """Memorized fraction of signature captions per replication rate."""
+    rates = sorted({r["replication"] for r in rows if r["kind"] == "signature"})
+    return {rate: frac for rate in rates if (frac := _fraction(rows, kind="signature", replication=rate)) is not None}
+
+
+def sd_gates(rows: list[dict], ordinary_ssim: np.ndarray, memorized_ssim: np.ndarray,
+             fid: dict[str, float]) -> dict[str, dict]:
+    """Every after-training gate from label rows (:func:`~diffmem.zoo.sd_labels.label_sd_zoo`), per-caption mean
+    pairwise SSIM of ordinary and memorized captions, and named-factor fidelity (:func:`named_fidelity`)."""
+    by_rate = memorized_by_rate(rows)
+    fractions = [by_rate[r] for r in sorted(by_rate)]
+    rising = all(b >= a for a, b in zip(fractions, fractions[1:]))
+    gates = {
+        "diversity_ordinary": gate(float(np.mean(ordinary_ssim)) if len(ordinary_ssim) else None, "<=", 0.5),
+        "diversity_memorized": gate(float(np.mean(memorized_ssim)) if len(memorized_ssim) else None, ">=", 0.9),
+        **{f"memorized_{rate}x": gate(by_rate.get(rate), op, bound)
+           for rate, op, bound in ((1, "<=", 0.1), (16, ">=", 0.9), (64, ">=", 0.9))},
+        "memorized_rises_with_rate": {"value": {str(r): round(v, 4) for r, v in by_rate.items()},
+                                      "target": "non-decreasing in the rate", "pass": bool(rising and fractions)},
+        "lookalike_titles": gate(_fraction(rows, kind="heldout_signature"), "<=", 0.05),
+        "ordinary_captions": gate(_fraction(rows, kind="generic"), "<=", 0.01),
+        "named_fidelity": gate(fid.get("all"), ">=", 0.85),
+        "template": gate(_fraction(rows, kind="template"), ">=", 0.5),
+    }
+    for factor, value in fid.items():
+        if factor != "all":
+            gates[f"named_fidelity_{factor}"] = gate(value, ">=", 0.85)
+    return gates
+
+
+def diversity_config(cfg: LabelConfig, seeds: int) -> LabelConfig:
+    """``cfg`` with ``seeds`` generations per caption and seeds disjoint from labelling's (offset by 10^9)."""
+    return dataclasses.replace(cfg, seeds_per_prompt=seeds, seed_offset=cfg.seed_offset + 10**9)

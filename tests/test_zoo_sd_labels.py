@@ -1,0 +1,165 @@
+"""Loading an SD-like zoo's data by the corpus its zoo.json names, its extraction labels (per-family null
+thresholds, once-seen titles sampled), the labelling rule on hand-made generations, and the after-training gates
+script on a smoke zoo (a tiny build, a few steps of every stage, as tests/test_zoo_sd_build.py makes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffmem.cli.deepssim_commands import zoo_images_and_groups
+from diffmem.cli.main import main
+from diffmem.eval.matching import SSIMMatcher
+from diffmem.zoo.architecture import ArchitectureConfig
+from diffmem.zoo.build import TrainingImages, build_zoo, sd_zoo_config
+from diffmem.zoo.corpus import ZooItem
+from diffmem.zoo.labels import LabelConfig, label_generations, null_thresholds
+from diffmem.zoo.load import (
+    ZooTrainingSet,
+    load_corpus,
+    load_labels,
+    zoo_corpus_name,
+    zoo_training_images,
+    zoo_training_set,
+)
+from diffmem.zoo.sd_corpus import SDCorpusConfig, SDItem, build_sd_corpus, render_scene, sample_scene
+from diffmem.zoo.sd_gates import gate, mean_pairwise_ssim, pairwise_ssim
+from diffmem.zoo.sd_labels import SD_FAMILIES, SD_SCHEME, SDLabelConfig, label_sd_zoo, select_sd_captions
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SD = SDCorpusConfig(n_base=4, n_extended=1, titles_per_family=40, signatures_per_rate=1,
+                         heldout_signature_per_family=4, template_groups_per_family=1)
+SMOKE = dataclasses.replace(
+    sd_zoo_config(corpus=TINY_SD, vae_steps=2, vae_batch=4, unet_steps=4, unet_batch=8, checkpoint_every=2,
+                  warmup_steps=2, reader_steps=2, reader_batch=8, deepssim_steps=2),
+    arch=ArchitectureConfig(text_width=32, text_layers=1, text_heads=2, unet_channels=(32, 32, 32), unet_heads=2,
+                            vae_channels=(16, 16, 16)))
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sdlabels")
+    return build_zoo(root / "zoo_sd", SMOKE, root / "work")
+
+
+def test_load_corpus_follows_the_zoo_json_corpus(zoo, tmp_path):
+    items = load_corpus(zoo)
+    assert zoo_corpus_name(zoo) == "sd"
+    assert all(isinstance(it, SDItem) for it in items)
+    assert [it.caption for it in items] == [it.caption for it in build_sd_corpus(TINY_SD)]
+    data = zoo_training_images(zoo)
+    expected = TrainingImages.for_corpus("sd", build_sd_corpus(TINY_SD))
+    assert torch.equal(data.pixels, expected.pixels)
+    images, groups = zoo_images_and_groups(zoo)  # the deepssim command's zoo images, same corpus
+    assert torch.equal(images, (expected.pixels + 1) / 2) and np.array_equal(groups, expected.item_of_image())
+    ts = zoo_training_set(zoo)
+    assert ts.reference.shape == ts.images.shape == (len(expected.pixels), 3, 32, 32)
+    signature = next(it for it in items if it.kind == "signature" and it.replication == 16)
+    assert len(ts.images_of_item[signature.item_id]) == 1
+    # a record without a corpus name was written before the SD corpus: the collapse zoo
+    (tmp_path / "zoo.json").write_text(json.dumps({"config": {"corpus": {}}}))
+    assert zoo_corpus_name(tmp_path) == "collapse"
+    assert isinstance(load_corpus()[0], ZooItem)  # default folder: the shipped collapse zoo, as before
+    assert load_labels()[0]["family"] in {"object", "scene"}
+
+
+def test_title_selection_is_fixed_and_keeps_every_other_caption():
+    items = build_sd_corpus(TINY_SD)
+    chosen = select_sd_captions(items, titles=10, seed=0)
+    assert chosen == select_sd_captions(items, titles=10, seed=0)
+    assert sum(it.kind == "title" for it in chosen) == 10
+    assert [it for it in chosen if it.kind != "title"] == [it for it in items if it.kind != "title"]
+    assert [it.item_id for it in chosen] == sorted(it.item_id for it in chosen)
+    assert select_sd_captions(items, titles=10, seed=1) != chosen
+
+
+def test_zoo_label_writes_one_row_per_selected_caption(zoo):
+    assert main(["zoo", "label", "--zoo", str(zoo), "--seeds", "2", "--steps", "2"]) in (0, None)
+    items = load_corpus(zoo)
+    rows = load_labels(zoo)
+    assert [r["caption"] for r in rows] == [it.caption for it in items]  # 80 once-seen titles < 1,000: all
+    summary = json.loads((zoo / "zoo.json").read_text())["labels"]
+    thresholds = {fam: t["threshold"] for fam, t in summary["thresholds"].items()}
+    assert set(thresholds) == set(SD_FAMILIES)
+    for row, item in zip(rows, items):
+        assert row["family"] == item.family and row["kind"] == item.kind and row["replication"] == item.replication
+        assert row["threshold"] == round(thresholds[item.family], 4)
+        assert row["memorized"] == (row["ssim_nn"] > row["threshold"]) or abs(row["ssim_nn"] - row["threshold"]) < 1e-3
+        assert {"caption", "kind", "memorized", "replication", "match", "ssim_nn", "group"} <= set(row)
+        assert (row["fidelity"] is not None) == (item.family == "ordinary")
+    assert summary["selection"]["labelled"] == len(items) and summary["label_config"]["titles"] == 1000
+
+    model_cfg = SDLabelConfig(seeds_per_prompt=2, num_inference_steps=2, titles=5, null_captions=10)
+    from diffmem.models.loader import load_model
+
+    rows, summary = label_sd_zoo(load_model(zoo / "pipeline"), items, None, zoo_training_set(zoo), model_cfg,
+                                 progress=False)
+    assert len(rows) == sum(it.kind != "title" for it in items) + 5
+    assert sum(r["kind"] == "title" for r in rows) == 5 and summary["selection"]["titles"] == 5
+    assert {t["n"] for t in summary["thresholds"].values()} == {10}  # 10 null captions (best of 2) per family
+
+
+def test_labelling_rule_on_hand_made_generations():
+    """An exact training image is memorized (its own); a fresh render of a caption's Named factors is not.
+
+    The training set is the raw renders (an identity VAE), so the statistic is the labeller's, undisturbed."""
+    items = build_sd_corpus(TINY_SD)
+    data = TrainingImages.for_corpus("sd", items)
+    images = (data.pixels + 1) / 2
+    item_of_image = data.item_of_image()
+    images_of_item: dict[int, list[int]] = {}
+    for img, item in enumerate(item_of_image.tolist()):
+        images_of_item.setdefault(item, []).append(img)
+    ts = ZooTrainingSet(images, images, item_of_image, images_of_item)
+    cfg = LabelConfig(seeds_per_prompt=2, null_captions=40)
+    matcher = SSIMMatcher(cfg.candidates).fit(ts.reference)
+    thresholds = null_thresholds(items, matcher, cfg, lambda x: x, SD_SCHEME)
+    assert set(thresholds) == set(SD_FAMILIES) and all(t["threshold"] < 0.99 for t in thresholds.values())
+
+    title = next(it for it in items if it.kind == "title")
+    signature = next(it for it in items if it.kind == "signature" and it.replication == 64)
+    generic = next(it for it in items if it.kind == "generic" and len(it.image_seeds) > 1)
+    own = [images[images_of_item[it.item_id][0]] for it in (title, signature) for _ in range(2)]
+    fresh = [render_scene(sample_scene(generic.named, 10**6 + s)) for s in range(2)]
+    gen = torch.cat([torch.stack(own), torch.from_numpy(np.stack(fresh)).permute(0, 3, 1, 2).float() / 255])
+    rows = label_generations(gen, [title, signature, generic], ts, matcher, thresholds, 2, None, SD_SCHEME)
+    assert [r["memorized"] for r in rows] == [True, True, False]
+    assert [r["match"] for r in rows] == ["own", "own", "none"]
+    assert rows[0]["ssim_nn"] == 1.0 and rows[0]["family"] == title.family and rows[2]["family"] == "ordinary"
+    assert rows[2]["ssim_nn"] <= rows[2]["threshold"]
+
+
+def test_pairwise_ssim_and_gate():
+    x = torch.rand(1, 3, 32, 32)
+    assert mean_pairwise_ssim(x.repeat(4, 1, 1, 1)) == pytest.approx(1.0)
+    per = pairwise_ssim(torch.cat([x.repeat(3, 1, 1, 1), torch.rand(3, 3, 32, 32)]), 3)
+    assert per[0] == pytest.approx(1.0) and per[1] < 0.5
+    assert gate(0.3, "<=", 0.5) == {"value": 0.3, "target": "<= 0.5", "pass": True}
+    assert gate(None, ">=", 0.9)["pass"] is False
+
+
+def test_gates_script_smoke(zoo, tmp_path, monkeypatch):
+    out = tmp_path / "gates.json"
+    monkeypatch.setattr(sys, "argv", ["zoo_sd_gates.py", "--smoke", "--model", str(zoo), "--out", str(out)])
+    runpy.run_path(str(ROOT / "benchmarks" / "zoo_sd_gates.py"), run_name="__main__")
+    result = json.loads(out.read_text())
+    expected = {"diversity_ordinary", "diversity_memorized", "memorized_1x", "memorized_16x", "memorized_64x",
+                "memorized_rises_with_rate", "lookalike_titles", "ordinary_captions", "named_fidelity", "template"}
+    assert expected <= set(result["gates"])
+    for name, g in result["gates"].items():
+        assert set(g) == {"value", "target", "pass"} and isinstance(g["pass"], bool), name
+        assert g["value"] is not None, name
+    assert result["smoke"] and result["sizes"]["steps"] == 2 and result["sizes"]["labelled_captions"] > 0
+    assert result["passed"] == sum(g["pass"] for g in result["gates"].values())
