@@ -301,6 +301,8 @@ def main() -> None:
                         help="label_stability.py's rates file: adds the confident-subset metrics (default: the "
                              "collapse zoo's; '' for none)")
     parser.add_argument("--reference", type=int, default=200, help="ordinary reference prompts (left out)")
+    parser.add_argument("--reference-kinds", nargs="+", default=list(REFERENCE_KINDS),
+                        help="kinds the reference prompts are drawn from, alternating (those the labels have)")
     parser.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1],
                         help="seeds of the dev / test split of the captions (the first is the headline)")
     parser.add_argument("--dev-fraction", type=float, default=0.5, help="share of each stratum in dev")
@@ -318,7 +320,7 @@ def main() -> None:
     model = load_model(args.model)
     rows = read_labels(args.labels)
     label_kinds = {r["kind"] for r in rows}
-    reference = sorted(reference_captions(rows, [k for k in REFERENCE_KINDS if k in label_kinds], args.reference))
+    reference = sorted(reference_captions(rows, [k for k in args.reference_kinds if k in label_kinds], args.reference))
     prompts = labelled_prompts(rows, args.max_per_kind, exclude=set(reference), source=f"labels:{args.labels}")
     if args.limit:
         prompts = prompts.evenly(args.limit)
