@@ -10,7 +10,8 @@ sample of each kind, sizes in the JSON's ``sizes``), labels them with the rule o
 memorized captions, and writes every gate as ``{value, target, pass}``.
 
 Default sizes (about 3,000 generations at 25 steps; the collapse zoo's architecture generates 128 images in
-21 s on one niced thread of the shared 2-core machine, so well under 15 minutes on 2 cores):
+21 s on one niced thread of the shared 2-core machine; with SSIM matching, about 85,000 pairs, and the training
+set's render and VAE round trip, about 8-12 minutes on 2 cores):
 96 ordinary captions, all 29 held-out ordinary ones, all 64 signatures, all 300 look-alike titles, all template
 captions, 100 once-seen titles, 4 seeds each; diversity and fidelity on 48 ordinary captions and every
 signature duplicated >= 16x, 8 seeds each.
@@ -24,9 +25,11 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
+from diffmem.errors import ModelLoadError
 from diffmem.io import atomic_write_text
 from diffmem.models.loader import load_model
 from diffmem.models.sources import resolve
@@ -68,7 +71,10 @@ def zoo_folder(spec: str) -> Path:
     path = Path(spec)
     if (path / "zoo.json").is_file():
         return path
-    folder = resolve(spec).folder
+    try:
+        folder = resolve(spec).folder
+    except ModelLoadError as exc:  # e.g. zoo:sd not built yet: its one line, not a traceback
+        raise SystemExit(f"zoo_sd_gates: {exc}") from None
     if folder is None or not (folder.parent / "zoo.json").is_file():
         raise SystemExit(f"zoo_sd_gates: '{spec}' is not a zoo (no zoo.json beside its pipeline)")
     return folder.parent
@@ -107,7 +113,7 @@ def main() -> None:
     folder = zoo_folder(args.model)
     if zoo_corpus_name(folder) != "sd":
         raise SystemExit(f"zoo_sd_gates: '{folder}' is a zoo of the '{zoo_corpus_name(folder)}' corpus, not 'sd'")
-    items: list[SDItem] = load_corpus(folder)  # type: ignore[assignment]
+    items = cast(list[SDItem], load_corpus(folder))  # the corpus is "sd", checked above
     model = load_model(folder / "pipeline")
     reader = SDAttributeReader.load(folder / "attribute_reader")
     training_set = zoo_training_set(folder, model)

@@ -73,6 +73,9 @@ def format_summary(summary: dict) -> str:
     for rate, s in summary["signature_by_replication"].items():
         lines.append(f"  {rate:>3}x  ({s['n']} captions)  {s['memorized']:.3f}")
     fid = summary.get("generic_fidelity", {})
+    for fam, kinds in summary.get("by_family", {}).items():  # the SD-like zoo's title families apart
+        lines.append(f"family {fam}: "
+                     + ", ".join(f"{kind} {s['memorized']:.3f} ({s['n']})" for kind, s in kinds.items()))
     reads = summary.get("fidelity_reads", "shape+colour+position")
     lines.append(f"generic prompt fidelity ({reads} read back): "
                  + ", ".join(f"{k} {v:.3f}" for k, v in fid.items() if v is not None))
