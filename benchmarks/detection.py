@@ -295,8 +295,7 @@ def main() -> None:
     parser.add_argument("--margin-stop-after", type=int, nargs="+", default=[8],
                         help="nn-margin's x0 step(s) out of 10; with several, the step is chosen on dev")
     parser.add_argument("--image-index", default=None,
-                        help="training-image folder of the image detectors (default: the collapse zoo's own; "
-                             "another model's image detectors are skipped without it)")
+                        help="training-image folder of the image detectors (default: the scanned zoo's own)")
     parser.add_argument("--rates", default=None,
                         help="label_stability.py's rates file: adds the confident-subset metrics (default: the "
                              "collapse zoo's; '' for none)")
@@ -330,10 +329,8 @@ def main() -> None:
     mixed = [f for f in sorted(set(families)) if y[families == f].any() and (~y[families == f]).any()]
     rate = replication_rates(prompts, Path(args.rates)) if args.rates else np.full(len(prompts), np.nan)
     confident = (rate >= 0.5) | (rate == 0)
-    skip_reasons = {}
-    image_ok = args.image_samples and (args.corpus == "collapse" or args.image_index)
-    if args.image_samples and not image_ok:
-        skip_reasons["image-"] = "no --image-index: the image detectors' default index is the collapse zoo's"
+    skip_reasons: dict[str, str] = {}
+    image_ok = bool(args.image_samples)  # without --image-index they use the scanned zoo's own training images
     index = {"index": args.image_index} if args.image_index else {}
     image_detectors = ([make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4, **index)]
                        + [make_detector("nn-margin", samples=args.margin_samples, steps=10, stop_after=k, **index)

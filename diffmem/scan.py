@@ -124,6 +124,8 @@ def run_scan(model: DiffusionModel, prompts: PromptSet, detectors: list[Detector
     if len(set(names)) != len(names):
         raise DiffmemError(f"detector names repeat: {names}")
     out = Path(out_dir)
+    for d in detectors:
+        d.bind(model)
     record = provenance(model, prompts, detectors, settings, world_size)
     claim_folder(out, record, rank)
     engine = NoiseStepEngine(model, settings.n_draws, settings.seed, settings.schedule_steps,

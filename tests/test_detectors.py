@@ -419,3 +419,22 @@ def ssim_pairs_max(image: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     from diffmem.eval.similarity import ssim_pairs
 
     return ssim_pairs(image.expand_as(others), others).max()
+
+
+def test_image_detectors_compare_with_the_scanned_models_own_training_images(tiny_sd_folder, tmp_path):
+    """nn-margin without an index uses the training set of the zoo the model came from; a model that is not a
+    zoo must name its training images (it used to be compared with the shipped zoo's, silently)."""
+    from diffmem.errors import DiffmemError
+    from diffmem.models import load_model
+    from diffmem.prompts import prompts_from_list
+    from diffmem.scan import ScanSettings, run_scan
+    from diffmem.zoo.paths import zoo_dir
+
+    margin = make_detector("nn-margin", samples=1, steps=2, stop_after=1)
+    margin.bind(load_model())
+    assert margin._zoo == zoo_dir().resolve()
+    other = make_detector("combined", members=["noise-norm", "nn-margin"])
+    with pytest.raises(DiffmemError, match=r"not a diffmem zoo: give them with --option nn-margin.index=FOLDER"):
+        run_scan(load_model(tiny_sd_folder), prompts_from_list(["a red circle"]), [other], tmp_path / "scan",
+                 ScanSettings(n_draws=1), progress=False)
+    assert not (tmp_path / "scan").exists()  # refused before anything was written

@@ -143,6 +143,8 @@ def _scan(args: argparse.Namespace, prepared: dict, check=None):
     settings = ScanSettings(n_draws=args.draws, seed=args.seed, batch_size=args.batch_size,
                             seed_per_prompt=getattr(args, "seed_per_prompt", False))
     if check is not None:
+        for d in detectors:
+            d.bind(model)  # before provenance records their settings (run_scan binds again; idempotent)
         check(provenance(model, prompts, detectors, settings, state.num_processes))
     if state.is_main_process:
         claim_output_dir(args.out, "scan", SCAN_WRITES)

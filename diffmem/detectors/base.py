@@ -37,6 +37,10 @@ class Detector(Configurable, ABC):
     name: ClassVar[str] = "detector"
     needs_reference: ClassVar[bool] = False  # standardises on ordinary ``reference_prompts`` (the CLI supplies them)
 
+    def bind(self, model: DiffusionModel) -> None:  # noqa: B027 - optional hook
+        """Called once with the model to be scanned, before ``config()`` is recorded: settings whose default
+        depends on the model (e.g. whose training images to compare with) resolve here."""
+
     def prepare(self, engine: NoiseStepEngine) -> None:  # noqa: B027 - optional hook
         """Called once before scoring (e.g. to calibrate on reference prompts)."""
 

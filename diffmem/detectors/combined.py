@@ -47,6 +47,10 @@ class Combined(PromptDetector):
             raise ValueError(f"combined: member_options for {unknown}, which are not members {self.members}")
         self._members: list[Detector] = [make_detector(n, **self.member_options.get(n, {})) for n in self.members]
 
+    def bind(self, model) -> None:
+        for member in self._members:
+            member.bind(model)
+
     def prepare(self, engine: NoiseStepEngine) -> None:
         for d in self._members:
             d.prepare(engine)

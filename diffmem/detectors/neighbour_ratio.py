@@ -63,15 +63,30 @@ class NeighbourRatio(PromptDetector):
     near_duplicate_rms: float = NEAR_DUPLICATE_RMS  # 0: exact copies only
     _index: TrainingIndex | None = field(default=None, repr=False, compare=False)
     _groups: DuplicateGroups | None = field(default=None, repr=False, compare=False)
+    _zoo: Path | None = field(default=None, repr=False, compare=False)
+
+    def bind(self, model) -> None:
+        """Without ``index``, compare with the training set of the zoo the model was loaded from (a zoo folder
+        holds ``zoo.json`` beside ``pipeline/``); any other model must name its training images."""
+        if self.index:
+            return
+        from diffmem.zoo.load import zoo_folder_of
+
+        self._zoo = zoo_folder_of(model)
+        if self._zoo is None:
+            raise DiffmemError(f"{self.name} compares generations with the model's training images, and "
+                               f"'{model.source}' is not a diffmem zoo: give them with "
+                               f"--option {self.name}.index=FOLDER")
 
     def training_index(self) -> TrainingIndex:
-        """The matcher fitted on the training images, built once."""
+        """The matcher fitted on the training images (``index``, else the bound zoo's, else the default
+        zoo's), built once."""
         if self._index is None:
             from diffmem.extract import folder_training_index
             from diffmem.tasks.zoo import zoo_training_index
 
             self._index = (folder_training_index(Path(self.index), self.matcher, size=self.index_size) if self.index
-                           else zoo_training_index(self.matcher))
+                           else zoo_training_index(self.matcher, zoo=self._zoo))
         return self._index
 
     def duplicate_groups(self) -> DuplicateGroups | None:

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,18 +45,26 @@ SCENE_COLOUR_TOLERANCE = 70.0
 SCENE_MIN_SHARE = 0.25
 
 
-def zoo_training_index(matcher: str = "ssim", threshold: float | None = None) -> TrainingIndex:
-    """The zoo's unique training images (through its VAE, see ``ZooTrainingSet``); default SSIM
-    threshold = the zoo's scene-family threshold."""
+def zoo_training_index(matcher: str = "ssim", threshold: float | None = None,
+                       zoo: str | Path | None = None) -> TrainingIndex:
+    """A zoo's unique training images (through its VAE, see ``ZooTrainingSet``; default zoo: the shipped one).
+    Default SSIM threshold: the collapse zoo's scene-family threshold; for a zoo labelled per family
+    without a scene family (the SD-like zoo), the highest family threshold, so no family's null images
+    count as copies."""
     from diffmem.zoo.load import zoo_training_set
     from diffmem.zoo.paths import zoo_dir
 
-    ts = zoo_training_set()
+    folder = Path(zoo) if zoo is not None else zoo_dir()
+    ts = zoo_training_set(folder)
     images, item_of_image = ts.reference, ts.item_of_image
     m = make_matcher(matcher).fit(images)
     if threshold is None:
-        record = json.loads((zoo_dir() / "zoo.json").read_text())
-        threshold = record["labels"]["thresholds"]["scene"]["threshold"] if matcher == "ssim" else m.default_threshold
+        if matcher != "ssim":
+            threshold = m.default_threshold
+        else:
+            families = json.loads((folder / "zoo.json").read_text())["labels"]["thresholds"]
+            threshold = (families["scene"] if "scene" in families
+                         else max(families.values(), key=lambda f: f["threshold"]))["threshold"]
     return TrainingIndex(images, item_of_image, m, float(threshold))
 
 

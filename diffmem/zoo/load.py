@@ -38,6 +38,15 @@ def _record(folder: Path) -> dict:
     return json.loads((folder / "zoo.json").read_text())
 
 
+def zoo_folder_of(model) -> Path | None:
+    """The zoo folder a loaded model came from (its pipeline folder's parent holds ``zoo.json``), else None."""
+    folder = getattr(model, "folder", None)
+    if folder is None:
+        return None
+    parent = Path(folder).resolve().parent
+    return parent if (parent / "zoo.json").is_file() else None
+
+
 def zoo_corpus_name(folder: str | Path | None = None) -> str:
     """The corpus a zoo folder was trained on (``collapse`` or ``sd``), from its ``zoo.json``; ``collapse`` when the
     record predates corpus names (the shipped zoo's)."""
