@@ -263,6 +263,21 @@ def heldout_bench_rows(record: dict) -> list[str]:
     return head + rows
 
 
+def memcontrol_rows(record: dict) -> list[str]:
+    """``benchmarks/memcontrol.py``: fine-tuning variants on the new-domain set, figures on its test half."""
+    head = ["| variant (test half) | tuned parameters | learning rate | extraction | new-domain loss | "
+            "new-domain quality gain | fidelity, zoo captions | seconds |", "|---|---|---|---|---|---|---|---|"]
+    names = {"base": "base (no fine-tuning)", "full-finetune": "full fine-tuning",
+             "lora-all-blocks": "LoRA, every block", "memcontrol": "MemControl's choice (dev-selected)"}
+    rows = []
+    for key, r in record["results"].items():
+        cells = [names.get(key, key), f"{100 * r['tuned_fraction']:.2f}%", f"{r['lr']:.2g}" if "lr" in r else "-",
+                 f"{r['extraction']:.3f}", f"{r['new_domain_loss']:.4f}", f"{r['new_domain_quality_gain']:.3f}",
+                 f"{r['fidelity']:.3f}", f"{r['seconds']:.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
 PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
 THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
 CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
@@ -274,6 +289,7 @@ TABLES = {
     "detection-heldout-sd": (("detection_sd.json",), lambda r, compact: heldout_rows(r[0], compact)),
     "bench": (("bench.json",), lambda r, compact: bench_rows(r[0], compact)),
     "bench-heldout": (("bench_task_model.json",), lambda r, _: heldout_bench_rows(r[0])),
+    "memcontrol": (("memcontrol.json",), lambda r, _: memcontrol_rows(r[0])),
     "bench-heldout-oracle": (("bench_task_oracle.json",), lambda r, _: heldout_bench_rows(r[0])),
     "extraction": (("extraction.json",), lambda r, _: extraction_rows(r[0])),
     "throughput": (THROUGHPUT, lambda r, _: throughput_rows(*r)),
