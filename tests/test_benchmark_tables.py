@@ -150,7 +150,8 @@ def _tables_module():
                                                    ("throughput-ratios", False, "docs/scale.md"),
                                                    ("throughput-ratios", False, "README.md"),
                                                    ("cli", False, "docs/scale.md"), ("cli", False, "README.md"),
-                                                   ("growth", False, "docs/scale.md"), ("growth", True, "README.md")])
+                                                   ("growth", False, "docs/scale.md"), ("growth", True, "README.md"),
+                                                   ("memcontrol", False, "docs/mitigation.md")])
 def test_docs_quote_each_table_verbatim_from_its_results_file(table, compact, page):
     """Every row rendered from the results file appears, character for character, in the page quoting it."""
     text = (RESULTS.parents[1] / page).read_text()
