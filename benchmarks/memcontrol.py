@@ -1,7 +1,7 @@
 """Benchmark: MemControl's parameter selection vs full fine-tuning and LoRA on every block, on a
 fine-tuning set with a new domain to learn and duplicated titles that tempt memorization.
 
-The zoo is the pretrained base. The fine-tuning set (:func:`diffmem.eval.finetune_domain.build_sd_domain_set`,
+The zoo is the pretrained base. The fine-tuning set (:func:`diffmem.zoo.finetune_sets.build_sd_domain_set`,
 deterministic from ``--seed``) comes from the SD-like zoo corpus, a domain the shipped zoo never saw:
 every "painting"/"poster" x colour x shape caption with ``--train-images`` fresh images each (the part
 to learn) and ``--titles-per-family`` identifier-like titles per style, one image each repeated
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.eval.finetune_domain import SPLITS, DomainFinetuneSet, build_sd_domain_set, title_extraction, to_tensor
+from diffmem.eval.finetune_domain import SPLITS, DomainFinetuneSet, title_extraction, to_tensor
 from diffmem.eval.quality import HELDOUT_TIMESTEPS, heldout_denoising_loss, relative_improvement
 from diffmem.eval.similarity import ssim_pairs
 from diffmem.io import atomic_write_text
@@ -51,6 +51,7 @@ from diffmem.mitigators.memcontrol import (
 from diffmem.models import load_model
 from diffmem.tasks.zoo import zoo_object_fidelity
 from diffmem.zoo.corpus import render
+from diffmem.zoo.finetune_sets import build_sd_domain_set
 from diffmem.zoo.load import load_corpus, load_labels, vae_roundtrip
 from diffmem.zoo.paths import zoo_dir
 

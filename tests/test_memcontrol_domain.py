@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.eval.finetune_domain import build_sd_domain_set, title_extraction, to_tensor
+from diffmem.eval.finetune_domain import title_extraction, to_tensor
 from diffmem.eval.quality import heldout_denoising_loss, relative_improvement
 from diffmem.mitigators.memcontrol import (
     FinetuneData,
@@ -18,6 +18,7 @@ from diffmem.mitigators.memcontrol import (
     trial_rank,
 )
 from diffmem.models import load_model
+from diffmem.zoo.finetune_sets import build_sd_domain_set
 
 
 class _StubModel:

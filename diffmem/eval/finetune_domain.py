@@ -12,10 +12,10 @@ every comparison. A :class:`DomainFinetuneSet` therefore has two parts:
   memorized), split into ``dev`` and ``test`` titles so that a search can be steered on one half and
   reported on the other.
 
-:func:`build_sd_domain_set` fills it from the SD-like zoo corpus (:mod:`diffmem.zoo.sd_corpus`), whose
-"painting"/"poster" scenes and under-specified captions ("a poster of a blue cross") the shipped zoo
-never trained on. :func:`title_extraction` is the memorization measure: the share of generations of
-a title whose nearest fine-tuning image is that title's own image, above a similarity threshold.
+:func:`diffmem.zoo.finetune_sets.build_sd_domain_set` fills one from the SD-like zoo corpus (the zoo
+task hands its data to this general code; nothing here renders zoo images). :func:`title_extraction` is
+the memorization measure: the share of generations of a title whose nearest fine-tuning image is that
+title's own image, above a similarity threshold.
 """
 
 from __future__ import annotations
@@ -101,62 +101,6 @@ def _check_split(split: str) -> None:
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, H, W, 3)`` to float ``(N, 3, H, W)`` in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-
-
-def build_sd_domain_set(seed: int = 0, n_train: int = 8, n_heldout: int = 4, titles_per_family: int = 8,
-                        copies: int = 32, styles: tuple[str, ...] | None = None) -> DomainFinetuneSet:
-    """A new-domain fine-tuning set from the SD-like zoo corpus, a pure function of its arguments.
-
-    Learnt captions: every ``style x colour x shape`` caption of the SD-like grammar ("a painting of a
-    red circle"); each names three factors and leaves background, texture or band, position, size and
-    the small objects to chance, so its ``n_train`` + ``n_heldout`` images are independent draws (the
-    domain has to be learnt, not copied). Half of the captions of each style are ``dev``, half ``test``.
-    Titles: ``titles_per_family`` fresh titles per style family ("quiet harbor by mira kessel",
-    "silent river poster, lisbon 1987") from the corpus's title generator, each with one image of its
-    family, alternately ``dev`` and ``test``; each trained ``copies`` times.
-    """
-    from diffmem.zoo.corpus import COLORS, SHAPES
-    from diffmem.zoo.sd_corpus import STYLES, Named, describe, render_scene, sample_scene, title
-
-    if n_train < 1 or n_heldout < 1 or titles_per_family < 2 or copies < 1:
-        raise ValueError("build_sd_domain_set needs n_train >= 1, n_heldout >= 1, titles_per_family >= 2 "
-                         "(one dev and one test title per family) and copies >= 1")
-    styles = tuple(styles or STYLES)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 12]))
-
-    def seeds(n: int) -> list[int]:
-        return [int(s) for s in rng.integers(2**31, size=n)]
-
-    named = [Named(style=st, color=c, shape=sh) for st in styles for c in COLORS for sh in SHAPES]
-    split = [""] * len(named)
-    for st in styles:
-        rows = [i for i, n in enumerate(named) if n.style == st]
-        order = rng.permutation(len(rows))
-        for rank, r in enumerate(order):
-            split[rows[int(r)]] = SPLITS[0] if rank < len(rows) // 2 else SPLITS[1]
-    train, heldout = [], []
-    for n in named:
-        s = seeds(n_train + n_heldout)
-        imgs = [render_scene(sample_scene(n, x)) for x in s]
-        train.append(np.stack(imgs[:n_train]))
-        heldout.append(np.stack(imgs[n_train:]))
-    titles, title_split, title_images, used = [], [], [], set()
-    for family in styles:
-        k = 0
-        while k < titles_per_family:
-            caption, _ = title(family, rng)
-            if caption in used:
-                continue
-            used.add(caption)
-            titles.append(caption)
-            title_split.append(SPLITS[k % 2])
-            title_images.append(render_scene(sample_scene(Named(style=family), seeds(1)[0])))
-            k += 1
-    return DomainFinetuneSet([describe(n) for n in named], split, np.stack(train), np.stack(heldout), titles,
-                             title_split, np.stack(title_images), copies,
-                             {"source": "diffmem.zoo.sd_corpus", "seed": seed, "n_train": n_train,
-                              "n_heldout": n_heldout, "titles_per_family": titles_per_family, "copies": copies,
-                              "styles": list(styles)})
 
 
 def title_extraction(generations: torch.Tensor, owner: list[int] | torch.Tensor, index: torch.Tensor,
