@@ -438,3 +438,16 @@ def test_image_detectors_compare_with_the_scanned_models_own_training_images(tin
         run_scan(load_model(tiny_sd_folder), prompts_from_list(["a red circle"]), [other], tmp_path / "scan",
                  ScanSettings(n_draws=1), progress=False)
     assert not (tmp_path / "scan").exists()  # refused before anything was written
+
+
+def test_deepssim_detectors_refuse_a_non_zoo_model_without_its_own_embedder(tiny_sd_folder):
+    """The zoo's DeepSSIM embedder knows 32x32 synthetic scenes only: another model must bring its own."""
+    from diffmem.errors import DiffmemError
+    from diffmem.models import load_model
+
+    model = load_model(tiny_sd_folder)
+    with pytest.raises(DiffmemError, match=r"--option deepssim-seeds.embedder=FOLDER"):
+        make_detector("deepssim-seeds").bind(model)
+    make_detector("deepssim-seeds", embedder="/some/embedder").bind(model)  # named: accepted
+    with pytest.raises(DiffmemError, match=r"set_index"):
+        make_detector("deepssim-train", embedder="/some/embedder").bind(model)

@@ -20,22 +20,24 @@ import torch
 
 from diffmem.detectors.base import DETECTORS, PromptDetector
 from diffmem.detectors.engine import NoiseStepEngine
+from diffmem.errors import DiffmemError
 
 if TYPE_CHECKING:  # imported when an embedder loads: torchmetrics and sklearn would add ~1 s to every scan's start
     from diffmem.eval.deepssim import DeepSSIM
 
 
-def default_embedder_path() -> Path:
+def default_embedder_path(zoo: Path | None = None) -> Path:
+    """The DeepSSIM embedder shipped with a zoo (default: the shipped zoo)."""
     from diffmem.zoo.paths import zoo_dir
 
-    return zoo_dir() / "deepssim"
+    return (zoo or zoo_dir()) / "deepssim"
 
 
-def zoo_training_embeddings(embedder: DeepSSIM) -> torch.Tensor:
-    """DeepSSIM embeddings of the zoo's unique training images (through its VAE)."""
+def zoo_training_embeddings(embedder: DeepSSIM, zoo: Path | None = None) -> torch.Tensor:
+    """DeepSSIM embeddings of a zoo's unique training images (through its VAE; default: the shipped zoo)."""
     from diffmem.zoo.load import zoo_training_set
 
-    return embedder.embed(zoo_training_set().reference)
+    return embedder.embed(zoo_training_set(zoo).reference)
 
 
 @dataclass
@@ -46,12 +48,24 @@ class _DeepSSIMBase(PromptDetector):
     seed_offset: int = 0
     embedder: str | None = None  # folder of a trained DeepSSIM (default: the zoo's)
     _model: DeepSSIM | None = field(default=None, repr=False, compare=False)
+    _zoo: Path | None = field(default=None, repr=False, compare=False)
+
+    def bind(self, model) -> None:
+        """Without ``embedder``, use the embedder of the zoo the model came from; any other model needs one
+        trained on its own images (the zoo's knows 32x32 synthetic scenes only)."""
+        from diffmem.zoo.load import zoo_folder_of
+
+        self._zoo = zoo_folder_of(model)
+        if self._zoo is None and self.embedder is None:
+            raise DiffmemError(f"{self.name} embeds images with a DeepSSIM model of the scanned model's domain, and "
+                               f"'{model.source}' is not a diffmem zoo: train one with `diffmem deepssim train` "
+                               f"and give it with --option {self.name}.embedder=FOLDER")
 
     def load_embedder(self) -> DeepSSIM:
         if self._model is None:
             from diffmem.eval.deepssim import DeepSSIM
 
-            self._model = DeepSSIM.load(self.embedder or default_embedder_path())
+            self._model = DeepSSIM.load(self.embedder or default_embedder_path(self._zoo))
         return self._model
 
     def generate_embeddings(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine,
@@ -96,11 +110,19 @@ class DeepSSIMTrain(_DeepSSIMBase):
     def set_index(self, train_embeddings: torch.Tensor) -> None:
         self._index = train_embeddings
 
+    def bind(self, model) -> None:
+        """As the base, and a model that is not a zoo must have its training embeddings set (``set_index``)."""
+        if self._index is None:
+            super().bind(model)
+            if self._zoo is None:
+                raise DiffmemError(f"{self.name} needs the embeddings of '{model.source}''s training images "
+                                   "(DeepSSIMTrain.set_index); only a diffmem zoo finds its own")
+
     @torch.no_grad()
     def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine,
                       prompt_ids: list[int] | None = None) -> torch.Tensor:
         if self._index is None:
-            self._index = zoo_training_embeddings(self.load_embedder())
+            self._index = zoo_training_embeddings(self.load_embedder(), self._zoo)
         e = self.generate_embeddings(model, embeddings, engine, prompt_ids)
         best = torch.cat([(chunk @ self._index.T).amax(-1) for chunk in e.split(256)])
         return best.amax(1)
