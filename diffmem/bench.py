@@ -139,6 +139,8 @@ def fit_method(name: str, options: dict[str, Any], model: DiffusionModel, task: 
         extra["surrogates"] = task.oracle_surrogates(split.fit)
     if "index" in params:
         extra["index"] = task.training_index(model)
+    if "content" in params:
+        extra["content"] = task.content_flags  # returns None when the task has no per-image fidelity
     mitigator.fit(model, [p.caption for p in split.fit], split.ordinary_fit, **extra)
     if isinstance(mitigator, InferenceMitigator):
         patched, changed = mitigator.apply(model), 0

@@ -205,3 +205,26 @@ def test_open_clip_score_loads_local_weights_and_matches_the_formula(tmp_path):
     assert score == pytest.approx(float((100 * (img * txt).sum(-1).clamp_min(0)).mean()), rel=1e-4)
     with pytest.raises(FileNotFoundError):
         open_clip_score(images, prompts, tmp_path / "missing.pt")
+
+
+def test_surrogates_can_be_required_to_draw_what_the_prompt_names(model):
+    """With a content check a candidate must also show the prompt's content: rejecting every candidate 0
+    moves each prompt to candidate 1, and a check that passes nothing keeps no prompt."""
+    mem = MEM[:3]
+    far = torch.zeros(2, 3, 16, 16)
+    index = TrainingIndex(far, np.arange(2), make_matcher("ssim").fit(far), 0.99)
+    calls = []
+
+    def not_first(images, prompts):
+        calls.append(list(prompts))
+        return np.array([j % 2 == 1 for j in range(len(images))])  # candidate 1 of each prompt passes
+
+    moved = make_surrogates(model, mem, ORD, candidates=2, steps=4, index=index, content=not_first)
+    assert moved.kept == [0, 1, 2] and moved.chosen_candidate == [1, 1, 1]
+    assert calls == [[p for p in mem for _ in range(2)]]  # each prompt's candidates, in order
+    assert moved.describe()["content_checked"] and moved.describe()["content_passed"] == 0.5
+    nothing = make_surrogates(model, mem, ORD, candidates=2, steps=4, index=index,
+                              content=lambda images, prompts: np.zeros(len(images), dtype=bool))
+    assert nothing.kept == []
+    unknown = make_surrogates(model, mem, ORD, candidates=2, steps=4, index=index, content=lambda i, p: None)
+    assert unknown.kept == [0, 1, 2] and not unknown.content_checked

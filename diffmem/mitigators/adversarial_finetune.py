@@ -35,9 +35,11 @@ best of the zoo benchmark's follow-up runs (README, Mitigators).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -86,13 +88,18 @@ class AdversarialFinetune(WeightMitigator):
     surrogate_options: dict[str, Any] = field(default_factory=dict)
     surrogate_candidates: int = 4
     surrogate_max_ssim: float = 0.5
+    # keep only surrogates that draw what the prompt names, when the caller gives a content check (a bench
+    # task's per-image fidelity); off by default: the measured defaults did not use it
+    surrogate_keep_content: bool = False
     sample_steps: int = 25  # DDIM steps of the generations the fit needs (targets, retain latents, surrogates)
 
     def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str],
             surrogates: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-            index: TrainingIndex | None = None) -> None:
+            index: TrainingIndex | None = None,
+            content: Callable[[torch.Tensor, list[str]], np.ndarray] | None = None) -> None:
         """``surrogates``: one non-replicating image per memorized prompt, or ``None`` to make them from the
-        model (``index``: the training images they must not match, optional)."""
+        model (``index``: the training images they must not match, optional; ``content``: per image, whether
+        it draws what its prompt names, used with ``surrogate_keep_content``)."""
         check_prompt_lists(memorized, ordinary)
         if surrogates is None:
             from diffmem.mitigators.surrogates import make_surrogates
@@ -100,7 +107,11 @@ class AdversarialFinetune(WeightMitigator):
             sset = make_surrogates(model, memorized, ordinary, source=self.surrogate_source,
                                    source_options=self.surrogate_options, candidates=self.surrogate_candidates,
                                    seed=self.seed, steps=self.sample_steps, index=index,
-                                   max_ssim=self.surrogate_max_ssim)
+                                   max_ssim=self.surrogate_max_ssim,
+                                   content=content if self.surrogate_keep_content else None)
+            if self.surrogate_keep_content and not sset.content_checked:
+                raise DiffmemError("surrogate_keep_content needs a content check (a bench task with a per-image "
+                                   "fidelity metric); none was given")
             self._surrogate_info = sset.describe()
             if not sset.kept:
                 raise DiffmemError(f"no model-derived surrogate passed the copy check for any of {len(memorized)} "

@@ -18,6 +18,10 @@ or other noise; a weight-level source is fitted once). A candidate is kept only 
 - without one: its SSIM to each of ``reference_samples`` generations of the *original* model for the
   prompt is below ``max_ssim`` (it differs from what the model repeats for that prompt).
 
+With a ``content`` check (a task's per-image fidelity: does the image draw what the prompt names?), a
+candidate must also pass it, so the surrogate keeps the prompt's semantics and not only avoids its
+pixels (Dori's surrogates are "same semantics, other pixels"; a random-token scene may keep neither).
+
 The first kept candidate (in seed order) is the prompt's surrogate; prompts with no kept candidate are
 rejected, and the caller drops them from the forget set. :class:`SurrogateSet` reports how many were
 kept and rejected.
@@ -26,6 +30,7 @@ kept and rejected.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,10 +58,13 @@ class SurrogateSet:
     candidates: int
     n_prompts: int = 0
     chosen_candidate: list[int] = field(default_factory=list)  # per kept prompt
+    content_checked: bool = False  # candidates also had to draw what the prompt names
+    content_passed: float | None = None  # share of all candidates that passed the content check
 
     def describe(self) -> dict[str, Any]:
         sims = [s for s in self.similarity if not np.isnan(s)]
         return {"source": self.source, "rule": self.rule, "threshold": self.threshold,
+                "content_checked": self.content_checked, "content_passed": self.content_passed,
                 "candidates": self.candidates, "prompts": self.n_prompts, "kept": len(self.kept),
                 "rejected": self.n_prompts - len(self.kept),
                 "mean_similarity_kept": float(np.mean(sims)) if sims else None,
@@ -78,9 +86,10 @@ def suppressed_model(model: DiffusionModel, source: str, options: dict[str, Any]
 def make_surrogates(model: DiffusionModel, memorized: list[str], ordinary: list[str], *,
                     source: str = DEFAULT_SOURCE, source_options: dict[str, Any] | None = None,
                     candidates: int = 4, seed: int = 0, steps: int = 25,
-                    index: TrainingIndex | None = None, max_ssim: float = 0.5, reference_samples: int = 4
-                    ) -> SurrogateSet:
-    """Generate, check and pick one surrogate per memorized prompt (see the module docstring)."""
+                    index: TrainingIndex | None = None, max_ssim: float = 0.5, reference_samples: int = 4,
+                    content: Callable[[torch.Tensor, list[str]], np.ndarray] | None = None) -> SurrogateSet:
+    """Generate, check and pick one surrogate per memorized prompt (see the module docstring). ``content``:
+    per image, whether it draws what its prompt names (``(N,)`` bool), e.g. a bench task's fidelity."""
     from diffmem.mitigators.base import MITIGATORS, InferenceMitigator
 
     if candidates < 1:
@@ -114,6 +123,12 @@ def make_surrogates(model: DiffusionModel, memorized: list[str], ordinary: list[
         sim = ssim_pairs(a, b).view(n, candidates, k).amax(2)
         ok = sim < max_ssim
         rule, threshold = "original-generations", float(max_ssim)
+    passed = None
+    flags = None if content is None else content(flat, [p for p in memorized for _ in range(candidates)])
+    if flags is not None:  # a check that cannot say (returns None) checks nothing
+        shows = torch.as_tensor(np.asarray(flags, dtype=bool)).view(n, candidates)
+        ok = ok & shows
+        passed = float(shows.float().mean())
     kept, chosen, sims, out = [], [], [], []
     for i in range(n):
         valid = torch.nonzero(ok[i]).flatten().tolist()
@@ -125,4 +140,5 @@ def make_surrogates(model: DiffusionModel, memorized: list[str], ordinary: list[
         else:
             sims.append(float("nan"))
     stacked = torch.stack(out) if out else torch.empty(0, *flat.shape[1:])
-    return SurrogateSet(stacked, kept, sims, rule, {"name": source, **options}, threshold, candidates, n, chosen)
+    return SurrogateSet(stacked, kept, sims, rule, {"name": source, **options}, threshold, candidates, n, chosen,
+                        flags is not None, passed)

@@ -142,6 +142,11 @@ class BenchTask(ABC):
         ``{}`` when the task has no fidelity metric."""
         return {}
 
+    def content_flags(self, images: torch.Tensor, captions: list[str]) -> np.ndarray | None:
+        """Per image, whether it draws what its caption names (the per-image form of :meth:`fidelity`), or
+        ``None`` when the task cannot say."""
+        return None
+
     def fid_features(self) -> nn.Module | None:
         """Feature extractor for FID, or ``None`` (no FID)."""
         return None

@@ -144,19 +144,27 @@ def caption_family(caption: str) -> str:
         return "scene"
 
 
+FIDELITY_FAMILIES = (("object", object_fidelity), ("scene", scene_fidelity))
+
+
+def zoo_fidelity_flags(images: torch.Tensor, captions: list[str]) -> np.ndarray:
+    """Per image: the caption's family check passes (object: reader; scene: colours at positions)."""
+    fam = np.array([caption_family(c) for c in captions])
+    correct = np.zeros(len(captions), dtype=bool)
+    for name, fn in FIDELITY_FAMILIES:
+        idx = np.flatnonzero(fam == name)
+        if len(idx):
+            correct[idx] = fn(images[torch.from_numpy(idx)], [captions[i] for i in idx])
+    return correct
+
+
 def zoo_fidelity(images: torch.Tensor, captions: list[str]) -> dict[str, float | None]:
     """Fidelity per caption family (``object``, ``scene``) and over all images (``all``); a family
     absent from ``captions`` is ``None``."""
     fam = np.array([caption_family(c) for c in captions])
-    correct = np.zeros(len(captions), dtype=bool)
-    out: dict[str, float | None] = {}
-    for name, fn in (("object", object_fidelity), ("scene", scene_fidelity)):
-        idx = np.flatnonzero(fam == name)
-        if len(idx):
-            correct[idx] = fn(images[torch.from_numpy(idx)], [captions[i] for i in idx])
-            out[name] = float(correct[idx].mean())
-        else:
-            out[name] = None
+    correct = zoo_fidelity_flags(images, captions)
+    out: dict[str, float | None] = {name: float(correct[fam == name].mean()) if (fam == name).any() else None
+                                    for name, _ in FIDELITY_FAMILIES}
     out["all"] = float(correct.mean())
     return out
 
@@ -214,6 +222,9 @@ class ZooTask(BenchTask):
 
     def fidelity(self, images: torch.Tensor, captions: list[str]) -> dict[str, float | None]:
         return zoo_fidelity(images, captions)
+
+    def content_flags(self, images: torch.Tensor, captions: list[str]) -> np.ndarray:
+        return zoo_fidelity_flags(images, captions)
 
     def fid_features(self):
         return zoo_feature_extractor()
