@@ -297,6 +297,8 @@ TABLES = {
                             lambda r, _: heldout_bench_rows(r[0], "method (settings chosen on dev)")),
     "bench-heldout-content": (("bench_task_content.json",),
                               lambda r, _: heldout_bench_rows(r[0], "method (surrogates that draw the caption)")),
+    "bench-heldout-content-nemo": (("bench_task_content_nemo.json",), lambda r, _: heldout_bench_rows(
+        r[0], "method (NeMo surrogates that draw the caption)")),
     "bench-heldout-oracle": (("bench_task_oracle.json",), lambda r, _: heldout_bench_rows(r[0])),
     "extraction": (("extraction.json",), lambda r, _: extraction_rows(r[0])),
     "throughput": (THROUGHPUT, lambda r, _: throughput_rows(*r)),
@@ -328,7 +330,8 @@ PAGES = {"README.md": [("| detector | AUROC", "detection", True),
          "docs/extraction.md": [("| attack | AUROC", "extraction", False)],
          "docs/bench-task.md": [("| method | acts at | extraction, test", "bench-heldout", False),
                                 ("| method (settings chosen on dev)", "bench-heldout-tuned", False),
-                                ("| method (surrogates that draw", "bench-heldout-content", False)]}
+                                ("| method (surrogates that draw", "bench-heldout-content", False),
+                                ("| method (NeMo surrogates", "bench-heldout-content-nemo", False)]}
 
 
 def update_pages(root: Path = RESULTS.parents[1]) -> list[str]:

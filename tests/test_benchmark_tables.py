@@ -146,6 +146,7 @@ def _tables_module():
                                                    ("bench-heldout-tuned", False, "README.md"),
                                                    ("bench-heldout-tuned", False, "docs/bench-task.md"),
                                                    ("bench-heldout-content", False, "docs/bench-task.md"),
+                                                   ("bench-heldout-content-nemo", False, "docs/bench-task.md"),
                                                    ("bench-heldout", False, "docs/bench-task.md"),
                                                    ("bench", False, "docs/mitigation.md"),
                                                    ("extraction", False, "docs/extraction.md"),
