@@ -163,3 +163,10 @@ def test_gates_script_smoke(zoo, tmp_path, monkeypatch):
         assert g["value"] is not None, name
     assert result["smoke"] and result["sizes"]["steps"] == 2 and result["sizes"]["labelled_captions"] > 0
     assert result["passed"] == sum(g["pass"] for g in result["gates"].values())
+
+
+def test_zoo_label_titles_flag_sets_how_many_once_seen_titles_are_labelled(zoo):
+    assert main(["zoo", "label", "--zoo", str(zoo), "--seeds", "1", "--steps", "2", "--titles", "10"]) in (0, None)
+    items, rows = load_corpus(zoo), load_labels(zoo)
+    titles = [r for r in rows if r["kind"] == "title"]
+    assert len(titles) == 10 and len(rows) == sum(it.kind != "title" for it in items) + 10

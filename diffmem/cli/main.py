@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
     label.add_argument("--seeds", type=positive_int, default=4, help="generations per caption (default: 4)")
     label.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default: 25)")
+    label.add_argument("--titles", type=positive_int, default=1000,
+                       help="SD-like zoo: once-seen titles labelled, a fixed random sample (default: 1000)")
     info = zsub.add_parser("info", help="print the zoo's manifest summary and labels table")
     info.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
     check = zsub.add_parser("check-corpus", help="the corpus gate, before training: does an ideal denoiser's "

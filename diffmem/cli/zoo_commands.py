@@ -32,10 +32,12 @@ def run_build(args: argparse.Namespace) -> None:
     label_folder(out)
 
 
-def label_folder(folder: Path, seeds: int = 4, steps: int = 25, cache_dir: str | Path | None = None) -> dict:
+def label_folder(folder: Path, seeds: int = 4, steps: int = 25, cache_dir: str | Path | None = None,
+                 titles: int = 1000) -> dict:
     """Write ``labels.jsonl`` and the summary into ``zoo.json`` of a zoo folder of either corpus (the one its
     ``zoo.json`` names): the collapse zoo's every caption (:func:`~diffmem.zoo.labels.label_zoo`), the SD-like
-    zoo's every caption but a fixed 1,000 of its once-seen titles (:func:`~diffmem.zoo.sd_labels.label_sd_zoo`)."""
+    zoo's every caption but once-seen titles, of which a fixed random ``titles``
+    (:func:`~diffmem.zoo.sd_labels.label_sd_zoo`)."""
     from diffmem.models.loader import load_model
     from diffmem.zoo.load import load_corpus, zoo_corpus_name, zoo_training_set
 
@@ -48,7 +50,7 @@ def label_folder(folder: Path, seeds: int = 4, steps: int = 25, cache_dir: str |
         from diffmem.zoo.sd_labels import SDLabelConfig, label_sd_zoo
 
         rows, summary = label_sd_zoo(model, items, SDAttributeReader.load(folder / "attribute_reader"), training_set,
-                                     SDLabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps),
+                                     SDLabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps, titles=titles),
                                      cache_dir=cache_dir)
     else:
         from diffmem.zoo.attributes import AttributeReader
@@ -85,7 +87,7 @@ def format_summary(summary: dict) -> str:
 def run_label(args: argparse.Namespace) -> None:
     from diffmem.zoo.paths import zoo_dir
 
-    label_folder(Path(args.zoo) if args.zoo else zoo_dir(), seeds=args.seeds, steps=args.steps)
+    label_folder(Path(args.zoo) if args.zoo else zoo_dir(), seeds=args.seeds, steps=args.steps, titles=args.titles)
 
 
 def run_info(args: argparse.Namespace) -> None:
