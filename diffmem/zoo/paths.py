@@ -32,7 +32,7 @@ def zoo_dir(corpus: str = "collapse") -> Path:
         raise ModelLoadError(f"no zoo checkpoint at '{path}': expected pipeline/model_index.json "
                              "(run `diffmem zoo build --out DIR` and point DIFFMEM_ZOO at DIR)")
     raise ModelLoadError(f"zoo:{corpus} is not built: no pipeline/model_index.json in '{path}'; build it with "
-                         f"`diffmem zoo build --corpus {corpus} --out {path}` (about 2.5 h on 2 cores, resumable) "
+                         f"`diffmem zoo build --corpus {corpus} --out {path}` (1.5 to 2.5 h on 2 cores, resumable) "
                          f"or point {env} at a built one")
 
 
