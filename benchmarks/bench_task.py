@@ -82,7 +82,7 @@ def run_zoo_bench(args: argparse.Namespace, work: Path) -> dict:
                              attack_prompts=int(args.attack_prompts), surrogates=args.surrogates,
                              retrigger={"lr": 0.01, "max_relative_norm": 0.3}, tune=tune)
     check_output_dir(work, "bench", [], writes=["bench.json"])
-    model, task = load_model(), make_task("zoo")
+    model, task = load_model("zoo:collapse"), make_task("zoo")
     claim_output_dir(work, "bench", ["bench.json"])
     return run_bench(model, task, args.methods, work, settings)
 
@@ -96,7 +96,7 @@ def surrogate_stats(args: argparse.Namespace) -> None:
     from diffmem.models import load_model
     from diffmem.tasks.zoo import ZooTask
 
-    model, task = load_model(), ZooTask()
+    model, task = load_model("zoo:collapse"), ZooTask()
     index = task.training_index(model)
     record = {"what": "model-derived surrogates (random-tokens, 4 candidates) of each seed's memorized fit split",
               "seeds": {}, "versions": versions()}
@@ -125,8 +125,9 @@ def scene_check(args: argparse.Namespace) -> None:
     from diffmem.io import atomic_write_text
     from diffmem.tasks.zoo import ZooTask, parse_scene_caption, scene_object_present
     from diffmem.zoo.load import zoo_training_set
+    from diffmem.zoo.paths import zoo_dir
 
-    task, ts = ZooTask(), zoo_training_set()
+    task, ts = ZooTask(), zoo_training_set(zoo_dir("collapse"))
     rows = task.memorized()
     images = ts.reference[[ts.images_of_item[p.item][0] for p in rows]]
     own, other = [], []

@@ -35,7 +35,7 @@ def shipped_reader_on_sd(per_caption: int = 3, seed: int = 0) -> dict:
     from diffmem.zoo.paths import zoo_dir
     from diffmem.zoo.sd_corpus import build_sd_corpus, render_sd_item
 
-    reader = AttributeReader.load(zoo_dir() / "attribute_reader")
+    reader = AttributeReader.load(zoo_dir("collapse") / "attribute_reader")
     rng = np.random.default_rng(seed)
     images, mains = [], []
     for item in (it for it in build_sd_corpus() if it.kind == "generic"):

@@ -71,7 +71,7 @@ def run_attack(model, attack, rows, index, batch: int = 64) -> dict[str, list]:
 
 def family_thresholds() -> dict[str, float]:
     """The zoo's extraction threshold of each caption family (``object``, ``scene``), as its labels use them."""
-    record = json.loads((zoo_dir() / "zoo.json").read_text())
+    record = json.loads((zoo_dir("collapse") / "zoo.json").read_text())
     return {family: float(t["threshold"]) for family, t in record["labels"]["thresholds"].items()}
 
 
@@ -174,7 +174,7 @@ def quality_checks(model, labels, index, n_generic: int, sigma: float) -> dict:
     generic_items = {r["item_id"] for r in labels if r["kind"] == "generic"}
     real_idx = [i for i, it in enumerate(index.item_of_image.tolist()) if it in generic_items][: 2 * n_generic]
     real = index.images[real_idx]
-    record = json.loads((zoo_dir() / "zoo.json").read_text())
+    record = json.loads((zoo_dir("collapse") / "zoo.json").read_text())
     return {"n_generic": len(generic), "fid_zoo_vs_training_renders": fid(real, own, zoo_feature_extractor()),
             "fid_degraded_vs_training_renders": fid(real, bad, zoo_feature_extractor()),
             "degradation_sigma_times_weight_std": sigma,
@@ -195,9 +195,9 @@ def main() -> None:
     parser.add_argument("--only-attacks", action="store_true", help="rerun the attack table (part 1) into --out")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = load_model()
-    labels = load_labels(zoo_dir())
-    index = zoo_training_index()
+    model = load_model("zoo:collapse")
+    labels = load_labels(zoo_dir("collapse"))
+    index = zoo_training_index(zoo=zoo_dir("collapse"))
     rows, calib = stratified(labels, np.random.default_rng(0))
     out = Path(args.out)
     scores_path = out.with_name(f"{out.stem}_scores.parquet")

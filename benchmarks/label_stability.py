@@ -54,7 +54,7 @@ def main() -> None:
     from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
     from diffmem.zoo.paths import zoo_dir
 
-    folder = zoo_dir()
+    folder = zoo_dir("collapse")
     model = load_model(folder / "pipeline")
     shipped = {r["item_id"]: r for r in load_labels(folder)}
     record = json.loads((folder / "zoo.json").read_text())
@@ -109,10 +109,11 @@ def write_rates(stability: Path, out: Path) -> None:
     from diffmem.zoo.paths import zoo_dir
 
     record = json.loads(stability.read_text())
-    shipped_seeds = json.loads((zoo_dir() / "zoo.json").read_text())["labels"]["label_config"]["seeds_per_prompt"]
+    shipped_record = json.loads((zoo_dir("collapse") / "zoo.json").read_text())
+    shipped_seeds = shipped_record["labels"]["label_config"]["seeds_per_prompt"]
     retest = {c["item_id"]: c for c in record["captions"]}
     rows = []
-    for r in load_labels(zoo_dir()):
+    for r in load_labels(zoo_dir("collapse")):
         again = retest.get(r["item_id"])
         rows.append({"item_id": r["item_id"], "caption": r["caption"], "kind": r["kind"],
                      "memorized_shipped": r["memorized"],

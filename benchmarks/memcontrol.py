@@ -68,7 +68,7 @@ def encode_set(model, data: DomainFinetuneSet) -> FinetuneData:
 
 def zoo_domain_loss(model, n: int, noise_seed: int) -> float:
     """The base's loss on fresh renders of captions it was trained on: the level a learnt domain reaches."""
-    items = [it for it in load_corpus(zoo_dir()) if it.kind == "generic"]
+    items = [it for it in load_corpus(zoo_dir("collapse")) if it.kind == "generic"]
     rng = np.random.default_rng(7)
     sel = [items[int(i)] for i in rng.permutation(len(items))[:n]]
     x = to_tensor(np.stack([render(it.spec, int(rng.integers(2**31))) for it in sel]))
@@ -105,7 +105,7 @@ def main() -> None:
         args.generations, args.fidelity_captions = 2, 8
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    base = load_model()
+    base = load_model("zoo:collapse")
     blocks = transformer_blocks(base.unet)
     total = sum(p.numel() for p in base.unet.parameters())
     data_set = build_sd_domain_set(args.seed, args.train_images, args.heldout_images, args.titles_per_family,
@@ -113,7 +113,7 @@ def main() -> None:
     data = encode_set(base, data_set)
     index_images, index_owner = data_set.unique_training_images()
     index = vae_roundtrip(base, to_tensor(index_images))
-    threshold = json.loads((zoo_dir() / "zoo.json").read_text())["labels"]["thresholds"]["scene"]["threshold"]
+    threshold = json.loads((zoo_dir("collapse") / "zoo.json").read_text())["labels"]["thresholds"]["scene"]["threshold"]
     # how close two *independent* images of one learnt caption come (through the VAE): the threshold must
     # lie above this for a match to mean a copy
     k = data_set.train_images.shape[1]
@@ -121,7 +121,8 @@ def main() -> None:
     independent = ssim_pairs(learnt_rt[:, 0], learnt_rt[:, 1]) if k > 1 else torch.zeros(0)
     heldout = {s: data_set.heldout(s) for s in SPLITS}
     heldout_x = {s: to_tensor(heldout[s][1]) for s in SPLITS}
-    generic = [r["caption"] for r in load_labels(zoo_dir()) if r["kind"] == "generic"][1::9][: args.fidelity_captions]
+    collapse_labels = load_labels(zoo_dir("collapse"))
+    generic = [r["caption"] for r in collapse_labels if r["kind"] == "generic"][1::9][: args.fidelity_captions]
     setup_seconds = time.perf_counter() - t0
 
     def losses(model, split: str) -> float:

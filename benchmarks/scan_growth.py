@@ -278,7 +278,7 @@ def tokenizer_rate(n: int) -> dict[str, Any]:
     model's CLIP tokenizer). Scans no longer pay it up front: each process counts its own chunks' tokens."""
     from diffmem.models import load_model
 
-    model, texts = load_model(), growth_prompts(n)
+    model, texts = load_model("zoo:collapse"), growth_prompts(n)
     start, cpu = time.perf_counter(), time.process_time()
     counts = model.token_counts(texts)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu

@@ -182,9 +182,10 @@ def main() -> None:
         atomic_write_text(out, json.dumps(record, indent=2))
         print(json.dumps(record["cli"], indent=2))
         return
+    from diffmem.zoo.paths import zoo_dir
     from diffmem.zoo.prompts import zoo_prompts
 
-    texts = zoo_prompts().texts[: args.prompts]
+    texts = zoo_prompts(folder=zoo_dir("collapse")).texts[: args.prompts]
     results = measure(model, texts, args.draws, args.batch_size, args.naive, args.repeats)
     sec = {k: v["seconds"] for k, v in results.items()}
     cpu = {k: v["cpu_seconds"] for k, v in results.items()}

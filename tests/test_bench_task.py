@@ -96,7 +96,7 @@ def test_zoo_scene_fidelity_reads_colours_at_named_positions():
     from diffmem.zoo.load import load_corpus
     from diffmem.zoo.paths import zoo_dir
 
-    items = [it for it in load_corpus(zoo_dir()) if it.kind == "signature"][:24]
+    items = [it for it in load_corpus(zoo_dir("collapse")) if it.kind == "signature"][:24]
     images = torch.from_numpy(np.stack([render(it.spec, it.image_seeds[0]) for it in items])).permute(0, 3, 1, 2) / 255
     captions = [it.caption for it in items]
     assert parse_scene_caption(captions[0])[1] in ("white", "black", "gray", "brown")

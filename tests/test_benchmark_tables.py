@@ -123,8 +123,11 @@ def test_cli_uses_the_library_zoo_prompt_builders():
     # one definition, in the library (benchmarks and the CLI share it; no copy to drift)
     assert scan_commands.zoo_prompts is prompts.zoo_prompts
     assert scan_commands.zoo_reference_prompts is prompts.zoo_reference_prompts
-    ref = set(prompts.zoo_reference_prompts())
-    a = prompts.zoo_prompts(1000, exclude=ref)
+    from diffmem.zoo.paths import zoo_dir
+
+    collapse = zoo_dir("collapse")
+    ref = set(prompts.zoo_reference_prompts(folder=collapse))
+    a = prompts.zoo_prompts(1000, exclude=ref, folder=collapse)
     assert len(a) == 1422  # the detection benchmark's prompt set: 308 memorized + 1,114 not
     assert sum(a.columns["memorized"]) == 308 and not ref & set(a.texts)
 

@@ -191,10 +191,12 @@ def test_labelled_prompts_match_the_zoo_builders_on_the_collapse_labels():
     from diffmem.zoo.paths import zoo_dir
     from diffmem.zoo.prompts import zoo_prompts, zoo_reference_prompts
 
-    rows = read_labels(zoo_dir() / "labels.jsonl")
+    folder = zoo_dir("collapse")
+    rows = read_labels(folder / "labels.jsonl")
     reference = reference_captions(rows, ["generic"])
-    assert reference == zoo_reference_prompts()
-    ours, theirs = labelled_prompts(rows, 1000, exclude=set(reference)), zoo_prompts(1000, exclude=set(reference))
+    assert reference == zoo_reference_prompts(folder=folder)
+    ours = labelled_prompts(rows, 1000, exclude=set(reference))
+    theirs = zoo_prompts(1000, exclude=set(reference), folder=folder)
     assert (ours.ids, ours.texts, ours.columns) == (theirs.ids, theirs.texts, theirs.columns)
 
 

@@ -431,8 +431,8 @@ def test_image_detectors_compare_with_the_scanned_models_own_training_images(tin
     from diffmem.zoo.paths import zoo_dir
 
     margin = make_detector("nn-margin", samples=1, steps=2, stop_after=1)
-    margin.bind(load_model())
-    assert margin._zoo == zoo_dir().resolve()
+    margin.bind(load_model("zoo:collapse"))
+    assert margin._zoo == zoo_dir("collapse").resolve()
     other = make_detector("combined", members=["noise-norm", "nn-margin"])
     with pytest.raises(DiffmemError, match=r"not a diffmem zoo: give them with --option nn-margin.index=FOLDER"):
         run_scan(load_model(tiny_sd_folder), prompts_from_list(["a red circle"]), [other], tmp_path / "scan",

@@ -17,17 +17,18 @@ from diffmem.zoo.paths import zoo_dir, zoo_pipeline_path
 
 @pytest.fixture(scope="module")
 def zoo():
-    folder = zoo_dir()
-    return {"folder": folder, "model": load_model(), "items": load_corpus(folder), "labels": load_labels(folder),
+    folder = zoo_dir("collapse")
+    return {"folder": folder, "model": load_model("zoo:collapse"), "items": load_corpus(folder),
+            "labels": load_labels(folder),
             "record": json.loads((folder / "zoo.json").read_text())}
 
 
 def test_zoo_is_a_plain_stable_diffusion_pipeline(zoo):
-    index = json.loads((zoo_pipeline_path() / "model_index.json").read_text())
+    index = json.loads((zoo_pipeline_path("collapse") / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
-    pipe = StableDiffusionPipeline.from_pretrained(zoo_pipeline_path(), local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(zoo_pipeline_path("collapse"), local_files_only=True)
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
-    assert all(f.suffix != ".bin" for f in zoo_pipeline_path().rglob("*"))  # safetensors only
+    assert all(f.suffix != ".bin" for f in zoo_pipeline_path("collapse").rglob("*"))  # safetensors only
     assert zoo["model"].latent_shape[1:] == (8, 8)
 
 

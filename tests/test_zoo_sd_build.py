@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_sd_zoo import SMOKE, TINY_ARCH, TINY_SD
 
 from diffmem.cli.main import main
 from diffmem.errors import ModelLoadError
@@ -41,15 +42,6 @@ from diffmem.zoo.sd_attributes import (
     train_sd_attribute_reader,
 )
 from diffmem.zoo.sd_corpus import Named, SDCorpusConfig, build_sd_corpus, render_scene, sample_scene
-
-TINY_SD = SDCorpusConfig(n_base=4, n_extended=1, titles_per_family=40, signatures_per_rate=1,
-                         heldout_signature_per_family=4, template_groups_per_family=1)
-TINY_ARCH = ArchitectureConfig(text_width=32, text_layers=1, text_heads=2, unet_channels=(32, 32, 32), unet_heads=2,
-                               vae_channels=(16, 16, 16))
-SMOKE = dataclasses.replace(
-    sd_zoo_config(corpus=TINY_SD, vae_steps=2, vae_batch=4, unet_steps=4, unet_batch=8, checkpoint_every=2,
-                  warmup_steps=2, reader_steps=2, reader_batch=8, deepssim_steps=2),
-    arch=TINY_ARCH)
 
 
 @pytest.fixture(autouse=True)

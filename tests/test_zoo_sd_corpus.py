@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from tiny_sd_zoo import TINY_SD
 
 from diffmem.zoo.gate import (
     CorpusView,
@@ -31,8 +32,6 @@ from diffmem.zoo.sd_corpus import (
 
 SMALL = SDCorpusConfig(n_base=12, n_extended=4, titles_per_family=200, signatures_per_rate=2,
                        heldout_signature_per_family=20, template_groups_per_family=1)
-TINY = SDCorpusConfig(n_base=4, n_extended=1, titles_per_family=40, signatures_per_rate=1,
-                      heldout_signature_per_family=4, template_groups_per_family=1)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +230,7 @@ def test_check_corpus_command(tmp_path, monkeypatch, capsys):
     import diffmem.zoo.gate as gate
     from diffmem.cli.main import main
 
-    tiny = corpus_view("sd", TINY)
+    tiny = corpus_view("sd", TINY_SD)
     monkeypatch.setattr(gate, "corpus_view", lambda name: tiny)
     out = tmp_path / "gate.json"
     assert main(["zoo", "check-corpus", "--corpus", "sd", "--out", str(out)]) == 0

@@ -4,7 +4,6 @@ script on a smoke zoo (a tiny build, a few steps of every stage, as tests/test_z
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import runpy
 import sys
@@ -13,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_sd_zoo import SMOKE, TINY_SD
 
 from diffmem.cli.deepssim_commands import zoo_images_and_groups
 from diffmem.cli.main import main
 from diffmem.eval.matching import SSIMMatcher
-from diffmem.zoo.architecture import ArchitectureConfig
-from diffmem.zoo.build import TrainingImages, build_zoo, sd_zoo_config
+from diffmem.zoo.build import TrainingImages, build_zoo
 from diffmem.zoo.corpus import ZooItem
 from diffmem.zoo.labels import LabelConfig, label_generations, null_thresholds
 from diffmem.zoo.load import (
@@ -29,18 +28,11 @@ from diffmem.zoo.load import (
     zoo_training_images,
     zoo_training_set,
 )
-from diffmem.zoo.sd_corpus import SDCorpusConfig, SDItem, build_sd_corpus, render_scene, sample_scene
+from diffmem.zoo.sd_corpus import SDItem, build_sd_corpus, render_scene, sample_scene
 from diffmem.zoo.sd_gates import gate, mean_pairwise_ssim, pairwise_ssim
 from diffmem.zoo.sd_labels import SD_FAMILIES, SD_SCHEME, SDLabelConfig, label_sd_zoo, select_sd_captions
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SD = SDCorpusConfig(n_base=4, n_extended=1, titles_per_family=40, signatures_per_rate=1,
-                         heldout_signature_per_family=4, template_groups_per_family=1)
-SMOKE = dataclasses.replace(
-    sd_zoo_config(corpus=TINY_SD, vae_steps=2, vae_batch=4, unet_steps=4, unet_batch=8, checkpoint_every=2,
-                  warmup_steps=2, reader_steps=2, reader_batch=8, deepssim_steps=2),
-    arch=ArchitectureConfig(text_width=32, text_layers=1, text_heads=2, unet_channels=(32, 32, 32), unet_heads=2,
-                            vae_channels=(16, 16, 16)))
 
 
 @pytest.fixture(autouse=True)
@@ -71,8 +63,11 @@ def test_load_corpus_follows_the_zoo_json_corpus(zoo, tmp_path):
     # a record without a corpus name was written before the SD corpus: the collapse zoo
     (tmp_path / "zoo.json").write_text(json.dumps({"config": {"corpus": {}}}))
     assert zoo_corpus_name(tmp_path) == "collapse"
-    assert isinstance(load_corpus()[0], ZooItem)  # default folder: the shipped collapse zoo, as before
-    assert load_labels()[0]["family"] in {"object", "scene"}
+    from diffmem.zoo.paths import zoo_dir
+
+    collapse = zoo_dir("collapse")
+    assert isinstance(load_corpus(collapse)[0], ZooItem)
+    assert load_labels(collapse)[0]["family"] in {"object", "scene"}
 
 
 def test_title_selection_is_fixed_and_keeps_every_other_caption():

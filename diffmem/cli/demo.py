@@ -1,4 +1,7 @@
-"""``diffmem demo``: load the model, print the zoo's manifest summary, generate memorized vs generic grids."""
+"""``diffmem demo``: load the model, print its zoo's label summary, generate memorized vs generic grids, scan.
+
+The zoo is the one the model came from (``--model zoo:collapse`` shows the collapse zoo); a model that is not a
+zoo is shown on the default zoo's captions and training images."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from diffmem.cli.options import resolve_device
     from diffmem.cli.zoo_commands import format_summary
     from diffmem.outputs import check_output_dir, claim_output_dir, make_shareable
-    from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
+    from diffmem.zoo.load import load_corpus, load_labels, zoo_folder_of, zoo_training_set
     from diffmem.zoo.paths import zoo_dir
 
     started = time.time()
@@ -27,7 +30,7 @@ def run_demo(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     check_output_dir(args.out, "demo", [args.model or zoo_dir()], args.force, writes=writes)
     model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
-    folder = zoo_dir()  # the zoo's captions and training images, whatever model is being shown
+    folder = zoo_folder_of(model) or zoo_dir()  # the zoo's captions and training images
     record = json.loads((folder / "zoo.json").read_text())
     items, labels = load_corpus(folder), load_labels(folder)
     print(f"model: {model.source} (fingerprint {model.fingerprint}, {model.describe()['dtype']} on {model.device})")
@@ -39,7 +42,7 @@ def run_demo(args: argparse.Namespace) -> None:
     memorized = sorted((r for r in labels if r["kind"] == "signature" and r["memorized"]),
                        key=lambda r: (-r["replication"], r["item_id"]))[: args.per_group]
     generic = [r for r in labels if r["kind"] == "generic"][:: max(1, len(labels) // 50)][: args.per_group]
-    train = zoo_training_set().reference
+    train = zoo_training_set(folder).reference
     matcher = SSIMMatcher().fit(train)
     groups = {"memorized (signature)": memorized, "generic": generic}
     out = claim_output_dir(args.out, "demo", writes)
@@ -77,11 +80,11 @@ def run_demo(args: argparse.Namespace) -> None:
     from diffmem.scan import ScanSettings, run_scan
     from diffmem.zoo.prompts import zoo_prompts, zoo_reference_prompts
 
-    prompts = zoo_prompts(max_negatives_per_kind=200).evenly(args.scan_prompts)
+    prompts = zoo_prompts(max_negatives_per_kind=200, folder=folder).evenly(args.scan_prompts)
     print(f"\nscanning {len(prompts)} zoo captions (memorized and not, evenly spaced) with noise-norm and "
           f"anisotropy ({args.draws} noise draws) and nn-margin ({args.scan_samples} generation(s), 8 of 10 steps)")
     detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
-                 make_detector("anisotropy-calibrated", reference_prompts=zoo_reference_prompts())]
+                 make_detector("anisotropy-calibrated", reference_prompts=zoo_reference_prompts(folder=folder))]
     detectors += [make_detector("nn-margin", samples=args.scan_samples)] if args.scan_samples else []
     scan_dir = out / "scan"
     scores = run_scan(model, prompts, detectors, scan_dir, ScanSettings(n_draws=args.draws))

@@ -46,11 +46,14 @@ def run_extract_command(args: argparse.Namespace) -> None:
     from diffmem.outputs import check_output_dir, claim_output_dir
     from diffmem.prompts import load_prompts
     from diffmem.tasks.zoo import zoo_own_items, zoo_training_index
+    from diffmem.zoo.load import zoo_folder_for
     from diffmem.zoo.prompts import zoo_prompts
 
     # checked before the model loads; a failure writes nothing
     device = resolve_device(args.device)
-    prompts = first_n(load_prompts(args.prompts, args.caption_column) if args.prompts else zoo_prompts(), args.limit)
+    zoo = zoo_folder_for(args.model)  # the zoo being attacked, None for a user's checkpoint
+    prompts = first_n(load_prompts(args.prompts, args.caption_column) if args.prompts else zoo_prompts(folder=zoo),
+                      args.limit)
     check_output_dir(args.out, "extract", [args.model, args.prompts, args.train_index, args.mitigation], args.force,
                      writes=EXTRACT_WRITES)
     names = args.attack or ["one-step-whitebox", "one-step-blackbox"]
@@ -66,8 +69,11 @@ def run_extract_command(args: argparse.Namespace) -> None:
         from diffmem.mitigators.base import load_mitigation
 
         mitigation = load_mitigation(args.mitigation)
+    if not args.train_index and zoo is None:
+        raise DiffmemError(f"--model {args.model}: not a zoo, so there are no training images to match generations "
+                           "against; pass --train-index FOLDER (the training images)")
     index = (folder_training_index(Path(args.train_index), args.matcher, args.threshold) if args.train_index
-             else zoo_training_index(args.matcher, args.threshold))
+             else zoo_training_index(args.matcher, args.threshold, zoo=zoo))
     model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
     if mitigation is not None:
         model = with_mitigation(model, mitigation)

@@ -33,13 +33,16 @@ def run_mitigate(args: argparse.Namespace) -> None:
     memorized_prompts = load_prompts(args.prompts, args.caption_column).texts if args.prompts else None
     ordinary_prompts = load_prompts(args.reference).texts if args.reference else None
     model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
+    from diffmem.zoo.load import zoo_folder_of
+
+    zoo = zoo_folder_of(model)  # the zoo the model came from (None: not a zoo; zoo defaults below use the default)
     if memorized_prompts is not None:
         memorized = memorized_prompts
     else:
         from diffmem.tasks.zoo import zoo_memorized_captions
 
-        memorized = zoo_memorized_captions()
-    ordinary = ordinary_prompts if ordinary_prompts is not None else zoo_reference_prompts()
+        memorized = zoo_memorized_captions(zoo)
+    ordinary = ordinary_prompts if ordinary_prompts is not None else zoo_reference_prompts(folder=zoo)
     try:
         mitigator = make_mitigator(args.method, **parse_method_options(args.option, args.method))
     except KeyError as exc:
@@ -56,7 +59,7 @@ def run_mitigate(args: argparse.Namespace) -> None:
         elif not args.prompts:  # the zoo's own captions: its training images check the surrogates
             from diffmem.tasks.zoo import zoo_training_index
 
-            index = zoo_training_index()
+            index = zoo_training_index(zoo=zoo)
         mitigator.fit(model, memorized, ordinary, index=index)
     else:
         mitigator.fit(model, memorized, ordinary)

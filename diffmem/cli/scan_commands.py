@@ -62,8 +62,10 @@ def _detectors(args: argparse.Namespace):
             raise DiffmemError(str(exc).strip("'\"")) from exc
         if needs_reference and "reference_prompts" not in options[name]:
             from diffmem.prompts import load_prompts
+            from diffmem.zoo.load import zoo_folder_for
 
-            ref = load_prompts(args.reference).texts if args.reference else zoo_reference_prompts()
+            ref = (load_prompts(args.reference).texts if args.reference
+                   else zoo_reference_prompts(folder=zoo_folder_for(args.model)))
             options[name]["reference_prompts"] = ref
         try:
             detectors.append(make_detector(name, **options[name]))
@@ -93,7 +95,12 @@ def _prepare_scan(args: argparse.Namespace, prompts_path: str | None) -> dict:
     from diffmem.prompts import load_prompts
 
     device = resolve_device(args.device)
-    prompts = load_prompts(prompts_path, args.caption_column) if prompts_path else zoo_prompts()
+    if prompts_path:
+        prompts = load_prompts(prompts_path, args.caption_column)
+    else:  # the captions of the zoo being scanned (the default zoo for a model that is not one)
+        from diffmem.zoo.load import zoo_folder_for
+
+        prompts = zoo_prompts(folder=zoo_folder_for(args.model))
     prompts = first_n(prompts, getattr(args, "limit", None))
     inputs = [args.model, prompts_path, args.reference, getattr(args, "calibration", None),
               getattr(args, "mitigation", None)]

@@ -33,22 +33,21 @@ from typing import Any
 from diffmem.errors import ModelLoadError
 
 
-def _zoo_pipeline() -> Path:
-    from diffmem.zoo.paths import zoo_pipeline_path
+def _zoo_pipeline(corpus: str | None) -> Callable[[], Path]:
+    """The pipeline folder of the zoo trained on ``corpus`` (None: the default zoo); until that zoo is built,
+    one error line saying how to build it."""
 
-    return zoo_pipeline_path()
+    def folder() -> Path:
+        from diffmem.zoo.paths import zoo_pipeline_path
+
+        return zoo_pipeline_path(corpus)
+
+    return folder
 
 
-def _sd_zoo_pipeline() -> Path:
-    """The SD-like zoo (docs/zoo-sd.md); until it is built, one error line saying how to build it."""
-    from diffmem.zoo.paths import zoo_pipeline_path
-
-    return zoo_pipeline_path("sd")
-
-
-# name -> function returning the model's diffusers folder; "zoo" is the default model (the collapse zoo)
-ZOO_MODELS: dict[str, Callable[[], Path]] = {"zoo": _zoo_pipeline, "zoo:collapse": _zoo_pipeline,
-                                             "zoo:sd": _sd_zoo_pipeline}
+# name -> function returning the model's diffusers folder; "zoo" is the default zoo (diffmem.zoo.paths.DEFAULT_CORPUS)
+ZOO_MODELS: dict[str, Callable[[], Path]] = {"zoo": _zoo_pipeline(None), "zoo:collapse": _zoo_pipeline("collapse"),
+                                             "zoo:sd": _zoo_pipeline("sd")}
 
 # --config family name -> hub id of the reference pipeline whose config files describe that family
 FAMILIES: dict[str, str] = {

@@ -47,7 +47,7 @@ SCENE_MIN_SHARE = 0.25
 
 def zoo_training_index(matcher: str = "ssim", threshold: float | None = None,
                        zoo: str | Path | None = None) -> TrainingIndex:
-    """A zoo's unique training images (through its VAE, see ``ZooTrainingSet``; default zoo: the shipped one).
+    """A zoo's unique training images (through its VAE, see ``ZooTrainingSet``; default: the default zoo).
     Default SSIM threshold: the collapse zoo's scene-family threshold; for a zoo labelled per family
     without a scene family (the SD-like zoo), the highest family threshold, so no family's null images
     count as copies."""
@@ -74,7 +74,7 @@ def zoo_feature_extractor():
     from diffmem.zoo.attributes import AttributeReader
     from diffmem.zoo.paths import zoo_dir
 
-    return ReaderFeatures(AttributeReader.load(zoo_dir() / "attribute_reader"))
+    return ReaderFeatures(AttributeReader.load(zoo_dir("collapse") / "attribute_reader"))
 
 
 def parse_scene_caption(caption: str) -> tuple[list[tuple[str, str, str]], str]:
@@ -127,7 +127,7 @@ def object_fidelity(images: torch.Tensor, captions: list[str]) -> np.ndarray:
     from diffmem.zoo.corpus import parse_generic_caption
     from diffmem.zoo.paths import zoo_dir
 
-    reader = AttributeReader.load(zoo_dir() / "attribute_reader")
+    reader = AttributeReader.load(zoo_dir("collapse") / "attribute_reader")
     parsed = [parse_generic_caption(c) for c in captions]
     return attribute_accuracy(reader, images, [p[0] for p in parsed], [p[1] for p in parsed])["all"]
 
@@ -176,7 +176,7 @@ def oracle_surrogate_images(item_ids: list[int], seed: int = 777) -> torch.Tenso
     from diffmem.zoo.load import load_corpus
     from diffmem.zoo.paths import zoo_dir
 
-    items = load_corpus(zoo_dir())
+    items = load_corpus(zoo_dir("collapse"))
     rng = np.random.default_rng(seed)
     out = []
     for i in item_ids:
@@ -185,18 +185,20 @@ def oracle_surrogate_images(item_ids: list[int], seed: int = 777) -> torch.Tenso
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
 
 
-def zoo_memorized_captions() -> list[str]:
-    """The zoo's trained captions labelled memorized (signature and template kinds)."""
+def zoo_memorized_captions(folder: str | Path | None = None) -> list[str]:
+    """A zoo's trained captions labelled memorized (signature and template kinds, the same kinds in both
+    corpora); default: the default zoo."""
     from diffmem.zoo.load import load_labels
-    from diffmem.zoo.paths import zoo_dir
 
-    return [r["caption"] for r in load_labels(zoo_dir()) if r["memorized"] and r["kind"] in MEMORIZED_KINDS]
+    return [r["caption"] for r in load_labels(folder) if r["memorized"] and r["kind"] in MEMORIZED_KINDS]
 
 
 @TASKS.register("zoo")
 @dataclass
 class ZooTask(BenchTask):
-    """The embedded zoo (or ``DIFFMEM_ZOO``): labelled memorized scenes, generic captions, training set."""
+    """The collapse zoo (``zoo:collapse``, or ``DIFFMEM_ZOO``): labelled memorized scenes, generic captions,
+    training set. Its fidelity checks read that corpus's captions, so it names the corpus rather than
+    following the default zoo."""
 
     name = "zoo"
     matcher: str = "ssim"
@@ -206,7 +208,7 @@ class ZooTask(BenchTask):
         from diffmem.zoo.load import load_labels
         from diffmem.zoo.paths import zoo_dir
 
-        return load_labels(zoo_dir())
+        return load_labels(zoo_dir("collapse"))
 
     def memorized(self) -> list[MemorizedPrompt]:
         """Every trained caption labelled memorized (signature and template kinds), with its item."""
@@ -218,7 +220,9 @@ class ZooTask(BenchTask):
         return split_by_seed(self.memorized(), ordinary, seed, sizes)
 
     def build_index(self, model) -> TrainingIndex:
-        return zoo_training_index(self.matcher)
+        from diffmem.zoo.paths import zoo_dir
+
+        return zoo_training_index(self.matcher, zoo=zoo_dir("collapse"))
 
     def fidelity(self, images: torch.Tensor, captions: list[str]) -> dict[str, float | None]:
         return zoo_fidelity(images, captions)
@@ -242,7 +246,7 @@ class ZooTask(BenchTask):
     def describe(self) -> dict[str, Any]:
         from diffmem.zoo.paths import zoo_dir
 
-        return {"name": self.name, "zoo": str(zoo_dir()), "matcher": self.matcher,
+        return {"name": self.name, "zoo": str(zoo_dir("collapse")), "matcher": self.matcher,
                 "fidelity": "object: attribute reader (shape, colour, position); scene: colour at each named "
                             "object's position"}
 

@@ -27,33 +27,32 @@ class GalleryContext:
     replicates: Callable[[str, float], bool | None]
 
 
-def _zoo_training_index():
-    try:  # the task module, where the zoo's index lives once the tasks refactor lands
-        from diffmem.tasks.zoo import zoo_training_index
-    except ImportError:
-        from diffmem.extract import zoo_training_index
-    return zoo_training_index()
-
-
-def ran_on_zoo(folder: Path) -> bool:
-    """Whether a run folder's provenance names the embedded zoo's pipeline as its model."""
-    from diffmem.zoo.paths import zoo_pipeline_path
+def run_zoo(folder: Path) -> Path | None:
+    """The zoo folder whose pipeline a run folder's provenance names as its model, else None."""
+    from diffmem.zoo.load import zoo_folder_for
 
     try:
         source = json.loads((Path(folder) / "provenance.json").read_text())["model"]["source"]
-        return Path(source) == zoo_pipeline_path().resolve()
     except (DiffmemError, KeyError, OSError, TypeError, ValueError):
-        return False
+        return None
+    return zoo_folder_for(source) if isinstance(source, str) else None
 
 
-def zoo_replicates() -> Callable[[str, float], bool | None]:
-    """The zoo's verdict: similarity above its family's threshold (single objects need a near-exact copy);
-    None for captions that were not trained (held out) or are not zoo captions at all."""
+def ran_on_zoo(folder: Path) -> bool:
+    """Whether a run folder's provenance names an embedded zoo's pipeline as its model."""
+    return run_zoo(folder) is not None
+
+
+def zoo_replicates(zoo: Path | None = None) -> Callable[[str, float], bool | None]:
+    """A zoo's verdict (default: the default zoo): similarity above its family's threshold; None for captions
+    that were not trained (held out) or are not that zoo's captions at all."""
     from diffmem.zoo.load import load_labels
     from diffmem.zoo.paths import zoo_dir
 
-    thresholds = json.loads((zoo_dir() / "zoo.json").read_text())["labels"]["thresholds"]
-    family = {r["caption"]: r["family"] for r in load_labels(zoo_dir()) if not str(r["kind"]).startswith("heldout")}
+    folder = Path(zoo) if zoo is not None else zoo_dir()
+    rows = load_labels(folder)
+    thresholds = json.loads((folder / "zoo.json").read_text())["labels"]["thresholds"]
+    family = {r["caption"]: r["family"] for r in rows if not str(r["kind"]).startswith("heldout")}
 
     def verdict(text: str, similarity: float) -> bool | None:
         if text not in family:
@@ -64,18 +63,21 @@ def zoo_replicates() -> Callable[[str, float], bool | None]:
 
 
 class ZooGallery:
-    """``gallery(folder) -> GalleryContext | None`` for runs on the zoo (loaded once, reused)."""
+    """``gallery(folder) -> GalleryContext | None`` for runs on a zoo (each zoo's context loaded once, reused);
+    ``model``, when given, is the model the runs were made with."""
 
     def __init__(self, model=None):
         self._model = model
-        self._context: GalleryContext | None = None
+        self._contexts: dict[Path, GalleryContext] = {}
 
     def __call__(self, folder: Path) -> GalleryContext | None:
-        if not ran_on_zoo(folder):
+        zoo = run_zoo(folder)
+        if zoo is None:
             return None
-        if self._context is None:
+        if zoo not in self._contexts:
             from diffmem.models.loader import load_model
+            from diffmem.tasks.zoo import zoo_training_index
 
-            model = self._model if self._model is not None else load_model()
-            self._context = GalleryContext(model, _zoo_training_index(), zoo_replicates())
-        return self._context
+            model = self._model if self._model is not None else load_model(str(zoo / "pipeline"))
+            self._contexts[zoo] = GalleryContext(model, zoo_training_index(zoo=zoo), zoo_replicates(zoo))
+        return self._contexts[zoo]

@@ -100,13 +100,14 @@ def corpus_view(corpus: str, config=None) -> CorpusView:
 
 
 def load_zoo_vae(path: str | Path | None = None):
-    """The VAE the zoo trains in (default: the shipped zoo's ``pipeline/vae``), float32, eval mode."""
+    """A VAE folder as float32 in eval mode (default: the collapse zoo's ``pipeline/vae``, the VAE every corpus
+    was first gated in; a built zoo's own VAE is ``--vae DIR/pipeline/vae``)."""
     from diffusers import AutoencoderKL
 
     if path is None:
         from diffmem.zoo.paths import zoo_pipeline_path
 
-        path = zoo_pipeline_path() / "vae"
+        path = zoo_pipeline_path("collapse") / "vae"
     return AutoencoderKL.from_pretrained(str(path), torch_dtype=torch.float32).eval()
 
 

@@ -2,7 +2,7 @@
 
 A zoo folder names the corpus it was trained on in ``zoo.json`` (``corpus``: ``collapse`` or ``sd``, see
 :data:`diffmem.zoo.build.CORPORA`); a record without it was written before the SD-like corpus existed and is
-the collapse zoo. Every function takes the zoo folder (default: the shipped collapse zoo, :func:`zoo_dir`), so
+the collapse zoo. Every function takes the zoo folder (default: the default zoo, :func:`zoo_dir`), so
 ``zoo_dir("sd")`` loads the SD-like zoo's data the same way.
 """
 
@@ -28,7 +28,7 @@ CorpusItem = ZooItem | SDItem  # an item of either corpus (collapse or SD-like)
 
 
 def _folder(folder: str | Path | None) -> Path:
-    """``folder``, or the shipped (collapse) zoo's folder when ``None``."""
+    """``folder``, or the default zoo's folder when ``None``."""
     from diffmem.zoo.paths import zoo_dir
 
     return Path(folder) if folder is not None else zoo_dir()
@@ -38,13 +38,31 @@ def _record(folder: Path) -> dict:
     return json.loads((folder / "zoo.json").read_text())
 
 
+def _zoo_of_pipeline(pipeline: str | Path | None) -> Path | None:
+    """The zoo folder holding a pipeline folder (its parent has ``zoo.json``), else None."""
+    if pipeline is None:
+        return None
+    parent = Path(pipeline).expanduser().resolve().parent
+    return parent if (parent / "zoo.json").is_file() else None
+
+
 def zoo_folder_of(model) -> Path | None:
     """The zoo folder a loaded model came from (its pipeline folder's parent holds ``zoo.json``), else None."""
-    folder = getattr(model, "folder", None)
-    if folder is None:
-        return None
-    parent = Path(folder).resolve().parent
-    return parent if (parent / "zoo.json").is_file() else None
+    return _zoo_of_pipeline(getattr(model, "folder", None))
+
+
+def zoo_folder_for(spec: str | Path | None) -> Path | None:
+    """The zoo folder a model spec names, without loading the model: a zoo name (``None`` and ``zoo``: the default
+    zoo) or a zoo's pipeline folder; None for anything else (a user's checkpoint, an unbuilt zoo)."""
+    from diffmem.models.sources import ZOO_MODELS
+
+    if spec is None or str(spec) in ZOO_MODELS:
+        try:
+            return _zoo_of_pipeline(ZOO_MODELS["zoo" if spec is None else str(spec)]())
+        except ModelLoadError:
+            return None
+    path = Path(str(spec)).expanduser()
+    return _zoo_of_pipeline(path) if path.is_dir() else None
 
 
 def zoo_corpus_name(folder: str | Path | None = None) -> str:
@@ -56,7 +74,7 @@ def zoo_corpus_name(folder: str | Path | None = None) -> str:
 
 def load_corpus(folder: str | Path | None = None) -> list[CorpusItem]:
     """The zoo's items (:class:`ZooItem` or :class:`SDItem`, by the corpus ``zoo.json`` names), rebuilt from the
-    recorded corpus config and verified against the manifest; default folder: the shipped zoo."""
+    recorded corpus config and verified against the manifest; default folder: the default zoo."""
     from diffmem.zoo.build import ZooConfig, corpus_of
 
     folder = _folder(folder)
@@ -75,7 +93,7 @@ def load_corpus(folder: str | Path | None = None) -> list[CorpusItem]:
 
 def load_labels(folder: str | Path | None = None) -> list[dict]:
     """Rows of ``labels.jsonl`` (one per labelled caption, see :mod:`diffmem.zoo.labels` and
-    :mod:`diffmem.zoo.sd_labels`); default folder: the shipped zoo."""
+    :mod:`diffmem.zoo.sd_labels`); default folder: the default zoo."""
     folder = _folder(folder)
     path = folder / "labels.jsonl"
     if not path.is_file():
@@ -108,7 +126,7 @@ def vae_roundtrip(model, images: torch.Tensor, batch_size: int = 512) -> torch.T
 
 
 def zoo_training_images(folder: str | Path | None = None) -> TrainingImages:
-    """The :class:`~diffmem.zoo.build.TrainingImages` of a zoo folder (default: the shipped zoo), rendered by the
+    """The :class:`~diffmem.zoo.build.TrainingImages` of a zoo folder (default: the default zoo), rendered by the
     corpus its ``zoo.json`` names: the unique training images and one epoch's (item, image) pairs."""
     from diffmem.zoo.build import TrainingImages
 
@@ -120,7 +138,7 @@ _CACHE: dict[str, ZooTrainingSet] = {}
 
 
 def zoo_training_set(folder: str | Path | None = None, model=None) -> ZooTrainingSet:
-    """The training set of a zoo folder (default: the embedded zoo) of either corpus, cached per process;
+    """The training set of a zoo folder (default: the default zoo) of either corpus, cached per process;
     ``model`` (default: the folder's pipeline) gives the VAE of the reference round trip."""
     folder = _folder(folder)
     key = str(folder.resolve())

@@ -1,9 +1,12 @@
-"""Where the embedded zoos live.
+"""Where the embedded zoos live, and which one is the default.
 
-- ``collapse`` (the shipped zoo, model name ``zoo`` / ``zoo:collapse``): ``diffmem/zoo/checkpoint``, or
-  ``$DIFFMEM_ZOO`` if set;
+- ``collapse`` (model name ``zoo:collapse``, docs/zoo.md): ``diffmem/zoo/checkpoint``, or ``$DIFFMEM_ZOO`` if set;
 - ``sd`` (the SD-like zoo, ``zoo:sd``, docs/zoo-sd.md): ``diffmem/zoo/checkpoint_sd``, or ``$DIFFMEM_ZOO_SD``
-  if set; it exists once ``diffmem zoo build --corpus sd`` has written it there.
+  if set.
+
+:data:`DEFAULT_CORPUS` names the zoo that ``zoo``, ``load_model()``, the demo and every zoo helper called
+without a folder use; code that is about one corpus (the collapse zoo's bench task and its benchmarks) names
+that corpus explicitly, so changing the default changes nothing there.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ SHIPPED = Path(__file__).parent / "checkpoint"
 SHIPPED_SD = Path(__file__).parent / "checkpoint_sd"
 # corpus name -> (environment variable that overrides the folder, default folder)
 LOCATIONS: dict[str, tuple[str, Path]] = {"collapse": ("DIFFMEM_ZOO", SHIPPED), "sd": ("DIFFMEM_ZOO_SD", SHIPPED_SD)}
+DEFAULT_CORPUS = "collapse"  # the zoo of the model name ``zoo``, of load_model() and of the demo
 
 
-def zoo_dir(corpus: str = "collapse") -> Path:
-    """The folder of the zoo trained on ``corpus``: ``pipeline/``, ``attribute_reader/``, ``manifest.jsonl``,
-    ``labels.jsonl``, ``zoo.json``; one :class:`ModelLoadError` line saying how to build it when absent."""
+def zoo_dir(corpus: str | None = None) -> Path:
+    """The folder of the zoo trained on ``corpus`` (default: :data:`DEFAULT_CORPUS`): ``pipeline/``,
+    ``attribute_reader/``, ``manifest.jsonl``, ``labels.jsonl``, ``zoo.json``; one :class:`ModelLoadError` line
+    saying how to build it when absent."""
+    corpus = corpus or DEFAULT_CORPUS
     if corpus not in LOCATIONS:
         raise ModelLoadError(f"unknown zoo corpus '{corpus}'; expected one of {', '.join(LOCATIONS)}")
     env, default = LOCATIONS[corpus]
@@ -36,6 +42,6 @@ def zoo_dir(corpus: str = "collapse") -> Path:
                          f"or point {env} at a built one")
 
 
-def zoo_pipeline_path(corpus: str = "collapse") -> Path:
-    """The diffusers pipeline folder of the zoo trained on ``corpus``."""
+def zoo_pipeline_path(corpus: str | None = None) -> Path:
+    """The diffusers pipeline folder of the zoo trained on ``corpus`` (default: :data:`DEFAULT_CORPUS`)."""
     return zoo_dir(corpus) / "pipeline"

@@ -7,21 +7,27 @@ them from here, so library code and benchmarks never import the command line.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 from diffmem.prompts import PromptSet
 from diffmem.zoo.load import load_labels
 from diffmem.zoo.paths import zoo_dir
 
+# ordinary caption kinds whose non-memorized captions serve as reference prompts, per corpus, one family each
+REFERENCE_KINDS = ("generic", "generic_scene")
+
 
 def zoo_prompts(max_negatives_per_kind: int | None = None,
-                exclude: set[str] | frozenset[str] = frozenset()) -> PromptSet:
-    """The zoo's captions with their kind, replication rate, family and extracted label.
+                exclude: set[str] | frozenset[str] = frozenset(), folder: str | Path | None = None) -> PromptSet:
+    """A zoo's captions (``folder``; default: the default zoo) with their kind, replication rate, family and
+    extracted label.
 
     With ``max_negatives_per_kind``: every memorized caption, and per kind at most that many evenly spaced
     non-memorized ones (a stratified set for benchmarks and the demo); captions in ``exclude`` (e.g. the
     reference prompts a calibrated detector standardises on) are left out.
     """
-    rows = [r for r in load_labels(zoo_dir()) if r["caption"] not in exclude]
+    folder = Path(folder) if folder is not None else zoo_dir()
+    rows = [r for r in load_labels(folder) if r["caption"] not in exclude]
     if max_negatives_per_kind is not None:
         keep = [r for r in rows if r["memorized"]]
         for kind in sorted({r["kind"] for r in rows}):
@@ -31,17 +37,18 @@ def zoo_prompts(max_negatives_per_kind: int | None = None,
         chosen = {r["item_id"] for r in keep}
         rows = [r for r in rows if r["item_id"] in chosen]
     return PromptSet(ids=[str(r["item_id"]) for r in rows], texts=[r["caption"] for r in rows],
-                     source=f"zoo:{zoo_dir()}", columns={"kind": [r["kind"] for r in rows],
+                     source=f"zoo:{folder}", columns={"kind": [r["kind"] for r in rows],
                                                          "replication": [r["replication"] for r in rows],
                                                          "memorized": [r["memorized"] for r in rows],
                                                          "family": [r["family"] for r in rows]})
 
 
-def zoo_reference_prompts(n: int = 200) -> list[str]:
-    """Ordinary reference prompts: trained zoo captions of both families (single objects and scenes) that
-    the labels call not memorized, every 5th of each, alternating between the families (first n)."""
-    rows = load_labels(zoo_dir())
+def zoo_reference_prompts(n: int = 200, folder: str | Path | None = None) -> list[str]:
+    """Ordinary reference prompts of a zoo (default: the default zoo): trained ordinary captions
+    (:data:`REFERENCE_KINDS`: the collapse zoo's single objects and scenes, the SD-like zoo's generic captions)
+    that the labels call not memorized, every 5th of each kind, alternating between the kinds (first n)."""
+    rows = load_labels(folder)
     families = [[r["caption"] for r in rows if r["kind"] == kind and not r["memorized"]][::5]
-                for kind in ("generic", "generic_scene")]
+                for kind in REFERENCE_KINDS]
     mixed = [c for pair in itertools.zip_longest(*families) for c in pair if c is not None]
     return mixed[:n]
