@@ -272,3 +272,27 @@ def test_quiet_run_prints_no_library_warnings(tmp_path, capsys, prompts_txt, tin
                  "--draws", "1", "--out", str(tmp_path / "s"), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "Warning" not in err and "warn" not in err.lower() and "%|" not in err, err
+
+
+def test_extract_on_a_checkpoint_that_is_not_a_zoo_needs_its_training_images(tmp_path, capsys, prompts_txt,
+                                                                              tiny_sd_folder):
+    """Without --train-index only a zoo has training images to match; a user's checkpoint used to be matched
+    against the default zoo's images, silently."""
+    out = tmp_path / "o"
+    assert main(["extract", "--model", str(tiny_sd_folder), "--prompts", str(prompts_txt), "--out", str(out)]) == 2
+    _one_line_error(capsys, f"--model {tiny_sd_folder}: not a zoo", "--train-index FOLDER")
+    assert not out.exists()
+
+
+def test_zoo_folder_for_names_the_zoo_of_a_spec_without_loading_it(tiny_sd_folder, monkeypatch, tmp_path):
+    from diffmem.zoo.load import zoo_folder_for
+    from diffmem.zoo.paths import DEFAULT_CORPUS, zoo_dir
+
+    collapse = zoo_dir("collapse").resolve()
+    assert zoo_folder_for("zoo:collapse") == collapse
+    assert zoo_folder_for(str(collapse / "pipeline")) == collapse  # the pipeline folder of a zoo, by path
+    assert zoo_folder_for(None) == zoo_folder_for("zoo") == zoo_dir(DEFAULT_CORPUS).resolve()
+    assert zoo_folder_for(str(tiny_sd_folder)) is None  # a checkpoint that is not a zoo
+    assert zoo_folder_for("org/not-cached") is None
+    monkeypatch.setenv("DIFFMEM_ZOO_SD", str(tmp_path / "unbuilt"))
+    assert zoo_folder_for("zoo:sd") is None  # an unbuilt zoo: loading it fails later with its own message
