@@ -145,11 +145,15 @@ def test_pairwise_ssim_and_gate():
     assert gate(None, ">=", 0.9)["pass"] is False
 
 
+def _run_gates(monkeypatch, *argv: str) -> dict:
+    out = Path(argv[argv.index("--out") + 1])
+    monkeypatch.setattr(sys, "argv", ["zoo_gates.py", "--smoke", *argv])
+    runpy.run_path(str(ROOT / "benchmarks" / "zoo_gates.py"), run_name="__main__")
+    return json.loads(out.read_text())
+
+
 def test_gates_script_smoke(zoo, tmp_path, monkeypatch):
-    out = tmp_path / "gates.json"
-    monkeypatch.setattr(sys, "argv", ["zoo_sd_gates.py", "--smoke", "--model", str(zoo), "--out", str(out)])
-    runpy.run_path(str(ROOT / "benchmarks" / "zoo_sd_gates.py"), run_name="__main__")
-    result = json.loads(out.read_text())
+    result = _run_gates(monkeypatch, "--model", str(zoo), "--out", str(tmp_path / "gates.json"))
     expected = {"diversity_ordinary", "diversity_memorized", "memorized_1x", "memorized_16x", "memorized_64x",
                 "memorized_rises_with_rate", "lookalike_titles", "ordinary_captions", "named_fidelity", "template"}
     assert expected <= set(result["gates"])
@@ -158,6 +162,26 @@ def test_gates_script_smoke(zoo, tmp_path, monkeypatch):
         assert g["value"] is not None, name
     assert result["smoke"] and result["sizes"]["steps"] == 2 and result["sizes"]["labelled_captions"] > 0
     assert result["passed"] == sum(g["pass"] for g in result["gates"].values())
+    assert result["corpus"] == "sd" and result["labels_source"] == "a sample labelled here"
+    # the zoo's own labels instead of a sample: the memorization gates are its labels' fractions
+    assert main(["zoo", "label", "--zoo", str(zoo), "--seeds", "2", "--steps", "2"]) in (0, None)
+    own = _run_gates(monkeypatch, "--model", str(zoo), "--labels-from-zoo", "--out", str(tmp_path / "own.json"))
+    rows = load_labels(zoo)
+    generic = [r["memorized"] for r in rows if r["kind"] == "generic"]
+    assert own["labels_source"] == "the zoo's labels.jsonl" and own["sizes"]["labelled_captions"] == len(rows)
+    assert own["gates"]["ordinary_captions"]["value"] == round(float(np.mean(generic)), 4)
+
+
+def test_gates_script_on_the_collapse_zoo_reads_its_labels(tmp_path, monkeypatch):
+    from diffmem.zoo.paths import zoo_dir
+
+    result = _run_gates(monkeypatch, "--model", "zoo:collapse", "--out", str(tmp_path / "collapse.json"))
+    record = json.loads((zoo_dir("collapse") / "zoo.json").read_text())["labels"]
+    assert result["corpus"] == "collapse" and result["labels_source"] == "the zoo's labels.jsonl"
+    by_rate = {int(k): v["memorized"] for k, v in record["signature_by_replication"].items()}
+    assert result["gates"]["memorized_64x"]["value"] == round(by_rate[64], 4)
+    assert result["gates"]["named_fidelity"]["value"] == round(record["generic_fidelity"]["generic"], 4)
+    assert 0 < result["gates"]["diversity_ordinary"]["value"] <= 1
 
 
 def test_zoo_label_titles_flag_sets_how_many_once_seen_titles_are_labelled(zoo):

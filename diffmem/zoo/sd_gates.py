@@ -12,7 +12,7 @@ What a user of Stable Diffusion sees, measured on the trained zoo:
   generations (:func:`~diffmem.zoo.sd_attributes.fidelity`).
 
 Every gate is ``{"value", "target", "pass"}`` (:func:`gate`); :func:`sd_gates` assembles them from label rows,
-diversity and fidelity. ``benchmarks/zoo_sd_gates.py`` chooses the captions and writes the JSON.
+diversity and fidelity. ``benchmarks/zoo_gates.py`` chooses the captions and writes the JSON.
 """
 
 from __future__ import annotations

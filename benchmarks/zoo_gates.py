@@ -1,13 +1,20 @@
-"""Benchmark: the SD-like zoo's after-training gates (issue #11; docs/zoo-sd.md, training plan step 6).
+"""Benchmark: a zoo's after-training gates (issue #11; docs/zoo-sd.md, training plan step 6), for either zoo.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/zoo_sd_gates.py --out benchmarks/results/zoo_sd_gates.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/zoo_gates.py --model zoo:sd --labels-from-zoo \
+        --out benchmarks/results/zoo_sd_gates.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/zoo_gates.py --model zoo:collapse \
+        --out benchmarks/results/zoo_collapse_gates.json
 
 ``--model`` names the zoo (default ``zoo:sd``; also a zoo folder, or its ``pipeline`` folder); ``--smoke`` runs
 tiny sizes (a few captions, 2 DDIM steps) to check the script end to end. The computations live in
-:mod:`diffmem.zoo.sd_gates` and :mod:`diffmem.zoo.sd_labels`; this script picks the captions (a fixed random
-sample of each kind, sizes in the JSON's ``sizes``), labels them with the rule of ``diffmem zoo label``
-(thresholds from the same null over the whole corpus), generates ``diversity_seeds`` images of ordinary and
-memorized captions, and writes every gate as ``{value, target, pass}``.
+:mod:`diffmem.zoo.sd_gates` and :mod:`diffmem.zoo.sd_labels`. The labels behind the memorization gates are
+either a fixed random sample of each kind labelled here with the rule of ``diffmem zoo label`` (thresholds from
+the same null over the whole corpus; sizes in the JSON's ``sizes``) or, with ``--labels-from-zoo``, every
+caption of the zoo's own ``labels.jsonl`` (what ``diffmem zoo label`` wrote; the collapse zoo always, its
+labeller is the collapse rule). Then ``diversity_seeds`` images of ordinary and memorized captions, and every
+gate as ``{value, target, pass}``. Named-factor fidelity: the SD-like zoo's reader on the 8-seed ordinary
+generations (each factor apart); the collapse zoo's labels' fidelity of generic captions (shape, colour and
+position read back by its reader), the only factors its captions leave to the model.
 
 Default sizes (about 3,000 generations at 25 steps; the collapse zoo's architecture generates 128 images in
 21 s on one niced thread of the shared 2-core machine; with SSIM matching, about 85,000 pairs, and the training
@@ -33,7 +40,7 @@ from diffmem.errors import ModelLoadError
 from diffmem.io import atomic_write_text
 from diffmem.models.loader import load_model
 from diffmem.models.sources import resolve
-from diffmem.zoo.load import load_corpus, zoo_corpus_name, zoo_training_set
+from diffmem.zoo.load import load_corpus, load_labels, zoo_corpus_name, zoo_training_set
 from diffmem.zoo.sd_attributes import SDAttributeReader
 from diffmem.zoo.sd_corpus import SDItem
 from diffmem.zoo.sd_gates import caption_diversity, diversity_config, named_fidelity, sd_gates
@@ -74,9 +81,9 @@ def zoo_folder(spec: str) -> Path:
     try:
         folder = resolve(spec).folder
     except ModelLoadError as exc:  # e.g. zoo:sd not built yet: its one line, not a traceback
-        raise SystemExit(f"zoo_sd_gates: {exc}") from None
+        raise SystemExit(f"zoo_gates: {exc}") from None
     if folder is None or not (folder.parent / "zoo.json").is_file():
-        raise SystemExit(f"zoo_sd_gates: '{spec}' is not a zoo (no zoo.json beside its pipeline)")
+        raise SystemExit(f"zoo_gates: '{spec}' is not a zoo (no zoo.json beside its pipeline)")
     return folder.parent
 
 
@@ -102,8 +109,12 @@ def choose(items: list[SDItem], sizes: Sizes) -> tuple[list[SDItem], list[SDItem
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="zoo:sd", help="zoo:sd (default), a zoo folder or its pipeline folder")
-    parser.add_argument("--out", default="benchmarks/results/zoo_sd_gates.json")
+    parser.add_argument("--model", default="zoo:sd", help="zoo:sd (default), zoo:collapse, a zoo folder or its "
+                                                          "pipeline folder")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/zoo_<corpus>_gates.json")
+    parser.add_argument("--labels-from-zoo", action="store_true",
+                        help="gate on every caption of the zoo's labels.jsonl instead of labelling a sample here "
+                             "(always for the collapse zoo)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and 2 DDIM steps: checks the script only")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else Sizes()
@@ -111,32 +122,44 @@ def main() -> None:
     seconds: dict[str, float] = {}
 
     folder = zoo_folder(args.model)
-    if zoo_corpus_name(folder) != "sd":
-        raise SystemExit(f"zoo_sd_gates: '{folder}' is a zoo of the '{zoo_corpus_name(folder)}' corpus, not 'sd'")
-    items = cast(list[SDItem], load_corpus(folder))  # the corpus is "sd", checked above
+    corpus = zoo_corpus_name(folder)
+    args.out = args.out or f"benchmarks/results/zoo_{corpus}_gates.json"
+    from_zoo = args.labels_from_zoo or corpus != "sd"
+    items = cast(list[SDItem], load_corpus(folder))  # ZooItems for the collapse zoo: caption, kind, replication
     model = load_model(folder / "pipeline")
-    reader = SDAttributeReader.load(folder / "attribute_reader")
-    training_set = zoo_training_set(folder, model)
+    reader = SDAttributeReader.load(folder / "attribute_reader") if corpus == "sd" else None
     seconds["load"] = round(time.time() - started, 1)
 
     label_items, ordinary, memorized = choose(items, sizes)
     cfg = SDLabelConfig(seeds_per_prompt=sizes.label_seeds, num_inference_steps=sizes.steps,
                         null_captions=sizes.null_captions)
     t = time.time()
-    rows, summary = label_sd_zoo(model, items, reader, training_set, cfg, selection=label_items)
+    if from_zoo:
+        record = json.loads((folder / "zoo.json").read_text())["labels"]
+        rows = load_labels(folder)
+        summary = {k: record.get(k) for k in ("by_kind", "signature_by_replication", "thresholds", "generic_fidelity")}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in record["label_config"].items()
+                                          if k in {f.name for f in dataclasses.fields(cfg)}})
+        label_items = [it for it in items if it.caption in {r["caption"] for r in rows}]
+    else:
+        rows, summary = label_sd_zoo(model, items, reader, zoo_training_set(folder, model), cfg, selection=label_items)
     seconds["labels"] = round(time.time() - t, 1)
 
     t = time.time()
     div_cfg = diversity_config(cfg, sizes.diversity_seeds)
     ordinary_ssim, ordinary_gen = caption_diversity(model, ordinary, div_cfg)
     memorized_ssim, _ = caption_diversity(model, memorized, div_cfg)
-    fid = named_fidelity(reader, ordinary_gen, ordinary, sizes.diversity_seeds)
+    if reader is not None:
+        fid = named_fidelity(reader, ordinary_gen, ordinary, sizes.diversity_seeds)
+    else:  # the collapse zoo's labels: shape, colour and position read back in its generic captions' generations
+        fid = {"all": float(summary["generic_fidelity"]["generic"])}
     seconds["diversity_and_fidelity"] = round(time.time() - t, 1)
 
     gates = sd_gates(rows, ordinary_ssim, memorized_ssim, fid)
     seconds["total"] = round(time.time() - started, 1)
     result = {
-        "model": str(folder), "fingerprint": model.fingerprint, "smoke": args.smoke,
+        "model": str(folder), "corpus": corpus, "fingerprint": model.fingerprint, "smoke": args.smoke,
+        "labels_source": "the zoo's labels.jsonl" if from_zoo else "a sample labelled here",
         "passed": sum(g["pass"] for g in gates.values()), "gates_total": len(gates), "gates": gates,
         "sizes": {**asdict(sizes), "labelled_captions": len(label_items), "diversity_captions":
                   {"ordinary": len(ordinary), "memorized": len(memorized)},
