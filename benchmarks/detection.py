@@ -66,7 +66,7 @@ from diffmem.jobs import prompt_hash
 from diffmem.models import load_model
 from diffmem.prompts import PromptSet
 from diffmem.scan import SCORES_FILE, ScanSettings, run_scan
-from diffmem.zoo.paths import zoo_dir
+from diffmem.zoo.paths import DEFAULT_CORPUS, zoo_dir
 
 COMBINATIONS = [["noise-norm", "sharpness", "attention-entropy"],  # noise-step signals only
                 ["nn-margin", "sharpness", "attention-entropy"]]  # the image margin with the two best of them
@@ -211,12 +211,12 @@ def combination(members: list[str], image_detectors: list[Detector], reference: 
     return combined, key
 
 
-# the embedded zoos' defaults: model spec -> (corpus, results file, work folder, replication-rates file)
-ZOO_RUNS = {"zoo": ("collapse", "detection.json", "runs/bench-detection",
-                    "benchmarks/results/zoo_replication_rates.jsonl"),
-            "zoo:collapse": ("collapse", "detection.json", "runs/bench-detection",
-                             "benchmarks/results/zoo_replication_rates.jsonl"),
-            "zoo:sd": ("sd", "detection_sd.json", "runs/bench-detection-sd", None)}
+# the embedded zoos' defaults: corpus -> (results file, work folder, replication-rates file); "zoo" is the default zoo
+ZOO_CORPUS_RUNS = {"collapse": ("detection.json", "runs/bench-detection",
+                                 "benchmarks/results/zoo_replication_rates.jsonl"),
+                   "sd": ("detection_sd.json", "runs/bench-detection-sd", None)}
+ZOO_RUNS = {name: (corpus, *ZOO_CORPUS_RUNS[corpus])
+            for name, corpus in (("zoo", DEFAULT_CORPUS), ("zoo:collapse", "collapse"), ("zoo:sd", "sd"))}
 REFERENCE_KINDS = ("generic", "generic_scene", "title")  # ordinary kinds the reference prompts come from
 CANDIDATE_MEMBERS = ("noise-norm", "anisotropy", "sharpness", "attention-entropy")  # a dev-chosen combination's
 
@@ -279,7 +279,8 @@ def print_heldout(heldout: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="zoo", help="model spec: zoo (= zoo:collapse, default), zoo:sd, a folder")
+    parser.add_argument("--model", default="zoo",
+                        help="model spec: zoo (the default zoo, default), zoo:collapse, zoo:sd, a folder")
     parser.add_argument("--labels", default=None,
                         help="labels file (JSON lines: caption, kind, memorized, replication, family); "
                              "default: the zoo's labels.jsonl")
