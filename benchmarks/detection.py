@@ -67,6 +67,7 @@ from diffmem.models import load_model
 from diffmem.prompts import PromptSet
 from diffmem.scan import SCORES_FILE, ScanSettings, run_scan
 from diffmem.zoo.paths import DEFAULT_CORPUS, zoo_dir
+from diffmem.zoo.prompts import REFERENCE_KINDS
 
 COMBINATIONS = [["noise-norm", "sharpness", "attention-entropy"],  # noise-step signals only
                 ["nn-margin", "sharpness", "attention-entropy"]]  # the image margin with the two best of them
@@ -217,7 +218,6 @@ ZOO_CORPUS_RUNS = {"collapse": ("detection.json", "runs/bench-detection",
                    "sd": ("detection_sd.json", "runs/bench-detection-sd", None)}
 ZOO_RUNS = {name: (corpus, *ZOO_CORPUS_RUNS[corpus])
             for name, corpus in (("zoo", DEFAULT_CORPUS), ("zoo:collapse", "collapse"), ("zoo:sd", "sd"))}
-REFERENCE_KINDS = ("generic", "generic_scene", "title")  # ordinary kinds the reference prompts come from
 CANDIDATE_MEMBERS = ("noise-norm", "anisotropy", "sharpness", "attention-entropy")  # a dev-chosen combination's
 
 

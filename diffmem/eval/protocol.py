@@ -89,8 +89,8 @@ def labelled_prompts(rows: Sequence[dict], max_negatives_per_kind: int | None = 
 def reference_captions(rows: Sequence[dict], kinds: Sequence[str], n: int = 200, every: int = 5) -> list[str]:
     """Ordinary reference captions: every ``every``-th non-memorized caption of each of ``kinds``, alternating
     between the kinds, first ``n``. Chosen by label but not by any score: they calibrate
-    ``anisotropy-calibrated`` and ``combined`` and are left out of both splits. On the collapse zoo with
-    kinds (generic, generic_scene) these are :func:`diffmem.zoo.prompts.zoo_reference_prompts` (tested)."""
+    ``anisotropy-calibrated`` and ``combined`` and are left out of both splits. A zoo's default reference prompts
+    (:func:`diffmem.zoo.prompts.zoo_reference_prompts`) are these with its ordinary kinds."""
     per_kind = [[r["caption"] for r in rows if r["kind"] == kind and not r["memorized"]][::every] for kind in kinds]
     mixed = [c for group in itertools.zip_longest(*per_kind) for c in group if c is not None]
     return mixed[:n]

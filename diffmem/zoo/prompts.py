@@ -6,15 +6,14 @@ them from here, so library code and benchmarks never import the command line.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 from diffmem.prompts import PromptSet
 from diffmem.zoo.load import load_labels
 from diffmem.zoo.paths import zoo_dir
 
-# ordinary caption kinds whose non-memorized captions serve as reference prompts, per corpus, one family each
-REFERENCE_KINDS = ("generic", "generic_scene")
+# the caption kinds whose non-memorized captions serve as ordinary reference prompts (those a zoo's labels have)
+REFERENCE_KINDS = ("generic", "generic_scene", "title")
 
 
 def zoo_prompts(max_negatives_per_kind: int | None = None,
@@ -44,11 +43,10 @@ def zoo_prompts(max_negatives_per_kind: int | None = None,
 
 
 def zoo_reference_prompts(n: int = 200, folder: str | Path | None = None) -> list[str]:
-    """Ordinary reference prompts of a zoo (default: the default zoo): trained ordinary captions
-    (:data:`REFERENCE_KINDS`: the collapse zoo's single objects and scenes, the SD-like zoo's generic captions)
-    that the labels call not memorized, every 5th of each kind, alternating between the kinds (first n)."""
-    rows = load_labels(folder)
-    families = [[r["caption"] for r in rows if r["kind"] == kind and not r["memorized"]][::5]
-                for kind in REFERENCE_KINDS]
-    mixed = [c for pair in itertools.zip_longest(*families) for c in pair if c is not None]
-    return mixed[:n]
+    """Ordinary reference prompts of a zoo (default: the default zoo): every 5th trained caption of each of
+    :data:`REFERENCE_KINDS` the labels call not memorized, alternating between the kinds (first n): the collapse
+    zoo's single objects, the SD-like zoo's ordinary captions and once-seen titles. The detection benchmark's
+    reference set (:func:`diffmem.eval.protocol.reference_captions` with the same kinds)."""
+    from diffmem.eval.protocol import reference_captions
+
+    return reference_captions(load_labels(folder), REFERENCE_KINDS, n)
