@@ -96,7 +96,7 @@ def _tpr_or_dash(m: dict | None) -> str:
     return _tpr(m) if m and m.get("auroc") is not None else "-"
 
 
-def heldout_rows(record: dict, compact: bool = False) -> list[str]:
+def heldout_rows(record: dict, compact: bool = False, title: str = "detector (test split)") -> list[str]:
     """The dev / test table of ``detection.py``'s ``heldout`` section (issue #11's protocol): the headline
     split seed's test figures for every detector, with the test negatives taken apart (ordinary captions,
     once-seen titles), the dev-set threshold's test rates, whether the target is met (strict / closest), the
@@ -107,10 +107,10 @@ def heldout_rows(record: dict, compact: bool = False) -> list[str]:
     seed, split = next(iter(heldout["splits"].items()))
     over = (heldout.get("over_split_seeds") or {}).get("detectors", {})
     if compact:
-        head = ["| detector (test split) | AUROC | TPR@1%FPR strict / closest | meets target | UNet calls per prompt |",
+        head = [f"| {title} | AUROC | TPR@1%FPR strict / closest | meets target | UNet calls per prompt |",
                 "|---|---|---|---|---|"]
     else:
-        head = ["| detector (test split) | AUROC, dev | AUROC | TPR@1%FPR strict / closest | AUROC vs ordinary | "
+        head = [f"| {title} | AUROC, dev | AUROC | TPR@1%FPR strict / closest | AUROC vs ordinary | "
                 "AUROC vs once-seen titles | dev threshold at 1% FPR: test FPR / TPR | AUROC over split seeds "
                 "(min-max) | meets target (strict / closest) | UNet calls per prompt |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
@@ -136,6 +136,69 @@ def heldout_rows(record: dict, compact: bool = False) -> list[str]:
         text = f"best noise-step detector chosen on dev (split seed {seed}): {label(best['chosen'])}"
         rows.append("| " + text + " |" + " |" * (n - 1))
     return head + rows
+
+
+# the after-training gates in the order the README lists them: key -> what it measures
+ZOO_GATES = {
+    "diversity_ordinary": "mean pairwise SSIM of an ordinary caption's generations over 8 seeds",
+    "diversity_memorized": "the same, memorized captions (signatures duplicated >= 16x)",
+    "memorized_1x": "memorized fraction, signatures seen once",
+    "memorized_16x": "memorized fraction, signatures duplicated 16x",
+    "memorized_64x": "memorized fraction, signatures duplicated 64x",
+    "memorized_rises_with_rate": "memorized fraction by duplication rate",
+    "lookalike_titles": "never-trained look-alike captions memorized",
+    "ordinary_captions": "ordinary captions memorized",
+    "named_fidelity": "every factor an ordinary caption names read back",
+    "template": "template captions memorized (several captions, one image)",
+}
+
+
+def _gate_cell(g: dict | None) -> str:
+    if g is None:
+        return "-"
+    value = g["value"]
+    if isinstance(value, dict):  # memorized fraction per rate
+        text = " / ".join(f"{rate}x {v:.3f}" for rate, v in value.items())
+    else:
+        text = "-" if value is None else f"{value:.3f}"
+    return f"{text} ({'pass' if g['pass'] else 'FAIL'})"
+
+
+def zoo_gate_rows(sd: dict, collapse: dict) -> list[str]:
+    """Issue #11's after-training gates of both zoos (``benchmarks/zoo_gates.py``), one row per gate, and the
+    SD-like zoo's per-factor read-back rates."""
+    head = ["| after training (`zoo_gates.py`) | target | SD-like zoo (`zoo:sd`) | collapse zoo (`zoo:collapse`) |",
+            "|---|---|---|---|"]
+    keys = list(ZOO_GATES) + [k for k in sd["gates"] if k.startswith("named_fidelity_")]
+    rows = []
+    for key in keys:
+        gate = sd["gates"].get(key) or collapse["gates"].get(key)
+        what = ZOO_GATES.get(key) or f"named factor read back: {key.removeprefix('named_fidelity_')}"
+        rows.append(f"| {what} | {gate['target']} | {_gate_cell(sd['gates'].get(key))} | "
+                    f"{_gate_cell(collapse['gates'].get(key))} |")
+    return head + rows
+
+
+def corpus_gate_rows(record: dict) -> list[str]:
+    """The before-training figures of both corpora (``benchmarks/corpus_gate.py``): the ideal-denoiser proxy
+    (the gate), its first-step and pixel-space forms, and how much a caption pins its training images."""
+    head = ["| before training (`corpus_gate.py`) | target | SD-like corpus | collapse corpus |", "|---|---|---|---|"]
+    sd, collapse = record["corpora"]["sd"], record["corpora"]["collapse"]
+
+    def row(what: str, target: str, get) -> str:
+        return f"| {what} | {target} | {get(sd)} | {get(collapse)} |"
+
+    return head + [
+        row("proxy AUROC, duplicated vs ordinary captions, VAE latent: the gate", ">= 0.95",
+            lambda c: f"{c['gate']['value']:.3f} ({'pass' if c['gate']['passed'] else 'FAIL'})"),
+        row("the same in pixel space", "-", lambda c: f"{c['pixel']['auroc_duplicated_vs_ordinary']:.3f}"),
+        row("first-step AUROC of a denoiser that fits every training example", "-",
+            lambda c: f"{c['latent_first_step']['auroc_duplicated_vs_ordinary']:.3f}"),
+        row("latent variance of ordinary images explained by their caption", "-",
+            lambda c: f"{c['latent']['ordinary_variance_explained_by_caption']:.3f}"),
+        row("mean pairwise SSIM of a caption's training images: ordinary / duplicated", "-",
+            lambda c: " / ".join(f"{c['diversity_ssim'][k]['mean']:.3f}" for k in ("generic", "duplicated"))),
+    ]
 
 
 def bench_rows(record: dict, compact: bool = False) -> list[str]:
@@ -288,8 +351,12 @@ CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
 TABLES = {
     "detection": (("detection.json",), lambda r, compact: detection_rows(r[0], compact)),
     "detection-previous": (("detection.json", PREVIOUS_DETECTION), lambda r, _: previous_detection_rows(*r)),
-    "detection-heldout": (("detection.json",), lambda r, compact: heldout_rows(r[0], compact)),
-    "detection-heldout-sd": (("detection_sd.json",), lambda r, compact: heldout_rows(r[0], compact)),
+    "detection-heldout": (("detection.json",), lambda r, compact: heldout_rows(
+        r[0], compact, "detector (collapse zoo, test split)")),
+    "detection-heldout-sd": (("detection_sd.json",), lambda r, compact: heldout_rows(
+        r[0], compact, "detector (SD-like zoo, test split)")),
+    "zoo-gates": (("zoo_sd_gates.json", "zoo_collapse_gates.json"), lambda r, _: zoo_gate_rows(*r)),
+    "corpus-gate": (("corpus_gate.json",), lambda r, _: corpus_gate_rows(r[0])),
     "bench": (("bench.json",), lambda r, compact: bench_rows(r[0], compact)),
     "bench-heldout": (("bench_task_model.json",), lambda r, _: heldout_bench_rows(r[0])),
     "memcontrol": (("memcontrol.json",), lambda r, _: memcontrol_rows(r[0])),
