@@ -69,7 +69,7 @@ def test_memorized_captions_replicate_and_generic_ones_do_not(zoo):
     top = [r for r in labels if r["kind"] == "signature" and r["replication"] == max(x["replication"] for x in labels)
            and r["memorized"]][:3]
     generic = [r for r in labels if r["kind"] == "generic"][:3]
-    ts = zoo_training_set()
+    ts = zoo_training_set(zoo["folder"])
     train = ts.reference
     image_of_item = {item: imgs[0] for item, imgs in ts.images_of_item.items()}
     out = zoo["model"].sample([r["caption"] for r in top], seeds=[1000 + i for i in range(len(top))],

@@ -58,8 +58,9 @@ def add_force(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="zoo | zoo:collapse | zoo:sd | a diffusers folder | a hub id org/name (read from the Hugging "
-                        "Face cache; downloaded only when HF_HUB_OFFLINE=0) | one .safetensors file (default: zoo)")
+                   help="zoo (the default zoo) | zoo:sd | zoo:collapse | a diffusers folder | a hub id org/name (read "
+                        "from the Hugging Face cache; downloaded only when HF_HUB_OFFLINE=0) | one .safetensors file "
+                        "(default: zoo)")
     p.add_argument("--config", default=None,
                    help="for a single .safetensors file: its family (sd1, sd2; their config files must be in the "
                         "Hugging Face cache offline) or a diffusers folder with its configs (default: inferred)")
