@@ -167,7 +167,7 @@ def _gate_cell(g: dict | None) -> str:
 def zoo_gate_rows(sd: dict, collapse: dict) -> list[str]:
     """Issue #11's after-training gates of both zoos (``benchmarks/zoo_gates.py``), one row per gate, and the
     SD-like zoo's per-factor read-back rates."""
-    head = ["| after training (`zoo_gates.py`) | target | SD-like zoo (`zoo:sd`) | collapse zoo (`zoo:collapse`) |",
+    head = ["| after training (`zoo_gates.py`) | target | SD-like zoo, first build | collapse zoo (`zoo:collapse`) |",
             "|---|---|---|---|"]
     keys = list(ZOO_GATES) + [k for k in sd["gates"] if k.startswith("named_fidelity_")]
     rows = []
@@ -345,6 +345,7 @@ def memcontrol_rows(record: dict) -> list[str]:
 
 
 PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
+SD_FIRST_BUILD_GATES = "experiments/zoo_sd_gates_first_build.json"  # the SD-like zoo's first build, not shipped
 THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
 CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
 # table -> (results files it reads, renderer(records, compact))
@@ -355,7 +356,7 @@ TABLES = {
         r[0], compact, "detector (collapse zoo, test split)")),
     "detection-heldout-sd": (("detection_sd.json",), lambda r, compact: heldout_rows(
         r[0], compact, "detector (SD-like zoo, test split)")),
-    "zoo-gates": (("zoo_sd_gates.json", "zoo_collapse_gates.json"), lambda r, _: zoo_gate_rows(*r)),
+    "zoo-gates": ((SD_FIRST_BUILD_GATES, "zoo_collapse_gates.json"), lambda r, _: zoo_gate_rows(*r)),
     "corpus-gate": (("corpus_gate.json",), lambda r, _: corpus_gate_rows(r[0])),
     "bench": (("bench.json",), lambda r, compact: bench_rows(r[0], compact)),
     "bench-heldout": (("bench_task_model.json",), lambda r, _: heldout_bench_rows(r[0])),
@@ -382,7 +383,9 @@ def render(table: str, compact: bool = False, results: Path = RESULTS) -> list[s
 
 
 # page -> (header of the table's first line, table, compact) for every table a page quotes
-PAGES = {"README.md": [("| detector | AUROC", "detection", True),
+PAGES = {"README.md": [("| detector (collapse zoo, test split)", "detection-heldout", False),
+                       ("| before training (`corpus_gate.py`)", "corpus-gate", False),
+                       ("| after training (`zoo_gates.py`)", "zoo-gates", False),
                        ("| detector (previous run)", "detection-previous", False),
                        ("| method (settings chosen on dev)", "bench-heldout-tuned", False),
                        ("| ratio | 1 thread", "throughput-ratios", False), ("| prompts | engine s", "cli", False),

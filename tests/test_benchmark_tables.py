@@ -142,7 +142,9 @@ def _tables_module():
     return module
 
 
-@pytest.mark.parametrize("table, compact, page", [("detection", True, "README.md"),
+@pytest.mark.parametrize("table, compact, page", [("detection-heldout", False, "README.md"),
+                                                   ("corpus-gate", False, "README.md"),
+                                                   ("zoo-gates", False, "README.md"),
                                                    ("detection", False, "docs/detectors.md"),
                                                    ("detection-previous", False, "README.md"),
                                                    ("detection-previous", False, "docs/detectors.md"),

@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     mitigate.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
                           help="method option, values parsed as JSON when they parse (repeatable; default: none)")
 
-    bench = sub.add_parser("bench", help="every mitigator on a task (default: the zoo): memorization removed vs "
-                                         "quality kept, tuned on dev, reported on test")
+    bench = sub.add_parser("bench", help="every mitigator on a task (default: the collapse zoo's task): memorization "
+                                         "removed vs quality kept, tuned on dev, reported on test")
     _add_model_args(bench)
     bench.add_argument("--mitigators", nargs="+", default=None, help="methods (default: all)")
     bench.add_argument("--out", default="runs/bench", help="output folder; rerun to resume (default: runs/bench)")

@@ -74,10 +74,10 @@ def run_mitigate(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in mitigator.describe_fit().items() if k != "neurons"}, default=str)[:2000])
 
 
-def _zoo_pipeline():
+def _zoo_pipeline(corpus: str | None = None):
     from diffmem.zoo.paths import zoo_pipeline_path
 
-    return zoo_pipeline_path()
+    return zoo_pipeline_path(corpus)
 
 
 def run_bench_command(args: argparse.Namespace) -> None:
@@ -102,10 +102,12 @@ def run_bench_command(args: argparse.Namespace) -> None:
                                  options={k: v for k, v in options.items() if v}, tune=tune)
     except (TypeError, ValueError) as exc:
         raise DiffmemError(f"bench settings: {exc}") from exc
-    check_output_dir(args.out, "bench", [args.model or _zoo_pipeline(), args.memorized, args.ordinary,
+    check_output_dir(args.out, "bench", [args.model or _zoo_pipeline("collapse"), args.memorized, args.ordinary,
                                          args.train_index], args.force, writes=["bench.json"])
     task = (make_task("folder", memorized=args.memorized, ordinary=args.ordinary, train_index=args.train_index,
                       clip_weights=args.clip_weights) if args.memorized else make_task("zoo"))
+    if not args.memorized and args.model is None:
+        args.model = "zoo:collapse"  # the zoo task's captions, labels and fidelity checks are the collapse zoo's
     model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
     claim_output_dir(args.out, "bench", ["bench.json"])
     record = run_bench(model, task, methods, args.out, settings)

@@ -2,9 +2,10 @@
 
 A spec is one of
 
-- ``None``, ``"zoo"`` or another name in :data:`ZOO_MODELS` (``"zoo:collapse"``, ``"zoo:sd"``): an embedded
-  zoo model. The table maps a name to a function returning its diffusers folder, so other zoos register
-  themselves with one line; ``zoo:sd`` (the SD-like zoo) fails with how to build it until it is built.
+- ``None``, ``"zoo"`` or another name in :data:`ZOO_MODELS` (``"zoo:sd"``, ``"zoo:collapse"``): an embedded
+  zoo model; ``None`` and ``"zoo"`` are the default zoo (:data:`diffmem.zoo.paths.DEFAULT_CORPUS`). The table
+  maps a name to a function returning its diffusers folder, so other zoos register themselves with one line;
+  a zoo whose folder is missing fails with one line saying how to build it.
 - a local diffusers pipeline folder (``model_index.json`` inside), as ``save_pretrained`` writes it;
 - a hub id ``org/name``: the snapshot in the local Hugging Face cache
   (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``; laid out as
