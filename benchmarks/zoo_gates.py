@@ -140,7 +140,8 @@ def main() -> None:
         summary = {k: record.get(k) for k in ("by_kind", "signature_by_replication", "thresholds", "generic_fidelity")}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in record["label_config"].items()
                                           if k in {f.name for f in dataclasses.fields(cfg)}})
-        label_items = [it for it in items if it.caption in {r["caption"] for r in rows}]
+        labelled = {r["caption"] for r in rows}
+        label_items = [it for it in items if it.caption in labelled]
     else:
         rows, summary = label_sd_zoo(model, items, reader, zoo_training_set(folder, model), cfg, selection=label_items)
     seconds["labels"] = round(time.time() - t, 1)

@@ -38,11 +38,6 @@ def run_zoo(folder: Path) -> Path | None:
     return zoo_folder_for(source) if isinstance(source, str) else None
 
 
-def ran_on_zoo(folder: Path) -> bool:
-    """Whether a run folder's provenance names an embedded zoo's pipeline as its model."""
-    return run_zoo(folder) is not None
-
-
 def zoo_replicates(zoo: Path | None = None) -> Callable[[str, float], bool | None]:
     """A zoo's verdict (default: the default zoo): similarity above its family's threshold; None for captions
     that were not trained (held out) or are not that zoo's captions at all."""
