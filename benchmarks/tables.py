@@ -164,29 +164,32 @@ def _gate_cell(g: dict | None) -> str:
     return f"{text} ({'pass' if g['pass'] else 'FAIL'})"
 
 
-def zoo_gate_rows(sd: dict, collapse: dict) -> list[str]:
-    """Issue #11's after-training gates of both zoos (``benchmarks/zoo_gates.py``), one row per gate, and the
-    SD-like zoo's per-factor read-back rates."""
-    head = ["| after training (`zoo_gates.py`) | target | SD-like zoo, first build | collapse zoo (`zoo:collapse`) |",
-            "|---|---|---|---|"]
-    keys = list(ZOO_GATES) + [k for k in sd["gates"] if k.startswith("named_fidelity_")]
+def zoo_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
+    """Issue #11's after-training gates (``benchmarks/zoo_gates.py``), one row per gate and one column per
+    ``(header, record)`` (zoo builds side by side), then the SD-like zoos' per-factor read-back rates."""
+    head = ["| after training (`zoo_gates.py`) | target | " + " | ".join(h for h, _ in columns) + " |",
+            "|---|---|" + "---|" * len(columns)]
+    keys = list(ZOO_GATES)
+    for _, record in columns:
+        keys += [k for k in record["gates"] if k.startswith("named_fidelity_") and k not in keys]
     rows = []
     for key in keys:
-        gate = sd["gates"].get(key) or collapse["gates"].get(key)
+        gate = next(r["gates"][key] for _, r in columns if key in r["gates"])
         what = ZOO_GATES.get(key) or f"named factor read back: {key.removeprefix('named_fidelity_')}"
-        rows.append(f"| {what} | {gate['target']} | {_gate_cell(sd['gates'].get(key))} | "
-                    f"{_gate_cell(collapse['gates'].get(key))} |")
+        cells = " | ".join(_gate_cell(r["gates"].get(key)) for _, r in columns)
+        rows.append(f"| {what} | {gate['target']} | {cells} |")
     return head + rows
 
 
-def corpus_gate_rows(record: dict) -> list[str]:
-    """The before-training figures of both corpora (``benchmarks/corpus_gate.py``): the ideal-denoiser proxy
-    (the gate), its first-step and pixel-space forms, and how much a caption pins its training images."""
-    head = ["| before training (`corpus_gate.py`) | target | SD-like corpus | collapse corpus |", "|---|---|---|---|"]
-    sd, collapse = record["corpora"]["sd"], record["corpora"]["collapse"]
+def corpus_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
+    """The before-training figures (``benchmarks/corpus_gate.py``), one column per ``(header, corpus record)``:
+    the ideal-denoiser proxy (the gate), its first-step and pixel-space forms, how much a caption pins its
+    training images, and the corpus's size."""
+    head = ["| before training (`corpus_gate.py`) | target | " + " | ".join(h for h, _ in columns) + " |",
+            "|---|---|" + "---|" * len(columns)]
 
     def row(what: str, target: str, get) -> str:
-        return f"| {what} | {target} | {get(sd)} | {get(collapse)} |"
+        return f"| {what} | {target} | " + " | ".join(get(c) for _, c in columns) + " |"
 
     return head + [
         row("proxy AUROC, duplicated vs ordinary captions, VAE latent: the gate", ">= 0.95",
@@ -198,6 +201,8 @@ def corpus_gate_rows(record: dict) -> list[str]:
             lambda c: f"{c['latent']['ordinary_variance_explained_by_caption']:.3f}"),
         row("mean pairwise SSIM of a caption's training images: ordinary / duplicated", "-",
             lambda c: " / ".join(f"{c['diversity_ssim'][k]['mean']:.3f}" for k in ("generic", "duplicated"))),
+        row("training examples per epoch / unique images", "-",
+            lambda c: f"{c['n_training_examples']:,} / {c['n_unique_images']:,}"),
     ]
 
 
@@ -346,6 +351,7 @@ def memcontrol_rows(record: dict) -> list[str]:
 
 PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
 SD_FIRST_BUILD_GATES = "experiments/zoo_sd_gates_first_build.json"  # the SD-like zoo's first build, not shipped
+SD_FIRST_BUILD_CORPUS = "experiments/corpus_gate_sd_first_build.json"  # its corpus: 8,000 once-seen titles a family
 THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
 CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
 # table -> (results files it reads, renderer(records, compact))
@@ -356,8 +362,11 @@ TABLES = {
         r[0], compact, "detector (collapse zoo, test split)")),
     "detection-heldout-sd": (("detection_sd.json",), lambda r, compact: heldout_rows(
         r[0], compact, "detector (SD-like zoo, test split)")),
-    "zoo-gates": ((SD_FIRST_BUILD_GATES, "zoo_collapse_gates.json"), lambda r, _: zoo_gate_rows(*r)),
-    "corpus-gate": (("corpus_gate.json",), lambda r, _: corpus_gate_rows(r[0])),
+    "zoo-gates": ((SD_FIRST_BUILD_GATES, "zoo_collapse_gates.json"), lambda r, _: zoo_gate_rows(
+        [("SD-like zoo, first build", r[0]), ("collapse zoo (`zoo:collapse`)", r[1])])),
+    "corpus-gate": (("corpus_gate.json", SD_FIRST_BUILD_CORPUS), lambda r, _: corpus_gate_rows(
+        [("SD-like corpus", r[0]["corpora"]["sd"]), ("SD-like corpus, first build", r[1]["corpora"]["sd"]),
+         ("collapse corpus", r[0]["corpora"]["collapse"])])),
     "bench": (("bench.json",), lambda r, compact: bench_rows(r[0], compact)),
     "bench-heldout": (("bench_task_model.json",), lambda r, _: heldout_bench_rows(r[0])),
     "memcontrol": (("memcontrol.json",), lambda r, _: memcontrol_rows(r[0])),

@@ -40,7 +40,7 @@ from diffmem.errors import ModelLoadError
 from diffmem.io import atomic_write_text
 from diffmem.models.loader import load_model
 from diffmem.models.sources import resolve
-from diffmem.zoo.load import load_corpus, load_labels, zoo_corpus_name, zoo_training_set
+from diffmem.zoo.load import load_corpus, load_labels, zoo_corpus_name, zoo_folder_for, zoo_training_set
 from diffmem.zoo.sd_attributes import SDAttributeReader
 from diffmem.zoo.sd_corpus import SDItem
 from diffmem.zoo.sd_gates import caption_diversity, diversity_config, named_fidelity, sd_gates
@@ -74,17 +74,16 @@ SMOKE = Sizes(generic=4, heldout_generic=2, signature=None, heldout_signature=4,
 
 
 def zoo_folder(spec: str) -> Path:
-    """The zoo folder (``zoo.json`` inside) of a model spec: a zoo name, a zoo folder or its pipeline folder."""
-    path = Path(spec)
-    if (path / "zoo.json").is_file():
-        return path
+    """The zoo folder (``zoo.json`` inside) of a model spec (:func:`zoo_folder_for`), or exit with one line: the
+    loader's own (e.g. zoo:sd not built yet) or that the spec is not a zoo."""
+    folder = zoo_folder_for(spec)
+    if folder is not None:
+        return folder
     try:
-        folder = resolve(spec).folder
-    except ModelLoadError as exc:  # e.g. zoo:sd not built yet: its one line, not a traceback
+        resolve(spec)
+    except ModelLoadError as exc:
         raise SystemExit(f"zoo_gates: {exc}") from None
-    if folder is None or not (folder.parent / "zoo.json").is_file():
-        raise SystemExit(f"zoo_gates: '{spec}' is not a zoo (no zoo.json beside its pipeline)")
-    return folder.parent
+    raise SystemExit(f"zoo_gates: '{spec}' is not a zoo (no zoo.json beside its pipeline)")
 
 
 def sample(items: list[SDItem], n: int | None, rng: np.random.Generator) -> list[SDItem]:

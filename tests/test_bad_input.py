@@ -291,6 +291,7 @@ def test_zoo_folder_for_names_the_zoo_of_a_spec_without_loading_it(tiny_sd_folde
     collapse = zoo_dir("collapse").resolve()
     assert zoo_folder_for("zoo:collapse") == collapse
     assert zoo_folder_for(str(collapse / "pipeline")) == collapse  # the pipeline folder of a zoo, by path
+    assert zoo_folder_for(str(collapse)) == collapse  # the zoo folder itself
     assert zoo_folder_for(None) == zoo_folder_for("zoo") == zoo_dir(DEFAULT_CORPUS).resolve()
     assert zoo_folder_for(str(tiny_sd_folder)) is None  # a checkpoint that is not a zoo
     assert zoo_folder_for("org/not-cached") is None

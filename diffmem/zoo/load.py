@@ -53,7 +53,8 @@ def zoo_folder_of(model) -> Path | None:
 
 def zoo_folder_for(spec: str | Path | None) -> Path | None:
     """The zoo folder a model spec names, without loading the model: a zoo name (``None`` and ``zoo``: the default
-    zoo) or a zoo's pipeline folder; None for anything else (a user's checkpoint, an unbuilt zoo)."""
+    zoo), a zoo folder (``zoo.json`` inside) or a zoo's pipeline folder; None for anything else (a user's
+    checkpoint, an unbuilt zoo)."""
     from diffmem.models.sources import ZOO_MODELS
 
     if spec is None or str(spec) in ZOO_MODELS:
@@ -62,6 +63,8 @@ def zoo_folder_for(spec: str | Path | None) -> Path | None:
         except ModelLoadError:
             return None
     path = Path(str(spec)).expanduser()
+    if (path / "zoo.json").is_file():
+        return path.resolve()
     return _zoo_of_pipeline(path) if path.is_dir() else None
 
 

@@ -274,10 +274,10 @@ class SDCorpusConfig:
     """Sizes and replication rates of the SD-like corpus; every field goes into a zoo's manifest."""
 
     seed: int = 0
-    n_base: int = 96  # training images per colour-and-shape caption
-    n_extended: int = 24  # training images per caption naming one more factor
+    n_base: int = 48  # training images per colour-and-shape caption
+    n_extended: int = 16  # training images per caption naming one more factor
     heldout_generic_fraction: float = 0.1  # of the extended captions, never trained
-    titles_per_family: int = 8000  # once-seen titles per family
+    titles_per_family: int = 1000  # once-seen titles per family (build 2; the first build had 8,000)
     replication_rates: tuple[int, ...] = (1, 4, 16, 64)
     signatures_per_rate: int = 8  # per family and rate
     heldout_signature_per_family: int = 150
