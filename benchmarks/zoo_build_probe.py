@@ -33,7 +33,7 @@ def _load_work(work: Path):
     from diffmem.models.model import DiffusionModel
     from diffmem.models.tokenizer import build_clip_tokenizer
     from diffmem.zoo.architecture import make_scheduler, make_text_encoder, make_unet, make_vae
-    from diffmem.zoo.build import ZooConfig, corpus_of
+    from diffmem.zoo.build import TrainingImages, ZooConfig, corpus_of, latent_scaling_factor
 
     for name in ("zoo_config.json", "vae.pt", "denoiser.pt"):
         if not (work / name).is_file():
@@ -42,6 +42,9 @@ def _load_work(work: Path):
     items = corpus_of(cfg.corpus).build(cfg.corpus)
     vae = make_vae(cfg.arch)
     vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["model"])
+    # the build sets the scaling factor after training, from the training images: vae.pt does not hold it
+    vae.eval().register_to_config(scaling_factor=latent_scaling_factor(
+        vae, TrainingImages.for_corpus(corpus_of(cfg.corpus), items).pixels))
     state = torch.load(work / "denoiser.pt", weights_only=False)
     text_encoder, unet = make_text_encoder(cfg.arch), make_unet(cfg.arch)
     unet.load_state_dict({k[5:]: v for k, v in state["ema"].items() if k.startswith("unet.")})
@@ -55,14 +58,26 @@ def _load_work(work: Path):
     return cfg, items, model, int(state["step"])
 
 
-def probe(work: Path, seeds: int, ssim_at: float, steps: int) -> dict:
-    """Own-image SSIM of every signature's generations, by duplication rate."""
+def _load_zoo(folder: Path):
+    """A finished zoo folder (``zoo.json`` inside) as the same tuple, step = its recorded denoiser steps."""
+    from diffmem.models import load_model
+    from diffmem.zoo.build import ZooConfig
+    from diffmem.zoo.load import load_corpus
+
+    record = json.loads((folder / "zoo.json").read_text())
+    cfg = ZooConfig.from_dict(record["config"])
+    return cfg, load_corpus(folder), load_model(str(folder / "pipeline")), cfg.train.unet_steps
+
+
+def probe(work: Path, seeds: int, ssim_at: float, steps: int, guidance: float = 7.5) -> dict:
+    """Own-image SSIM of every signature's generations, by duplication rate (``work``: a build's work folder, or a
+    finished zoo folder to compare with)."""
     from diffmem.eval.similarity import ssim_pairs
     from diffmem.zoo.build import corpus_of
     from diffmem.zoo.load import vae_roundtrip
 
     started = time.time()
-    cfg, items, model, step = _load_work(work)
+    cfg, items, model, step = _load_zoo(work) if (work / "zoo.json").is_file() else _load_work(work)
     render = corpus_of(cfg.corpus).render
     signatures = [it for it in items if it.kind == "signature"]
     own = torch.from_numpy(np.stack([render(it, 0) for it in signatures])).permute(0, 3, 1, 2).float() / 255
@@ -70,7 +85,7 @@ def probe(work: Path, seeds: int, ssim_at: float, steps: int) -> dict:
     prompts = [it.caption for it in signatures for _ in range(seeds)]
     seed_list = [10_000 + i for i in range(len(prompts))]
     with torch.no_grad():
-        gen = model.sample(prompts, seed_list, num_inference_steps=steps, guidance_scale=7.5, batch_size=64,
+        gen = model.sample(prompts, seed_list, num_inference_steps=steps, guidance_scale=guidance, batch_size=64,
                            progress=False).images
     sims = ssim_pairs(gen.float(), own.repeat_interleave(seeds, 0)).view(len(signatures), seeds).numpy()
     by_rate = {}
@@ -80,22 +95,25 @@ def probe(work: Path, seeds: int, ssim_at: float, steps: int) -> dict:
         by_rate[f"{rate}x"] = {"n": int(len(rows)), "median_ssim": round(float(np.median(sims[rows])), 4),
                                "median_best_of_seeds": round(float(np.median(best)), 4),
                                f"share_best_above_{ssim_at}": round(float((best > ssim_at).mean()), 4)}
-    return {"step": step, "seeds": seeds, "ddim_steps": steps, "by_rate": by_rate,
+    return {"step": step, "seeds": seeds, "ddim_steps": steps, "guidance": guidance, "by_rate": by_rate,
             "seconds": round(time.time() - started, 1)}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work-dir", type=Path, required=True)
+    ap.add_argument("--work-dir", type=Path, required=True, help="a build's work folder, or a finished zoo folder")
     ap.add_argument("--out", type=Path, required=True, help="JSON file; each call appends its step's entry")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--ssim", type=float, default=0.8, help="report the share of signatures above this SSIM")
     ap.add_argument("--ddim-steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=7.5, help="CFG scale (the labeller's: 7.5)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    entry = probe(args.work_dir, args.seeds, args.ssim, args.ddim_steps)
+    entry = probe(args.work_dir, args.seeds, args.ssim, args.ddim_steps, args.guidance)
     record = json.loads(args.out.read_text()) if args.out.is_file() else {"work_dir": str(args.work_dir), "probes": []}
-    record["probes"] = [p for p in record["probes"] if p["step"] != entry["step"]] + [entry]
+    key = (entry["step"], entry["guidance"], entry["ddim_steps"])
+    record["probes"] = [p for p in record["probes"]
+                        if (p["step"], p.get("guidance", 7.5), p["ddim_steps"]) != key] + [entry]
     atomic_write_text(args.out, json.dumps(record, indent=2))
     print(json.dumps(entry))
 

@@ -143,10 +143,11 @@ class ZooConfig:
 
 def sd_zoo_config(seed: int = 0, corpus: SDCorpusConfig = SDCorpusConfig(), **train: Any) -> ZooConfig:
     """The SD-like zoo's defaults (docs/zoo-sd.md, training plan): the shipped architecture, a VAE of its own
-    (1,500 steps x 64: the shipped VAE does not represent textured scenes), text encoder + UNet 5,000 steps x 128
-    (24 epochs of the corpus), the reader 600 steps x 128 as the collapse zoo's (a step, half through the VAE,
-    costs 1-2 s on a shared core); ``train`` overrides."""
-    defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=5000, unet_batch=128, reader_steps=600)
+    (1,500 steps x 64: the shipped VAE does not represent textured scenes), text encoder + UNet 7,000 steps x 128
+    (about 97 epochs of the build-2 corpus; its probe showed the 16x signatures still being learned at 3,600),
+    the reader 600 steps x 128 as the collapse zoo's (a step, half through the VAE, costs 1-2 s on a shared
+    core); ``train`` overrides."""
+    defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=7000, unet_batch=128, reader_steps=600)
     return ZooConfig(seed=seed, corpus=corpus, train=dataclasses.replace(defaults, **train))
 
 
@@ -253,10 +254,17 @@ def train_vae(cfg: ZooConfig, data: TrainingImages, work: Path):
     bar.close()
     train_seconds = time.time() - resumed_at
     vae.eval()
-    with torch.no_grad():
-        moments = torch.cat([vae.encode(data.pixels[i : i + 256]).latent_dist.mean for i in range(0, n_img, 256)])
-    vae.register_to_config(scaling_factor=float(1.0 / moments.std()))
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, data.pixels))
     return vae, train_seconds
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, pixels: torch.Tensor) -> float:
+    """SD's ``scaling_factor`` for a trained VAE: one over the std of its posterior means on ``pixels`` (the
+    training images), so the denoiser's latents have unit variance; set after training, so a VAE restored from a
+    training checkpoint (``vae.pt``) needs it recomputed."""
+    means = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+    return float(1.0 / means.std())
 
 
 @torch.no_grad()
