@@ -314,11 +314,19 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[],
                         help="leave out the groups whose label starts with one of these (recorded in the JSON)")
     parser.add_argument("--limit", type=int, default=None, help="evenly spaced prompts kept (a quick smoke run)")
+    parser.add_argument("--positive-kinds", nargs="*", default=None,
+                        help="caption kinds whose memorized captions are positives (e.g. signature template "
+                             "heldout_template: memorization by duplication); memorized captions of any other kind "
+                             "are left out of the set, not counted as negatives (default: every kind)")
     args = run_defaults(parser.parse_args())
     work = Path(args.work)
     timings = Timings(work / "state.json")
     model = load_model(args.model)
     rows = read_labels(args.labels)
+    if args.positive_kinds:  # memorized captions of other kinds are neither positives nor negatives: left out
+        left_out = [r for r in rows if r["memorized"] and r["kind"] not in args.positive_kinds]
+        rows = [r for r in rows if not (r["memorized"] and r["kind"] not in args.positive_kinds)]
+        print(f"--positive-kinds: left out {len(left_out)} memorized captions of other kinds")
     label_kinds = {r["kind"] for r in rows}
     reference = sorted(reference_captions(rows, [k for k in args.reference_kinds if k in label_kinds], args.reference))
     prompts = labelled_prompts(rows, args.max_per_kind, exclude=set(reference), source=f"labels:{args.labels}")
@@ -445,6 +453,7 @@ def main() -> None:
               "by_kind": {k: {"positives": int((y & (kinds == k)).sum()), "negatives": int((~y & (kinds == k)).sum())}
                           for k in sorted(set(kinds))},
               "reference_prompts_excluded": len(reference), "max_negatives_per_kind": args.max_per_kind,
+              "positive_kinds": args.positive_kinds,
               "confident_subset": {"source": args.rates, "positives": int((rate >= 0.5).sum()),
                                    "negatives": int((rate == 0).sum())} if np.isfinite(rate).any() else None,
               "scores_file": scores_path.name, "skipped_groups": skipped, "skip_reasons": skip_reasons,

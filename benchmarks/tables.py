@@ -362,8 +362,11 @@ TABLES = {
         r[0], compact, "detector (collapse zoo, test split)")),
     "detection-heldout-sd": (("detection_sd.json",), lambda r, compact: heldout_rows(
         r[0], compact, "detector (SD-like zoo, test split)")),
-    "zoo-gates": ((SD_FIRST_BUILD_GATES, "zoo_collapse_gates.json"), lambda r, _: zoo_gate_rows(
-        [("SD-like zoo, first build", r[0]), ("collapse zoo (`zoo:collapse`)", r[1])])),
+    "detection-heldout-sd-duplication": (("detection_sd_duplication.json",), lambda r, compact: heldout_rows(
+        r[0], compact, "detector (SD-like zoo, memorized by duplication, test split)")),
+    "zoo-gates": (("zoo_sd_gates.json", SD_FIRST_BUILD_GATES, "zoo_collapse_gates.json"), lambda r, _: zoo_gate_rows(
+        [("SD-like zoo (`zoo:sd`, default)", r[0]), ("SD-like zoo, first build", r[1]),
+         ("collapse zoo (`zoo:collapse`)", r[2])])),
     "corpus-gate": (("corpus_gate.json", SD_FIRST_BUILD_CORPUS), lambda r, _: corpus_gate_rows(
         [("SD-like corpus", r[0]["corpora"]["sd"]), ("SD-like corpus, first build", r[1]["corpora"]["sd"]),
          ("collapse corpus", r[0]["corpora"]["collapse"])])),
@@ -393,6 +396,8 @@ def render(table: str, compact: bool = False, results: Path = RESULTS) -> list[s
 
 # page -> (header of the table's first line, table, compact) for every table a page quotes
 PAGES = {"README.md": [("| detector (collapse zoo, test split)", "detection-heldout", False),
+                       ("| detector (SD-like zoo, test split)", "detection-heldout-sd", False),
+                       ("| detector (SD-like zoo, memorized by duplication", "detection-heldout-sd-duplication", False),
                        ("| before training (`corpus_gate.py`)", "corpus-gate", False),
                        ("| after training (`zoo_gates.py`)", "zoo-gates", False),
                        ("| detector (previous run)", "detection-previous", False),

@@ -145,6 +145,8 @@ def _tables_module():
 @pytest.mark.parametrize("table, compact, page", [("detection-heldout", False, "README.md"),
                                                    ("corpus-gate", False, "README.md"),
                                                    ("zoo-gates", False, "README.md"),
+                                                   ("detection-heldout-sd", False, "README.md"),
+                                                   ("detection-heldout-sd-duplication", False, "README.md"),
                                                    ("detection", False, "docs/detectors.md"),
                                                    ("detection-previous", False, "README.md"),
                                                    ("detection-previous", False, "docs/detectors.md"),

@@ -83,7 +83,7 @@ def test_local_folder_wins_over_a_hub_id_of_the_same_spelling(tiny_sd_folder, of
 
 
 def test_zoo_names_and_an_extension(tiny_sd_folder, monkeypatch):
-    assert resolve(None).folder == resolve("zoo").folder == resolve("zoo:collapse").folder
+    assert resolve(None).folder == resolve("zoo").folder == resolve("zoo:sd").folder
     with pytest.raises(ModelLoadError, match="unknown zoo model 'zoo:nope'; known: .*zoo:collapse"):
         resolve("zoo:nope")
     monkeypatch.setitem(ZOO_MODELS, "zoo:tiny", lambda: tiny_sd_folder)

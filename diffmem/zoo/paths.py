@@ -20,7 +20,7 @@ SHIPPED = Path(__file__).parent / "checkpoint"
 SHIPPED_SD = Path(__file__).parent / "checkpoint_sd"
 # corpus name -> (environment variable that overrides the folder, default folder)
 LOCATIONS: dict[str, tuple[str, Path]] = {"collapse": ("DIFFMEM_ZOO", SHIPPED), "sd": ("DIFFMEM_ZOO_SD", SHIPPED_SD)}
-DEFAULT_CORPUS = "collapse"  # the zoo of the model name ``zoo``, of load_model() and of the demo
+DEFAULT_CORPUS = "sd"  # the zoo of the model name ``zoo``, of load_model() and of the demo
 
 
 def zoo_dir(corpus: str | None = None) -> Path:
