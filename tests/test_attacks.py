@@ -190,4 +190,4 @@ def test_matchers_rank_the_k_nearest_and_give_distances():
         top = make_matcher(name, **({"candidates": 12} if name == "ssim" else {})).fit(train).match_top(query, 3)
         best, order = values.topk(3)
         assert top.index[0].tolist() == order.tolist()
-        torch.testing.assert_close(top.similarity[0], best, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(top.similarity[0], best, rtol=1e-5, atol=1e-5)  # float32: batch order

@@ -220,7 +220,10 @@ def test_named_factor_check_accepts_the_caption_and_rejects_another_colour():
 
 def test_zoo_sd_by_name(monkeypatch, tmp_path, built, capsys):
     monkeypatch.delenv("DIFFMEM_ZOO", raising=False)
-    assert resolve(None).folder == SHIPPED / "pipeline"  # the default model stays the collapse zoo
+    from diffmem.zoo.paths import zoo_dir
+
+    monkeypatch.delenv("DIFFMEM_ZOO_SD", raising=False)
+    assert resolve(None).folder == resolve("zoo:sd").folder == zoo_dir("sd") / "pipeline"  # the default zoo
     assert resolve("zoo:collapse").folder == SHIPPED / "pipeline"
     monkeypatch.setenv("DIFFMEM_ZOO_SD", str(tmp_path / "absent"))
     with pytest.raises(ModelLoadError) as exc:
