@@ -35,6 +35,7 @@ Writes ``--out`` (JSON), the ROC plot beside it (``.png``) and every prompt's sc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -196,8 +197,9 @@ def scan_group(label: str, model, prompts: PromptSet, detectors: list[Detector],
 def combination(members: list[str], image_detectors: list[Detector], reference: list[str],
                 engine: NoiseStepEngine, timings: Timings) -> tuple[Detector, str]:
     """A prepared ``combined`` detector; its reference statistics are computed once and kept in the state."""
-    same_settings = {d.name: {k: v for k, v in d.config().items() if k != "name"}
-                     for d in image_detectors if d.name in members}  # members as scanned above
+    # members as scanned above: their options only (config() also records e.g. the training index's groups)
+    same_settings = {d.name: {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if not f.name.startswith("_")
+                              and f.name != "name"} for d in image_detectors if d.name in members}
     member_configs = [make_detector(m, **same_settings.get(m, {})).config() for m in members]
     key = f"combined-reference-{digest([member_configs, reference, engine.n_draws, engine.seed])}"
     stats = timings.state.get(key, {}).get("stats")
