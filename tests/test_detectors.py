@@ -451,3 +451,15 @@ def test_deepssim_detectors_refuse_a_non_zoo_model_without_its_own_embedder(tiny
     make_detector("deepssim-seeds", embedder="/some/embedder").bind(model)  # named: accepted
     with pytest.raises(DiffmemError, match=r"set_index"):
         make_detector("deepssim-train", embedder="/some/embedder").bind(model)
+
+
+@pytest.mark.parametrize("name", ["nn-margin", "nn-ratio", "deepssim-seeds", "deepssim-train"])
+def test_an_unbound_image_space_detector_refuses_instead_of_using_the_default_zoo(model, name):
+    """Scoring before bind() once compared generations with the *default* zoo's training images, whatever the
+    model: since the SD-like zoo became the default, a collapse-zoo scan was silently matched to SD-zoo images."""
+    from diffmem.errors import DiffmemError
+
+    detector = make_detector(name, samples=2, steps=2) if name.startswith("deepssim") else make_detector(
+        name, samples=1, steps=2, stop_after=1)
+    with pytest.raises(DiffmemError, match=rf"{name} needs .* neither bound to the scanned model"):
+        score_chunk(NoiseStepEngine(model, n_draws=1, seed=0), [detector], PROMPTS[:1])

@@ -139,6 +139,42 @@ def test_template_captions_share_one_image_template(items):
     assert len({it.caption.split(" ", 2)[2] for it in group}) == 1
 
 
+def _stem_words(caption: str) -> set[str]:
+    return set(caption.replace(",", "").split()[-2:])  # the artist, or the city and year
+
+
+def test_template_stems_name_no_other_title_of_their_family(items):
+    """Build 3's rule: a template group's stem words (artist; city and year) occur in no once-seen title,
+    signature or look-alike of the family and in no other group, so a look-alike cannot call up a template image
+    by a shared stem word (10 of build 2's 22 memorized look-alikes did)."""
+    assert SDCorpusConfig().reserved_template_stems
+    for family in FAMILIES:
+        groups: dict[int, set[str]] = {}
+        for it in _by_kind(items, "template", family):
+            groups.setdefault(it.group, set()).update(_stem_words(it.caption))
+        assert len(groups) == 3 and all(len(words) == 2 for words in groups.values())
+        reserved = set().union(*groups.values())
+        assert len(reserved) == 6  # no two groups share a stem word
+        others = [it for kind in ("title", "signature", "heldout_signature") for it in _by_kind(items, kind, family)]
+        assert len(others) > 2000 and not any(_stem_words(it.caption) & reserved for it in others)
+
+
+def test_records_without_the_reserved_stems_field_rebuild_build_2s_corpus():
+    """A zoo.json written before ``reserved_template_stems`` existed (build 2, shipped) rebuilds its corpus with
+    the old generator: template stems drawn after the titles and free to recur in them."""
+    from diffmem.zoo.build import ZooConfig, sd_zoo_config
+
+    record = sd_zoo_config(corpus=SMALL).to_dict()
+    del record["corpus"]["reserved_template_stems"]
+    legacy = ZooConfig.from_dict(record).corpus
+    assert legacy.reserved_template_stems is False
+    old, new = build_sd_corpus(legacy), build_sd_corpus(SMALL)
+    assert [it.caption for it in old] != [it.caption for it in new]
+    # the old generator draws the template stem after every title, so the titles equal a corpus without templates
+    no_templates = build_sd_corpus(SDCorpusConfig(**{**legacy.to_dict(), "template_groups_per_family": 0}))
+    assert [it.caption for it in no_templates] == [it.caption for it in old if "template" not in it.kind]
+
+
 # --------------------------------------------------------------------------------------------
 # The gate
 # --------------------------------------------------------------------------------------------

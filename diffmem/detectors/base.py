@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from diffmem.errors import DiffmemError
 from diffmem.registry import Configurable, Registry
 
 if TYPE_CHECKING:
@@ -47,6 +48,13 @@ class Detector(Configurable, ABC):
     @abstractmethod
     def unet_calls_per_prompt(self, engine: NoiseStepEngine) -> float:
         """UNet forward passes (per batch element) this detector costs per prompt, for the benchmark table."""
+
+
+def unbound_error(detector: str, needs: str, option: str) -> DiffmemError:
+    """The one-line refusal of a detector asked to score before :meth:`Detector.bind` resolved whose ``needs``
+    (training images, an embedder) to use: guessing the default zoo's would score against another model's data."""
+    return DiffmemError(f"{detector} needs {needs} and was neither bound to the scanned model (bind(model); run_scan "
+                        f"and the benchmarks do) nor given --option {detector}.{option}=FOLDER")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffmem.detectors.base import DETECTORS, PromptDetector
+from diffmem.detectors.base import DETECTORS, PromptDetector, unbound_error
 from diffmem.detectors.engine import NoiseStepEngine
 from diffmem.errors import DiffmemError
 
@@ -65,6 +65,8 @@ class _DeepSSIMBase(PromptDetector):
         if self._model is None:
             from diffmem.eval.deepssim import DeepSSIM
 
+            if self.embedder is None and self._zoo is None:
+                raise unbound_error(self.name, "a DeepSSIM embedder of the model's domain", "embedder")
             self._model = DeepSSIM.load(self.embedder or default_embedder_path(self._zoo))
         return self._model
 
@@ -122,6 +124,8 @@ class DeepSSIMTrain(_DeepSSIMBase):
     def score_prompts(self, model, embeddings: torch.Tensor, engine: NoiseStepEngine,
                       prompt_ids: list[int] | None = None) -> torch.Tensor:
         if self._index is None:
+            if self._zoo is None:
+                raise unbound_error(self.name, "the embeddings of the model's training images", "embedder")
             self._index = zoo_training_embeddings(self.load_embedder(), self._zoo)
         e = self.generate_embeddings(model, embeddings, engine, prompt_ids)
         best = torch.cat([(chunk @ self._index.T).amax(-1) for chunk in e.split(256)])

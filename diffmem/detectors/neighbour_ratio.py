@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffmem.detectors.base import DETECTORS, PromptDetector
+from diffmem.detectors.base import DETECTORS, PromptDetector, unbound_error
 from diffmem.detectors.engine import NoiseStepEngine
 from diffmem.errors import DiffmemError
 from diffmem.eval.matching import NEAR_DUPLICATE_RMS, DuplicateGroups, duplicate_groups, nearest_two_groups
@@ -79,9 +79,11 @@ class NeighbourRatio(PromptDetector):
                                f"--option {self.name}.index=FOLDER")
 
     def training_index(self) -> TrainingIndex:
-        """The matcher fitted on the training images (``index``, else the bound zoo's, else the default
-        zoo's), built once."""
+        """The matcher fitted on the training images (``index``, else the bound zoo's), built once; an unbound
+        detector without ``index`` is refused, not pointed at the default zoo's images."""
         if self._index is None:
+            if not self.index and self._zoo is None:
+                raise unbound_error(self.name, "the model's training images", "index")
             from diffmem.extract import folder_training_index
             from diffmem.tasks.zoo import zoo_training_index
 

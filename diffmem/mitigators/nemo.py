@@ -60,6 +60,7 @@ class NeMo(WeightMitigator):
 
     def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str]) -> None:
         check_prompt_lists(memorized, ordinary)
+        self._detector.bind(model)  # an image-space signal compares with *this* model's training images
         self._model = clone_model(model)
         modules = find_modules(self._model.unet, self.pattern)
 

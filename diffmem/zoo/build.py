@@ -75,6 +75,7 @@ class Corpus:
     pairs: Callable[[list], list[tuple[int, int]]]
     render: Callable[[Any, int], np.ndarray]
     train_reader: Callable[..., Any]
+    record_defaults: dict[str, Any] = field(default_factory=dict)  # config fields newer than some records: their values there
 
 
 def _train_collapse_reader(seed: int, steps: int, batch: int, vae=None):
@@ -91,7 +92,8 @@ def _train_sd_reader(seed: int, steps: int, batch: int, vae=None):
 
 CORPORA: dict[str, Corpus] = {
     "collapse": Corpus("collapse", CorpusConfig, build_corpus, training_pairs, render_item, _train_collapse_reader),
-    "sd": Corpus("sd", SDCorpusConfig, build_sd_corpus, sd_training_pairs, render_sd_item, _train_sd_reader),
+    "sd": Corpus("sd", SDCorpusConfig, build_sd_corpus, sd_training_pairs, render_sd_item, _train_sd_reader,
+                 record_defaults={"reserved_template_stems": False}),
 }
 
 
@@ -132,9 +134,11 @@ class ZooConfig:
     @classmethod
     def from_dict(cls, record: dict) -> ZooConfig:
         """Inverse of :meth:`to_dict`; a record without ``corpus_name`` (written before the SD corpus) is
-        ``collapse``."""
+        ``collapse``, and a corpus field the record lacks takes the value its corpus's ``record_defaults`` gives
+        (what the generator did before the field existed), so every shipped zoo rebuilds its own corpus."""
         corpus = corpus_by_name(record.get("corpus_name", "collapse"))
-        corpus_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record["corpus"].items()}
+        corpus_fields = {**corpus.record_defaults,
+                         **{k: tuple(v) if isinstance(v, list) else v for k, v in record["corpus"].items()}}
         return cls(seed=int(record["seed"]), corpus=corpus.config_type(**corpus_fields),
                    arch=ArchitectureConfig(**{k: tuple(v) if isinstance(v, list) else v
                                               for k, v in record["arch"].items()}),

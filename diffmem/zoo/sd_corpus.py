@@ -277,7 +277,7 @@ class SDCorpusConfig:
     n_base: int = 48  # training images per colour-and-shape caption
     n_extended: int = 16  # training images per caption naming one more factor
     heldout_generic_fraction: float = 0.1  # of the extended captions, never trained
-    titles_per_family: int = 1000  # once-seen titles per family (build 2; the first build had 8,000)
+    titles_per_family: int = 2000  # once-seen titles per family (build 3; build 2 had 1,000, the first build 8,000)
     replication_rates: tuple[int, ...] = (1, 4, 16, 64)
     signatures_per_rate: int = 8  # per family and rate
     heldout_signature_per_family: int = 150
@@ -286,6 +286,10 @@ class SDCorpusConfig:
     template_replication: int = 8
     heldout_per_template: int = 2
     min_titles_per_signature: int = 10
+    # build 3: each template group's stem words (artist, or city and year) name no other title of its family,
+    # so a look-alike or once-seen title cannot call up a template image by a shared stem word (build 2 lost
+    # 10 of its 22 memorized look-alikes that way); records written before the field imply False
+    reserved_template_stems: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -324,17 +328,31 @@ def build_sd_corpus(config: SDCorpusConfig = SDCorpusConfig()) -> list[SDItem]:
     # look-alike is decided by position in one shuffled list, so the three share one distribution
     used: set[str] = set()
 
-    def fresh_title(family: str, stem: tuple[str, str] | None = None) -> str:
+    def fresh_title(family: str, stem: tuple[str, str] | None = None, reserved: set[str] | None = None) -> str:
+        """A title not used before; none of its stem words in ``reserved`` (the family's template stems)."""
         while True:
-            caption, _ = title(family, rng, stem)
+            caption, drawn_stem = title(family, rng, stem)
+            if reserved and set(drawn_stem) & reserved:
+                continue
             if caption not in used:
                 used.add(caption)
                 return caption
 
+    def reserve_template_stems(family: str) -> list[tuple[str, str]]:
+        stems: list[tuple[str, str]] = []
+        while len(stems) < config.template_groups_per_family:
+            _, stem = title(family, rng)
+            if not set(stem) & {word for s in stems for word in s}:
+                stems.append(stem)
+        return stems
+
+    template_stems: dict[str, list[tuple[str, str]]] = {}
     for family in FAMILIES:
         style = Named(style=family)
+        template_stems[family] = reserve_template_stems(family) if config.reserved_template_stems else []
+        reserved = {word for stem in template_stems[family] for word in stem}
         n_total = n_sig + config.titles_per_family + config.heldout_signature_per_family
-        captions = [fresh_title(family) for _ in range(n_total)]
+        captions = [fresh_title(family, reserved=reserved) for _ in range(n_total)]
         roles = np.array(["signature"] * n_sig + ["title"] * config.titles_per_family
                          + ["heldout_signature"] * config.heldout_signature_per_family)[rng.permutation(n_total)]
         rates = iter([r for r in config.replication_rates for _ in range(config.signatures_per_rate)])
@@ -350,8 +368,8 @@ def build_sd_corpus(config: SDCorpusConfig = SDCorpusConfig()) -> list[SDItem]:
     group = 0
     for family in FAMILIES:
         style = Named(style=family)
-        for _ in range(config.template_groups_per_family):
-            _, stem = title(family, rng)
+        for g in range(config.template_groups_per_family):
+            stem = template_stems[family][g] if config.reserved_template_stems else title(family, rng)[1]
             template_seed = seeds(1)[0]
             for i in range(config.captions_per_template + config.heldout_per_template):
                 caption = fresh_title(family, stem)
