@@ -75,7 +75,8 @@ class Corpus:
     pairs: Callable[[list], list[tuple[int, int]]]
     render: Callable[[Any, int], np.ndarray]
     train_reader: Callable[..., Any]
-    record_defaults: dict[str, Any] = field(default_factory=dict)  # config fields newer than some records: their values there
+    # config fields newer than some zoo records, with the value those records imply (the generator before them)
+    record_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def _train_collapse_reader(seed: int, steps: int, batch: int, vae=None):
