@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,10 +50,10 @@ def _load_work(work: Path):
     text_encoder, unet = make_text_encoder(cfg.arch), make_unet(cfg.arch)
     unet.load_state_dict({k[5:]: v for k, v in state["ema"].items() if k.startswith("unet.")})
     text_encoder.load_state_dict({k[5:]: v for k, v in state["ema"].items() if k.startswith("text.")})
-    # the tokenizer's vocabulary files are rebuilt in a scratch folder: the work folder is only read
-    import tempfile
-
-    tokenizer = build_clip_tokenizer(Path(tempfile.mkdtemp(prefix="probe-tok-")), model_max_length=cfg.arch.max_tokens)
+    # the tokenizer's vocabulary files are rebuilt in a scratch folder removed at once (the tokenizer reads them
+    # when built): the work folder is only read, and nothing is left behind
+    with tempfile.TemporaryDirectory(prefix="probe-tok-") as scratch:
+        tokenizer = build_clip_tokenizer(Path(scratch), model_max_length=cfg.arch.max_tokens)
     model = DiffusionModel(unet.eval(), text_encoder.eval(), tokenizer, make_scheduler(), vae.eval(),
                            device=torch.device("cpu"), dtype=torch.float32, source=f"work:{work}", folder=None)
     return cfg, items, model, int(state["step"])
