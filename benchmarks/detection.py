@@ -325,21 +325,13 @@ def main() -> None:
     timings = Timings(work / "state.json")
     model = load_model(args.model)
     rows = read_labels(args.labels)
-    if args.positive_kinds:  # memorized captions of other kinds are neither positives nor negatives: left out
-        left_out = [r for r in rows if r["memorized"] and r["kind"] not in args.positive_kinds]
-        rows = [r for r in rows if not (r["memorized"] and r["kind"] not in args.positive_kinds)]
-        print(f"--positive-kinds: left out {len(left_out)} memorized captions of other kinds")
     label_kinds = {r["kind"] for r in rows}
     reference = sorted(reference_captions(rows, [k for k in args.reference_kinds if k in label_kinds], args.reference))
+    # every labelled prompt is scanned, with or without --positive-kinds, so both views of the labels share one
+    # scan per detector group (and the same negatives); the left-out captions are dropped after scanning
     prompts = labelled_prompts(rows, args.max_per_kind, exclude=set(reference), source=f"labels:{args.labels}")
     if args.limit:
         prompts = prompts.evenly(args.limit)
-    y = np.array(prompts.columns["memorized"], dtype=bool)
-    kinds = np.array(prompts.columns["kind"])
-    families = np.array(prompts.columns["family"])
-    mixed = [f for f in sorted(set(families)) if y[families == f].any() and (~y[families == f]).any()]
-    rate = replication_rates(prompts, Path(args.rates)) if args.rates else np.full(len(prompts), np.nan)
-    confident = (rate >= 0.5) | (rate == 0)
     skip_reasons: dict[str, str] = {}
     image_ok = bool(args.image_samples)  # without --image-index they use the scanned zoo's own training images
     index = {"index": args.image_index} if args.image_index else {}
@@ -388,6 +380,18 @@ def main() -> None:
             scores[name] = group_scores[d.name]
             entries.append((name, d, name, draws))
             timing_keys[name] = [key]
+    if args.positive_kinds:  # memorized captions of other kinds are neither positives nor negatives: left out
+        memorized, kind = prompts.columns["memorized"], prompts.columns["kind"]
+        kept = [i for i in range(len(prompts)) if not (memorized[i] and kind[i] not in args.positive_kinds)]
+        print(f"--positive-kinds: left out {len(prompts) - len(kept)} memorized captions of other kinds")
+        prompts = prompts.take(kept)
+        scores = {name: column[kept] for name, column in scores.items()}
+    y = np.array(prompts.columns["memorized"], dtype=bool)
+    kinds = np.array(prompts.columns["kind"])
+    families = np.array(prompts.columns["family"])
+    mixed = [f for f in sorted(set(families)) if y[families == f].any() and (~y[families == f]).any()]
+    rate = replication_rates(prompts, Path(args.rates)) if args.rates else np.full(len(prompts), np.nan)
+    confident = (rate >= 0.5) | (rate == 0)
     engine = NoiseStepEngine(model, first)
     members_of = {d.name: name_of(d, dr) for _, ds, dr in groups if dr in (first, 1) for d in ds
                   if d.name != "nn-margin" or d in headline_images}

@@ -11,8 +11,12 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffmem.errors import PromptError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 CAPTION_COLUMNS = ("caption", "prompt", "text", "Caption", "Prompt", "Text", "TEXT")
 ID_COLUMNS = ("id", "prompt_id", "item_id")
@@ -31,13 +35,16 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def take(self, rows: Sequence[int]) -> PromptSet:
+        """The prompts at ``rows`` (positions, in that order), ids and columns kept."""
+        return PromptSet([self.ids[i] for i in rows], [self.texts[i] for i in rows], self.source,
+                         {k: [v[i] for i in rows] for k, v in self.columns.items()}, self.duplicates)
+
     def evenly(self, n: int) -> PromptSet:
         """At most ``n`` prompts, evenly spaced (every kind of a sorted file keeps its share), columns kept."""
         if n >= len(self):
             return self
-        keep = [round(i * len(self) / n) for i in range(n)]
-        return PromptSet([self.ids[i] for i in keep], [self.texts[i] for i in keep], self.source,
-                         {k: [v[i] for i in keep] for k, v in self.columns.items()}, self.duplicates)
+        return self.take([round(i * len(self) / n) for i in range(n)])
 
 
 def _read_text(path: Path) -> str:

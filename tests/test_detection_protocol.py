@@ -261,3 +261,37 @@ def test_benchmark_runs_end_to_end_on_a_tiny_model(tiny_sd_folder, tmp_path, mon
     rows = tables.render("detection-heldout", False, results=out.parent)
     assert len(rows) == 2 + len(split["detectors"]) + 1 and rows[-1].startswith("| best noise-step detector")
     assert len(tables.render("detection-heldout", True, results=out.parent)) == len(rows)
+
+
+def test_positive_kinds_reuses_the_full_runs_scans_and_drops_only_the_left_out_positives(
+        tiny_sd_folder, tmp_path, monkeypatch, capsys):
+    """--positive-kinds scans every labelled prompt (as the plain run does) and drops the memorized captions of the
+    other kinds afterwards: the two views share each scan and their negatives, and differ only in those captions."""
+    labels = _tiny_labels(tmp_path / "labels.jsonl")
+    rows = [json.loads(line) for line in labels.read_text().splitlines()]
+    rows[-1] = dict(rows[-1], memorized=True)  # a once-seen title that regenerates a duplicated image
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["detection.py", "--model", str(tiny_sd_folder), "--labels", str(labels), "--draws", "2",
+              "--skip", "trajectory", "--image-samples", "0", "--reference", "2", "--max-per-kind", "4",
+              "--work", str(tmp_path / "work"), "--split-seeds", "0"]
+    detection = _module("detection")
+    records = {}
+    for view, extra in (("all", []), ("duplication", ["--positive-kinds", "signature"])):
+        out = tmp_path / f"{view}.json"
+        monkeypatch.setattr(sys, "argv", [*common, "--out", str(out), *extra])
+        capsys.readouterr()
+        detection.main()
+        printed = capsys.readouterr().out
+        records[view] = json.loads(out.read_text())
+        records[view]["scores"] = __import__("pyarrow.parquet").parquet.read_table(
+            out.with_name(f"{view}_scores.parquet")).to_pydict()
+    assert printed.count("reusing the finished scan") == 2  # both noise-step groups, nothing rescanned
+    assert "left out 1 memorized captions of other kinds" in printed
+    full, dup = records["all"], records["duplication"]
+    assert (full["n_pos"], dup["n_pos"]) == (7, 6) and full["n_neg"] == dup["n_neg"]
+    assert full["by_kind"]["title"]["positives"] == 1 and dup["by_kind"]["title"]["positives"] == 0
+    kept = {i: k for k, i in enumerate(full["scores"]["id"])}
+    for name in dup["results"]:
+        if name.startswith("combined"):
+            continue
+        assert dup["scores"][name] == [full["scores"][name][kept[i]] for i in dup["scores"]["id"]], name
