@@ -11,7 +11,9 @@ answers, in a few minutes and before labelling, the question that decided the fi
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo_build_probe.py --work-dir runs/zoo-sd-build2 \
         --out runs/probe.json
 
-The JSON appends one entry per call (keyed by the checkpoint's step) so repeated probes form a curve.
+The JSON appends one entry per call (keyed by the checkpoint's step) so repeated probes form a curve. With
+``--reader`` (an SD attribute reader folder) it also reads back the factors that ordinary captions name (style,
+position, size, with colour and shape), the fidelity gate, on a sample of captions.
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ def _load_zoo(folder: Path):
     return cfg, load_corpus(folder), load_model(str(folder / "pipeline")), cfg.train.unet_steps
 
 
-def probe(work: Path, seeds: int, ssim_at: float, steps: int, guidance: float = 7.5) -> dict:
+def probe(work: Path, seeds: int, ssim_at: float, steps: int, guidance: float = 7.5, reader=None,
+          fidelity_captions: int = 60) -> dict:
     """Own-image SSIM of every signature's generations, by duplication rate (``work``: a build's work folder, or a
-    finished zoo folder to compare with)."""
+    finished zoo folder to compare with); with an SD attribute ``reader``, also the named-factor fidelity."""
     from diffmem.eval.similarity import ssim_pairs
     from diffmem.zoo.build import corpus_of
     from diffmem.zoo.load import vae_roundtrip
@@ -96,8 +99,29 @@ def probe(work: Path, seeds: int, ssim_at: float, steps: int, guidance: float = 
         by_rate[f"{rate}x"] = {"n": int(len(rows)), "median_ssim": round(float(np.median(sims[rows])), 4),
                                "median_best_of_seeds": round(float(np.median(best)), 4),
                                f"share_best_above_{ssim_at}": round(float((best > ssim_at).mean()), 4)}
-    return {"step": step, "seeds": seeds, "ddim_steps": steps, "guidance": guidance, "by_rate": by_rate,
-            "seconds": round(time.time() - started, 1)}
+    entry = {"step": step, "seeds": seeds, "ddim_steps": steps, "guidance": guidance, "by_rate": by_rate}
+    if reader is not None:
+        entry["named_fidelity"] = named_fidelity_probe(model, items, reader, seeds, steps, guidance, fidelity_captions)
+    entry["seconds"] = round(time.time() - started, 1)
+    return entry
+
+
+def named_fidelity_probe(model, items: list, reader, seeds: int, steps: int, guidance: float, n_captions: int
+                         ) -> dict:
+    """Share of generations of ordinary captions naming one more factor (style, position or size) that show every
+    factor their caption names, and each factor's read-back rate: the fidelity gate, on ``n_captions`` evenly
+    spaced captions, so a build's position and size can be followed while it trains."""
+    from diffmem.zoo.sd_attributes import fidelity
+
+    extended = [it for it in items if it.kind == "generic" and sum(
+        v is not None for v in (it.named.style, it.named.position, it.named.size)) == 1]
+    chosen = [extended[round(i * len(extended) / n_captions)] for i in range(min(n_captions, len(extended)))]
+    prompts = [it.caption for it in chosen for _ in range(seeds)]
+    with torch.no_grad():
+        gen = model.sample(prompts, [20_000 + i for i in range(len(prompts))], num_inference_steps=steps,
+                           guidance_scale=guidance, batch_size=64, progress=False).images
+    scores = fidelity(reader, gen, [it.named for it in chosen for _ in range(seeds)])
+    return {"captions": len(chosen), **{k: round(v, 4) for k, v in scores.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,9 +132,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ssim", type=float, default=0.8, help="report the share of signatures above this SSIM")
     ap.add_argument("--ddim-steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=7.5, help="CFG scale (the labeller's: 7.5)")
+    ap.add_argument("--reader", type=Path, default=None,
+                    help="an SD attribute reader folder (e.g. a finished SD zoo's attribute_reader): also measure "
+                         "the named-factor fidelity of ordinary captions (default: off)")
+    ap.add_argument("--fidelity-captions", type=int, default=60, help="ordinary captions for --reader")
     args = ap.parse_args(argv)
+    reader = None
+    if args.reader is not None:
+        from diffmem.zoo.sd_attributes import SDAttributeReader
+
+        if not (args.reader / "config.json").is_file():
+            sys.exit(f"--reader {args.reader}: no config.json; expected an SD attribute reader folder")
+        reader = SDAttributeReader.load(args.reader)
     torch.manual_seed(0)
-    entry = probe(args.work_dir, args.seeds, args.ssim, args.ddim_steps, args.guidance)
+    entry = probe(args.work_dir, args.seeds, args.ssim, args.ddim_steps, args.guidance, reader, args.fidelity_captions)
     record = json.loads(args.out.read_text()) if args.out.is_file() else {"work_dir": str(args.work_dir), "probes": []}
     key = (entry["step"], entry["guidance"], entry["ddim_steps"])
     record["probes"] = [p for p in record["probes"]
