@@ -203,6 +203,11 @@ def corpus_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
             lambda c: " / ".join(f"{c['diversity_ssim'][k]['mean']:.3f}" for k in ("generic", "duplicated"))),
         row("training examples per epoch / unique images", "-",
             lambda c: f"{c['n_training_examples']:,} / {c['n_unique_images']:,}"),
+        row("duplicated images' share of a title family's training examples (the look-alike risk)", "-",
+            lambda c: " / ".join(f"{f['duplicated_share_of_training_examples']:.2f}"
+                                 for f in c["balance"]["per_family"].values())),
+        row("look-alike title, its word with the most duplicated examples: their share of that word's, median", "-",
+            lambda c: f"{c['balance']['lookalike_max_word_duplicated_share']['median']:.2f}"),
     ]
 
 
@@ -352,6 +357,7 @@ def memcontrol_rows(record: dict) -> list[str]:
 PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
 SD_FIRST_BUILD_GATES = "experiments/zoo_sd_gates_first_build.json"  # the SD-like zoo's first build, not shipped
 SD_FIRST_BUILD_CORPUS = "experiments/corpus_gate_sd_first_build.json"  # its corpus: 8,000 once-seen titles a family
+SD_BUILD2_CORPUS = "experiments/corpus_gate_sd_build2.json"  # build 2's corpus: 1,000 once-seen titles a family
 THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
 CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
 # table -> (results files it reads, renderer(records, compact))
@@ -367,9 +373,9 @@ TABLES = {
     "zoo-gates": (("zoo_sd_gates.json", SD_FIRST_BUILD_GATES, "zoo_collapse_gates.json"), lambda r, _: zoo_gate_rows(
         [("SD-like zoo (`zoo:sd`, default)", r[0]), ("SD-like zoo, first build", r[1]),
          ("collapse zoo (`zoo:collapse`)", r[2])])),
-    "corpus-gate": (("corpus_gate.json", SD_FIRST_BUILD_CORPUS), lambda r, _: corpus_gate_rows(
-        [("SD-like corpus", r[0]["corpora"]["sd"]), ("SD-like corpus, first build", r[1]["corpora"]["sd"]),
-         ("collapse corpus", r[0]["corpora"]["collapse"])])),
+    "corpus-gate": (("corpus_gate.json", SD_BUILD2_CORPUS, SD_FIRST_BUILD_CORPUS), lambda r, _: corpus_gate_rows(
+        [("SD-like corpus (build 3)", r[0]["corpora"]["sd"]), ("build 2", r[1]["corpora"]["sd"]),
+         ("first build", r[2]["corpora"]["sd"]), ("collapse corpus", r[0]["corpora"]["collapse"])])),
     "bench": (("bench.json",), lambda r, compact: bench_rows(r[0], compact)),
     "bench-heldout": (("bench_task_model.json",), lambda r, _: heldout_bench_rows(r[0])),
     "memcontrol": (("memcontrol.json",), lambda r, _: memcontrol_rows(r[0])),
