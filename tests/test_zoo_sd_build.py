@@ -62,7 +62,7 @@ def test_sd_defaults_follow_the_training_plan():
     assert cfg == sd_zoo_config()
     assert cfg.corpus_name == "sd" and cfg.corpus == SDCorpusConfig()
     t = cfg.train
-    assert (t.vae_steps, t.vae_batch, t.unet_steps, t.unet_batch) == (1500, 64, 7000, 128)
+    assert (t.vae_steps, t.vae_batch, t.unet_steps, t.unet_batch) == (1500, 64, 8000, 128)
     assert cfg.arch == ArchitectureConfig()  # the shipped architecture
     collapse = default_config()
     assert collapse == ZooConfig() and collapse.corpus_name == "collapse"

@@ -148,11 +148,12 @@ class ZooConfig:
 
 def sd_zoo_config(seed: int = 0, corpus: SDCorpusConfig = SDCorpusConfig(), **train: Any) -> ZooConfig:
     """The SD-like zoo's defaults (docs/zoo-sd.md, training plan): the shipped architecture, a VAE of its own
-    (1,500 steps x 64: the shipped VAE does not represent textured scenes), text encoder + UNet 7,000 steps x 128
-    (about 97 epochs of the build-2 corpus; its probe showed the 16x signatures still being learned at 3,600),
+    (1,500 steps x 64: the shipped VAE does not represent textured scenes), text encoder + UNet 8,000 steps x 128
+    (build 3: about 91 epochs of its 11,280 examples, a 16x image about 1,450 presentations; build 2 ran 7,000 on
+    9,280, and build 3's probe at step 3,600 still read 16x own-image SSIM 0.22, so it was raised on resume),
     the reader 600 steps x 128 as the collapse zoo's (a step, half through the VAE, costs 1-2 s on a shared
     core); ``train`` overrides."""
-    defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=7000, unet_batch=128, reader_steps=600)
+    defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=8000, unet_batch=128, reader_steps=600)
     return ZooConfig(seed=seed, corpus=corpus, train=dataclasses.replace(defaults, **train))
 
 
