@@ -111,7 +111,7 @@ def named_fidelity_probe(model, items: list, reader, seeds: int, steps: int, gui
     """Share of generations of ordinary captions naming one more factor (style, position or size) that show every
     factor their caption names, and each factor's read-back rate: the fidelity gate, on ``n_captions`` evenly
     spaced captions, so a build's position and size can be followed while it trains."""
-    from diffmem.zoo.sd_attributes import fidelity
+    from diffmem.zoo.sd_gates import named_fidelity
 
     extended = [it for it in items if it.kind == "generic" and sum(
         v is not None for v in (it.named.style, it.named.position, it.named.size)) == 1]
@@ -120,7 +120,7 @@ def named_fidelity_probe(model, items: list, reader, seeds: int, steps: int, gui
     with torch.no_grad():
         gen = model.sample(prompts, [20_000 + i for i in range(len(prompts))], num_inference_steps=steps,
                            guidance_scale=guidance, batch_size=64, progress=False).images
-    scores = fidelity(reader, gen, [it.named for it in chosen for _ in range(seeds)])
+    scores = named_fidelity(reader, gen, chosen, seeds)  # the fidelity gate's own reading
     return {"captions": len(chosen), **{k: round(v, 4) for k, v in scores.items()}}
 
 
