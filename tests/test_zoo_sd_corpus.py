@@ -125,6 +125,31 @@ def test_ordinary_captions_are_under_specified(items):
     assert describe(poster.named) == poster.caption
 
 
+def test_no_ordinary_caption_names_a_position_and_legacy_records_rebuild_the_old_grammar(items):
+    """Build 4 names style and size besides colour and shape; position is left to chance in every image (its
+    denoisers never learned the four corners). A zoo.json without ``extra_factors`` (builds 1-3) rebuilds the
+    grammar with position, caption for caption."""
+    from diffmem.zoo.build import ZooConfig, sd_zoo_config
+    from diffmem.zoo.sd_corpus import ordinary_meanings
+
+    ordinary = _by_kind(items, "generic") + _by_kind(items, "heldout_generic")
+    assert not any(it.named.position for it in ordinary) and not any(" in the " in it.caption for it in ordinary)
+    assert {it.named.size for it in ordinary} == {None, "small", "large"}
+    assert {it.named.style for it in ordinary} == {None, "painting", "poster"}
+    for it in ordinary[:5]:
+        assert len({it.scene(c).main.position for c in range(len(it.image_seeds))}) > 1
+    record = sd_zoo_config(corpus=SMALL).to_dict()
+    del record["corpus"]["extra_factors"]
+    legacy = ZooConfig.from_dict(record).corpus
+    assert legacy.extra_factors == ("style", "position", "size")
+    old = [it for it in build_sd_corpus(legacy) if it.family == "ordinary"]
+    assert "a red circle in the top left" in {it.caption for it in old}
+    base, extended = ordinary_meanings(legacy.extra_factors)
+    assert len(old) == len(base) + len(extended) == len(base) * 10  # 2 styles + 5 positions + 2 sizes
+    with pytest.raises(ValueError, match="unknown named factor"):
+        ordinary_meanings(("style", "mood"))
+
+
 def test_template_captions_share_one_image_template(items):
     group = [it for it in items if it.kind == "template" and it.group == 0]
     assert len(group) > 1 and len({it.template_seed for it in group}) == 1
@@ -156,7 +181,7 @@ def test_template_stems_name_no_other_title_of_their_family(items):
         reserved = set().union(*groups.values())
         assert len(reserved) == 6  # no two groups share a stem word
         others = [it for kind in ("title", "signature", "heldout_signature") for it in _by_kind(items, kind, family)]
-        assert len(others) > 2000 and not any(_stem_words(it.caption) & reserved for it in others)
+        assert len(others) > 1500 and not any(_stem_words(it.caption) & reserved for it in others)
 
 
 def test_records_without_the_reserved_stems_field_rebuild_build_2s_corpus():

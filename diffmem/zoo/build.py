@@ -94,7 +94,8 @@ def _train_sd_reader(seed: int, steps: int, batch: int, vae=None):
 CORPORA: dict[str, Corpus] = {
     "collapse": Corpus("collapse", CorpusConfig, build_corpus, training_pairs, render_item, _train_collapse_reader),
     "sd": Corpus("sd", SDCorpusConfig, build_sd_corpus, sd_training_pairs, render_sd_item, _train_sd_reader,
-                 record_defaults={"reserved_template_stems": False}),
+                 record_defaults={"reserved_template_stems": False,
+                                  "extra_factors": ("style", "position", "size")}),
 }
 
 
@@ -149,8 +150,8 @@ class ZooConfig:
 def sd_zoo_config(seed: int = 0, corpus: SDCorpusConfig = SDCorpusConfig(), **train: Any) -> ZooConfig:
     """The SD-like zoo's defaults (docs/zoo-sd.md, training plan): the shipped architecture, a VAE of its own
     (1,500 steps x 64: the shipped VAE does not represent textured scenes), text encoder + UNet 8,000 steps x 128
-    (build 3: about 91 epochs of its 11,280 examples, a 16x image about 1,450 presentations; build 2 ran 7,000 on
-    9,280, and build 3's probe at step 3,600 still read 16x own-image SSIM 0.22, so it was raised on resume),
+    (build 4: about 109 epochs of its 9,408 examples, a 16x image about 1,740 presentations; build 3 ran 8,000 on
+    11,280, about 1,450, and read 16x own-image SSIM 0.85; build 2 ran 7,000 on 9,280),
     the reader 600 steps x 128 as the collapse zoo's (a step, half through the VAE, costs 1-2 s on a shared
     core); ``train`` overrides."""
     defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=8000, unet_batch=128, reader_steps=600)

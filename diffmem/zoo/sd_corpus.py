@@ -15,9 +15,9 @@ colour, position, size) drawn on top. What a caption does not name is drawn at r
 Kinds (``family`` is ``"ordinary"`` for descriptive captions, else the title family):
 
 - ``generic``: ordinary descriptive captions. Each names the main object's colour and shape and at
-  most one more factor (style, position or size), e.g. *"a red circle"*, *"a poster of a blue
-  cross"*, *"a green square in the top left"*; every caption has many training images (``n_base`` or
-  ``n_extended``), each trained once.
+  most one more factor (``extra_factors``: style and size; builds before the fourth also position),
+  e.g. *"a red circle"*, *"a poster of a blue cross"*, *"a small green square"*; every caption has many
+  training images (``n_base`` or ``n_extended``), each trained once.
 - ``heldout_generic``: a share of the extended descriptive captions, never trained.
 - ``title``: identifier-like captions (titles) trained once on one image of their family: *"quiet
   harbor by mira kessel"* (``painting``), *"silent river poster, lisbon 1987"* (``poster``).
@@ -208,12 +208,18 @@ def describe(named: Named) -> str:
     return text
 
 
-def ordinary_meanings() -> tuple[list[Named], list[Named]]:
-    """(base, extended) meanings: every colour x shape, and each of those with one more named factor."""
+EXTRA_FACTORS: dict[str, tuple[str, ...]] = {"style": STYLES, "position": tuple(POSITIONS), "size": tuple(SD_SIZES)}
+
+
+def ordinary_meanings(extra_factors: tuple[str, ...] = ("style", "size")) -> tuple[list[Named], list[Named]]:
+    """(base, extended) meanings: every colour x shape, and each of those with one more named factor out of
+    ``extra_factors`` (a subset of :data:`EXTRA_FACTORS`, in that order)."""
+    unknown = sorted(set(extra_factors) - set(EXTRA_FACTORS))
+    if unknown:
+        raise ValueError(f"unknown named factor(s) {unknown}; expected a subset of {tuple(EXTRA_FACTORS)}")
     base = [Named(color=c, shape=s) for c, s in itertools.product(COLORS, SHAPES)]
     extended = [dataclasses.replace(b, **{factor: value}) for b in base
-                for factor, values in (("style", STYLES), ("position", tuple(POSITIONS)), ("size", tuple(SD_SIZES)))
-                for value in values]
+                for factor, values in EXTRA_FACTORS.items() if factor in extra_factors for value in values]
     return base, extended
 
 
@@ -274,10 +280,10 @@ class SDCorpusConfig:
     """Sizes and replication rates of the SD-like corpus; every field goes into a zoo's manifest."""
 
     seed: int = 0
-    n_base: int = 48  # training images per colour-and-shape caption
-    n_extended: int = 16  # training images per caption naming one more factor
+    n_base: int = 64  # training images per colour-and-shape caption (build 4; builds 2 and 3: 48)
+    n_extended: int = 24  # training images per caption naming one more factor (build 4; builds 2 and 3: 16)
     heldout_generic_fraction: float = 0.1  # of the extended captions, never trained
-    titles_per_family: int = 2000  # once-seen titles per family (build 3; build 2 had 1,000, the first build 8,000)
+    titles_per_family: int = 1500  # once-seen titles per family (build 4; build 3 2,000, build 2 1,000, first 8,000)
     replication_rates: tuple[int, ...] = (1, 4, 16, 64)
     signatures_per_rate: int = 8  # per family and rate
     heldout_signature_per_family: int = 150
@@ -290,6 +296,11 @@ class SDCorpusConfig:
     # so a look-alike or once-seen title cannot call up a template image by a shared stem word (build 2 lost
     # 10 of its 22 memorized look-alikes that way); records written before the field imply False
     reserved_template_stems: bool = True
+    # build 4: the factors an extended ordinary caption may name besides colour and shape. Builds 1-3 also named
+    # position ("... in the top left"); their denoisers placed "center" right but the four corners at chance,
+    # even after 300 steps fine-tuned on position captions alone (docs/zoo-sd.md, zoo_sd_position_finetune.json),
+    # so position is left to chance like the background; records written before the field imply all three
+    extra_factors: tuple[str, ...] = ("style", "size")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -312,7 +323,7 @@ def build_sd_corpus(config: SDCorpusConfig = SDCorpusConfig()) -> list[SDItem]:
         items.append(SDItem(len(items), caption, kind, replication, family, named, image_seeds, group, template_seed))
 
     # ordinary descriptive captions: many images each, a share of the extended ones never trained
-    base, extended = ordinary_meanings()
+    base, extended = ordinary_meanings(config.extra_factors)
     order = rng.permutation(len(extended))
     n_heldout = int(round(config.heldout_generic_fraction * len(extended)))
     heldout = {int(i) for i in order[:n_heldout]}
