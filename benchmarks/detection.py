@@ -194,17 +194,24 @@ def scan_group(label: str, model, prompts: PromptSet, detectors: list[Detector],
     return {d.name: table.column(d.name).to_numpy() for d in detectors}, key
 
 
+def bound(detector: Detector, model) -> Detector:
+    """``detector`` bound to the scanned model (:meth:`Detector.bind`), as ``run_scan`` binds: the image-space
+    detectors resolve the model's own training images here, before their ``config()`` is digested."""
+    detector.bind(model)
+    return detector
+
+
 def combination(members: list[str], image_detectors: list[Detector], reference: list[str],
                 engine: NoiseStepEngine, timings: Timings) -> tuple[Detector, str]:
     """A prepared ``combined`` detector; its reference statistics are computed once and kept in the state."""
     # members as scanned above: their options only (config() also records e.g. the training index's groups)
     same_settings = {d.name: {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if not f.name.startswith("_")
                               and f.name != "name"} for d in image_detectors if d.name in members}
-    member_configs = [make_detector(m, **same_settings.get(m, {})).config() for m in members]
+    member_configs = [bound(make_detector(m, **same_settings.get(m, {})), engine.model).config() for m in members]
     key = f"combined-reference-{digest([member_configs, reference, engine.n_draws, engine.seed])}"
     stats = timings.state.get(key, {}).get("stats")
-    combined = make_detector("combined", members=members, reference_prompts=reference, member_options=same_settings,
-                             **({"stats": stats} if stats else {}))
+    combined = bound(make_detector("combined", members=members, reference_prompts=reference,
+                                   member_options=same_settings, **({"stats": stats} if stats else {})), engine.model)
     if stats:
         combined.prepare(engine)  # members only: the statistics are given
     else:
@@ -335,9 +342,10 @@ def main() -> None:
     skip_reasons: dict[str, str] = {}
     image_ok = bool(args.image_samples)  # without --image-index they use the scanned zoo's own training images
     index = {"index": args.image_index} if args.image_index else {}
-    image_detectors = ([make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4, **index)]
-                       + [make_detector("nn-margin", samples=args.margin_samples, steps=10, stop_after=k, **index)
-                          for k in args.margin_stop_after]
+    image_detectors = ([bound(make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4, **index),
+                              model)]
+                       + [bound(make_detector("nn-margin", samples=args.margin_samples, steps=10, stop_after=k,
+                                              **index), model) for k in args.margin_stop_after]
                        if image_ok else [])
     headline_images = [d for d in image_detectors if d.name != "nn-margin" or d.stop_after == args.margin_stop_after[0]]
     pretty = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",

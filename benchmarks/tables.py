@@ -355,10 +355,11 @@ def memcontrol_rows(record: dict) -> list[str]:
 
 
 PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
-SD_FIRST_BUILD_GATES = "experiments/zoo_sd_gates_first_build.json"  # the SD-like zoo's first build, not shipped
+# earlier SD-like builds (docs/zoo-sd.md); the first build's files (experiments/*_first_build.json) left the tables
 SD_BUILD2_GATES = "experiments/zoo_sd_gates_build2.json"  # build 2, shipped before build 3
-SD_FIRST_BUILD_CORPUS = "experiments/corpus_gate_sd_first_build.json"  # its corpus: 8,000 once-seen titles a family
+SD_BUILD3_GATES = "experiments/zoo_sd_gates_build3.json"  # build 3, shipped before build 4
 SD_BUILD2_CORPUS = "experiments/corpus_gate_sd_build2.json"  # build 2's corpus: 1,000 once-seen titles a family
+SD_BUILD3_CORPUS = "experiments/corpus_gate_sd_build3.json"  # build 3's: 2,000 titles a family, position named
 THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
 CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
 # table -> (results files it reads, renderer(records, compact))
@@ -371,12 +372,12 @@ TABLES = {
         r[0], compact, "detector (SD-like zoo, test split)")),
     "detection-heldout-sd-duplication": (("detection_sd_duplication.json",), lambda r, compact: heldout_rows(
         r[0], compact, "detector (SD-like zoo, memorized by duplication, test split)")),
-    "zoo-gates": (("zoo_sd_gates.json", SD_BUILD2_GATES, SD_FIRST_BUILD_GATES, "zoo_collapse_gates.json"),
-                  lambda r, _: zoo_gate_rows([("SD-like zoo (`zoo:sd`, default; build 3)", r[0]), ("build 2", r[1]),
-                                              ("first build", r[2]), ("collapse zoo (`zoo:collapse`)", r[3])])),
-    "corpus-gate": (("corpus_gate.json", SD_BUILD2_CORPUS, SD_FIRST_BUILD_CORPUS), lambda r, _: corpus_gate_rows(
-        [("SD-like corpus (build 3)", r[0]["corpora"]["sd"]), ("build 2", r[1]["corpora"]["sd"]),
-         ("first build", r[2]["corpora"]["sd"]), ("collapse corpus", r[0]["corpora"]["collapse"])])),
+    "zoo-gates": (("zoo_sd_gates.json", SD_BUILD3_GATES, SD_BUILD2_GATES, "zoo_collapse_gates.json"),
+                  lambda r, _: zoo_gate_rows([("SD-like zoo (`zoo:sd`, default; build 4)", r[0]), ("build 3", r[1]),
+                                              ("build 2", r[2]), ("collapse zoo (`zoo:collapse`)", r[3])])),
+    "corpus-gate": (("corpus_gate.json", SD_BUILD3_CORPUS, SD_BUILD2_CORPUS), lambda r, _: corpus_gate_rows(
+        [("SD-like corpus (build 4)", r[0]["corpora"]["sd"]), ("build 3", r[1]["corpora"]["sd"]),
+         ("build 2", r[2]["corpora"]["sd"]), ("collapse corpus", r[0]["corpora"]["collapse"])])),
     "bench": (("bench.json",), lambda r, compact: bench_rows(r[0], compact)),
     "bench-heldout": (("bench_task_model.json",), lambda r, _: heldout_bench_rows(r[0])),
     "memcontrol": (("memcontrol.json",), lambda r, _: memcontrol_rows(r[0])),

@@ -295,3 +295,23 @@ def test_positive_kinds_reuses_the_full_runs_scans_and_drops_only_the_left_out_p
         if name.startswith("combined"):
             continue
         assert dup["scores"][name] == [full["scores"][name][kept[i]] for i in dup["scores"]["id"]], name
+
+
+def test_image_space_detectors_scan_the_zoos_own_training_images(tmp_path, monkeypatch):
+    """The image-space groups (nn-ratio, nn-margin) are bound to the scanned zoo before their settings are
+    digested: without that, their ``config()`` refused as unbound and the benchmark stopped at the first of them."""
+    import pyarrow.parquet as pq
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(sys, "argv", [
+        "detection.py", "--model", "zoo:sd", "--only", "image-", "--limit", "6", "--image-samples", "1",
+        "--margin-samples", "1", "--draws", "1", "--reference", "2", "--work", str(work),
+        "--out", str(tmp_path / "detection.json")])
+    _module("detection").main()
+    state = json.loads((work / "state.json").read_text())
+    scanned = {key.split("-s")[0] for key in state if key.startswith("image-")}
+    assert scanned == {"image-nn-ratio", "image-nn-margin"}, sorted(state)
+    for name in ("nn-ratio", "nn-margin"):
+        (merged,) = work.glob(f"image-{name}-*/scores.parquet")  # the finished scan's merged parts
+        scores = pq.read_table(merged).column(name).to_numpy()
+        assert len(scores) == 6 and np.isfinite(scores).all() and np.ptp(scores) > 0, (name, scores)

@@ -14,8 +14,8 @@ from diffmem.models import load_model
 from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
 from diffmem.zoo.paths import DEFAULT_CORPUS, zoo_dir, zoo_pipeline_path
 
-# the shipped build's labels (build 3, benchmarks/results/zoo_sd_gates.json): 16x and 64x 0.9375, look-alikes
-# 0.010; the bounds are the targets
+# the shipped build's labels (build 4, benchmarks/results/zoo_sd_gates.json): 16x and 64x 1.0, look-alikes
+# 0.03; the bounds are the targets
 GATE_16 = GATE_64 = 0.9
 GATE_LOOKALIKE = 0.05
 
