@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 from diffmem.models import load_model
 from diffmem.zoo.build import encode_latents
-from diffmem.zoo.load import load_corpus
-from diffmem.zoo.paths import zoo_dir
+from diffmem.zoo.load import load_corpus, zoo_folder_for
 from diffmem.zoo.sd_attributes import SDAttributeReader
 from diffmem.zoo.sd_corpus import render_sd_item
 
@@ -56,7 +55,7 @@ def corner_confusion(model, reader, items, seeds: int, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="zoo:sd")
+    ap.add_argument("--model", default="zoo:sd", help="zoo:sd, or an SD-like zoo folder whose captions name position")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=150)
@@ -69,10 +68,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     started = time.time()
-    folder = zoo_dir("sd") if args.model == "zoo:sd" else Path(args.model)
-    model = load_model(args.model)
-    reader = SDAttributeReader.load(folder / "attribute_reader")
+    folder = zoo_folder_for(args.model)
+    if folder is None:
+        raise SystemExit(f"--model {args.model}: not a zoo; expected zoo:sd, a zoo folder or its pipeline folder")
     items = [it for it in load_corpus(folder) if it.kind == "generic" and it.named.position]
+    if len(items) < args.eval_captions:
+        raise SystemExit(f"--model {args.model}: {len(items)} trained captions name a position; expected at least "
+                         f"--eval-captions={args.eval_captions} (build 4 names none: give a build-3 zoo folder)")
+    model = load_model(str(folder / "pipeline"))
+    reader = SDAttributeReader.load(folder / "attribute_reader")
     rng = np.random.default_rng(0)
     evaluated = [items[i] for i in sorted(rng.choice(len(items), args.eval_captions, replace=False))]
     pairs = [(k, c) for k, it in enumerate(items) for c in range(len(it.image_seeds))]
