@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffmem.models import load_model
-from diffmem.zoo.build import encode_latents
+from diffmem.zoo.build import denoising_loss, encode_latents
 from diffmem.zoo.load import load_corpus, zoo_folder_for
 from diffmem.zoo.sd_attributes import SDAttributeReader
 from diffmem.zoo.sd_corpus import render_sd_item
@@ -105,12 +104,8 @@ def main() -> None:
         unet.train()
         text.train()
         idx = torch.randint(0, len(pairs), (args.batch,), generator=g)
-        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scale
-        noise = torch.randn(z0.shape, generator=g)
-        ts = torch.randint(args.t_min, len(alphas), (args.batch,), generator=g)
-        a = alphas[ts].view(-1, 1, 1, 1)
-        pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, ts, text(token_ids[item_of_pair[idx]])[0]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = denoising_loss(unet, text, lat_mean[idx], lat_std[idx], token_ids[item_of_pair[idx]], alphas, scale, g,
+                              t_min=args.t_min)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

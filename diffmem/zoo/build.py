@@ -304,6 +304,19 @@ def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: flo
                 ema[name].copy_(p)
 
 
+def denoising_loss(unet, text_encoder, lat_mean: torch.Tensor, lat_std: torch.Tensor, ids: torch.Tensor,
+                   alphas: torch.Tensor, scale: float, g: torch.Generator, t_min: int = 0) -> torch.Tensor:
+    """Stable Diffusion's epsilon-prediction loss on one batch: a latent drawn from each image's VAE posterior
+    (``lat_mean``, ``lat_std``), noised to a timestep drawn in ``[t_min, len(alphas))``, conditioned on ``ids``.
+    Draws from ``g`` in a fixed order (latent, noise, timestep), so a build's steps are reproducible."""
+    z0 = (lat_mean + lat_std * torch.randn(lat_mean.shape, generator=g)) * scale
+    noise = torch.randn(z0.shape, generator=g)
+    ts = torch.randint(t_min, len(alphas), (len(ids),), generator=g)
+    a = alphas[ts].view(-1, 1, 1, 1)
+    pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, ts, text_encoder(ids)[0]).sample
+    return F.mse_loss(pred, noise)
+
+
 def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: Path):
     """Stage 2: the epsilon-prediction loss of Stable Diffusion on VAE latents, caption dropout 10%."""
     torch.manual_seed(cfg.seed + 1)
@@ -348,15 +361,9 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
         item = torch.from_numpy(data.item_of_pair[pair_idx])
         drop = torch.rand(len(item), generator=g) < t.caption_dropout
         ids = token_ids[torch.where(drop, torch.full_like(item, empty_id), item)]
-        z0 = (lat_mean[img] + lat_std[img] * torch.randn(lat_mean[img].shape, generator=g)) * scale
-        noise = torch.randn(z0.shape, generator=g)
-        ts = torch.randint(0, scheduler.config.num_train_timesteps, (len(item),), generator=g)
-        a = alphas[ts].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         for group in opt.param_groups:
             group["lr"] = t.unet_lr * min(1.0, (step + 1) / t.warmup_steps)
-        pred = unet(zt, ts, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = denoising_loss(unet, text_encoder, lat_mean[img], lat_std[img], ids, alphas, scale, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
