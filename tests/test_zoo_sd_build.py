@@ -22,6 +22,7 @@ from diffmem.zoo.build import (
     ZooBuildError,
     ZooConfig,
     build_zoo,
+    caption_token_ids,
     check_resumable,
     default_config,
     sd_zoo_config,
@@ -31,6 +32,7 @@ from diffmem.zoo.build import (
 from diffmem.zoo.corpus import CorpusConfig, build_corpus
 from diffmem.zoo.gate import corpus_view
 from diffmem.zoo.paths import SHIPPED
+from diffmem.zoo.schedule import ScheduleError, scheduled_lr
 from diffmem.zoo.sd_attributes import (
     SD_ATTRIBUTES,
     SDAttributeReader,
@@ -62,13 +64,51 @@ def test_sd_defaults_follow_the_training_plan():
     assert cfg == sd_zoo_config()
     assert cfg.corpus_name == "sd" and cfg.corpus == SDCorpusConfig()
     t = cfg.train
-    assert (t.vae_steps, t.vae_batch, t.unet_steps, t.unet_batch) == (1500, 64, 8000, 128)
-    assert cfg.arch == ArchitectureConfig()  # the shipped architecture
+    assert (t.vae_steps, t.vae_batch, t.unet_steps, t.unet_batch) == (1500, 64, 7600, 128)
+    # build 5: the shipped widths with a 16-token text context (the longest caption is 14 with start and end)
+    assert cfg.arch == ArchitectureConfig(max_tokens=16)
+    assert (t.unet_lr_schedule, t.unet_lr_final, t.reader_steps, t.reader_lr_schedule) == ("cosine", 0.1, 1800, "cosine")
     collapse = default_config()
+    assert collapse.train.unet_lr_schedule == "constant" and collapse.arch.max_tokens == 32
     assert collapse == ZooConfig() and collapse.corpus_name == "collapse"
     assert default_config("sd", seed=3, unet_steps=7).train.unet_steps == 7
     with pytest.raises(ZooBuildError, match="unknown zoo corpus 'laion'; expected one of collapse, sd"):
         default_config("laion")
+
+
+def test_cosine_schedule_warms_up_then_falls_to_its_floor():
+    lr = [scheduled_lr("cosine", 4e-4, k, 1000, 100, 0.1) for k in range(1000)]
+    assert lr[0] == pytest.approx(4e-6) and lr[99] == pytest.approx(4e-4)  # linear warm-up, as builds 1-4
+    assert lr[-1] == pytest.approx(4e-5)  # the floor at the last step
+    assert lr[549] == pytest.approx(4e-4 * (0.1 + 0.9 * 0.5), rel=1e-2)  # half-way down the cosine
+    assert all(a >= b for a, b in zip(lr[99:], lr[100:]))
+    assert [scheduled_lr("constant", 4e-4, k, 1000, 100, 0.1) for k in (0, 99, 999)] == pytest.approx(
+        [4e-6, 4e-4, 4e-4])
+    with pytest.raises(ScheduleError, match="schedule 'linear' is not one of: constant, cosine"):
+        scheduled_lr("linear", 4e-4, 0, 1000, 100, 0.1)
+
+
+def test_every_sd_caption_fits_the_text_context(tmp_path):
+    """The 16-token context holds every caption of the default corpus and any title the generator can draw
+    (bounded slot by slot), and a caption that would be truncated stops the build in one line."""
+    from diffmem.zoo import sd_corpus as g
+
+    cfg = sd_zoo_config()
+    tokenizer = build_clip_tokenizer(tmp_path / "tok", model_max_length=cfg.arch.max_tokens)
+
+    def longest(words) -> int:
+        return max(len(tokenizer(str(w), add_special_tokens=False).input_ids) for w in words)
+
+    slots = {"painting": [g.ADJECTIVES, g.NOUNS, ["by"], g.FIRST_NAMES, g.LAST_NAMES],
+             "poster": [g.ADJECTIVES, g.NOUNS, ["poster,"], g.CITIES, g.YEARS]}
+    for family, words in slots.items():
+        assert 2 + sum(longest(w) for w in words) <= 16, family
+    captions = [it.caption for it in build_sd_corpus(cfg.corpus)]
+    ids = caption_token_ids(tokenizer, captions)
+    assert ids.shape == (len(captions), 16)
+    assert (ids == 49407).any(dim=1).all()  # every row keeps its end token: nothing was cut
+    with pytest.raises(ZooBuildError, match="longer than the text encoder's 16 tokens"):
+        caption_token_ids(tokenizer, ["a quiet harbor " * 6])
 
 
 def test_config_json_names_its_corpus_and_round_trips():
@@ -125,16 +165,18 @@ def test_smoke_build_writes_an_sd_zoo(built):
 
 
 def test_resume_continues_at_the_saved_step(tmp_path):
-    """An SD denoiser stopped after 2 steps and resumed to 4 equals one trained 4 steps straight."""
+    """An SD denoiser at a constant rate stopped after 2 steps and resumed to 4 equals one trained 4 steps
+    straight (a cosine schedule is tied to its step count, so growing the count is refused: test below)."""
     data = TrainingImages.for_corpus("sd", build_sd_corpus(TINY_SD))
     tokenizer = build_clip_tokenizer(tmp_path / "tok", model_max_length=TINY_ARCH.max_tokens)
     vae, _ = train_vae(SMOKE, data, tmp_path / "vae")
     vae.eval()
-    full = train_denoiser(SMOKE, data, vae, tokenizer, tmp_path / "full")[1]
-    half = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_steps=2))
+    constant = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_lr_schedule="constant"))
+    full = train_denoiser(constant, data, vae, tokenizer, tmp_path / "full")[1]
+    half = dataclasses.replace(constant, train=dataclasses.replace(constant.train, unet_steps=2))
     train_denoiser(half, data, vae, tokenizer, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "denoiser.pt", weights_only=True)["step"] == 2
-    resumed = train_denoiser(SMOKE, data, vae, tokenizer, tmp_path / "resumed")[1]
+    resumed = train_denoiser(constant, data, vae, tokenizer, tmp_path / "resumed")[1]
     assert torch.load(tmp_path / "resumed" / "denoiser.pt", weights_only=True)["step"] == 4
     for (name, x), y in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(x, y, msg=name)
@@ -145,7 +187,8 @@ def test_resume_refuses_a_work_folder_of_another_corpus(built, capsys):
     with pytest.raises(ZooBuildError, match="holds a build of the 'sd' corpus, not 'collapse'"):
         build_zoo(built["root"] / "other", collapse, built["work"])
     longer = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_steps=9))
-    check_resumable(built["work"], longer)  # more denoiser steps: resumable
+    with pytest.raises(ZooBuildError, match="only under a constant learning rate"):
+        check_resumable(built["work"], longer)  # the cosine schedule of 4 steps is not the first 4 of 9
     other_vae = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, vae_steps=3))
     with pytest.raises(ZooBuildError, match="another configuration"):
         check_resumable(built["work"], other_vae)

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffmem.zoo.corpus import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, SceneSpec, ZooObject, render
+from diffmem.zoo.schedule import scheduled_lr
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
@@ -110,15 +111,20 @@ Batch = Callable[[np.random.Generator, int], tuple[torch.Tensor, dict[str, torch
 
 
 def fit_reader(reader_type: type[AttributeReader], sample: Batch, seed: int, steps: int, batch: int,
-               vae=None, desc: str = "zoo: attribute reader") -> AttributeReader:
+               vae=None, desc: str = "zoo: attribute reader", schedule: str = "constant") -> AttributeReader:
     """Train a reader of ``reader_type`` on fresh renders from ``sample(rng, n)`` (images in [0, 1] and value
-    indices per attribute; a new batch each step, so it cannot overfit), half of each batch through ``vae``."""
+    indices per attribute; a new batch each step, so it cannot overfit), half of each batch through ``vae``.
+    ``schedule`` (:func:`diffmem.zoo.schedule.scheduled_lr`): ``constant`` 2e-3 as the shipped readers, or
+    ``cosine`` from 2e-3 to 2e-5 after a 5% warm-up."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 3])
     g = torch.Generator().manual_seed(seed)
     reader = reader_type()
     opt = torch.optim.AdamW(reader.parameters(), lr=2e-3)
-    for _ in tqdm(range(steps), desc=desc, dynamic_ncols=True):
+    warmup = 0 if schedule == "constant" else steps // 20
+    for step in tqdm(range(steps), desc=desc, dynamic_ncols=True):
+        for group in opt.param_groups:
+            group["lr"] = scheduled_lr(schedule, 2e-3, step, steps, warmup, 0.01)
         x, y = sample(rng, batch)
         if vae is not None:
             half = batch // 2
@@ -132,9 +138,9 @@ def fit_reader(reader_type: type[AttributeReader], sample: Batch, seed: int, ste
     return reader.eval()
 
 
-def train_attribute_reader(seed: int, steps: int, batch: int, vae=None) -> AttributeReader:
+def train_attribute_reader(seed: int, steps: int, batch: int, vae=None, schedule: str = "constant") -> AttributeReader:
     """Train the collapse corpus's reader on fresh renders of its single-object grammar."""
-    return fit_reader(AttributeReader, random_generic_batch, seed, steps, batch, vae)
+    return fit_reader(AttributeReader, random_generic_batch, seed, steps, batch, vae, schedule=schedule)
 
 
 def attribute_accuracy(reader: AttributeReader, images: torch.Tensor, objects: list[ZooObject],

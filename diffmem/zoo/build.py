@@ -31,6 +31,7 @@ from diffmem.errors import DiffmemError
 from diffmem.io import atomic_torch_save, atomic_write_text
 from diffmem.zoo.architecture import ArchitectureConfig, make_scheduler, make_text_encoder, make_unet, make_vae
 from diffmem.zoo.corpus import CorpusConfig, build_corpus, render_item, training_pairs
+from diffmem.zoo.schedule import scheduled_lr
 from diffmem.zoo.sd_corpus import SDCorpusConfig, build_sd_corpus, render_sd_item, sd_training_pairs
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,15 @@ class TrainConfig:
     unet_batch: int = 128
     unet_lr: float = 4e-4
     warmup_steps: int = 100
+    # "constant" (builds 1-4) or "cosine": after warm-up, unet_lr falls along a half cosine to
+    # unet_lr * unet_lr_final at the last step (the schedule then depends on unet_steps)
+    unet_lr_schedule: str = "constant"
+    unet_lr_final: float = 0.1
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     reader_steps: int = 600
     reader_batch: int = 128
+    reader_lr_schedule: str = "constant"  # "cosine" from build 5 of the SD-like zoo (diffmem.zoo.schedule)
     checkpoint_every: int = 100
     deepssim_steps: int = 1500  # DeepSSIMConfig's default (what the shipped zoo was built with)
 
@@ -66,7 +72,7 @@ class Corpus:
 
     ``pairs(items)`` lists ``(item index, image copy)`` for every training example of one epoch (duplicates
     included) and ``render(item, copy)`` draws that image as ``(32, 32, 3)`` uint8; ``train_reader(seed,
-    steps, batch, vae)`` trains the attribute reader that reads this corpus's renders back.
+    steps, batch, vae, schedule)`` trains the attribute reader that reads this corpus's renders back.
     """
 
     name: str
@@ -79,16 +85,16 @@ class Corpus:
     record_defaults: dict[str, Any] = field(default_factory=dict)
 
 
-def _train_collapse_reader(seed: int, steps: int, batch: int, vae=None):
+def _train_collapse_reader(seed: int, steps: int, batch: int, vae=None, schedule: str = "constant"):
     from diffmem.zoo.attributes import train_attribute_reader
 
-    return train_attribute_reader(seed, steps, batch, vae)
+    return train_attribute_reader(seed, steps, batch, vae, schedule)
 
 
-def _train_sd_reader(seed: int, steps: int, batch: int, vae=None):
+def _train_sd_reader(seed: int, steps: int, batch: int, vae=None, schedule: str = "constant"):
     from diffmem.zoo.sd_attributes import train_sd_attribute_reader
 
-    return train_sd_attribute_reader(seed, steps, batch, vae)
+    return train_sd_attribute_reader(seed, steps, batch, vae, schedule)
 
 
 CORPORA: dict[str, Corpus] = {
@@ -154,8 +160,10 @@ def sd_zoo_config(seed: int = 0, corpus: SDCorpusConfig = SDCorpusConfig(), **tr
     11,280, about 1,450, and read 16x own-image SSIM 0.85; build 2 ran 7,000 on 9,280),
     the reader 600 steps x 128 as the collapse zoo's (a step, half through the VAE, costs 1-2 s on a shared
     core); ``train`` overrides."""
-    defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=8000, unet_batch=128, reader_steps=600)
-    return ZooConfig(seed=seed, corpus=corpus, train=dataclasses.replace(defaults, **train))
+    defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=7600, unet_batch=128, reader_steps=1800,
+                           unet_lr_schedule="cosine", reader_lr_schedule="cosine")
+    return ZooConfig(seed=seed, corpus=corpus, arch=ArchitectureConfig(max_tokens=16),
+                     train=dataclasses.replace(defaults, **train))
 
 
 def default_config(corpus: str = "collapse", seed: int = 0, **train: Any) -> ZooConfig:
@@ -317,6 +325,17 @@ def denoising_loss(unet, text_encoder, lat_mean: torch.Tensor, lat_std: torch.Te
     return F.mse_loss(pred, noise)
 
 
+def caption_token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids of ``captions`` padded to the text encoder's context; refuses, in one line, a caption longer than
+    that context (the denoiser would train on a truncated caption and never see its last words)."""
+    limit = tokenizer.model_max_length
+    for caption in captions:
+        if len(tokenizer(caption).input_ids) > limit:
+            raise ZooBuildError(f"caption '{caption}' is longer than the text encoder's {limit} tokens "
+                                "(arch.max_tokens); raise max_tokens or shorten the corpus's captions")
+    return tokenizer(captions, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+
+
 def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: Path):
     """Stage 2: the epsilon-prediction loss of Stable Diffusion on VAE latents, caption dropout 10%."""
     torch.manual_seed(cfg.seed + 1)
@@ -340,10 +359,7 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
     scale = vae.config.scaling_factor
     lat_mean, lat_std = encode_latents(vae, data.pixels)
     captions = [it.caption for it in data.items]
-    token_ids = tokenizer(
-        captions + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    token_ids = caption_token_ids(tokenizer, captions + [""])
     empty_id = len(captions)
     alphas = scheduler.alphas_cumprod
 
@@ -362,7 +378,8 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
         drop = torch.rand(len(item), generator=g) < t.caption_dropout
         ids = token_ids[torch.where(drop, torch.full_like(item, empty_id), item)]
         for group in opt.param_groups:
-            group["lr"] = t.unet_lr * min(1.0, (step + 1) / t.warmup_steps)
+            group["lr"] = scheduled_lr(t.unet_lr_schedule, t.unet_lr, step, t.unet_steps, t.warmup_steps,
+                                       t.unet_lr_final)
         loss = denoising_loss(unet, text_encoder, lat_mean[img], lat_std[img], ids, alphas, scale, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -393,7 +410,8 @@ def _resumable_part(config: dict) -> dict:
     config = json.loads(json.dumps(config))
     config.pop("corpus_name", None)
     config["train"] = {**asdict(TrainConfig()), **config["train"]}
-    config["train"].pop("unet_steps", None)
+    if config["train"]["unet_lr_schedule"] == "constant":  # a decaying schedule is tied to its step count
+        config["train"].pop("unet_steps", None)
     return config
 
 
@@ -409,7 +427,8 @@ def check_resumable(work: Path, cfg: ZooConfig) -> None:
                             f"'{cfg.corpus_name}'; remove it or choose another --work-dir")
     if _resumable_part(saved) != _resumable_part(cfg.to_dict()):
         raise ZooBuildError(f"work folder '{work}' holds a build with another configuration (only --unet-steps may "
-                            "change on resume); remove it or choose another --work-dir")
+                            "change on resume, and only under a constant learning rate); remove it or choose "
+                            "another --work-dir")
 
 
 def build_zoo(out_dir: str | Path, cfg: ZooConfig | None = None, work_dir: str | Path | None = None,
@@ -444,7 +463,8 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig | None = None, work_dir: str |
     staging = staging_dir(out)  # a fresh hidden sibling, renamed onto out at the end (never deletes user files)
     # the reader and DeepSSIM depend on the corpus and VAE only: trained once into work/, then reused
     if not (work / "attribute_reader" / "model.safetensors").is_file():
-        source.train_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae).save(
+        source.train_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae,
+                            cfg.train.reader_lr_schedule).save(
             work / "attribute_reader")
     if not (work / "deepssim" / "model.safetensors").is_file():
         from diffmem.eval.deepssim import DeepSSIMConfig, train_and_save

@@ -60,10 +60,11 @@ def random_scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, 
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0, idx
 
 
-def train_sd_attribute_reader(seed: int, steps: int, batch: int, vae=None) -> SDAttributeReader:
+def train_sd_attribute_reader(seed: int, steps: int, batch: int, vae=None,
+                              schedule: str = "constant") -> SDAttributeReader:
     """Train the SD-like corpus's reader on fresh scene renders, half of each batch through ``vae``."""
     return cast(SDAttributeReader, fit_reader(SDAttributeReader, random_scene_batch, seed, steps, batch, vae,
-                                              desc="zoo sd: attribute reader"))
+                                              desc="zoo sd: attribute reader", schedule=schedule))
 
 
 def named_values(named: Named) -> dict[str, str]:
