@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
+import torch
 
 from diffmem.errors import ModelLoadError
 from diffmem.io import atomic_write_text
@@ -44,7 +45,7 @@ from diffmem.zoo.load import load_corpus, load_labels, zoo_corpus_name, zoo_fold
 from diffmem.zoo.sd_attributes import SDAttributeReader
 from diffmem.zoo.sd_corpus import SDItem
 from diffmem.zoo.sd_gates import caption_diversity, diversity_config, named_fidelity, sd_gates
-from diffmem.zoo.sd_labels import SDLabelConfig, label_sd_zoo, summarise_by_family
+from diffmem.zoo.sd_labels import SDLabelConfig, fresh_sd_image, label_sd_zoo, summarise_by_family
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,15 @@ def zoo_folder(spec: str) -> Path:
     except ModelLoadError as exc:
         raise SystemExit(f"zoo_gates: {exc}") from None
     raise SystemExit(f"zoo_gates: '{spec}' is not a zoo (no zoo.json beside its pipeline)")
+
+
+def fresh_renders(items: list[SDItem], k: int, seed: int) -> torch.Tensor:
+    """``k`` fresh renders per caption of what the corpus would train on for it (its named factors, the rest
+    drawn anew), caption after caption, in [0, 1]: the reader's read-back on these bounds what generations can
+    score."""
+    rng = np.random.default_rng([seed, 11])
+    images = np.stack([fresh_sd_image(it, rng) for it in items for _ in range(k)])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
 
 
 def sample(items: list[SDItem], n: int | None, rng: np.random.Generator) -> list[SDItem]:
@@ -149,8 +159,12 @@ def main() -> None:
     div_cfg = diversity_config(cfg, sizes.diversity_seeds)
     ordinary_ssim, ordinary_gen = caption_diversity(model, ordinary, div_cfg)
     memorized_ssim, _ = caption_diversity(model, memorized, div_cfg)
+    reader_ceiling = None
     if reader is not None:
         fid = named_fidelity(reader, ordinary_gen, ordinary, sizes.diversity_seeds)
+        # the instrument's own ceiling: the same reader on fresh training-distribution renders of the same captions
+        reader_ceiling = named_fidelity(reader, fresh_renders(ordinary, sizes.diversity_seeds, sizes.sample_seed),
+                                        ordinary, sizes.diversity_seeds)
     else:  # the collapse zoo's labels: shape, colour and position read back in its generic captions' generations
         fid = {"all": float(summary["generic_fidelity"]["generic"])}
     seconds["diversity_and_fidelity"] = round(time.time() - t, 1)
@@ -172,6 +186,8 @@ def main() -> None:
         "diversity": {"ordinary_per_caption": [round(float(v), 4) for v in ordinary_ssim],
                       "memorized_per_caption": [round(float(v), 4) for v in memorized_ssim]},
         "fidelity": {k: round(v, 4) for k, v in fid.items()},
+        "fidelity_on_training_renders": None if reader_ceiling is None else
+        {k: round(v, 4) for k, v in reader_ceiling.items()},
         "seconds": seconds,
     }
     atomic_write_text(Path(args.out), json.dumps(result, indent=2))
