@@ -83,6 +83,20 @@ def replication_rates(prompts, rates: Path) -> np.ndarray:
     return np.array([by_id[i] for i in prompts.ids])
 
 
+def confirmed_or_negative(prompts, positive_kinds: list[str] | None, min_seeds: int) -> list[int]:
+    """Indices of the prompts a view keeps: every non-memorized caption, and the memorized ones of
+    ``positive_kinds`` (None: any kind) reproduced in at least ``min_seeds`` labelling seeds; a label written
+    without per-seed counts fails any ``min_seeds`` above 1 (it cannot show it is met)."""
+    memorized, kind = prompts.columns["memorized"], prompts.columns["kind"]
+    seeds = prompts.columns.get("memorized_seeds", [None] * len(prompts))
+
+    def confirmed(i: int) -> bool:
+        kind_ok = positive_kinds is None or kind[i] in positive_kinds
+        return kind_ok and (min_seeds <= 1 or (seeds[i] is not None and seeds[i] >= min_seeds))
+
+    return [i for i in range(len(prompts)) if not memorized[i] or confirmed(i)]
+
+
 def digest(obj) -> str:
     """A short stable digest of JSON-able settings (names a scan folder after what determines its scores)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -327,6 +341,10 @@ def main() -> None:
                         help="caption kinds whose memorized captions are positives (e.g. signature template "
                              "heldout_template: memorization by duplication); memorized captions of any other kind "
                              "are left out of the set, not counted as negatives (default: every kind)")
+    parser.add_argument("--min-memorized-seeds", type=int, default=1,
+                        help="positives must reproduce a training image in at least this many of their labelling "
+                             "seeds; memorized captions below it are left out, not counted as negatives (default 1: "
+                             "the label as written; 2 drops single-seed matches, the label's null false positives)")
     args = run_defaults(parser.parse_args())
     work = Path(args.work)
     timings = Timings(work / "state.json")
@@ -388,10 +406,10 @@ def main() -> None:
             scores[name] = group_scores[d.name]
             entries.append((name, d, name, draws))
             timing_keys[name] = [key]
-    if args.positive_kinds:  # memorized captions of other kinds are neither positives nor negatives: left out
-        memorized, kind = prompts.columns["memorized"], prompts.columns["kind"]
-        kept = [i for i in range(len(prompts)) if not (memorized[i] and kind[i] not in args.positive_kinds)]
-        print(f"--positive-kinds: left out {len(prompts) - len(kept)} memorized captions of other kinds")
+    if args.positive_kinds or args.min_memorized_seeds > 1:
+        # memorized captions of other kinds, or reproduced in fewer seeds, are neither positives nor negatives
+        kept = confirmed_or_negative(prompts, args.positive_kinds, args.min_memorized_seeds)
+        print(f"--positive-kinds / --min-memorized-seeds: left out {len(prompts) - len(kept)} memorized captions")
         prompts = prompts.take(kept)
         scores = {name: column[kept] for name, column in scores.items()}
     y = np.array(prompts.columns["memorized"], dtype=bool)
@@ -467,7 +485,7 @@ def main() -> None:
               "by_kind": {k: {"positives": int((y & (kinds == k)).sum()), "negatives": int((~y & (kinds == k)).sum())}
                           for k in sorted(set(kinds))},
               "reference_prompts_excluded": len(reference), "max_negatives_per_kind": args.max_per_kind,
-              "positive_kinds": args.positive_kinds,
+              "positive_kinds": args.positive_kinds, "min_memorized_seeds": args.min_memorized_seeds,
               "confident_subset": {"source": args.rates, "positives": int((rate >= 0.5).sum()),
                                    "negatives": int((rate == 0).sum())} if np.isfinite(rate).any() else None,
               "scores_file": scores_path.name, "skipped_groups": skipped, "skip_reasons": skip_reasons,

@@ -196,8 +196,13 @@ def test_labelled_prompts_match_the_zoo_builders_on_the_collapse_labels():
     reference = reference_captions(rows, ["generic"])
     assert reference == zoo_reference_prompts(folder=folder)
     ours = labelled_prompts(rows, 1000, exclude=set(reference))
-    theirs = zoo_prompts(1000, exclude=set(reference), folder=folder)
+    theirs = zoo_prompts(1000, exclude=set(reference), folder=folder)  # the same builder, named by its zoo
     assert (ours.ids, ours.texts, ours.columns) == (theirs.ids, theirs.texts, theirs.columns)
+    assert theirs.source == f"zoo:{folder}"
+    kept = [r for r in rows if r["caption"] not in set(reference)]
+    assert sum(theirs.columns["memorized"]) == sum(r["memorized"] for r in kept)  # every memorized caption
+    assert theirs.columns["memorized_seeds"] == [r.get("memorized_seeds") for r in kept
+                                                 if str(r["item_id"]) in set(theirs.ids)]
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -269,14 +274,16 @@ def test_positive_kinds_reuses_the_full_runs_scans_and_drops_only_the_left_out_p
     other kinds afterwards: the two views share each scan and their negatives, and differ only in those captions."""
     labels = _tiny_labels(tmp_path / "labels.jsonl")
     rows = [json.loads(line) for line in labels.read_text().splitlines()]
-    rows[-1] = dict(rows[-1], memorized=True)  # a once-seen title that regenerates a duplicated image
+    rows = [dict(r, memorized_seeds=4 if r["memorized"] else 0) for r in rows]
+    rows[-1] = dict(rows[-1], memorized=True, memorized_seeds=1)  # a once-seen title matching in one seed of 4
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["detection.py", "--model", str(tiny_sd_folder), "--labels", str(labels), "--draws", "2",
               "--skip", "trajectory", "--image-samples", "0", "--reference", "2", "--max-per-kind", "4",
               "--work", str(tmp_path / "work"), "--split-seeds", "0"]
     detection = _module("detection")
     records = {}
-    for view, extra in (("all", []), ("duplication", ["--positive-kinds", "signature"])):
+    for view, extra in (("all", []), ("duplication", ["--positive-kinds", "signature"]),
+                        ("confirmed", ["--min-memorized-seeds", "2"])):
         out = tmp_path / f"{view}.json"
         monkeypatch.setattr(sys, "argv", [*common, "--out", str(out), *extra])
         capsys.readouterr()
@@ -286,15 +293,33 @@ def test_positive_kinds_reuses_the_full_runs_scans_and_drops_only_the_left_out_p
         records[view]["scores"] = __import__("pyarrow.parquet").parquet.read_table(
             out.with_name(f"{view}_scores.parquet")).to_pydict()
     assert printed.count("reusing the finished scan") == 2  # both noise-step groups, nothing rescanned
-    assert "left out 1 memorized captions of other kinds" in printed
-    full, dup = records["all"], records["duplication"]
-    assert (full["n_pos"], dup["n_pos"]) == (7, 6) and full["n_neg"] == dup["n_neg"]
-    assert full["by_kind"]["title"]["positives"] == 1 and dup["by_kind"]["title"]["positives"] == 0
+    assert "left out 1 memorized captions" in printed
+    full = records["all"]
     kept = {i: k for k, i in enumerate(full["scores"]["id"])}
-    for name in dup["results"]:
-        if name.startswith("combined"):
-            continue
-        assert dup["scores"][name] == [full["scores"][name][kept[i]] for i in dup["scores"]["id"]], name
+    for view in ("duplication", "confirmed"):  # the kind rule and the seed rule drop the same single-seed title
+        dup = records[view]
+        assert (full["n_pos"], dup["n_pos"]) == (7, 6) and full["n_neg"] == dup["n_neg"]
+        assert full["by_kind"]["title"]["positives"] == 1 and dup["by_kind"]["title"]["positives"] == 0
+        for name in dup["results"]:
+            if name.startswith("combined"):
+                continue
+            assert dup["scores"][name] == [full["scores"][name][kept[i]] for i in dup["scores"]["id"]], name
+    assert records["confirmed"]["min_memorized_seeds"] == 2
+
+
+def test_min_memorized_seeds_keeps_negatives_and_confirmed_positives_only():
+    from diffmem.eval.protocol import labelled_prompts
+
+    detection = _module("detection")
+    rows = [{"caption": f"c{i}", "kind": kind, "memorized": seeds > 0, "memorized_seeds": seeds}
+            for i, (kind, seeds) in enumerate([("signature", 4), ("signature", 1), ("title", 2), ("title", 0),
+                                               ("generic", 0)])]
+    rows.append({"caption": "old", "kind": "title", "memorized": True})  # labels written before the seed count
+    prompts = labelled_prompts(rows)
+    assert detection.confirmed_or_negative(prompts, None, 1) == [0, 1, 2, 3, 4, 5]
+    assert detection.confirmed_or_negative(prompts, None, 2) == [0, 2, 3, 4]
+    assert detection.confirmed_or_negative(prompts, ["signature"], 2) == [0, 3, 4]
+    assert detection.confirmed_or_negative(prompts, ["signature"], 1) == [0, 1, 3, 4]
 
 
 def test_image_space_detectors_scan_the_zoos_own_training_images(tmp_path, monkeypatch):

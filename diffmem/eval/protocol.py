@@ -62,7 +62,7 @@ def read_labels(path: str | Path) -> list[dict]:
 
 def labelled_prompts(rows: Sequence[dict], max_negatives_per_kind: int | None = None,
                      exclude: Iterable[str] = (), source: str = "labels") -> PromptSet:
-    """The labelled captions as a prompt set (columns kind, replication, memorized, family).
+    """The labelled captions as a prompt set (columns kind, replication, memorized, family, memorized_seeds).
 
     With ``max_negatives_per_kind``: every memorized caption and, per kind, at most that many evenly
     spaced non-memorized ones, so a kind with 16,000 once-seen titles does not drown the others. Ids are
@@ -83,7 +83,10 @@ def labelled_prompts(rows: Sequence[dict], max_negatives_per_kind: int | None = 
     return PromptSet(ids=[str(r["item_id"]) for r in rows], texts=[r["caption"] for r in rows], source=source,
                      columns={"kind": [r["kind"] for r in rows], "replication": [r.get("replication") for r in rows],
                               "memorized": [bool(r["memorized"]) for r in rows],
-                              "family": [r.get("family", r["kind"]) for r in rows]})
+                              "family": [r.get("family", r["kind"]) for r in rows],
+                              # how many of the caption's labelling seeds reproduced a training image (labels
+                              # written before the field: its memorized seeds unknown, None)
+                              "memorized_seeds": [r.get("memorized_seeds") for r in rows]})
 
 
 def reference_captions(rows: Sequence[dict], kinds: Sequence[str], n: int = 200, every: int = 5) -> list[str]:

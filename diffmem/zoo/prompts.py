@@ -25,21 +25,10 @@ def zoo_prompts(max_negatives_per_kind: int | None = None,
     non-memorized ones (a stratified set for benchmarks and the demo); captions in ``exclude`` (e.g. the
     reference prompts a calibrated detector standardises on) are left out.
     """
+    from diffmem.eval.protocol import labelled_prompts
+
     folder = Path(folder) if folder is not None else zoo_dir()
-    rows = [r for r in load_labels(folder) if r["caption"] not in exclude]
-    if max_negatives_per_kind is not None:
-        keep = [r for r in rows if r["memorized"]]
-        for kind in sorted({r["kind"] for r in rows}):
-            negatives = [r for r in rows if r["kind"] == kind and not r["memorized"]]
-            step = max(1, -(-len(negatives) // max_negatives_per_kind))
-            keep += negatives[::step][:max_negatives_per_kind]
-        chosen = {r["item_id"] for r in keep}
-        rows = [r for r in rows if r["item_id"] in chosen]
-    return PromptSet(ids=[str(r["item_id"]) for r in rows], texts=[r["caption"] for r in rows],
-                     source=f"zoo:{folder}", columns={"kind": [r["kind"] for r in rows],
-                                                         "replication": [r["replication"] for r in rows],
-                                                         "memorized": [r["memorized"] for r in rows],
-                                                         "family": [r["family"] for r in rows]})
+    return labelled_prompts(load_labels(folder), max_negatives_per_kind, exclude, source=f"zoo:{folder}")
 
 
 def zoo_reference_prompts(n: int = 200, folder: str | Path | None = None) -> list[str]:
