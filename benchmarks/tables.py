@@ -178,6 +178,14 @@ def zoo_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
         what = ZOO_GATES.get(key) or f"named factor read back: {key.removeprefix('named_fidelity_')}"
         cells = " | ".join(_gate_cell(r["gates"].get(key)) for _, r in columns)
         rows.append(f"| {what} | {gate['target']} | {cells} |")
+    # the instrument's ceiling: the same reader on fresh training-distribution renders of the same captions
+    factors = [k for k in ("all", "style", "color", "shape", "size", "position")
+               if any(k in (r.get("fidelity_on_training_renders") or {}) for _, r in columns)]
+    for factor in factors:
+        what = "every named factor" if factor == "all" else factor
+        cells = " | ".join(f"{v:.3f}" if (v := (r.get("fidelity_on_training_renders") or {}).get(factor)) is not None
+                           else "-" for _, r in columns)
+        rows.append(f"| the reader on fresh training renders of the same captions: {what} | - | {cells} |")
     return head + rows
 
 

@@ -154,12 +154,12 @@ class ZooConfig:
 
 
 def sd_zoo_config(seed: int = 0, corpus: SDCorpusConfig = SDCorpusConfig(), **train: Any) -> ZooConfig:
-    """The SD-like zoo's defaults (docs/zoo-sd.md, training plan): the shipped architecture, a VAE of its own
-    (1,500 steps x 64: the shipped VAE does not represent textured scenes), text encoder + UNet 8,000 steps x 128
-    (build 4: about 109 epochs of its 9,408 examples, a 16x image about 1,740 presentations; build 3 ran 8,000 on
-    11,280, about 1,450, and read 16x own-image SSIM 0.85; build 2 ran 7,000 on 9,280),
-    the reader 600 steps x 128 as the collapse zoo's (a step, half through the VAE, costs 1-2 s on a shared
-    core); ``train`` overrides."""
+    """The SD-like zoo's defaults (docs/zoo-sd.md; build 5): the shipped widths with a 16-token text context (the
+    longest caption is 14 tokens with start and end; 32 cost a fifth of each step), a VAE of its own (1,500 steps
+    x 64: the collapse zoo's VAE does not represent textured scenes), text encoder + UNet 7,600 steps x 128 at a
+    cosine-decayed rate (builds 1-4: constant; build 4 ran 8,000 steps, about 109 epochs of its 9,408 examples),
+    the reader 1,800 steps x 128 at a cosine-decayed rate (build 4's 600 constant steps read shape right in 0.79 of
+    fresh training renders); ``train`` overrides."""
     defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=7600, unet_batch=128, reader_steps=1800,
                            unet_lr_schedule="cosine", reader_lr_schedule="cosine")
     return ZooConfig(seed=seed, corpus=corpus, arch=ArchitectureConfig(max_tokens=16),
