@@ -42,7 +42,7 @@ from diffmem.io import atomic_write_text
 from diffmem.models.loader import load_model
 from diffmem.models.sources import resolve
 from diffmem.zoo.load import load_corpus, load_labels, zoo_corpus_name, zoo_folder_for, zoo_training_set
-from diffmem.zoo.sd_attributes import SDAttributeReader
+from diffmem.zoo.sd_attributes import SDAttributeReader, fidelity_by_value
 from diffmem.zoo.sd_corpus import SDItem
 from diffmem.zoo.sd_gates import caption_diversity, diversity_config, named_fidelity, sd_gates
 from diffmem.zoo.sd_labels import SDLabelConfig, fresh_sd_image, label_sd_zoo, summarise_by_family
@@ -159,12 +159,15 @@ def main() -> None:
     div_cfg = diversity_config(cfg, sizes.diversity_seeds)
     ordinary_ssim, ordinary_gen = caption_diversity(model, ordinary, div_cfg)
     memorized_ssim, _ = caption_diversity(model, memorized, div_cfg)
-    reader_ceiling = None
+    reader_ceiling, by_value = None, None
     if reader is not None:
         fid = named_fidelity(reader, ordinary_gen, ordinary, sizes.diversity_seeds)
         # the instrument's own ceiling: the same reader on fresh training-distribution renders of the same captions
-        reader_ceiling = named_fidelity(reader, fresh_renders(ordinary, sizes.diversity_seeds, sizes.sample_seed),
-                                        ordinary, sizes.diversity_seeds)
+        renders = fresh_renders(ordinary, sizes.diversity_seeds, sizes.sample_seed)
+        reader_ceiling = named_fidelity(reader, renders, ordinary, sizes.diversity_seeds)
+        per_image = [it.named for it in ordinary for _ in range(sizes.diversity_seeds)]
+        by_value = {"generations": fidelity_by_value(reader, ordinary_gen, per_image),
+                    "training_renders": fidelity_by_value(reader, renders, per_image)}
     else:  # the collapse zoo's labels: shape, colour and position read back in its generic captions' generations
         fid = {"all": float(summary["generic_fidelity"]["generic"])}
     seconds["diversity_and_fidelity"] = round(time.time() - t, 1)
@@ -188,6 +191,7 @@ def main() -> None:
         "fidelity": {k: round(v, 4) for k, v in fid.items()},
         "fidelity_on_training_renders": None if reader_ceiling is None else
         {k: round(v, 4) for k, v in reader_ceiling.items()},
+        "fidelity_by_value": by_value,
         "seconds": seconds,
     }
     atomic_write_text(Path(args.out), json.dumps(result, indent=2))

@@ -32,13 +32,14 @@ from diffmem.zoo.build import (
 from diffmem.zoo.corpus import CorpusConfig, build_corpus
 from diffmem.zoo.gate import corpus_view
 from diffmem.zoo.paths import SHIPPED
-from diffmem.zoo.schedule import ScheduleError, scheduled_lr
+from diffmem.zoo.schedule import ScheduleError, same_rates_until, scheduled_lr
 from diffmem.zoo.sd_attributes import (
     SD_ATTRIBUTES,
     SDAttributeReader,
     factor_hits,
     factors_shown,
     fidelity,
+    fidelity_by_value,
     random_scene_batch,
     scene_truth,
     train_sd_attribute_reader,
@@ -64,10 +65,10 @@ def test_sd_defaults_follow_the_training_plan():
     assert cfg == sd_zoo_config()
     assert cfg.corpus_name == "sd" and cfg.corpus == SDCorpusConfig()
     t = cfg.train
-    assert (t.vae_steps, t.vae_batch, t.unet_steps, t.unet_batch) == (1500, 64, 7600, 128)
-    # build 5: the shipped widths with a 16-token text context (the longest caption is 14 with start and end)
-    assert cfg.arch == ArchitectureConfig(max_tokens=16)
-    assert (t.unet_lr_schedule, t.unet_lr_final, t.reader_steps, t.reader_lr_schedule) == ("cosine", 0.1, 1800, "cosine")
+    assert (t.vae_steps, t.vae_batch, t.unet_steps, t.unet_batch) == (1500, 64, 8000, 128)
+    # build 6: build 4's denoiser (the shipped widths, a 32-token context, a constant rate) and a longer reader
+    assert cfg.arch == ArchitectureConfig() and cfg.arch.max_tokens == 32
+    assert (t.unet_lr_schedule, t.reader_steps, t.reader_lr_schedule) == ("constant", 1800, "cosine")
     collapse = default_config()
     assert collapse.train.unet_lr_schedule == "constant" and collapse.arch.max_tokens == 32
     assert collapse == ZooConfig() and collapse.corpus_name == "collapse"
@@ -89,12 +90,14 @@ def test_cosine_schedule_warms_up_then_falls_to_its_floor():
 
 
 def test_every_sd_caption_fits_the_text_context(tmp_path):
-    """The 16-token context holds every caption of the default corpus and any title the generator can draw
-    (bounded slot by slot), and a caption that would be truncated stops the build in one line."""
+    """Even a 16-token context (build 5's; the default is 32) holds every caption of the default corpus and any
+    title the generator can draw (bounded slot by slot), and a caption that would be truncated stops the build
+    in one line."""
     from diffmem.zoo import sd_corpus as g
 
     cfg = sd_zoo_config()
-    tokenizer = build_clip_tokenizer(tmp_path / "tok", model_max_length=cfg.arch.max_tokens)
+    assert cfg.arch.max_tokens >= 16
+    tokenizer = build_clip_tokenizer(tmp_path / "tok", model_max_length=16)
 
     def longest(words) -> int:
         return max(len(tokenizer(str(w), add_special_tokens=False).input_ids) for w in words)
@@ -166,7 +169,7 @@ def test_smoke_build_writes_an_sd_zoo(built):
 
 def test_resume_continues_at_the_saved_step(tmp_path):
     """An SD denoiser at a constant rate stopped after 2 steps and resumed to 4 equals one trained 4 steps
-    straight (a cosine schedule is tied to its step count, so growing the count is refused: test below)."""
+    straight (a cosine schedule is tied to its step count, so growing the count is refused: tests below)."""
     data = TrainingImages.for_corpus("sd", build_sd_corpus(TINY_SD))
     tokenizer = build_clip_tokenizer(tmp_path / "tok", model_max_length=TINY_ARCH.max_tokens)
     vae, _ = train_vae(SMOKE, data, tmp_path / "vae")
@@ -187,8 +190,7 @@ def test_resume_refuses_a_work_folder_of_another_corpus(built, capsys):
     with pytest.raises(ZooBuildError, match="holds a build of the 'sd' corpus, not 'collapse'"):
         build_zoo(built["root"] / "other", collapse, built["work"])
     longer = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_steps=9))
-    with pytest.raises(ZooBuildError, match="only under a constant learning rate"):
-        check_resumable(built["work"], longer)  # the cosine schedule of 4 steps is not the first 4 of 9
+    check_resumable(built["work"], longer)  # a constant rate: more steps continue the same run
     other_vae = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, vae_steps=3))
     with pytest.raises(ZooBuildError, match="another configuration"):
         check_resumable(built["work"], other_vae)
@@ -261,6 +263,18 @@ def test_named_factor_check_accepts_the_caption_and_rejects_another_colour():
         factors_shown(reads, per_image[:3])
 
 
+def test_fidelity_by_value_says_which_named_value_is_drawn_wrong():
+    """Captions naming "small" whose objects read "large" lower small's read-back only; unnamed values are left
+    out, and each value counts the images whose caption names it."""
+    small, large = Named(color="red", shape="circle", size="small"), Named(color="red", shape="circle", size="large")
+    scenes = [sample_scene(large, 1), sample_scene(large, 2), sample_scene(large, 3), sample_scene(small, 4)]
+    named = [small, small, large, small]  # two "small" captions drew a large object
+    by_value = fidelity_by_value(TruthReader(scenes), torch.zeros(4, 3, 32, 32), named)
+    assert by_value["size"] == {"large": {"n": 1, "read_back": 1.0}, "small": {"n": 3, "read_back": 1 / 3}}
+    assert by_value["color"] == {"red": {"n": 4, "read_back": 1.0}}
+    assert "style" not in by_value and "position" not in by_value
+
+
 def test_zoo_sd_by_name(monkeypatch, tmp_path, built, capsys):
     monkeypatch.delenv("DIFFMEM_ZOO", raising=False)
     from diffmem.zoo.paths import zoo_dir
@@ -281,3 +295,42 @@ def test_zoo_sd_by_name(monkeypatch, tmp_path, built, capsys):
     assert code == 2 and err.count("\n") == 1 and err.startswith("diffmem: error: zoo:sd is not built")
     monkeypatch.setenv("DIFFMEM_ZOO_SD", str(built["out"]))
     assert resolve("zoo:sd").folder == built["out"] / "pipeline"
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_over_its_last_steps():
+    lr = [scheduled_lr("wsd", 4e-4, k, 1000, 100, 0.1, decay=300) for k in range(1000)]
+    assert lr[99] == lr[699] == pytest.approx(4e-4)  # stable until the decay starts at step 700
+    assert lr[849] == pytest.approx(4e-4 * (0.1 + 0.9 * 0.5), rel=1e-2) and lr[-1] == pytest.approx(4e-5)
+    with pytest.raises(ScheduleError, match="wsd decay of 0 steps does not fit 1000 steps"):
+        scheduled_lr("wsd", 4e-4, 0, 1000, 100, 0.1, decay=0)
+    # a constant run of 700 steps and a wsd run of 1000 (decay 300, its first decay step still at the peak) agree
+    # on every step the first one trained, and part at the second decay step
+    constant = {"schedule": "constant", "peak": 4e-4, "total": 700, "warmup": 100, "final": 0.1, "decay": 0}
+    wsd = {**constant, "schedule": "wsd", "total": 1000, "decay": 300}
+    assert same_rates_until(constant, wsd, 700) and not same_rates_until(constant, wsd, 702)
+    cosine = {**constant, "schedule": "cosine"}
+    assert not same_rates_until(cosine, {**cosine, "total": 1000}, 200)  # a cosine is tied to its length
+
+
+def test_a_constant_work_folder_resumes_into_a_wsd_schedule_only(tmp_path):
+    """Lengthening a constant run with a decay at the end resumes; a decay starting before the saved step, or
+    any other change, is refused."""
+    saved = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_lr_schedule="constant",
+                                                                 unet_steps=8, warmup_steps=2))
+    (tmp_path / "zoo_config.json").write_text(json.dumps(saved.to_dict()))
+
+    def train(**changes):
+        return dataclasses.replace(saved, train=dataclasses.replace(saved.train, **changes))
+
+    check_resumable(tmp_path, train(unet_lr_schedule="wsd", unet_steps=12, unet_lr_decay_steps=4))
+    check_resumable(tmp_path, train(unet_steps=20))  # constant, longer
+    with pytest.raises(ZooBuildError, match="trained at other learning rates"):
+        check_resumable(tmp_path, train(unet_lr_schedule="wsd", unet_steps=12, unet_lr_decay_steps=6))
+    cosine = train(unet_lr_schedule="cosine")
+    (tmp_path / "zoo_config.json").write_text(json.dumps(cosine.to_dict()))
+    with pytest.raises(ZooBuildError, match="trained at other learning rates"):
+        check_resumable(tmp_path, train(unet_lr_schedule="cosine", unet_steps=12))  # 8 steps are not 12's first 8
+    (tmp_path / "zoo_config.json").write_text(json.dumps(saved.to_dict()))
+    with pytest.raises(ZooBuildError, match="only the denoiser's steps and schedule may change"):
+        check_resumable(tmp_path, train(unet_lr_schedule="wsd", unet_steps=12, unet_lr_decay_steps=4,
+                                        unet_lr=1e-4))

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from diffmem.errors import DiffmemError
+from diffmem.zoo.schedule import SCHEDULES
 
 DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 
@@ -249,9 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--vae-steps", type=positive_int, default=None,
                        help="VAE training steps (default: the corpus's config: collapse 1000, sd 1500)")
     build.add_argument("--unet-steps", type=positive_int, default=None,
-                       help="denoiser training steps (default: the corpus's config: collapse 2000, sd 5000)")
+                       help="denoiser training steps (default: the corpus's config: collapse 2000, sd 8000)")
+    build.add_argument("--unet-lr-schedule", choices=SCHEDULES, default=None,
+                       help="denoiser learning-rate schedule (default: the corpus's config: constant); 'wsd' holds "
+                            "the peak rate, then decays over the last --unet-lr-decay-steps, so a constant run's "
+                            "work folder resumes into it")
+    build.add_argument("--unet-lr-decay-steps", type=positive_int, default=None,
+                       help="with --unet-lr-schedule wsd: how many final steps decay the rate")
     build.add_argument("--reader-steps", type=positive_int, default=None,
-                       help="attribute reader training steps (default: the corpus's config: 600)")
+                       help="attribute reader training steps (default: the corpus's config: collapse 600, sd 1800)")
     build.add_argument("--no-label", action="store_true", help="skip the ground-truth extraction (default: off)")
     label = zsub.add_parser("label", help="(re)compute the zoo's ground-truth labels by extraction")
     label.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")

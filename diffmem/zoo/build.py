@@ -31,7 +31,7 @@ from diffmem.errors import DiffmemError
 from diffmem.io import atomic_torch_save, atomic_write_text
 from diffmem.zoo.architecture import ArchitectureConfig, make_scheduler, make_text_encoder, make_unet, make_vae
 from diffmem.zoo.corpus import CorpusConfig, build_corpus, render_item, training_pairs
-from diffmem.zoo.schedule import scheduled_lr
+from diffmem.zoo.schedule import same_rates_until, scheduled_lr
 from diffmem.zoo.sd_corpus import SDCorpusConfig, build_sd_corpus, render_sd_item, sd_training_pairs
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,12 @@ class TrainConfig:
     unet_batch: int = 128
     unet_lr: float = 4e-4
     warmup_steps: int = 100
-    # "constant" (builds 1-4) or "cosine": after warm-up, unet_lr falls along a half cosine to
-    # unet_lr * unet_lr_final at the last step (the schedule then depends on unet_steps)
+    # "constant" (builds 1-4), "cosine": after warm-up, unet_lr falls along a half cosine to
+    # unet_lr * unet_lr_final at the last step (the schedule then depends on unet_steps), or "wsd": constant,
+    # then that fall over the last unet_lr_decay_steps (diffmem.zoo.schedule)
     unet_lr_schedule: str = "constant"
     unet_lr_final: float = 0.1
+    unet_lr_decay_steps: int = 0
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     reader_steps: int = 600
@@ -154,16 +156,15 @@ class ZooConfig:
 
 
 def sd_zoo_config(seed: int = 0, corpus: SDCorpusConfig = SDCorpusConfig(), **train: Any) -> ZooConfig:
-    """The SD-like zoo's defaults (docs/zoo-sd.md; build 5): the shipped widths with a 16-token text context (the
-    longest caption is 14 tokens with start and end; 32 cost a fifth of each step), a VAE of its own (1,500 steps
-    x 64: the collapse zoo's VAE does not represent textured scenes), text encoder + UNet 7,600 steps x 128 at a
-    cosine-decayed rate (builds 1-4: constant; build 4 ran 8,000 steps, about 109 epochs of its 9,408 examples),
-    the reader 1,800 steps x 128 at a cosine-decayed rate (build 4's 600 constant steps read shape right in 0.79 of
-    fresh training renders); ``train`` overrides."""
-    defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=7600, unet_batch=128, reader_steps=1800,
-                           unet_lr_schedule="cosine", reader_lr_schedule="cosine")
-    return ZooConfig(seed=seed, corpus=corpus, arch=ArchitectureConfig(max_tokens=16),
-                     train=dataclasses.replace(defaults, **train))
+    """The SD-like zoo's defaults (docs/zoo-sd.md; build 6): the shipped widths and 32-token text context, a VAE
+    of its own (1,500 steps x 64: the collapse zoo's VAE does not represent textured scenes), text encoder + UNet
+    8,000 steps x 128 at a constant rate (about 109 epochs of its 9,408 examples; build 5's 16-token context and
+    cosine-decayed rate drew the named shape in 0.50 of generations against build 4's 0.90, read by the same
+    reader), and the attribute reader 1,800 steps x 128 at a cosine-decayed rate (build 4's 600 constant steps
+    read shape right in 0.79 of fresh training renders); ``train`` overrides."""
+    defaults = TrainConfig(vae_steps=1500, vae_batch=64, unet_steps=8000, unet_batch=128, reader_steps=1800,
+                           reader_lr_schedule="cosine")
+    return ZooConfig(seed=seed, corpus=corpus, train=dataclasses.replace(defaults, **train))
 
 
 def default_config(corpus: str = "collapse", seed: int = 0, **train: Any) -> ZooConfig:
@@ -378,8 +379,7 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
         drop = torch.rand(len(item), generator=g) < t.caption_dropout
         ids = token_ids[torch.where(drop, torch.full_like(item, empty_id), item)]
         for group in opt.param_groups:
-            group["lr"] = scheduled_lr(t.unet_lr_schedule, t.unet_lr, step, t.unet_steps, t.warmup_steps,
-                                       t.unet_lr_final)
+            group["lr"] = scheduled_lr(step=step, **unet_schedule(t))
         loss = denoising_loss(unet, text_encoder, lat_mean[img], lat_std[img], ids, alphas, scale, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -403,20 +403,31 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
     return text_encoder.eval(), unet.eval(), scheduler, time.time() - resumed_at
 
 
+_SCHEDULE_FIELDS = ("unet_steps", "unet_lr_schedule", "unet_lr_final", "unet_lr_decay_steps")
+
+
+def unet_schedule(train: TrainConfig) -> dict:
+    """The denoiser's learning-rate schedule as :func:`~diffmem.zoo.schedule.scheduled_lr` keyword arguments."""
+    return {"schedule": train.unet_lr_schedule, "peak": train.unet_lr, "total": train.unet_steps,
+            "warmup": train.warmup_steps, "final": train.unet_lr_final, "decay": train.unet_lr_decay_steps}
+
+
 def _resumable_part(config: dict) -> dict:
-    """What a checkpoint must share to be resumed: everything but the denoiser's step count, which may grow
-    (the VAE's may not: the denoiser was trained on its latents). Fields added to :class:`TrainConfig` since a
-    work folder was written count as their defaults; the corpus name is checked on its own first."""
+    """What a checkpoint must share to be resumed: everything but the denoiser's step count and schedule, which
+    may change while the rates already trained at stay the same (checked apart; the VAE's steps may not change:
+    the denoiser was trained on its latents). Fields added to :class:`TrainConfig` since a work folder was
+    written count as their defaults; the corpus name is checked on its own first."""
     config = json.loads(json.dumps(config))
     config.pop("corpus_name", None)
     config["train"] = {**asdict(TrainConfig()), **config["train"]}
-    if config["train"]["unet_lr_schedule"] == "constant":  # a decaying schedule is tied to its step count
-        config["train"].pop("unet_steps", None)
+    for name in _SCHEDULE_FIELDS:
+        config["train"].pop(name)
     return config
 
 
 def check_resumable(work: Path, cfg: ZooConfig) -> None:
-    """Refuse, in one line, a work folder that holds a build of another corpus or another configuration."""
+    """Refuse, in one line, a work folder that holds a build of another corpus or another configuration, or
+    whose denoiser was trained at rates the new schedule would not have used (a cosine of another length)."""
     config_path = work / "zoo_config.json"
     if not config_path.is_file():
         return
@@ -426,9 +437,14 @@ def check_resumable(work: Path, cfg: ZooConfig) -> None:
         raise ZooBuildError(f"work folder '{work}' holds a build of the '{saved_corpus}' corpus, not "
                             f"'{cfg.corpus_name}'; remove it or choose another --work-dir")
     if _resumable_part(saved) != _resumable_part(cfg.to_dict()):
-        raise ZooBuildError(f"work folder '{work}' holds a build with another configuration (only --unet-steps may "
-                            "change on resume, and only under a constant learning rate); remove it or choose "
-                            "another --work-dir")
+        raise ZooBuildError(f"work folder '{work}' holds a build with another configuration (only the denoiser's "
+                            "steps and schedule may change on resume); remove it or choose another --work-dir")
+    saved_train = TrainConfig(**{**asdict(TrainConfig()), **saved["train"]})
+    trained = min(saved_train.unet_steps, cfg.train.unet_steps)
+    if not same_rates_until(unet_schedule(saved_train), unet_schedule(cfg.train), trained):
+        raise ZooBuildError(f"work folder '{work}' holds a denoiser trained at other learning rates than this "
+                            "schedule's (a decaying schedule is tied to its step count; 'wsd' can lengthen a "
+                            "constant run); remove it or choose another --work-dir")
 
 
 def build_zoo(out_dir: str | Path, cfg: ZooConfig | None = None, work_dir: str | Path | None = None,

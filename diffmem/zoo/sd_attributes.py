@@ -106,6 +106,21 @@ def shows_named(reader: AttributeReader, images: torch.Tensor, named: Named | Se
     return factors_shown(reader.read(images), named)
 
 
+def fidelity_by_value(reader: AttributeReader, images: torch.Tensor, named: Named | Sequence[Named]
+                      ) -> dict[str, dict[str, dict[str, float]]]:
+    """Per factor and named value: how many images name it (``n``) and the share read back (``read_back``);
+    where a factor's read-back falls short, this says which value is drawn wrong (e.g. small objects)."""
+    reads = reader.read(images)
+    per = _per_image(named, len(images))
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for factor, hit in factor_hits(reads, per).items():
+        values = np.array([named_values(nm).get(factor, "") for nm in per])
+        for value in sorted(set(values) - {""}):
+            sel = values == value
+            out.setdefault(factor, {})[str(value)] = {"n": int(sel.sum()), "read_back": float(hit[sel].mean())}
+    return out
+
+
 def fidelity(reader: AttributeReader, images: torch.Tensor, named: Named | Sequence[Named]) -> dict[str, float]:
     """``all``: share of images showing every named factor; per factor: share read back among images whose
     caption names it (absent when none does). The issue's after-training gate asks ``>= 0.85`` of each."""
