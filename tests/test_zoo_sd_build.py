@@ -65,10 +65,11 @@ def test_sd_defaults_follow_the_training_plan():
     assert cfg == sd_zoo_config()
     assert cfg.corpus_name == "sd" and cfg.corpus == SDCorpusConfig()
     t = cfg.train
-    assert (t.vae_steps, t.vae_batch, t.unet_steps, t.unet_batch) == (1500, 64, 8000, 128)
-    # build 6: build 4's denoiser (the shipped widths, a 32-token context, a constant rate) and a longer reader
+    assert (t.vae_steps, t.vae_batch, t.unet_steps, t.unet_batch) == (1500, 64, 11000, 128)
+    # build 7: the shipped widths and 32-token context; build 4's 8,000 constant steps, then 3,000 decaying
     assert cfg.arch == ArchitectureConfig() and cfg.arch.max_tokens == 32
-    assert (t.unet_lr_schedule, t.reader_steps, t.reader_lr_schedule) == ("constant", 1800, "cosine")
+    assert (t.unet_lr_schedule, t.unet_lr_decay_steps, t.unet_lr_final) == ("wsd", 3000, 0.1)
+    assert (t.reader_steps, t.reader_lr_schedule) == (1800, "cosine")
     collapse = default_config()
     assert collapse.train.unet_lr_schedule == "constant" and collapse.arch.max_tokens == 32
     assert collapse == ZooConfig() and collapse.corpus_name == "collapse"
@@ -190,7 +191,8 @@ def test_resume_refuses_a_work_folder_of_another_corpus(built, capsys):
     with pytest.raises(ZooBuildError, match="holds a build of the 'sd' corpus, not 'collapse'"):
         build_zoo(built["root"] / "other", collapse, built["work"])
     longer = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_steps=9))
-    check_resumable(built["work"], longer)  # a constant rate: more steps continue the same run
+    with pytest.raises(ZooBuildError, match="trained at other learning rates than this schedule's"):
+        check_resumable(built["work"], longer)  # its last 2 steps decayed: they are not steps 3-4 of 9
     other_vae = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, vae_steps=3))
     with pytest.raises(ZooBuildError, match="another configuration"):
         check_resumable(built["work"], other_vae)
@@ -334,3 +336,13 @@ def test_a_constant_work_folder_resumes_into_a_wsd_schedule_only(tmp_path):
     with pytest.raises(ZooBuildError, match="only the denoiser's steps and schedule may change"):
         check_resumable(tmp_path, train(unet_lr_schedule="wsd", unet_steps=12, unet_lr_decay_steps=4,
                                         unet_lr=1e-4))
+
+
+def test_cli_refuses_a_decay_longer_than_the_run_before_training(tmp_path, capsys):
+    """The SD defaults decay over the last 3,000 steps: asking for 500 steps stops in one line, nothing written."""
+    code = main(["zoo", "build", "--corpus", "sd", "--unet-steps", "500", "--out", str(tmp_path / "z"),
+                 "--work-dir", str(tmp_path / "w"), "--no-label"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "wsd decay of 3000 steps does not fit 500 steps" in err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "z").exists()

@@ -18,5 +18,5 @@ TINY_ARCH = ArchitectureConfig(text_width=32, text_layers=1, text_heads=2, unet_
                                vae_channels=(16, 16, 16))
 SMOKE = dataclasses.replace(
     sd_zoo_config(corpus=TINY_SD, vae_steps=2, vae_batch=4, unet_steps=4, unet_batch=8, checkpoint_every=2,
-                  warmup_steps=2, reader_steps=2, reader_batch=8, deepssim_steps=2),
+                  warmup_steps=2, unet_lr_decay_steps=2, reader_steps=2, reader_batch=8, deepssim_steps=2),
     arch=TINY_ARCH)

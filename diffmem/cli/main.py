@@ -250,13 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--vae-steps", type=positive_int, default=None,
                        help="VAE training steps (default: the corpus's config: collapse 1000, sd 1500)")
     build.add_argument("--unet-steps", type=positive_int, default=None,
-                       help="denoiser training steps (default: the corpus's config: collapse 2000, sd 8000)")
+                       help="denoiser training steps (default: the corpus's config: collapse 2000, sd 11000)")
     build.add_argument("--unet-lr-schedule", choices=SCHEDULES, default=None,
-                       help="denoiser learning-rate schedule (default: the corpus's config: constant); 'wsd' holds "
-                            "the peak rate, then decays over the last --unet-lr-decay-steps, so a constant run's "
-                            "work folder resumes into it")
+                       help="denoiser learning-rate schedule (default: the corpus's config: collapse constant, sd "
+                            "wsd); 'wsd' holds the peak rate, then decays over the last --unet-lr-decay-steps, so "
+                            "a constant run's work folder resumes into it")
     build.add_argument("--unet-lr-decay-steps", type=positive_int, default=None,
-                       help="with --unet-lr-schedule wsd: how many final steps decay the rate")
+                       help="with --unet-lr-schedule wsd: how many final steps decay the rate (default: the "
+                            "corpus's config: sd 3000)")
     build.add_argument("--reader-steps", type=positive_int, default=None,
                        help="attribute reader training steps (default: the corpus's config: collapse 600, sd 1800)")
     build.add_argument("--no-label", action="store_true", help="skip the ground-truth extraction (default: off)")
