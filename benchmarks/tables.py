@@ -186,7 +186,22 @@ def zoo_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
         cells = " | ".join(f"{v:.3f}" if (v := (r.get("fidelity_on_training_renders") or {}).get(factor)) is not None
                            else "-" for _, r in columns)
         rows.append(f"| the reader on fresh training renders of the same captions: {what} | - | {cells} |")
+    # which named value is drawn wrong, for the factors that missed a gate in builds 4-6 (build 7 passes)
+    for factor in BY_VALUE_FACTORS:
+        values = sorted({v for _, r in columns for v in
+                         ((r.get("fidelity_by_value") or {}).get("generations", {}).get(factor) or {})})
+        for value in values:
+            cells = " | ".join(_by_value_cell(r, factor, value) for _, r in columns)
+            rows.append(f"| {factor} read back where the caption names \"{value}\" (images) | - | {cells} |")
     return head + rows
+
+
+BY_VALUE_FACTORS = ("shape", "size")
+
+
+def _by_value_cell(record: dict, factor: str, value: str) -> str:
+    got = ((record.get("fidelity_by_value") or {}).get("generations", {}).get(factor) or {}).get(value)
+    return "-" if got is None else f"{got['read_back']:.3f} ({got['n']})"
 
 
 def corpus_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
@@ -364,8 +379,9 @@ def memcontrol_rows(record: dict) -> list[str]:
 
 PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
 # earlier SD-like builds (docs/zoo-sd.md); the first build's files (experiments/*_first_build.json) left the tables
-SD_BUILD2_GATES = "experiments/zoo_sd_gates_build2.json"  # build 2, shipped before build 3
-SD_BUILD3_GATES = "experiments/zoo_sd_gates_build3.json"  # build 3, shipped before build 4
+SD_BUILD4_GATES = "experiments/zoo_sd_gates_build4.json"  # build 4, shipped before build 7 (its 600-step reader)
+SD_BUILD5_GATES = "experiments/zoo_sd_gates_build5.json"  # build 5: 16-token context, cosine rate; not shipped
+SD_BUILD6_GATES = "experiments/zoo_sd_gates_build6.json"  # build 6: build 4's denoiser, build 5's reader
 SD_BUILD2_CORPUS = "experiments/corpus_gate_sd_build2.json"  # build 2's corpus: 1,000 once-seen titles a family
 SD_BUILD3_CORPUS = "experiments/corpus_gate_sd_build3.json"  # build 3's: 2,000 titles a family, position named
 THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
@@ -380,11 +396,14 @@ TABLES = {
         r[0], compact, "detector (SD-like zoo, test split)")),
     "detection-heldout-sd-duplication": (("detection_sd_duplication.json",), lambda r, compact: heldout_rows(
         r[0], compact, "detector (SD-like zoo, memorized by duplication, test split)")),
-    "zoo-gates": (("zoo_sd_gates.json", SD_BUILD3_GATES, SD_BUILD2_GATES, "zoo_collapse_gates.json"),
-                  lambda r, _: zoo_gate_rows([("SD-like zoo (`zoo:sd`, default; build 4)", r[0]), ("build 3", r[1]),
-                                              ("build 2", r[2]), ("collapse zoo (`zoo:collapse`)", r[3])])),
+    "detection-heldout-sd-confirmed": (("detection_sd_confirmed.json",), lambda r, compact: heldout_rows(
+        r[0], compact, "detector (SD-like zoo, memorized in >= 2 of 4 seeds, test split)")),
+    "zoo-gates": (("zoo_sd_gates.json", SD_BUILD6_GATES, SD_BUILD5_GATES, SD_BUILD4_GATES, "zoo_collapse_gates.json"),
+                  lambda r, _: zoo_gate_rows([("SD-like zoo (`zoo:sd`, default; build 7)", r[0]), ("build 6", r[1]),
+                                              ("build 5", r[2]), ("build 4", r[3]),
+                                              ("collapse zoo (`zoo:collapse`)", r[4])])),
     "corpus-gate": (("corpus_gate.json", SD_BUILD3_CORPUS, SD_BUILD2_CORPUS), lambda r, _: corpus_gate_rows(
-        [("SD-like corpus (build 4)", r[0]["corpora"]["sd"]), ("build 3", r[1]["corpora"]["sd"]),
+        [("SD-like corpus (builds 4-7)", r[0]["corpora"]["sd"]), ("build 3", r[1]["corpora"]["sd"]),
          ("build 2", r[2]["corpora"]["sd"]), ("collapse corpus", r[0]["corpora"]["collapse"])])),
     "bench": (("bench.json",), lambda r, compact: bench_rows(r[0], compact)),
     "bench-heldout": (("bench_task_model.json",), lambda r, _: heldout_bench_rows(r[0])),
@@ -414,6 +433,7 @@ def render(table: str, compact: bool = False, results: Path = RESULTS) -> list[s
 PAGES = {"README.md": [("| detector (collapse zoo, test split)", "detection-heldout", False),
                        ("| detector (SD-like zoo, test split)", "detection-heldout-sd", False),
                        ("| detector (SD-like zoo, memorized by duplication", "detection-heldout-sd-duplication", False),
+                       ("| detector (SD-like zoo, memorized in", "detection-heldout-sd-confirmed", False),
                        ("| before training (`corpus_gate.py`)", "corpus-gate", False),
                        ("| after training (`zoo_gates.py`)", "zoo-gates", False),
                        ("| detector (previous run)", "detection-previous", False),

@@ -147,6 +147,7 @@ def _tables_module():
                                                    ("zoo-gates", False, "README.md"),
                                                    ("detection-heldout-sd", False, "README.md"),
                                                    ("detection-heldout-sd-duplication", False, "README.md"),
+                                                   ("detection-heldout-sd-confirmed", False, "README.md"),
                                                    ("detection", False, "docs/detectors.md"),
                                                    ("detection-previous", False, "README.md"),
                                                    ("detection-previous", False, "docs/detectors.md"),
