@@ -53,6 +53,7 @@ from diffmem.eval.protocol import (
     CombinationSpace,
     Entry,
     Target,
+    confirmed_or_negative,
     evaluate_split,
     labelled_prompts,
     over_split_seeds,
@@ -81,20 +82,6 @@ def replication_rates(prompts, rates: Path) -> np.ndarray:
         return np.full(len(prompts.ids), np.nan)
     by_id = {str(r["item_id"]): r["replication_rate"] for r in map(json.loads, rates.read_text().splitlines())}
     return np.array([by_id[i] for i in prompts.ids])
-
-
-def confirmed_or_negative(prompts, positive_kinds: list[str] | None, min_seeds: int) -> list[int]:
-    """Indices of the prompts a view keeps: every non-memorized caption, and the memorized ones of
-    ``positive_kinds`` (None: any kind) reproduced in at least ``min_seeds`` labelling seeds; a label written
-    without per-seed counts fails any ``min_seeds`` above 1 (it cannot show it is met)."""
-    memorized, kind = prompts.columns["memorized"], prompts.columns["kind"]
-    seeds = prompts.columns.get("memorized_seeds", [None] * len(prompts))
-
-    def confirmed(i: int) -> bool:
-        kind_ok = positive_kinds is None or kind[i] in positive_kinds
-        return kind_ok and (min_seeds <= 1 or (seeds[i] is not None and seeds[i] >= min_seeds))
-
-    return [i for i in range(len(prompts)) if not memorized[i] or confirmed(i)]
 
 
 def digest(obj) -> str:

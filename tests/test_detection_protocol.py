@@ -22,6 +22,7 @@ from diffmem.eval.protocol import (
     by_negative_group,
     choose_combination,
     choose_on_dev,
+    confirmed_or_negative,
     dev_threshold,
     evaluate_split,
     labelled_prompts,
@@ -310,16 +311,15 @@ def test_positive_kinds_reuses_the_full_runs_scans_and_drops_only_the_left_out_p
 def test_min_memorized_seeds_keeps_negatives_and_confirmed_positives_only():
     from diffmem.eval.protocol import labelled_prompts
 
-    detection = _module("detection")
     rows = [{"caption": f"c{i}", "kind": kind, "memorized": seeds > 0, "memorized_seeds": seeds}
             for i, (kind, seeds) in enumerate([("signature", 4), ("signature", 1), ("title", 2), ("title", 0),
                                                ("generic", 0)])]
     rows.append({"caption": "old", "kind": "title", "memorized": True})  # labels written before the seed count
     prompts = labelled_prompts(rows)
-    assert detection.confirmed_or_negative(prompts, None, 1) == [0, 1, 2, 3, 4, 5]
-    assert detection.confirmed_or_negative(prompts, None, 2) == [0, 2, 3, 4]
-    assert detection.confirmed_or_negative(prompts, ["signature"], 2) == [0, 3, 4]
-    assert detection.confirmed_or_negative(prompts, ["signature"], 1) == [0, 1, 3, 4]
+    assert confirmed_or_negative(prompts, None, 1) == [0, 1, 2, 3, 4, 5]
+    assert confirmed_or_negative(prompts, None, 2) == [0, 2, 3, 4]
+    assert confirmed_or_negative(prompts, ["signature"], 2) == [0, 3, 4]
+    assert confirmed_or_negative(prompts, ["signature"], 1) == [0, 1, 3, 4]
 
 
 def test_image_space_detectors_scan_the_zoos_own_training_images(tmp_path, monkeypatch):

@@ -94,8 +94,20 @@ def test_demo_command_writes_grid_and_provenance(tmp_path, capsys):
     assert len(prov["model"]["fingerprint"]) == 16 and len(prov["rows"]) == 4
     out = capsys.readouterr().out
     assert "memorized" in out and "top 5 by noise-norm" in out and "noise-norm             AUROC" in out
+    assert out.count("noise-norm             AUROC") == 2 and "at least 2 of the labelling seeds" in out
     page = (tmp_path / "report.html").read_text()
     assert "Scan: " in page and page.count("<div class=\"card\">") == 6  # gallery of top prompts
+    # a rerun with other scan settings (as after a new zoo or new labels) scans into a folder of its own and
+    # leaves the first run's scan as it was
+    first = sorted(p.name for p in tmp_path.glob("scan-*"))
+    assert len(first) == 1
+    before = (tmp_path / first[0] / "scores.parquet").read_bytes()
+    code = main(["demo", "--per-group", "1", "--seeds", "1", "--steps", "10", "--draws", "2", "--scan-prompts", "40",
+                 "--scan-samples", "0", "--out", str(tmp_path)])
+    assert code == 0
+    both = sorted(p.name for p in tmp_path.glob("scan-*"))
+    assert len(both) == 2 and first[0] in both
+    assert (tmp_path / first[0] / "scores.parquet").read_bytes() == before
 
 
 def test_nn_ratio_separates_memorized_scenes_from_ordinary_captions(zoo):

@@ -6,6 +6,7 @@ zoo is shown on the default zoo's captions and training images."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 
@@ -18,6 +19,14 @@ from diffmem.io import atomic_write_text
 from diffmem.models.loader import load_model
 
 
+def scan_folder_name(fingerprint: str, prompts_sha: str, draws: int, samples: int) -> str:
+    """The demo's scan folder for one model, prompt set and scan settings: a rerun with the same ones resumes
+    it, and a new zoo (or new labels, or other settings) scans into a folder of its own instead of being
+    refused by the earlier run's folder, which stays as it was."""
+    key = json.dumps([fingerprint, prompts_sha, draws, samples])
+    return "scan-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from diffmem.cli.options import resolve_device
     from diffmem.cli.zoo_commands import format_summary
@@ -26,7 +35,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from diffmem.zoo.paths import zoo_dir
 
     started = time.time()
-    writes = ["grid.png", "provenance.json", "scan", "report.html"]
+    writes = ["grid.png", "provenance.json", "report.html"]  # and one scan-<digest> folder per scan's settings
     device = resolve_device(args.device)
     check_output_dir(args.out, "demo", [args.model or zoo_dir()], args.force, writes=writes)
     model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
@@ -76,6 +85,7 @@ def run_demo(args: argparse.Namespace) -> None:
         return
     from diffmem.cli.scan_commands import print_summary
     from diffmem.detectors import make_detector
+    from diffmem.jobs import prompt_hash
     from diffmem.report import build_report
     from diffmem.scan import ScanSettings, run_scan
     from diffmem.zoo.prompts import zoo_prompts, zoo_reference_prompts
@@ -86,19 +96,27 @@ def run_demo(args: argparse.Namespace) -> None:
     detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
                  make_detector("anisotropy-calibrated", reference_prompts=zoo_reference_prompts(folder=folder))]
     detectors += [make_detector("nn-margin", samples=args.scan_samples)] if args.scan_samples else []
-    scan_dir = out / "scan"
+    scan_dir = out / scan_folder_name(model.fingerprint, prompt_hash(prompts), args.draws, args.scan_samples)
+    claim_output_dir(args.out, "demo", [scan_dir.name])
     scores = run_scan(model, prompts, detectors, scan_dir, ScanSettings(n_draws=args.draws))
     import pyarrow.parquet as pq
 
     from diffmem.eval.detection import detection_metrics
+    from diffmem.eval.protocol import confirmed_or_negative
 
     table = pq.read_table(scores)
     print_summary(table, [d.name for d in detectors if d.name in ("noise-norm", "nn-margin")], 5)
     memorized = np.array(prompts.columns["memorized"], dtype=bool)
-    print("\nagainst the zoo's labels (benchmarks/detection.py measures every detector):")
-    for d in detectors:
-        m = detection_metrics(memorized, table.column(d.name).to_numpy())
-        print(f"  {d.name:<22} AUROC {m['auroc']:.3f}  TPR@1%FPR {m['tpr@0.01fpr']['strict']:.3f}")
+    kept = np.array(confirmed_or_negative(prompts, None, 2))
+    views = [("against the zoo's labels (benchmarks/detection.py measures every detector)", np.arange(len(prompts)))]
+    if memorized[kept].any():
+        views.append((f"positives reproduced in at least 2 of the labelling seeds ({int(memorized[kept].sum())} of "
+                       f"{int(memorized.sum())}; detection.py --min-memorized-seeds 2)", kept))
+    for title, rows in views:
+        print(f"\n{title}:")
+        for d in detectors:
+            m = detection_metrics(memorized[rows], table.column(d.name).to_numpy()[rows])
+            print(f"  {d.name:<22} AUROC {m['auroc']:.3f}  TPR@1%FPR {m['tpr@0.01fpr']['strict']:.3f}")
     from diffmem.zoo.gallery import ZooGallery
 
     report = build_report([scan_dir], out / "report.html", gallery_size=6, gallery=ZooGallery(model))

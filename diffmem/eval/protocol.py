@@ -410,3 +410,17 @@ def over_split_seeds(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]
                                   "meets_target": {str(s): b["meets_target"] for s, b in zip(reports, best)},
                                   **{k: _spread([p[k] for p in per_seed]) for k in per_seed[0]}}
     return out
+
+
+def confirmed_or_negative(prompts: PromptSet, positive_kinds: Sequence[str] | None, min_seeds: int) -> list[int]:
+    """Indices of the prompts a view keeps: every non-memorized caption, and the memorized ones of
+    ``positive_kinds`` (None: any kind) reproduced in at least ``min_seeds`` labelling seeds; a label written
+    without per-seed counts fails any ``min_seeds`` above 1 (it cannot show it is met)."""
+    memorized, kind = prompts.columns["memorized"], prompts.columns["kind"]
+    seeds = prompts.columns.get("memorized_seeds", [None] * len(prompts))
+
+    def confirmed(i: int) -> bool:
+        kind_ok = positive_kinds is None or kind[i] in positive_kinds
+        return kind_ok and (min_seeds <= 1 or (seeds[i] is not None and seeds[i] >= min_seeds))
+
+    return [i for i in range(len(prompts)) if not memorized[i] or confirmed(i)]
