@@ -104,13 +104,16 @@ def sample(items: list[SDItem], n: int | None, rng: np.random.Generator) -> list
     return [it for i, it in enumerate(items) if i in keep]
 
 
-def choose(items: list[SDItem], sizes: Sizes) -> tuple[list[SDItem], list[SDItem], list[SDItem]]:
-    """(captions to label, ordinary and memorized captions of the diversity set)."""
+def choose(items: list[SDItem], sizes: Sizes, exclude: frozenset[str] = frozenset()
+           ) -> tuple[list[SDItem], list[SDItem], list[SDItem]]:
+    """(captions to label, ordinary and memorized captions of the diversity set); ordinary captions in
+    ``exclude`` are not drawn (a second sample disjoint from a first)."""
     rng = np.random.default_rng(sizes.sample_seed)
     by_kind = {kind: [it for it in items if it.kind == kind] for kind in dict.fromkeys(it.kind for it in items)}
     label = [it for kind, sel in by_kind.items() for it in sample(sel, getattr(sizes, kind), rng)]
     label.sort(key=lambda it: it.item_id)
-    ordinary = sample(by_kind.get("generic", []), sizes.diversity_ordinary, rng)
+    ordinary = sample([it for it in by_kind.get("generic", []) if it.caption not in exclude],
+                      sizes.diversity_ordinary, rng)
     memorized = sample([it for it in by_kind.get("signature", []) if it.replication >= sizes.diversity_min_rate],
                        sizes.diversity_memorized, rng)
     return label, ordinary, memorized
@@ -125,8 +128,15 @@ def main() -> None:
                         help="gate on every caption of the zoo's labels.jsonl instead of labelling a sample here "
                              "(always for the collapse zoo)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and 2 DDIM steps: checks the script only")
+    parser.add_argument("--sample-seed", type=int, default=None,
+                        help="seed of the caption samples (default 0: the shipped gates files)")
+    parser.add_argument("--disjoint-from", type=int, default=None, metavar="SEED",
+                        help="draw the ordinary diversity and fidelity captions from those --sample-seed SEED did "
+                             "not draw: a second, disjoint check of gates a build was chosen on")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else Sizes()
+    if args.sample_seed is not None:
+        sizes = dataclasses.replace(sizes, sample_seed=args.sample_seed)
     started = time.time()
     seconds: dict[str, float] = {}
 
@@ -139,7 +149,11 @@ def main() -> None:
     reader = SDAttributeReader.load(folder / "attribute_reader") if corpus == "sd" else None
     seconds["load"] = round(time.time() - started, 1)
 
-    label_items, ordinary, memorized = choose(items, sizes)
+    exclude: frozenset[str] = frozenset()
+    if args.disjoint_from is not None:
+        first = choose(items, dataclasses.replace(sizes, sample_seed=args.disjoint_from))[1]
+        exclude = frozenset(it.caption for it in first)
+    label_items, ordinary, memorized = choose(items, sizes, exclude)
     cfg = SDLabelConfig(seeds_per_prompt=sizes.label_seeds, num_inference_steps=sizes.steps,
                         null_captions=sizes.null_captions)
     t = time.time()
@@ -178,7 +192,8 @@ def main() -> None:
         "model": str(folder), "corpus": corpus, "fingerprint": model.fingerprint, "smoke": args.smoke,
         "labels_source": "the zoo's labels.jsonl" if from_zoo else "a sample labelled here",
         "passed": sum(g["pass"] for g in gates.values()), "gates_total": len(gates), "gates": gates,
-        "sizes": {**asdict(sizes), "labelled_captions": len(label_items), "diversity_captions":
+        "sizes": {**asdict(sizes), "disjoint_from": args.disjoint_from, "labelled_captions": len(label_items),
+                  "diversity_captions":
                   {"ordinary": len(ordinary), "memorized": len(memorized)},
                   "generations": len(label_items) * sizes.label_seeds
                   + (len(ordinary) + len(memorized)) * sizes.diversity_seeds},

@@ -189,3 +189,20 @@ def test_zoo_label_titles_flag_sets_how_many_once_seen_titles_are_labelled(zoo):
     items, rows = load_corpus(zoo), load_labels(zoo)
     titles = [r for r in rows if r["kind"] == "title"]
     assert len(titles) == 10 and len(rows) == sum(it.kind != "title" for it in items) + 10
+
+
+def test_gates_second_sample_is_disjoint_from_the_first():
+    """--disjoint-from: the ordinary fidelity captions of a second sample share none with the first's (the check
+    of gates a build was chosen on); the labelled and memorized sets are drawn as before."""
+    import dataclasses
+
+    gates = runpy.run_path(str(ROOT / "benchmarks" / "zoo_gates.py"))
+    items = build_sd_corpus(TINY_SD)
+    sizes = gates["Sizes"](diversity_ordinary=5)
+    first = gates["choose"](items, sizes)[1]
+    exclude = frozenset(it.caption for it in first)
+    again = gates["choose"](items, sizes)[1]
+    second = gates["choose"](items, dataclasses.replace(sizes, sample_seed=1), exclude)[1]
+    assert [it.caption for it in again] == [it.caption for it in first]  # the same seed draws the same sample
+    assert len(second) == 5 and not exclude & {it.caption for it in second}
+    assert all(it.kind == "generic" for it in second)
