@@ -1,8 +1,9 @@
 """Benchmark: every detector on a zoo — AUROC, TPR@1%/0.1% FPR (both estimators), UNet calls per prompt.
 
-``--model`` picks the zoo (``zoo`` = ``zoo:collapse``, the default; ``zoo:sd``; or any model folder with
-``--labels``), ``--labels`` the labels file (default: the zoo's ``labels.jsonl``; columns ``caption, kind,
-memorized, replication, family``). Positives: captions the labels call memorized (found by extraction).
+``--model`` picks the zoo (``zoo``, the default, = the default zoo ``zoo:sd``; ``zoo:collapse``; or any model
+folder with ``--labels``), ``--labels`` the labels file (default: the zoo's ``labels.jsonl``; columns ``caption,
+kind, memorized, replication, family, memorized_seeds``). Positives: captions the labels call memorized (found
+by extraction).
 Negatives: the other captions (ordinary captions, held-out generic, never-trained look-alikes,
 non-memorized signature items, once-seen titles), at most ``--max-per-kind`` evenly spaced captions of
 each kind, and never the ordinary reference captions that ``anisotropy-calibrated`` and ``combined``
@@ -181,7 +182,8 @@ def scan_group(label: str, model, prompts: PromptSet, detectors: list[Detector],
                work: Path, timings: Timings) -> tuple[dict[str, np.ndarray], str]:
     """Scores of one detector group, from its finished folder or a (resumed) scan; returns (scores, key)."""
     start = time.time()  # a detector's config may build its training index (counted in the scan's time)
-    key = f"{label}-{digest([[d.config() for d in detectors], settings.n_draws, settings.seed])}"
+    # the model's fingerprint is part of the key: a new checkpoint in the same --work scans anew
+    key = f"{label}-{digest([model.fingerprint, [d.config() for d in detectors], settings.n_draws, settings.seed])}"
     folder = work / key
     path = finished_scan(folder, model, prompts, detectors, settings)
     if path is None:
@@ -209,7 +211,9 @@ def combination(members: list[str], image_detectors: list[Detector], reference: 
     same_settings = {d.name: {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if not f.name.startswith("_")
                               and f.name != "name"} for d in image_detectors if d.name in members}
     member_configs = [bound(make_detector(m, **same_settings.get(m, {})), engine.model).config() for m in members]
-    key = f"combined-reference-{digest([member_configs, reference, engine.n_draws, engine.seed])}"
+    # keyed by the model too: another checkpoint's reference statistics are never reused
+    key = (f"combined-reference-"
+           f"{digest([engine.model.fingerprint, member_configs, reference, engine.n_draws, engine.seed])}")
     stats = timings.state.get(key, {}).get("stats")
     combined = bound(make_detector("combined", members=members, reference_prompts=reference,
                                    member_options=same_settings, **({"stats": stats} if stats else {})), engine.model)

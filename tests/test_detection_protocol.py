@@ -262,6 +262,18 @@ def test_benchmark_runs_end_to_end_on_a_tiny_model(tiny_sd_folder, tmp_path, mon
     again = json.loads(out.read_text())
     assert again["results"] == record["results"] and again["heldout"] == record["heldout"]
 
+    # another checkpoint in the same --work (here: another fingerprint) scans and standardises anew: no folder and
+    # no reference statistics of the first model are reused
+    from diffmem.models.model import DiffusionModel
+
+    first_keys = set(json.loads((tmp_path / "work" / "state.json").read_text()))
+    monkeypatch.setattr(DiffusionModel, "fingerprint", property(lambda self: "f" * 16))
+    detection.main()
+    assert "reusing the finished scan" not in capsys.readouterr().out
+    new_keys = set(json.loads((tmp_path / "work" / "state.json").read_text())) - first_keys
+    assert {k.rsplit("-", 1)[0] for k in new_keys} == {k.rsplit("-", 1)[0] for k in first_keys}  # every group anew
+    assert json.loads(out.read_text())["model"]["fingerprint"] == "f" * 16
+
     # the table renderer reads the heldout section; the existing tables are not touched by it
     tables = _module("tables")
     rows = tables.render("detection-heldout", False, results=out.parent)
