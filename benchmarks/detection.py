@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -65,7 +64,7 @@ from diffmem.eval.protocol import (
     uses_training_images,
 )
 from diffmem.io import atomic_write_text
-from diffmem.jobs import prompt_hash
+from diffmem.jobs import prompt_hash, settings_digest
 from diffmem.models import load_model
 from diffmem.prompts import PromptSet
 from diffmem.scan import SCORES_FILE, ScanSettings, run_scan
@@ -83,11 +82,6 @@ def replication_rates(prompts, rates: Path) -> np.ndarray:
         return np.full(len(prompts.ids), np.nan)
     by_id = {str(r["item_id"]): r["replication_rate"] for r in map(json.loads, rates.read_text().splitlines())}
     return np.array([by_id[i] for i in prompts.ids])
-
-
-def digest(obj) -> str:
-    """A short stable digest of JSON-able settings (names a scan folder after what determines its scores)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _alive(pid: int | None) -> bool:
@@ -183,7 +177,8 @@ def scan_group(label: str, model, prompts: PromptSet, detectors: list[Detector],
     """Scores of one detector group, from its finished folder or a (resumed) scan; returns (scores, key)."""
     start = time.time()  # a detector's config may build its training index (counted in the scan's time)
     # the model's fingerprint is part of the key: a new checkpoint in the same --work scans anew
-    key = f"{label}-{digest([model.fingerprint, [d.config() for d in detectors], settings.n_draws, settings.seed])}"
+    settings_key = [model.fingerprint, [d.config() for d in detectors], settings.n_draws, settings.seed]
+    key = f"{label}-{settings_digest(settings_key)}"
     folder = work / key
     path = finished_scan(folder, model, prompts, detectors, settings)
     if path is None:
@@ -212,8 +207,8 @@ def combination(members: list[str], image_detectors: list[Detector], reference: 
                               and f.name != "name"} for d in image_detectors if d.name in members}
     member_configs = [bound(make_detector(m, **same_settings.get(m, {})), engine.model).config() for m in members]
     # keyed by the model too: another checkpoint's reference statistics are never reused
-    key = (f"combined-reference-"
-           f"{digest([engine.model.fingerprint, member_configs, reference, engine.n_draws, engine.seed])}")
+    settings_key = [engine.model.fingerprint, member_configs, reference, engine.n_draws, engine.seed]
+    key = f"combined-reference-{settings_digest(settings_key)}"
     stats = timings.state.get(key, {}).get("stats")
     combined = bound(make_detector("combined", members=members, reference_prompts=reference,
                                    member_options=same_settings, **({"stats": stats} if stats else {})), engine.model)

@@ -164,6 +164,9 @@ def _gate_cell(g: dict | None) -> str:
     return f"{text} ({'pass' if g['pass'] else 'FAIL'})"
 
 
+BY_VALUE_FACTORS = ("shape", "size")
+
+
 def zoo_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
     """Issue #11's after-training gates (``benchmarks/zoo_gates.py``), one row per gate and one column per
     ``(header, record)`` (zoo builds side by side), then the SD-like zoos' per-factor read-back rates."""
@@ -188,19 +191,18 @@ def zoo_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
         rows.append(f"| the reader on fresh training renders of the same captions: {what} | - | {cells} |")
     # which named value is drawn wrong, for the factors that missed a gate in builds 4-6 (build 7 passes)
     for factor in BY_VALUE_FACTORS:
-        values = sorted({v for _, r in columns for v in
-                         ((r.get("fidelity_by_value") or {}).get("generations", {}).get(factor) or {})})
-        for value in values:
-            cells = " | ".join(_by_value_cell(r, factor, value) for _, r in columns)
+        for value in sorted({v for _, r in columns for v in _generations_by_value(r, factor)}):
+            cells = " | ".join(_by_value_cell(_generations_by_value(r, factor).get(value)) for _, r in columns)
             rows.append(f"| {factor} read back where the caption names \"{value}\" (images) | - | {cells} |")
     return head + rows
 
 
-BY_VALUE_FACTORS = ("shape", "size")
+def _generations_by_value(record: dict, factor: str) -> dict:
+    """``fidelity_by_value`` of a gates record's generations for one factor (empty in files written before it)."""
+    return ((record.get("fidelity_by_value") or {}).get("generations") or {}).get(factor) or {}
 
 
-def _by_value_cell(record: dict, factor: str, value: str) -> str:
-    got = ((record.get("fidelity_by_value") or {}).get("generations", {}).get(factor) or {}).get(value)
+def _by_value_cell(got: dict | None) -> str:
     return "-" if got is None else f"{got['read_back']:.3f} ({got['n']})"
 
 

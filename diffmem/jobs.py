@@ -42,6 +42,12 @@ def versions() -> dict[str, str]:
             "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
+def settings_digest(obj: Any) -> str:
+    """First 10 hex digits of sha256 over JSON-able settings (keys sorted): names a folder after what determines
+    its contents, so other settings get another folder instead of a refusal."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def prompt_hash(prompts: PromptSet) -> str:
     """First 16 hex digits of sha256 over (id, text) of every prompt."""
     h = hashlib.sha256()

@@ -6,7 +6,6 @@ zoo is shown on the default zoo's captions and training images."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 
@@ -17,14 +16,6 @@ from diffmem.eval.matching import SSIMMatcher
 from diffmem.images import image_grid, stack, titled  # noqa: F401 - image_grid/stack/titled re-exported for old imports
 from diffmem.io import atomic_write_text
 from diffmem.models.loader import load_model
-
-
-def scan_folder_name(fingerprint: str, prompts_sha: str, draws: int, samples: int) -> str:
-    """The demo's scan folder for one model, prompt set and scan settings: a rerun with the same ones resumes
-    it, and a new zoo (or new labels, or other settings) scans into a folder of its own instead of being
-    refused by the earlier run's folder, which stays as it was."""
-    key = json.dumps([fingerprint, prompts_sha, draws, samples])
-    return "scan-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -85,7 +76,7 @@ def run_demo(args: argparse.Namespace) -> None:
         return
     from diffmem.cli.scan_commands import print_summary
     from diffmem.detectors import make_detector
-    from diffmem.jobs import prompt_hash
+    from diffmem.jobs import prompt_hash, settings_digest
     from diffmem.report import build_report
     from diffmem.scan import ScanSettings, run_scan
     from diffmem.zoo.prompts import zoo_prompts, zoo_reference_prompts
@@ -96,7 +87,10 @@ def run_demo(args: argparse.Namespace) -> None:
     detectors = [make_detector("noise-norm"), make_detector("anisotropy"),
                  make_detector("anisotropy-calibrated", reference_prompts=zoo_reference_prompts(folder=folder))]
     detectors += [make_detector("nn-margin", samples=args.scan_samples)] if args.scan_samples else []
-    scan_dir = out / scan_folder_name(model.fingerprint, prompt_hash(prompts), args.draws, args.scan_samples)
+    # one folder per model, prompts and scan settings: a rerun with the same ones resumes it; a new zoo (or new
+    # labels, or other settings) scans into its own instead of being refused by the earlier run's, kept as it was
+    scan_key = [model.fingerprint, prompt_hash(prompts), args.draws, args.scan_samples]
+    scan_dir = out / f"scan-{settings_digest(scan_key)}"
     claim_output_dir(args.out, "demo", [scan_dir.name])
     scores = run_scan(model, prompts, detectors, scan_dir, ScanSettings(n_draws=args.draws))
     import pyarrow.parquet as pq
