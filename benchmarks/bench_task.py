@@ -1,9 +1,12 @@
-"""The held-out mitigation benchmark on the zoo task, written to ``benchmarks/results/bench_task_<name>.json``.
+"""The held-out mitigation benchmark on a zoo's task, written to ``benchmarks/results/bench_task_<name>.json``.
 
 The library's :func:`diffmem.bench.run_bench` on the zoo task (what ``diffmem bench`` runs): the run folder
 keeps the resumable ``bench.json``; once every (seed, method) is done it is copied to the results file.
 
-    # model-derived surrogates (the default and the headline), 2 split seeds, the tuned re-trigger
+    # the SD-like zoo (zoo:sd, the default zoo): adversarial fine-tuning's retain weight chosen on dev
+    python benchmarks/bench_task.py --name sd --model zoo:sd --methods adversarial-finetune \
+        --tune adversarial-finetune.retain_weight=30,100
+    # the collapse zoo: model-derived surrogates (the default), 2 split seeds, the tuned re-trigger
     python benchmarks/bench_task.py --name model --methods random-tokens adversarial-finetune
     # the oracle-surrogate ablation (the zoo's renderer; information no real checkpoint has)
     python benchmarks/bench_task.py --name oracle --methods adversarial-finetune --surrogates oracle
@@ -27,6 +30,9 @@ RESULTS = Path(__file__).parent / "results"
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, help="results file suffix: bench_task_<name>.json")
+    parser.add_argument("--model", default="zoo:collapse",
+                        help="a zoo (name or folder); its corpus picks the task (default: zoo:collapse, the zoo of "
+                             "the files written before the SD-like zoo)")
     parser.add_argument("--methods", nargs="+", default=["random-tokens", "adversarial-finetune"])
     parser.add_argument("--seeds", nargs="+", default=["0", "1"])
     parser.add_argument("--surrogates", choices=("model", "oracle"), default="model")
@@ -64,12 +70,14 @@ def _value(text: str):
 
 
 def run_zoo_bench(args: argparse.Namespace, work: Path) -> dict:
-    """``diffmem.bench.run_bench`` on the zoo task with the tuned re-trigger (lr 0.01, relative norm 0.3),
-    resumable in ``work`` (each finished (seed, method) is kept)."""
+    """``diffmem.bench.run_bench`` on the task of ``--model``'s zoo with the tuned re-trigger (lr 0.01, relative
+    norm 0.3), resumable in ``work`` (each finished (seed, method) is kept)."""
     from diffmem.bench import BenchSettings, run_bench
     from diffmem.models import load_model
     from diffmem.outputs import check_output_dir, claim_output_dir
-    from diffmem.tasks import SplitSizes, make_task
+    from diffmem.tasks import SplitSizes
+    from diffmem.tasks.zoo import zoo_task_for
+    from diffmem.zoo.load import zoo_folder_for
 
     given = args.size or ["test=24", "ordinary_test=32"]
     sizes = SplitSizes(**{k: int(v) for k, v in (s.split("=", 1) for s in given)})
@@ -82,7 +90,10 @@ def run_zoo_bench(args: argparse.Namespace, work: Path) -> dict:
                              attack_prompts=int(args.attack_prompts), surrogates=args.surrogates,
                              retrigger={"lr": 0.01, "max_relative_norm": 0.3}, tune=tune)
     check_output_dir(work, "bench", [], writes=["bench.json"])
-    model, task = load_model("zoo:collapse"), make_task("zoo")
+    zoo = zoo_folder_for(args.model)
+    if zoo is None:
+        raise SystemExit(f"--model '{args.model}' is not a zoo (a zoo name such as zoo:sd, or a zoo folder)")
+    model, task = load_model(args.model), zoo_task_for(zoo)
     claim_output_dir(work, "bench", ["bench.json"])
     return run_bench(model, task, args.methods, work, settings)
 

@@ -163,6 +163,30 @@ def test_cli_bench_runs_end_to_end_on_a_folder_task(tiny_sd_folder, prompt_files
     assert "test split, mean +- sd" in capsys.readouterr().out
 
 
+def test_cli_bench_on_a_checkpoint_that_is_not_a_zoo_asks_for_its_prompt_lists(tiny_sd_folder, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_sd_folder), "--out", str(out)]) != 0
+    assert "is not a zoo, so bench needs its prompt lists: --memorized FILE and --ordinary FILE" in \
+        capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_bench_defaults_to_the_default_zoos_task(tmp_path, capsys):
+    """No --model, no lists: the SD-like zoo with its own task (captions, labels, read-back fidelity)."""
+    out = tmp_path / "bench"
+    args = ["bench", "--out", str(out), "--mitigators", "random-tokens", "--seeds", "0", "--samples", "2",
+            "--steps", "3", "--attack-prompts", "1", "--attack-steps", "1",
+            *[f"--size={k}" for k in ("fit=2", "dev=2", "test=2", "ordinary_fit=2", "ordinary_dev=2",
+                                      "ordinary_test=4")]]
+    assert main(args) == 0, capsys.readouterr().err
+    record = json.loads((out / "bench.json").read_text())
+    assert record["task"]["name"] == "zoo-sd" and record["task"]["corpus"] == "sd"
+    run = record["runs"]["0"]["none"]
+    # memorized prompts are titles and ordinary ones generic captions, each read in its own family
+    assert run["fidelity_memorized_title"] is not None and run["fidelity_memorized_ordinary"] is None
+    assert run["fidelity_ordinary_title"] is None and run["fidelity"] == run["fidelity_ordinary_ordinary"]
+
+
 def test_cli_mitigate_adversarial_finetune_on_any_checkpoint(tiny_sd_folder, prompt_files, tmp_path, capsys):
     mem, ordi, _ = prompt_files
     out = tmp_path / "patched"

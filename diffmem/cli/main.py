@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     mitigate.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
                           help="method option, values parsed as JSON when they parse (repeatable; default: none)")
 
-    bench = sub.add_parser("bench", help="every mitigator on a task (default: the collapse zoo's task): memorization "
+    bench = sub.add_parser("bench", help="every mitigator on a task (a zoo model's own, default: the default zoo's; or "
+                                         "--memorized/--ordinary lists): memorization "
                                          "removed vs quality kept, tuned on dev, reported on test")
     _add_model_args(bench)
     bench.add_argument("--mitigators", nargs="+", default=None, help="methods (default: all)")
@@ -242,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     build = zsub.add_parser("build", help="train the zoo from its seed (resumable)")
     build.add_argument("--out", required=True, help="folder to write the zoo to")
     add_force(build)
-    build.add_argument("--corpus", choices=["collapse", "sd"], default="collapse",
-                       help="collapse: the shipped zoo's corpus; sd: the SD-like corpus of docs/zoo-sd.md, whose "
-                            "zoo loads as zoo:sd from diffmem/zoo/checkpoint_sd (default: collapse)")
+    build.add_argument("--corpus", choices=["sd", "collapse"], default="sd",
+                       help="sd: the SD-like corpus of docs/zoo-sd.md (the default zoo, zoo:sd, from "
+                            "diffmem/zoo/checkpoint_sd); collapse: the collapse zoo's corpus (zoo:collapse, from "
+                            "diffmem/zoo/checkpoint) (default: sd)")
     build.add_argument("--work-dir", default=None, help="checkpoint folder (default: OUT.work); rerun to resume")
     build.add_argument("--seed", type=int, default=0, help="seed of the corpus and training (default: 0)")
     build.add_argument("--vae-steps", type=positive_int, default=None,

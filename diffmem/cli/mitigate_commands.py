@@ -102,12 +102,20 @@ def run_bench_command(args: argparse.Namespace) -> None:
                                  options={k: v for k, v in options.items() if v}, tune=tune)
     except (TypeError, ValueError) as exc:
         raise DiffmemError(f"bench settings: {exc}") from exc
-    check_output_dir(args.out, "bench", [args.model or _zoo_pipeline("collapse"), args.memorized, args.ordinary,
+    check_output_dir(args.out, "bench", [args.model or _zoo_pipeline(), args.memorized, args.ordinary,
                                          args.train_index], args.force, writes=["bench.json"])
-    task = (make_task("folder", memorized=args.memorized, ordinary=args.ordinary, train_index=args.train_index,
-                      clip_weights=args.clip_weights) if args.memorized else make_task("zoo"))
-    if not args.memorized and args.model is None:
-        args.model = "zoo:collapse"  # the zoo task's captions, labels and fidelity checks are the collapse zoo's
+    if args.memorized:
+        task = make_task("folder", memorized=args.memorized, ordinary=args.ordinary, train_index=args.train_index,
+                         clip_weights=args.clip_weights)
+    else:  # a zoo model (default: the default zoo) brings its own task: captions, labels, fidelity
+        from diffmem.tasks.zoo import zoo_task_for
+        from diffmem.zoo.load import zoo_folder_for
+
+        zoo = zoo_folder_for(args.model)
+        if zoo is None:
+            raise DiffmemError(f"model '{args.model}' is not a zoo, so bench needs its prompt lists: --memorized FILE "
+                               "and --ordinary FILE")
+        task = zoo_task_for(zoo)
     model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
     claim_output_dir(args.out, "bench", ["bench.json"])
     record = run_bench(model, task, methods, args.out, settings)

@@ -29,12 +29,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from diffmem.attacks.base import TrainingIndex
+from diffmem.errors import DiffmemError
 from diffmem.eval.matching import make_matcher
 from diffmem.tasks.base import TASKS, BenchTask, MemorizedPrompt, SplitSizes, TaskSplits, split_by_seed
 
@@ -196,19 +197,33 @@ def zoo_memorized_captions(folder: str | Path | None = None) -> list[str]:
 @TASKS.register("zoo")
 @dataclass
 class ZooTask(BenchTask):
-    """The collapse zoo (``zoo:collapse``, or ``DIFFMEM_ZOO``): labelled memorized scenes, generic captions,
-    training set. Its fidelity checks read that corpus's captions, so it names the corpus rather than
-    following the default zoo."""
+    """The collapse zoo (``zoo:collapse``): labelled memorized scenes, generic captions, training set. Its
+    fidelity checks read that corpus's captions; a subclass for another corpus sets ``corpus`` and its own
+    fidelity (the SD-like zoo's: :class:`~diffmem.tasks.zoo_sd.SDZooTask`). ``zoo``: a zoo folder of this
+    corpus other than the embedded one (a rebuilt zoo); default: the embedded zoo of ``corpus``."""
 
     name = "zoo"
+    corpus: ClassVar[str] = "collapse"
     matcher: str = "ssim"
     fid_images: int = 1000
+    zoo: str | None = None
+
+    def folder(self) -> Path:
+        """The zoo folder this task reads (labels, training images, reader), checked to hold ``corpus``."""
+        from diffmem.zoo.load import zoo_corpus_name
+        from diffmem.zoo.paths import zoo_dir
+
+        folder = Path(self.zoo) if self.zoo is not None else zoo_dir(self.corpus)
+        found = zoo_corpus_name(folder)
+        if found != self.corpus:
+            raise DiffmemError(f"zoo folder '{folder}' holds a zoo of the '{found}' corpus; task '{self.name}' "
+                               f"reads '{self.corpus}' zoos (task for it: {zoo_task_name(found)!r})")
+        return folder
 
     def _labels(self) -> list[dict]:
         from diffmem.zoo.load import load_labels
-        from diffmem.zoo.paths import zoo_dir
 
-        return load_labels(zoo_dir("collapse"))
+        return load_labels(self.folder())
 
     def memorized(self) -> list[MemorizedPrompt]:
         """Every trained caption labelled memorized (signature and template kinds), with its item."""
@@ -220,9 +235,7 @@ class ZooTask(BenchTask):
         return split_by_seed(self.memorized(), ordinary, seed, sizes)
 
     def build_index(self, model) -> TrainingIndex:
-        from diffmem.zoo.paths import zoo_dir
-
-        return zoo_training_index(self.matcher, zoo=zoo_dir("collapse"))
+        return zoo_training_index(self.matcher, zoo=self.folder())
 
     def fidelity(self, images: torch.Tensor, captions: list[str]) -> dict[str, float | None]:
         return zoo_fidelity(images, captions)
@@ -243,12 +256,32 @@ class ZooTask(BenchTask):
     def oracle_surrogates(self, prompts: list[MemorizedPrompt]) -> torch.Tensor:
         return oracle_surrogate_images([p.item for p in prompts])
 
-    def describe(self) -> dict[str, Any]:
-        from diffmem.zoo.paths import zoo_dir
+    def fidelity_description(self) -> str:
+        return "object: attribute reader (shape, colour, position); scene: colour at each named object's position"
 
-        return {"name": self.name, "zoo": str(zoo_dir("collapse")), "matcher": self.matcher,
-                "fidelity": "object: attribute reader (shape, colour, position); scene: colour at each named "
-                            "object's position"}
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "zoo": str(self.folder()), "corpus": self.corpus, "matcher": self.matcher,
+                "fidelity": self.fidelity_description()}
+
+
+def zoo_task_name(corpus: str) -> str:
+    """The registered task that reads zoos of ``corpus`` (``collapse``: ``zoo``; ``sd``: ``zoo-sd``)."""
+    import diffmem.tasks  # noqa: F401 - registers the built-ins
+
+    for name in TASKS.names():
+        cls = TASKS.get(name)
+        if isinstance(cls, type) and issubclass(cls, ZooTask) and cls.corpus == corpus:
+            return name
+    raise DiffmemError(f"no benchmark task reads zoos of the '{corpus}' corpus")
+
+
+def zoo_task_for(folder: str | Path, **options: Any) -> ZooTask:
+    """The benchmark task of the zoo in ``folder``, picked by the corpus its ``zoo.json`` names."""
+    from diffmem.zoo.load import zoo_corpus_name
+
+    task = TASKS.create(zoo_task_name(zoo_corpus_name(folder)), zoo=str(folder), **options)
+    assert isinstance(task, ZooTask)
+    return task
 
 
 def zoo_own_items(prompts) -> list[int | None]:
