@@ -9,6 +9,7 @@ even on the binary value), 1 decimal for seconds, FID to the unit.
     .venv/bin/python benchmarks/tables.py detection --compact  # README
     .venv/bin/python benchmarks/tables.py bench                # docs/mitigation.md (the earlier single-split run)
     .venv/bin/python benchmarks/tables.py bench-heldout-tuned  # README, docs/bench-task.md (held-out, tuned on dev)
+    .venv/bin/python benchmarks/tables.py bench-heldout-sd     # README, docs/bench-task.md (held-out, zoo:sd)
     .venv/bin/python benchmarks/tables.py bench-heldout        # docs/bench-task.md (held-out, earlier defaults)
     .venv/bin/python benchmarks/tables.py extraction           # docs/extraction.md
     .venv/bin/python benchmarks/tables.py detection-previous   # rows the last detection run did not rescan
@@ -384,6 +385,7 @@ PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
 SD_BUILD4_GATES = "experiments/zoo_sd_gates_build4.json"  # build 4, shipped before build 7 (its 600-step reader)
 SD_BUILD5_GATES = "experiments/zoo_sd_gates_build5.json"  # build 5: 16-token context, cosine rate; not shipped
 SD_BUILD6_GATES = "experiments/zoo_sd_gates_build6.json"  # build 6: build 4's denoiser, build 5's reader
+SD_BUILD8_GATES = "experiments/zoo_sd_gates_build8.json"  # build 8: build 7's schedule cut to 7,000 steps
 SD_BUILD2_CORPUS = "experiments/corpus_gate_sd_build2.json"  # build 2's corpus: 1,000 once-seen titles a family
 SD_BUILD3_CORPUS = "experiments/corpus_gate_sd_build3.json"  # build 3's: 2,000 titles a family, position named
 THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
@@ -400,10 +402,11 @@ TABLES = {
         r[0], compact, "detector (SD-like zoo, memorized by duplication, test split)")),
     "detection-heldout-sd-confirmed": (("detection_sd_confirmed.json",), lambda r, compact: heldout_rows(
         r[0], compact, "detector (SD-like zoo, memorized in >= 2 of 4 seeds, test split)")),
-    "zoo-gates": (("zoo_sd_gates.json", SD_BUILD6_GATES, SD_BUILD5_GATES, SD_BUILD4_GATES, "zoo_collapse_gates.json"),
-                  lambda r, _: zoo_gate_rows([("SD-like zoo (`zoo:sd`, default; build 7)", r[0]), ("build 6", r[1]),
-                                              ("build 5", r[2]), ("build 4", r[3]),
-                                              ("collapse zoo (`zoo:collapse`)", r[4])])),
+    "zoo-gates": (("zoo_sd_gates.json", SD_BUILD8_GATES, SD_BUILD6_GATES, SD_BUILD5_GATES, SD_BUILD4_GATES,
+                   "zoo_collapse_gates.json"),
+                  lambda r, _: zoo_gate_rows([("SD-like zoo (`zoo:sd`, default; build 7)", r[0]),
+                                              ("build 8 (7,000 steps)", r[1]), ("build 6", r[2]), ("build 5", r[3]),
+                                              ("build 4", r[4]), ("collapse zoo (`zoo:collapse`)", r[5])])),
     "corpus-gate": (("corpus_gate.json", SD_BUILD3_CORPUS, SD_BUILD2_CORPUS), lambda r, _: corpus_gate_rows(
         [("SD-like corpus (builds 4-7)", r[0]["corpora"]["sd"]), ("build 3", r[1]["corpora"]["sd"]),
          ("build 2", r[2]["corpora"]["sd"]), ("collapse corpus", r[0]["corpora"]["collapse"])])),
@@ -417,6 +420,8 @@ TABLES = {
     "bench-heldout-content-nemo": (("bench_task_content_nemo.json",), lambda r, _: heldout_bench_rows(
         r[0], "method (NeMo surrogates that draw the caption)")),
     "bench-heldout-oracle": (("bench_task_oracle.json",), lambda r, _: heldout_bench_rows(r[0])),
+    "bench-heldout-sd": (("bench_task_sd.json",),
+                         lambda r, _: heldout_bench_rows(r[0], "method (SD-like zoo, test split)")),
     "extraction": (("extraction.json",), lambda r, _: extraction_rows(r[0])),
     "throughput": (THROUGHPUT, lambda r, _: throughput_rows(*r)),
     "throughput-ratios": (THROUGHPUT, lambda r, _: throughput_ratio_rows(*r)),
@@ -440,6 +445,7 @@ PAGES = {"README.md": [("| detector (collapse zoo, test split)", "detection-held
                        ("| after training (`zoo_gates.py`)", "zoo-gates", False),
                        ("| detector (previous run)", "detection-previous", False),
                        ("| method (settings chosen on dev)", "bench-heldout-tuned", False),
+                       ("| method (SD-like zoo, test split)", "bench-heldout-sd", False),
                        ("| ratio | 1 thread", "throughput-ratios", False), ("| prompts | engine s", "cli", False),
                        ("| prompts | wall s | CPU ms", "growth", True)],
          "docs/detectors.md": [("| detector | AUROC", "detection", False),
@@ -452,6 +458,7 @@ PAGES = {"README.md": [("| detector (collapse zoo, test split)", "detection-held
          "docs/extraction.md": [("| attack | AUROC", "extraction", False)],
          "docs/bench-task.md": [("| method | acts at | extraction, test", "bench-heldout", False),
                                 ("| method (settings chosen on dev)", "bench-heldout-tuned", False),
+                                ("| method (SD-like zoo, test split)", "bench-heldout-sd", False),
                                 ("| method (surrogates that draw", "bench-heldout-content", False),
                                 ("| method (NeMo surrogates", "bench-heldout-content-nemo", False)]}
 

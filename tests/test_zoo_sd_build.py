@@ -168,6 +168,19 @@ def test_smoke_build_writes_an_sd_zoo(built):
     assert model.latent_shape[1:] == (8, 8)
 
 
+def test_build_records_every_stage_time_also_when_a_stage_is_reused(built):
+    """zoo.json's stage seconds cover the reader and DeepSSIM; a rebuild from the finished work folder trains
+    nothing and still reports each stage's recorded cost (not the seconds of copying it)."""
+    first = json.loads((built["out"] / "zoo.json").read_text())["train_seconds_by_stage"]
+    assert set(first) == {"vae", "denoiser", "attribute_reader", "deepssim", "save"}
+    assert all(v > 0 for k, v in first.items() if k != "save")
+    again = build_zoo(built["root"] / "again", SMOKE, built["work"])
+    second = json.loads((again / "zoo.json").read_text())["train_seconds_by_stage"]
+    assert {k: second[k] for k in ("attribute_reader", "deepssim")} == {k: first[k] for k in ("attribute_reader",
+                                                                                               "deepssim")}
+    assert second["denoiser"] >= first["denoiser"]  # resumed from its checkpoint's seconds, not from zero
+
+
 def test_resume_continues_at_the_saved_step(tmp_path):
     """An SD denoiser at a constant rate stopped after 2 steps and resumed to 4 equals one trained 4 steps
     straight (a cosine schedule is tied to its step count, so growing the count is refused: tests below)."""

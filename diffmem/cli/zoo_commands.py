@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from diffmem.io import atomic_write_text
@@ -41,6 +42,7 @@ def label_folder(folder: Path, seeds: int = 4, steps: int = 25, cache_dir: str |
     from diffmem.models.loader import load_model
     from diffmem.zoo.load import load_corpus, zoo_corpus_name, zoo_training_set
 
+    started = time.time()
     folder = Path(folder)
     items = load_corpus(folder)
     model = load_model(folder / "pipeline")
@@ -59,6 +61,7 @@ def label_folder(folder: Path, seeds: int = 4, steps: int = 25, cache_dir: str |
         rows, summary = label_zoo(model, items, AttributeReader.load(folder / "attribute_reader"),
                                   LabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps),
                                   training_set=training_set, cache_dir=cache_dir)
+    summary["seconds"] = round(time.time() - started, 1)  # the labelling's own cost, beside the build's stages
     write_jsonl(folder / "labels.jsonl", rows)
     record = json.loads((folder / "zoo.json").read_text())
     record["labels"] = summary

@@ -17,7 +17,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -448,6 +449,27 @@ def check_resumable(work: Path, cfg: ZooConfig) -> None:
                             "constant run); remove it or choose another --work-dir")
 
 
+STAGE_SECONDS_FILE = "stage_seconds.json"
+
+
+@dataclass
+class StageSeconds:
+    """Training seconds of the stages a work folder keeps as finished folders (the attribute reader, DeepSSIM),
+    written when a stage finishes, so a build that reuses the stage still reports what it cost; the VAE and the
+    denoiser keep theirs in their checkpoints."""
+
+    path: Path
+
+    def read(self) -> dict[str, float]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    @contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        started = time.time()
+        yield
+        atomic_write_text(self.path, json.dumps(self.read() | {stage: round(time.time() - started, 1)}, indent=2))
+
+
 def build_zoo(out_dir: str | Path, cfg: ZooConfig | None = None, work_dir: str | Path | None = None,
               corpus: str | None = None) -> Path:
     """Train every stage (resuming from ``work_dir``) and save the pipeline folder to ``out_dir``.
@@ -474,21 +496,23 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig | None = None, work_dir: str |
     tokenizer = build_clip_tokenizer(work / "tokenizer", model_max_length=cfg.arch.max_tokens)
     vae, vae_seconds = train_vae(cfg, data, work)
     text_encoder, unet, scheduler, unet_seconds = train_denoiser(cfg, data, vae.eval(), tokenizer, work)
-    started = time.time()
     from diffmem.outputs import discard, publish, staging_dir
     from diffmem.zoo.manifest import write_manifest
 
     staging = staging_dir(out)  # a fresh hidden sibling, renamed onto out at the end (never deletes user files)
     # the reader and DeepSSIM depend on the corpus and VAE only: trained once into work/, then reused
+    stage_seconds = StageSeconds(work / STAGE_SECONDS_FILE)
     if not (work / "attribute_reader" / "model.safetensors").is_file():
-        source.train_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae,
-                            cfg.train.reader_lr_schedule).save(
-            work / "attribute_reader")
+        with stage_seconds.timing("attribute_reader"):
+            source.train_reader(cfg.seed, cfg.train.reader_steps, cfg.train.reader_batch, vae,
+                                cfg.train.reader_lr_schedule).save(work / "attribute_reader")
     if not (work / "deepssim" / "model.safetensors").is_file():
         from diffmem.eval.deepssim import DeepSSIMConfig, train_and_save
 
-        train_and_save((data.pixels + 1) / 2, data.item_of_image(), work / "deepssim",
-                       DeepSSIMConfig(steps=cfg.train.deepssim_steps))
+        with stage_seconds.timing("deepssim"):
+            train_and_save((data.pixels + 1) / 2, data.item_of_image(), work / "deepssim",
+                           DeepSSIMConfig(steps=cfg.train.deepssim_steps))
+    started = time.time()
     for name in ("attribute_reader", "deepssim"):
         shutil.copytree(work / name, staging / name)
     pipe = StableDiffusionPipeline(
@@ -496,8 +520,10 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig | None = None, work_dir: str |
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.to(torch.float16).save_pretrained(staging / "pipeline", safe_serialization=True)  # fp16 storage
+    # every stage's own training time, also when it was trained by an earlier run into this work folder (a
+    # reused stage whose time was never recorded, from before the record existed, is left out)
     seconds = {"vae": round(vae_seconds, 1), "denoiser": round(unet_seconds, 1),
-               "attribute_reader_and_deepssim": round(time.time() - started, 1)}
+               **{k: round(v, 1) for k, v in stage_seconds.read().items()}, "save": round(time.time() - started, 1)}
     write_manifest(staging, items, cfg, seconds=seconds)
     try:
         publish(staging, out, "zoo-build")
