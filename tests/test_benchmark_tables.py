@@ -153,6 +153,8 @@ def _tables_module():
                                                    ("detection-previous", False, "docs/detectors.md"),
                                                    ("bench-heldout-tuned", False, "README.md"),
                                                    ("bench-heldout-tuned", False, "docs/bench-task.md"),
+                                                   ("bench-heldout-sd", False, "README.md"),
+                                                   ("bench-heldout-sd", False, "docs/bench-task.md"),
                                                    ("bench-heldout-content", False, "docs/bench-task.md"),
                                                    ("bench-heldout-content-nemo", False, "docs/bench-task.md"),
                                                    ("bench-heldout", False, "docs/bench-task.md"),
