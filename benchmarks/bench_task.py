@@ -3,9 +3,9 @@
 The library's :func:`diffmem.bench.run_bench` on the zoo task (what ``diffmem bench`` runs): the run folder
 keeps the resumable ``bench.json``; once every (seed, method) is done it is copied to the results file.
 
-    # the SD-like zoo (zoo:sd, the default zoo): adversarial fine-tuning's retain weight chosen on dev
-    python benchmarks/bench_task.py --name sd --model zoo:sd --methods adversarial-finetune \
-        --tune adversarial-finetune.retain_weight=30,100
+    # the SD-like zoo (zoo:sd, the default zoo), the collapse zoo's dev-chosen retain weight (nothing tuned here)
+    python benchmarks/bench_task.py --name sd --model zoo:sd --methods random-tokens adversarial-finetune \
+        --tune adversarial-finetune.retain_weight=100 --size fit=32 --size dev=8 --size test=24 --size ordinary_test=32
     # the collapse zoo: model-derived surrogates (the default), 2 split seeds, the tuned re-trigger
     python benchmarks/bench_task.py --name model --methods random-tokens adversarial-finetune
     # the oracle-surrogate ablation (the zoo's renderer; information no real checkpoint has)

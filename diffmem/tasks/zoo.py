@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -159,15 +160,20 @@ def zoo_fidelity_flags(images: torch.Tensor, captions: list[str]) -> np.ndarray:
     return correct
 
 
+def fidelity_by_family(correct: np.ndarray, families: list[str], names: Sequence[str]) -> dict[str, float | None]:
+    """Share of ``correct`` images per family in ``names`` (``None`` for a family with no image) and ``all``."""
+    fam = np.array(families)
+    out: dict[str, float | None] = {name: float(correct[fam == name].mean()) if (fam == name).any() else None
+                                    for name in names}
+    out["all"] = float(correct.mean())
+    return out
+
+
 def zoo_fidelity(images: torch.Tensor, captions: list[str]) -> dict[str, float | None]:
     """Fidelity per caption family (``object``, ``scene``) and over all images (``all``); a family
     absent from ``captions`` is ``None``."""
-    fam = np.array([caption_family(c) for c in captions])
-    correct = zoo_fidelity_flags(images, captions)
-    out: dict[str, float | None] = {name: float(correct[fam == name].mean()) if (fam == name).any() else None
-                                    for name, _ in FIDELITY_FAMILIES}
-    out["all"] = float(correct.mean())
-    return out
+    return fidelity_by_family(zoo_fidelity_flags(images, captions), [caption_family(c) for c in captions],
+                              [name for name, _ in FIDELITY_FAMILIES])
 
 
 def oracle_surrogate_images(item_ids: list[int], seed: int = 777) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 
 from diffmem.errors import DiffmemError
 from diffmem.tasks.base import TASKS, MemorizedPrompt
-from diffmem.tasks.zoo import ORDINARY_KINDS, ZooTask
+from diffmem.tasks.zoo import ORDINARY_KINDS, ZooTask, fidelity_by_family
 
 SD_FIDELITY_FAMILIES = ("ordinary", "title")
 
@@ -68,12 +68,8 @@ class SDZooTask(ZooTask):
 
     def fidelity(self, images: torch.Tensor, captions: list[str]) -> dict[str, float | None]:
         """Share of faithful generations per family (``ordinary``, ``title``; ``None`` when absent) and ``all``."""
-        families = np.array([family for family, _ in self._lookup(captions)])
-        correct = self.content_flags(images, captions)
-        out: dict[str, float | None] = {f: float(correct[families == f].mean()) if (families == f).any() else None
-                                        for f in SD_FIDELITY_FAMILIES}
-        out["all"] = float(correct.mean())
-        return out
+        families = [family for family, _ in self._lookup(captions)]
+        return fidelity_by_family(self.content_flags(images, captions), families, SD_FIDELITY_FAMILIES)
 
     def fid_features(self):
         from diffmem.eval.quality import ReaderFeatures
