@@ -360,3 +360,54 @@ def test_cli_refuses_a_decay_longer_than_the_run_before_training(tmp_path, capsy
     assert code == 2 and err.count("\n") == 1
     assert "wsd decay of 3000 steps does not fit 500 steps" in err
     assert not (tmp_path / "w").exists() and not (tmp_path / "z").exists()
+
+
+class _ZeroUNet(torch.nn.Module):
+    """Predicts zero noise, so an example's loss is the mean square of the noise it drew."""
+
+    def forward(self, x, t, context):
+        return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+
+def _zero_context(ids):
+    return (torch.zeros(len(ids), 4, 8),)
+
+
+def test_min_snr_weights_each_example_by_min_snr_gamma_over_snr():
+    """Unweighted, the loss is SD's plain MSE; with gamma each example's MSE is weighted by min(SNR, gamma) / SNR
+    at the timestep it drew (alphabar / (1 - alphabar)), recomputed here from the same draws in the documented
+    order (latent, noise, timestep)."""
+    from diffmem.zoo.architecture import make_scheduler
+    from diffmem.zoo.build import denoising_loss
+
+    scheduler, n = make_scheduler(), 64
+    mean, std, ids = torch.randn(n, 4, 2, 2), torch.full((n, 4, 2, 2), 0.1), torch.zeros(n, dtype=torch.long)
+
+    def loss(gamma, t_min=0):
+        return denoising_loss(_ZeroUNet(), _zero_context, mean, std, ids, scheduler, 1.0,
+                              torch.Generator().manual_seed(3), t_min=t_min, snr_gamma=gamma)
+
+    g = torch.Generator().manual_seed(3)
+    torch.randn(mean.shape, generator=g)
+    noise = torch.randn(mean.shape, generator=g)
+    ts = torch.randint(0, len(scheduler.alphas_cumprod), (n,), generator=g)
+    per_example = noise.pow(2).mean(dim=(1, 2, 3))
+    abar = scheduler.alphas_cumprod[ts]
+    snr = abar / (1 - abar)
+    assert loss(None).item() == pytest.approx(per_example.mean().item(), rel=1e-6)
+    assert loss(5.0).item() == pytest.approx((per_example * snr.clamp(max=5.0) / snr).mean().item(), rel=1e-5)
+    assert loss(5.0).item() < loss(None).item()  # low-noise examples (SNR > 5) drew weights below 1
+    # from t = 500 on every SNR is below 1: gamma 5 weights every example by 1
+    assert loss(5.0, t_min=500).item() == pytest.approx(loss(None, t_min=500).item(), rel=1e-6)
+
+
+def test_snr_gamma_is_part_of_the_resumed_configuration(tmp_path):
+    """A work folder trained without the weighting is not resumed with it, and one from before the field existed
+    counts as unweighted."""
+    saved = SMOKE.to_dict()
+    saved["train"].pop("unet_snr_gamma")
+    (tmp_path / "zoo_config.json").write_text(json.dumps(saved))
+    check_resumable(tmp_path, SMOKE)
+    with pytest.raises(ZooBuildError, match="only the denoiser's steps and schedule may change"):
+        check_resumable(tmp_path, dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train,
+                                                                                       unet_snr_gamma=5.0)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ def _checked_number(parse, accept, expected: str):
 
 
 positive_int = _checked_number(int, lambda v: v >= 1, "a whole number >= 1")
+positive_float = _checked_number(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
 non_negative_int = _checked_number(int, lambda v: v >= 0, "a whole number >= 0")
 open_unit_float = _checked_number(float, lambda v: 0 < v < 1, "0 < value < 1 (a false-positive rate)")
 
@@ -260,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--unet-lr-decay-steps", type=positive_int, default=None,
                        help="with --unet-lr-schedule wsd: how many final steps decay the rate (default: the "
                             "corpus's config: sd 3000)")
+    build.add_argument("--unet-lr", type=positive_float, default=None,
+                       help="denoiser peak learning rate (default: the corpus's config)")
+    build.add_argument("--unet-snr-gamma", type=positive_float, default=None,
+                       help="weight the denoiser's loss by Min-SNR-gamma (Hang et al. 2023) with this gamma "
+                            "(default: the corpus's config)")
     build.add_argument("--reader-steps", type=positive_int, default=None,
                        help="attribute reader training steps (default: the corpus's config: collapse 600, sd 1800)")
     build.add_argument("--no-label", action="store_true", help="skip the ground-truth extraction (default: off)")

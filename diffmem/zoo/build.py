@@ -56,6 +56,10 @@ class TrainConfig:
     unet_lr_schedule: str = "constant"
     unet_lr_final: float = 0.1
     unet_lr_decay_steps: int = 0
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): each timestep's epsilon loss weighted by
+    # min(SNR, gamma) / SNR, so the many low-noise steps stop dominating the gradient; None: unweighted (SD's
+    # own loss; builds 1-8)
+    unet_snr_gamma: float | None = None
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     reader_steps: int = 600
@@ -316,16 +320,27 @@ def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: flo
 
 
 def denoising_loss(unet, text_encoder, lat_mean: torch.Tensor, lat_std: torch.Tensor, ids: torch.Tensor,
-                   alphas: torch.Tensor, scale: float, g: torch.Generator, t_min: int = 0) -> torch.Tensor:
+                   scheduler, scale: float, g: torch.Generator, t_min: int = 0,
+                   snr_gamma: float | None = None) -> torch.Tensor:
     """Stable Diffusion's epsilon-prediction loss on one batch: a latent drawn from each image's VAE posterior
-    (``lat_mean``, ``lat_std``), noised to a timestep drawn in ``[t_min, len(alphas))``, conditioned on ``ids``.
-    Draws from ``g`` in a fixed order (latent, noise, timestep), so a build's steps are reproducible."""
+    (``lat_mean``, ``lat_std``), noised to a timestep of ``scheduler`` drawn in ``[t_min, T)``, conditioned on
+    ``ids``. Draws from ``g`` in a fixed order (latent, noise, timestep), so a build's steps are reproducible.
+
+    ``snr_gamma`` weights each example's loss by min(SNR(t), gamma) / SNR(t) (Min-SNR-gamma, Hang et al. 2023,
+    eq. 9 written for epsilon prediction; SNR from ``diffusers.training_utils.compute_snr``)."""
+    alphas = scheduler.alphas_cumprod
     z0 = (lat_mean + lat_std * torch.randn(lat_mean.shape, generator=g)) * scale
     noise = torch.randn(z0.shape, generator=g)
     ts = torch.randint(t_min, len(alphas), (len(ids),), generator=g)
     a = alphas[ts].view(-1, 1, 1, 1)
     pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, ts, text_encoder(ids)[0]).sample
-    return F.mse_loss(pred, noise)
+    if snr_gamma is None:
+        return F.mse_loss(pred, noise)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, ts)
+    weight = snr.clamp(max=snr_gamma) / snr
+    return (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
 
 
 def caption_token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -364,7 +379,6 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
     captions = [it.caption for it in data.items]
     token_ids = caption_token_ids(tokenizer, captions + [""])
     empty_id = len(captions)
-    alphas = scheduler.alphas_cumprod
 
     class _Both(torch.nn.Module):  # so one EMA routine covers both networks
         def __init__(self):
@@ -382,7 +396,8 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
         ids = token_ids[torch.where(drop, torch.full_like(item, empty_id), item)]
         for group in opt.param_groups:
             group["lr"] = scheduled_lr(step=step, **unet_schedule(t))
-        loss = denoising_loss(unet, text_encoder, lat_mean[img], lat_std[img], ids, alphas, scale, g)
+        loss = denoising_loss(unet, text_encoder, lat_mean[img], lat_std[img], ids, scheduler, scale, g,
+                              snr_gamma=t.unet_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
