@@ -1,20 +1,23 @@
-"""Benchmark: extraction attacks against the zoo's ground truth, the re-trigger attack against a
-suppressing baseline, and the quality metrics' sanity checks.
+"""Benchmark: extraction attacks against a zoo's ground truth, the re-trigger attack against a
+suppressing baseline, and the quality metrics' sanity checks, on either zoo (``--model``).
 
 1. One-step white-box, one-step black-box and generate-and-filter on a stratified subset of the zoo's
    captions: AUROC of each score, precision / recall of each flag against the labels (one-step flags:
-   threshold at 1% FPR on separate generic calibration captions), extraction rate per replication
-   rate, UNet calls per prompt. A generation counts as extracted when its best training match passes
-   the threshold of its caption's family (single objects 0.993, scenes 0.751: the thresholds the labels
-   use), so precision and recall compare like with like. Every prompt's scores and flags are written
-   beside the JSON (``<out stem>_scores.parquet``), so ``diffmem eval detect`` regenerates the AUROCs.
+   threshold at 1% FPR on separate calibration captions: ordinary captions and, on the SD-like zoo,
+   once-seen titles, none of them in the subset), extraction rate per replication rate, UNet calls per
+   prompt. A generation counts as extracted when its best training match passes the threshold of its
+   caption's family (the thresholds the zoo's labels use), so precision and recall compare like with like.
+   Every prompt's scores and flags are written beside the JSON (``<out stem>_scores.parquet``), so
+   ``diffmem eval detect`` regenerates the AUROCs.
 2. Re-trigger (DoRI): memorized captions under Gaussian embedding noise (Somepalli's baseline,
    strong enough to suppress replication) before and after the attack.
-3. FID with the zoo's reader features: the zoo's own samples vs a deliberately degraded copy (noise on
-   the UNet weights); prompt fidelity on generic captions with fresh seeds vs the zoo's label figure.
+3. FID with the zoo task's reader features: the zoo's own samples vs a deliberately degraded copy (noise on
+   the UNet weights); the task's prompt fidelity on generic captions with fresh seeds vs the zoo's label
+   figure.
 
-    .venv/bin/python benchmarks/extraction.py --out benchmarks/results/extraction.json
-    .venv/bin/python benchmarks/extraction.py --only-attacks   # part 1 only, into the existing record
+    .venv/bin/python benchmarks/extraction.py                       # zoo:sd -> results/extraction_sd.json
+    .venv/bin/python benchmarks/extraction.py --model zoo:collapse  # -> results/extraction_collapse.json
+    .venv/bin/python benchmarks/extraction.py --only attacks        # part 1 only, into the existing record
 """
 
 from __future__ import annotations
@@ -37,24 +40,28 @@ from diffmem.eval.quality import fid
 from diffmem.io import atomic_write_text
 from diffmem.mitigators import make_mitigator
 from diffmem.models import load_model
-from diffmem.tasks.zoo import zoo_feature_extractor, zoo_training_index
-from diffmem.tasks.zoo import zoo_object_fidelity as zoo_fidelity
-from diffmem.zoo.load import load_labels
-from diffmem.zoo.paths import zoo_dir
+from diffmem.tasks.zoo import ZooTask, zoo_task_for, zoo_training_index
+from diffmem.zoo.load import load_labels, zoo_corpus_name, zoo_folder_for
 
+# captions per kind in the evaluation subset (a kind a zoo lacks contributes none; the collapse zoo has no
+# titles, the SD-like zoo no scenes), and the kinds whose remaining captions calibrate the one-step thresholds
 SUBSET = {"signature": 100, "template": 30, "heldout_signature": 60, "heldout_template": 12, "generic": 80,
-          "heldout_generic": 40, "generic_scene": 80}
+          "heldout_generic": 40, "generic_scene": 80, "title": 100}
+CALIBRATION_KINDS = ("generic", "title")
+CALIBRATION_PER_KIND = 200
+PARTS = ("attacks", "retrigger", "quality")
 
 
 def stratified(labels: list[dict], rng: np.random.Generator) -> tuple[list[dict], list[dict]]:
-    """The evaluation subset, and disjoint generic captions for calibrating one-step thresholds."""
+    """The evaluation subset, and disjoint captions labelled not memorized (up to 200 of each calibration
+    kind the subset left over) for calibrating one-step thresholds."""
     chosen, calib = [], []
     for kind, n in SUBSET.items():
         rows = [r for r in labels if r["kind"] == kind]
         order = rng.permutation(len(rows))
         chosen += [rows[i] for i in order[:n]]
-        if kind == "generic":
-            calib = [rows[i] for i in order[n : n + 200]]
+        if kind in CALIBRATION_KINDS:
+            calib += [rows[i] for i in order[n:] if not rows[i]["memorized"]][:CALIBRATION_PER_KIND]
     return chosen, calib
 
 
@@ -69,17 +76,19 @@ def run_attack(model, attack, rows, index, batch: int = 64) -> dict[str, list]:
     return out
 
 
-def family_thresholds() -> dict[str, float]:
-    """The zoo's extraction threshold of each caption family (``object``, ``scene``), as its labels use them."""
-    record = json.loads((zoo_dir("collapse") / "zoo.json").read_text())
+def family_thresholds(folder: Path) -> dict[str, float]:
+    """The zoo's extraction threshold of each caption family (collapse: ``object``, ``scene``; SD-like:
+    ``ordinary`` and one per style), as its labels use them."""
+    record = json.loads((folder / "zoo.json").read_text())
     return {family: float(t["threshold"]) for family, t in record["labels"]["thresholds"].items()}
 
 
 def extracted_by_family(similarity, match_label, rows: list[dict], thresholds: dict[str, float]) -> np.ndarray:
     """The attack's matched label per prompt, kept only where the best match passes its family's threshold.
 
-    The attack matches with the index's single threshold (the scene family's); a single-object caption's
-    label needs 0.993 (an ideal generaliser's 99th percentile for that family), so a match between the two
+    The attack matches with the index's single threshold (the lowest bar the labels use for any family: the
+    collapse zoo's scene threshold, the SD-like zoo's highest family threshold); a caption's label needs its
+    own family's threshold (on the collapse zoo a single object needs 0.993), so a match between the two
     thresholds is not an extraction for it. NaN similarity (nothing matched) is never extracted.
     """
     sim = np.asarray(similarity, dtype=float)
@@ -87,10 +96,10 @@ def extracted_by_family(similarity, match_label, rows: list[dict], thresholds: d
     return np.where(passes, np.asarray(match_label), "none")
 
 
-def attack_table(model, rows, calib, index, scores_path: Path | None = None) -> dict:
+def attack_table(model, rows, calib, index, folder: Path, scores_path: Path | None = None) -> dict:
     y = np.array([r["memorized"] for r in rows])
     rates = sorted({r["replication"] for r in rows if r["kind"] == "signature"})
-    thresholds = family_thresholds()
+    thresholds = family_thresholds(folder)
     results = {}
     columns: dict[str, pa.Array] = {}
     for name, options in [("one-step-whitebox", {}), ("one-step-blackbox", {"edge_threshold": 0.5}),
@@ -127,7 +136,7 @@ def attack_table(model, rows, calib, index, scores_path: Path | None = None) -> 
                                   "precision": int((extracted & y).sum()) / max(int(extracted.sum()), 1),
                                   "recall": int((extracted & y).sum()) / max(int(y.sum()), 1),
                                   "thresholds_by_family": thresholds,
-                                  "matched_at_scene_threshold": int((np.array(res["match_label"]) != "none").sum())}
+                                  "matched_at_index_threshold": int((np.array(res["match_label"]) != "none").sum())}
             entry["extraction_rate_by_replication"] = {
                 str(rate): float(np.mean([e for e, r in zip(extracted, rows) if r["kind"] == "signature"
                                           and r["replication"] == rate])) for rate in rates}
@@ -137,7 +146,8 @@ def attack_table(model, rows, calib, index, scores_path: Path | None = None) -> 
     if scores_path is not None:
         table = pa.table({"id": [str(r["item_id"]) for r in rows], "text": [r["caption"] for r in rows], **columns})
         pq.write_table(table, scores_path, compression="zstd", compression_level=19)
-    return {"n_prompts": len(rows), "n_memorized": int(y.sum()), "attacks": results,
+    return {"n_prompts": len(rows), "n_memorized": int(y.sum()), "n_calibration": len(calib),
+            "calibration_kinds": sorted({r["kind"] for r in calib}), "attacks": results,
             "scores_file": scores_path.name if scores_path is not None else None}
 
 
@@ -161,60 +171,100 @@ def retrigger_check(model, labels, index, n: int, scale: float, lr: float, bound
             "mean_relative_embedding_shift": float(np.mean(res["embedding_shift"])), "attack": attack.config()}
 
 
-def quality_checks(model, labels, index, n_generic: int, sigma: float) -> dict:
-    generic = [r["caption"] for r in labels if r["kind"] == "generic"][::3][:n_generic]
-    seeds = [1000 + i for i in range(len(generic))]
-    own = model.sample(generic, seeds, num_inference_steps=25).images
+def degraded_copy(model, sigma: float):
+    """``model`` with Gaussian noise of ``sigma`` x each UNet weight tensor's std added (fixed seed)."""
     degraded = copy.copy(model)
     degraded.unet = copy.deepcopy(model.unet)
     with torch.no_grad():
         for p in degraded.unet.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * sigma * p.std().nan_to_num(0))
-    bad = degraded.sample(generic, seeds, num_inference_steps=25).images
+    return degraded
+
+
+def retrigger_sweep(model, labels, index, n: int, scales: list[float], lr: float, bound: float) -> dict:
+    """:func:`retrigger_check` at the first scale; with more, each scale's under ``by_noise_scale`` (the attack
+    only means something where the baseline suppresses replication first)."""
+    runs = [retrigger_check(model, labels, index, n, scale, lr, bound) for scale in scales]
+    return runs[0] | ({"by_noise_scale": runs} if len(runs) > 1 else {})
+
+
+def quality_checks(model, task: ZooTask, labels, index, n_generic: int, sigmas: list[float]) -> dict:
+    """FID and fidelity of the model's generic generations, then of degraded copies: the first of ``sigmas``
+    under the record's original keys, every one under ``degraded`` (a sanity check must see the damage)."""
+    pool = [r["caption"] for r in labels if r["kind"] == "generic"][::3]
+    generic = [pool[i % len(pool)] for i in range(n_generic)]  # the SD-like zoo's 147 captions recur, seeds differ
+    seeds = [1000 + i for i in range(len(generic))]
+    own = model.sample(generic, seeds, num_inference_steps=25).images
     generic_items = {r["item_id"] for r in labels if r["kind"] == "generic"}
-    real_idx = [i for i, it in enumerate(index.item_of_image.tolist()) if it in generic_items][: 2 * n_generic]
+    generic_images = [i for i, it in enumerate(index.item_of_image.tolist()) if it in generic_items]
+    stride = max(1, len(generic_images) // (2 * n_generic))  # spread over every item (SD-like: many images each)
+    real_idx = generic_images[::stride][: 2 * n_generic]
     real = index.images[real_idx]
-    record = json.loads((zoo_dir("collapse") / "zoo.json").read_text())
-    return {"n_generic": len(generic), "fid_zoo_vs_training_renders": fid(real, own, zoo_feature_extractor()),
-            "fid_degraded_vs_training_renders": fid(real, bad, zoo_feature_extractor()),
-            "degradation_sigma_times_weight_std": sigma,
-            "fidelity_fresh_seeds": zoo_fidelity(own, generic), "fidelity_degraded": zoo_fidelity(bad, generic),
+    record = json.loads((task.folder() / "zoo.json").read_text())
+    features = task.fid_features()
+    degraded = []
+    for sigma in sigmas:
+        bad = degraded_copy(model, sigma).sample(generic, seeds, num_inference_steps=25).images
+        degraded.append({"sigma_times_weight_std": sigma, "fid_vs_training_renders": fid(real, bad, features),
+                         "fidelity": task.fidelity(bad, generic)["all"]})
+    return {"n_generic": len(generic), "fid_zoo_vs_training_renders": fid(real, own, features),
+            "fid_degraded_vs_training_renders": degraded[0]["fid_vs_training_renders"],
+            "degradation_sigma_times_weight_std": sigmas[0], "fidelity": task.fidelity_description(),
+            "fidelity_fresh_seeds": task.fidelity(own, generic)["all"],
+            "fidelity_degraded": degraded[0]["fidelity"], "degraded": degraded,
             "fidelity_zoo_labels": record["labels"]["generic_fidelity"]["generic"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/extraction.json")
+    parser.add_argument("--model", default="zoo:sd", help="a zoo: zoo:sd (default), zoo:collapse or a zoo folder")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/extraction_<corpus>.json")
     parser.add_argument("--retrigger-prompts", type=int, default=16)
-    parser.add_argument("--noise-scale", type=float, default=1.0)
+    parser.add_argument("--noise-scale", type=float, nargs="+", default=[1.0],
+                        help="embedding-noise scales of the suppressing baseline; the first under 'retrigger', "
+                             "every one under 'retrigger.by_noise_scale' (default: 1.0)")
+    parser.add_argument("--degrade-sigma", type=float, nargs="+", default=[0.05],
+                        help="UNet weight noise (x each tensor's std) of the quality check's degraded copies "
+                             "(default: 0.05)")
     parser.add_argument("--generic", type=int, default=300)
     parser.add_argument("--retrigger-lr", type=float, default=0.01,
                         help="DoRI's 0.1 overshoots on the zoo's embedding scale (README)")
     parser.add_argument("--retrigger-bound", type=float, default=0.3)
-    parser.add_argument("--only-retrigger", action="store_true", help="rerun the re-trigger check into --out")
-    parser.add_argument("--only-attacks", action="store_true", help="rerun the attack table (part 1) into --out")
+    parser.add_argument("--only", choices=list(PARTS), action="append", default=None,
+                        help="rerun this part into the existing --out record (repeatable); default: every part")
+    parser.add_argument("--only-attacks", dest="only", action="append_const", const="attacks",
+                        help="same as --only attacks")
+    parser.add_argument("--only-retrigger", dest="only", action="append_const", const="retrigger",
+                        help="same as --only retrigger")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = load_model("zoo:collapse")
-    labels = load_labels(zoo_dir("collapse"))
-    index = zoo_training_index(zoo=zoo_dir("collapse"))
+    folder = zoo_folder_for(args.model)
+    if folder is None:
+        raise SystemExit(f"--model '{args.model}' is not a zoo (zoo:sd, zoo:collapse or a zoo folder); this "
+                         "benchmark needs the zoo's labels")
+    out = Path(args.out or f"benchmarks/results/extraction_{zoo_corpus_name(folder)}.json")
+    if args.only and not out.is_file():
+        raise SystemExit(f"--only: no record at '{out}' to rerun a part into; run every part first")
+    model, task = load_model(args.model), zoo_task_for(folder)
+    labels = load_labels(folder)
+    index = zoo_training_index(zoo=folder)
     rows, calib = stratified(labels, np.random.default_rng(0))
-    out = Path(args.out)
     scores_path = out.with_name(f"{out.stem}_scores.parquet")
-    if args.only_attacks:
+    parts = {"attacks": lambda: attack_table(model, rows, calib, index, folder, scores_path),
+             "retrigger": lambda: retrigger_sweep(model, labels, index, args.retrigger_prompts, args.noise_scale,
+                                                  args.retrigger_lr, args.retrigger_bound),
+             "quality": lambda: quality_checks(model, task, labels, index, args.generic, args.degrade_sigma)}
+    if args.only:
         record = json.loads(out.read_text())
-        record["attacks"] = attack_table(model, rows, calib, index, scores_path)
-    elif args.only_retrigger:
-        record = json.loads(out.read_text())
-        record["retrigger"] = retrigger_check(model, labels, index, args.retrigger_prompts, args.noise_scale,
-                                              args.retrigger_lr, args.retrigger_bound)
     else:
-        record = {"benchmark": "extraction", "model": model.describe(), "matcher_threshold": index.threshold}
-        record["attacks"] = attack_table(model, rows, calib, index, scores_path)
-        record["retrigger"] = retrigger_check(model, labels, index, args.retrigger_prompts, args.noise_scale,
-                                              args.retrigger_lr, args.retrigger_bound)
-        record["quality"] = quality_checks(model, labels, index, args.generic, sigma=0.05)
-    atomic_write_text(out, json.dumps(record, indent=2))
+        record = {"benchmark": "extraction", "model": model.describe(), "task": task.describe(),
+                  "matcher_threshold": index.threshold}
+    for part in PARTS:
+        if args.only and part not in args.only:
+            continue
+        record[part] = parts[part]()
+        atomic_write_text(out, json.dumps(record, indent=2))  # each finished part is kept
+        print(f"{part}: written to {out}", flush=True)
     print(json.dumps({k: v for k, v in record.items() if k != "model"}, indent=1)[:6000])
 
 

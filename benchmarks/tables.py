@@ -256,8 +256,8 @@ def bench_rows(record: dict, compact: bool = False) -> list[str]:
     return head + rows
 
 
-def extraction_rows(record: dict) -> list[str]:
-    head = ["| attack | AUROC of its score | flagged | flag precision | flag recall | flagged at 1x / 4x / 16x / 64x | "
+def extraction_rows(record: dict, first: str = "attack") -> list[str]:
+    head = [f"| {first} | AUROC of its score | flagged | flag precision | flag recall | flagged at 1x / 4x / 16x / 64x | "
             "UNet calls per prompt | seconds |", "|---|---|---|---|---|---|---|---|"]
     rows = []
     for name, a in record["attacks"]["attacks"].items():
@@ -422,7 +422,9 @@ TABLES = {
     "bench-heldout-oracle": (("bench_task_oracle.json",), lambda r, _: heldout_bench_rows(r[0])),
     "bench-heldout-sd": (("bench_task_sd.json",),
                          lambda r, _: heldout_bench_rows(r[0], "method (SD-like zoo, test split)")),
-    "extraction": (("extraction.json",), lambda r, _: extraction_rows(r[0])),
+    "extraction-sd": (("extraction_sd.json",), lambda r, _: extraction_rows(r[0], "attack (SD-like zoo)")),
+    "extraction-collapse": (("extraction_collapse.json",),
+                            lambda r, _: extraction_rows(r[0], "attack (collapse zoo)")),
     "throughput": (THROUGHPUT, lambda r, _: throughput_rows(*r)),
     "throughput-ratios": (THROUGHPUT, lambda r, _: throughput_ratio_rows(*r)),
     "cli": (CLI, lambda r, _: cli_rows(*r)),
@@ -455,7 +457,8 @@ PAGES = {"README.md": [("| detector (collapse zoo, test split)", "detection-held
          "docs/scale.md": [("| pattern | UNet rows", "throughput", False),
                            ("| ratio | 1 thread", "throughput-ratios", False), ("| prompts | engine s", "cli", False),
                            ("| prompts | wall s | CPU s", "growth", False)],
-         "docs/extraction.md": [("| attack | AUROC", "extraction", False)],
+         "docs/extraction.md": [("| attack (SD-like zoo)", "extraction-sd", False),
+                                ("| attack (collapse zoo)", "extraction-collapse", False)],
          "docs/bench-task.md": [("| method | acts at | extraction, test", "bench-heldout", False),
                                 ("| method (settings chosen on dev)", "bench-heldout-tuned", False),
                                 ("| method (SD-like zoo, test split)", "bench-heldout-sd", False),

@@ -20,10 +20,11 @@ from diffmem.eval.detection import detection_metrics
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 LABELS = Path(__file__).resolve().parents[1] / "diffmem" / "zoo" / "checkpoint" / "labels.jsonl"
+SD_LABELS = Path(__file__).resolve().parents[1] / "diffmem" / "zoo" / "checkpoint_sd" / "labels.jsonl"
 
 
-def _labels_by_caption() -> dict[str, dict]:
-    return {r["caption"]: r for r in map(json.loads, LABELS.read_text().splitlines())}
+def _labels_by_caption(path: Path = LABELS) -> dict[str, dict]:
+    return {r["caption"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
 def _same_metrics(got: dict, want: dict) -> None:
@@ -89,12 +90,14 @@ def test_within_family_and_by_kind_columns_regenerate(detection):
             assert detection_metrics(y[sel], s[sel])["auroc"] == pytest.approx(auroc, abs=1e-12)
 
 
-def test_extraction_table_regenerates_from_its_scores():
-    record = json.loads((RESULTS / "extraction.json").read_text())["attacks"]
+@pytest.mark.parametrize(("results", "zoo_labels"), [("extraction_collapse.json", LABELS),
+                                                    ("extraction_sd.json", SD_LABELS)])
+def test_extraction_table_regenerates_from_its_scores(results, zoo_labels):
+    record = json.loads((RESULTS / results).read_text())["attacks"]
     if not record.get("scores_file"):
-        pytest.skip("extraction.json predates per-prompt scores")
+        pytest.skip(f"{results} predates per-prompt scores")
     scores = pq.read_table(RESULTS / record["scores_file"])
-    labels = _labels_by_caption()
+    labels = _labels_by_caption(zoo_labels)
     y = np.array([labels[t]["memorized"] for t in scores.column("text").to_pylist()])
     assert scores.num_rows == record["n_prompts"] and int(y.sum()) == record["n_memorized"]
     for name, want in record["attacks"].items():
@@ -159,7 +162,8 @@ def _tables_module():
                                                    ("bench-heldout-content-nemo", False, "docs/bench-task.md"),
                                                    ("bench-heldout", False, "docs/bench-task.md"),
                                                    ("bench", False, "docs/mitigation.md"),
-                                                   ("extraction", False, "docs/extraction.md"),
+                                                   ("extraction-sd", False, "docs/extraction.md"),
+                                                   ("extraction-collapse", False, "docs/extraction.md"),
                                                    ("throughput", False, "docs/scale.md"),
                                                    ("throughput-ratios", False, "docs/scale.md"),
                                                    ("throughput-ratios", False, "README.md"),

@@ -72,6 +72,9 @@ class SDZooTask(ZooTask):
         return fidelity_by_family(self.content_flags(images, captions), families, SD_FIDELITY_FAMILIES)
 
     def fid_features(self):
+        """The reader's penultimate layer. On this zoo FID in these features fails the sanity check of
+        ``benchmarks/extraction.py`` (it falls as noise damages the UNet: docs/extraction.md), so this task's
+        quality figure is :meth:`fidelity`; FID is still computed for parity with other tasks."""
         from diffmem.eval.quality import ReaderFeatures
 
         return ReaderFeatures(self._attribute_reader())

@@ -1,0 +1,56 @@
+"""``benchmarks/extraction.py``'s choice of prompts on either zoo: the evaluation subset per kind, and
+calibration captions that are disjoint from it and labelled not memorized."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "extraction.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("extraction_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(kind: str, n: int, memorized_every: int = 0) -> list[dict]:
+    return [{"kind": kind, "caption": f"{kind} {i}", "memorized": bool(memorized_every and i % memorized_every == 0)}
+            for i in range(n)]
+
+
+def test_sd_like_labels_calibrate_on_leftover_ordinary_captions_and_titles_never_memorized():
+    script = _script()
+    labels = _rows("signature", 64, 2) + _rows("generic", 147) + _rows("title", 1000, 25) + _rows("template", 30, 1)
+    chosen, calib = script.stratified(labels, np.random.default_rng(0))
+    kinds = [r["kind"] for r in chosen]
+    assert (kinds.count("signature"), kinds.count("generic"), kinds.count("title"), kinds.count("template")) == \
+        (64, 80, 100, 30)
+    assert "generic_scene" not in kinds  # a kind the zoo lacks contributes nothing
+    assert not {r["caption"] for r in chosen} & {r["caption"] for r in calib}
+    assert not any(r["memorized"] for r in calib)
+    calib_kinds = [r["kind"] for r in calib]
+    # 147 - 80 ordinary captions left; titles: 200 of the 900 left, skipping the memorized ones
+    assert (calib_kinds.count("generic"), calib_kinds.count("title")) == (67, 200)
+
+
+def test_collapse_labels_calibrate_on_200_generic_captions_as_before():
+    """The collapse zoo has no titles: calibration is the next 200 generic captions of the same permutation,
+    as the script chose them before the SD-like zoo (so extraction_collapse.json's attack table still holds)."""
+    script = _script()
+    labels = _rows("generic", 1152) + _rows("signature", 300, 3) + _rows("generic_scene", 500)
+    rng = np.random.default_rng(0)
+    order = None
+    for kind in script.SUBSET:  # the draws stratified makes, in its order, up to the generic kind
+        n = sum(r["kind"] == kind for r in labels)
+        perm = rng.permutation(n)
+        if kind == "generic":
+            order = perm
+            break
+    generic = [r for r in labels if r["kind"] == "generic"]
+    _, calib = script.stratified(labels, np.random.default_rng(0))
+    assert [r["caption"] for r in calib] == [generic[i]["caption"] for i in order[80:280]]
