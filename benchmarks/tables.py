@@ -386,6 +386,7 @@ SD_BUILD4_GATES = "experiments/zoo_sd_gates_build4.json"  # build 4, shipped bef
 SD_BUILD5_GATES = "experiments/zoo_sd_gates_build5.json"  # build 5: 16-token context, cosine rate; not shipped
 SD_BUILD6_GATES = "experiments/zoo_sd_gates_build6.json"  # build 6: build 4's denoiser, build 5's reader
 SD_BUILD8_GATES = "experiments/zoo_sd_gates_build8.json"  # build 8: build 7's schedule cut to 7,000 steps
+SD_BUILD9_GATES = "experiments/zoo_sd_gates_build9.json"  # build 9: 6,000 steps, twice the rate, Min-SNR-5
 SD_BUILD2_CORPUS = "experiments/corpus_gate_sd_build2.json"  # build 2's corpus: 1,000 once-seen titles a family
 SD_BUILD3_CORPUS = "experiments/corpus_gate_sd_build3.json"  # build 3's: 2,000 titles a family, position named
 THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
@@ -402,11 +403,12 @@ TABLES = {
         r[0], compact, "detector (SD-like zoo, memorized by duplication, test split)")),
     "detection-heldout-sd-confirmed": (("detection_sd_confirmed.json",), lambda r, compact: heldout_rows(
         r[0], compact, "detector (SD-like zoo, memorized in >= 2 of 4 seeds, test split)")),
-    "zoo-gates": (("zoo_sd_gates.json", SD_BUILD8_GATES, SD_BUILD6_GATES, SD_BUILD5_GATES, SD_BUILD4_GATES,
-                   "zoo_collapse_gates.json"),
+    "zoo-gates": (("zoo_sd_gates.json", SD_BUILD9_GATES, SD_BUILD8_GATES, SD_BUILD6_GATES, SD_BUILD5_GATES,
+                   SD_BUILD4_GATES, "zoo_collapse_gates.json"),
                   lambda r, _: zoo_gate_rows([("SD-like zoo (`zoo:sd`, default; build 7)", r[0]),
-                                              ("build 8 (7,000 steps)", r[1]), ("build 6", r[2]), ("build 5", r[3]),
-                                              ("build 4", r[4]), ("collapse zoo (`zoo:collapse`)", r[5])])),
+                                              ("build 9 (6,000 steps, Min-SNR)", r[1]),
+                                              ("build 8 (7,000 steps)", r[2]), ("build 6", r[3]), ("build 5", r[4]),
+                                              ("build 4", r[5]), ("collapse zoo (`zoo:collapse`)", r[6])])),
     "corpus-gate": (("corpus_gate.json", SD_BUILD3_CORPUS, SD_BUILD2_CORPUS), lambda r, _: corpus_gate_rows(
         [("SD-like corpus (builds 4-7)", r[0]["corpora"]["sd"]), ("build 3", r[1]["corpora"]["sd"]),
          ("build 2", r[2]["corpora"]["sd"]), ("collapse corpus", r[0]["corpora"]["collapse"])])),
