@@ -192,7 +192,7 @@ def quality_checks(model, task: ZooTask, labels, index, n_generic: int, sigmas: 
     """FID and fidelity of the model's generic generations, then of degraded copies: the first of ``sigmas``
     under the record's original keys, every one under ``degraded`` (a sanity check must see the damage)."""
     pool = [r["caption"] for r in labels if r["kind"] == "generic"][::3]
-    generic = [pool[i % len(pool)] for i in range(n_generic)]  # the SD-like zoo's 147 captions recur, seeds differ
+    generic = [pool[i % len(pool)] for i in range(n_generic)]  # fewer than n_generic (SD-like: 49) recur, new seeds
     seeds = [1000 + i for i in range(len(generic))]
     own = model.sample(generic, seeds, num_inference_steps=25).images
     generic_items = {r["item_id"] for r in labels if r["kind"] == "generic"}
