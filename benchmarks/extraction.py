@@ -181,6 +181,15 @@ def degraded_copy(model, sigma: float):
     return degraded
 
 
+def fid_terms(real: torch.Tensor, fake: torch.Tensor, features) -> dict[str, float]:
+    """The parts FID adds up (Heusel et al. 2017: ||mu_r - mu_g||^2 + tr(S_r + S_g - 2 (S_r S_g)^1/2)): the mean
+    term and each set's feature spread tr(S), so a change of FID can be read as a shift or as a spread."""
+    with torch.no_grad():
+        r, g = features(real).double(), features(fake).double()
+    return {"mean_term": float((r.mean(0) - g.mean(0)).pow(2).sum()),
+            "trace_reference": float(torch.cov(r.T).trace()), "trace_generated": float(torch.cov(g.T).trace())}
+
+
 def retrigger_sweep(model, labels, index, n: int, scales: list[float], lr: float, bound: float) -> dict:
     """:func:`retrigger_check` at the first scale; with more, each scale's under ``by_noise_scale`` (the attack
     only means something where the baseline suppresses replication first)."""
@@ -206,8 +215,9 @@ def quality_checks(model, task: ZooTask, labels, index, n_generic: int, sigmas: 
     for sigma in sigmas:
         bad = degraded_copy(model, sigma).sample(generic, seeds, num_inference_steps=25).images
         degraded.append({"sigma_times_weight_std": sigma, "fid_vs_training_renders": fid(real, bad, features),
-                         "fidelity": task.fidelity(bad, generic)["all"]})
+                         "fid_terms": fid_terms(real, bad, features), "fidelity": task.fidelity(bad, generic)["all"]})
     return {"n_generic": len(generic), "fid_zoo_vs_training_renders": fid(real, own, features),
+            "fid_terms_zoo": fid_terms(real, own, features),
             "fid_degraded_vs_training_renders": degraded[0]["fid_vs_training_renders"],
             "degradation_sigma_times_weight_std": sigmas[0], "fidelity": task.fidelity_description(),
             "fidelity_fresh_seeds": task.fidelity(own, generic)["all"],

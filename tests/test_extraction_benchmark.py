@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "extraction.py"
 
@@ -54,3 +55,26 @@ def test_collapse_labels_calibrate_on_200_generic_captions_as_before():
     generic = [r for r in labels if r["kind"] == "generic"]
     _, calib = script.stratified(labels, np.random.default_rng(0))
     assert [r["caption"] for r in calib] == [generic[i]["caption"] for i in order[80:280]]
+
+
+def test_fid_terms_split_a_shift_from_a_spread():
+    """Shifting every generated image moves only the mean term (by the shift's squared norm); scaling their
+    spread moves only the generated trace (by the square of the scale)."""
+    import torch
+
+    script = _script()
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 3, generator=g)
+    fake = torch.randn(400, 3, generator=g)
+
+    def identity(x):
+        return x
+
+    base = script.fid_terms(real, fake, identity)
+    shifted = script.fid_terms(real, fake + torch.tensor([3.0, 0.0, 4.0]), identity)
+    assert shifted["mean_term"] - base["mean_term"] == pytest.approx(25.0, abs=0.5)
+    assert shifted["trace_generated"] == pytest.approx(base["trace_generated"], rel=1e-9)
+    spread = script.fid_terms(real, 2 * (fake - fake.mean(0)) + fake.mean(0), identity)
+    assert spread["trace_generated"] == pytest.approx(4 * base["trace_generated"], rel=1e-6)  # float32 input
+    assert spread["mean_term"] == pytest.approx(base["mean_term"], rel=1e-5)
+    assert base["trace_reference"] == pytest.approx(float(torch.cov(real.double().T).trace()), rel=1e-12)
