@@ -11,7 +11,7 @@ even on the binary value), 1 decimal for seconds, FID to the unit.
     .venv/bin/python benchmarks/tables.py bench-heldout-tuned  # README, docs/bench-task.md (held-out, tuned on dev)
     .venv/bin/python benchmarks/tables.py bench-heldout-sd     # README, docs/bench-task.md (held-out, zoo:sd)
     .venv/bin/python benchmarks/tables.py bench-heldout        # docs/bench-task.md (held-out, earlier defaults)
-    .venv/bin/python benchmarks/tables.py extraction           # docs/extraction.md
+    .venv/bin/python benchmarks/tables.py extraction-sd        # docs/extraction.md (and extraction-collapse)
     .venv/bin/python benchmarks/tables.py detection-previous   # rows the last detection run did not rescan
     .venv/bin/python benchmarks/tables.py detection-heldout [--compact]     # dev / test protocol, collapse zoo
     .venv/bin/python benchmarks/tables.py detection-heldout-sd [--compact]  # the same for zoo:sd (detection_sd.json)
@@ -257,8 +257,8 @@ def bench_rows(record: dict, compact: bool = False) -> list[str]:
 
 
 def extraction_rows(record: dict, first: str = "attack") -> list[str]:
-    head = [f"| {first} | AUROC of its score | flagged | flag precision | flag recall | flagged at 1x / 4x / 16x / 64x | "
-            "UNet calls per prompt | seconds |", "|---|---|---|---|---|---|---|---|"]
+    head = [f"| {first} | AUROC of its score | flagged | flag precision | flag recall | "
+            "flagged at 1x / 4x / 16x / 64x | UNet calls per prompt | seconds |", "|---|---|---|---|---|---|---|---|"]
     rows = []
     for name, a in record["attacks"]["attacks"].items():
         by_rate = " / ".join(f"{v:.2f}" for v in a["flag_rate_by_replication"].values())

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 from diffmem.errors import DiffmemError
@@ -336,8 +337,6 @@ def denoising_loss(unet, text_encoder, lat_mean: torch.Tensor, lat_std: torch.Te
     pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, ts, text_encoder(ids)[0]).sample
     if snr_gamma is None:
         return F.mse_loss(pred, noise)
-    from diffusers.training_utils import compute_snr
-
     snr = compute_snr(scheduler, ts)
     weight = snr.clamp(max=snr_gamma) / snr
     return (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
