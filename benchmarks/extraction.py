@@ -225,6 +225,14 @@ def quality_checks(model, task: ZooTask, labels, index, n_generic: int, sigmas: 
             "fidelity_zoo_labels": record["labels"]["generic_fidelity"]["generic"]}
 
 
+def is_extraction_record(path: Path) -> bool:
+    """Whether ``path`` holds a record this script wrote (the only kind of file it may overwrite)."""
+    try:
+        return json.loads(path.read_text()).get("benchmark") == "extraction"
+    except (ValueError, AttributeError):
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="zoo:sd", help="a zoo: zoo:sd (default), zoo:collapse or a zoo folder")
@@ -255,6 +263,8 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/extraction_{zoo_corpus_name(folder)}.json")
     if args.only and not out.is_file():
         raise SystemExit(f"--only: no record at '{out}' to rerun a part into; run every part first")
+    if out.is_file() and not is_extraction_record(out):
+        raise SystemExit(f"--out '{out}' exists and is not an extraction record; choose another path")
     model, task = load_model(args.model), zoo_task_for(folder)
     labels = load_labels(folder)
     index = zoo_training_index(zoo=folder)

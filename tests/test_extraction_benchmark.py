@@ -78,3 +78,13 @@ def test_fid_terms_split_a_shift_from_a_spread():
     assert spread["trace_generated"] == pytest.approx(4 * base["trace_generated"], rel=1e-6)  # float32 input
     assert spread["mean_term"] == pytest.approx(base["mean_term"], rel=1e-5)
     assert base["trace_reference"] == pytest.approx(float(torch.cov(real.double().T).trace()), rel=1e-12)
+
+
+def test_only_its_own_records_count_as_overwritable(tmp_path):
+    script = _script()
+    own, other, text = tmp_path / "own.json", tmp_path / "other.json", tmp_path / "notes.txt"
+    own.write_text('{"benchmark": "extraction", "attacks": {}}')
+    other.write_text('{"benchmark": "detection"}')
+    text.write_text("not json")
+    assert script.is_extraction_record(own)
+    assert not script.is_extraction_record(other) and not script.is_extraction_record(text)
