@@ -411,3 +411,27 @@ def test_snr_gamma_is_part_of_the_resumed_configuration(tmp_path):
     with pytest.raises(ZooBuildError, match="only the denoiser's steps and schedule may change"):
         check_resumable(tmp_path, dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train,
                                                                                        unet_snr_gamma=5.0)))
+
+
+def test_unet_seed_draws_a_replicate_denoiser_and_is_part_of_the_resumed_configuration(tmp_path):
+    """``unet_seed`` equal to the zoo's seed trains exactly the default denoiser (builds before the field are
+    unchanged); another value trains a different one on the same data; a work folder of one is not resumed
+    as the other."""
+    data = TrainingImages.for_corpus("sd", build_sd_corpus(TINY_SD))
+    tokenizer = build_clip_tokenizer(tmp_path / "tok", model_max_length=TINY_ARCH.max_tokens)
+    vae, _ = train_vae(SMOKE, data, tmp_path / "vae")
+    vae.eval()
+    short = dataclasses.replace(SMOKE.train, unet_steps=3, unet_lr_schedule="constant")
+
+    def trained(unet_seed: int | None, name: str) -> dict[str, torch.Tensor]:
+        cfg = dataclasses.replace(SMOKE, train=dataclasses.replace(short, unet_seed=unet_seed))
+        return train_denoiser(cfg, data, vae, tokenizer, tmp_path / name)[1].state_dict()
+
+    default, same, other = trained(None, "default"), trained(SMOKE.seed, "same"), trained(SMOKE.seed + 1, "other")
+    for name, weight in default.items():
+        torch.testing.assert_close(same[name], weight, rtol=0, atol=0, msg=name)
+    assert max((other[name] - weight).abs().max().item() for name, weight in default.items()) > 1e-3
+    (tmp_path / "zoo_config.json").write_text(json.dumps(SMOKE.to_dict()))  # written before the field existed
+    check_resumable(tmp_path, dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_seed=None)))
+    with pytest.raises(ZooBuildError, match="only the denoiser's steps and schedule may change"):
+        check_resumable(tmp_path, dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_seed=1)))

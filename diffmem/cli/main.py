@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--unet-snr-gamma", type=positive_float, default=None,
                        help="weight the denoiser's loss by Min-SNR-gamma (Hang et al. 2023) with this gamma "
                             "(default: the corpus's config)")
+    build.add_argument("--unet-seed", type=non_negative_int, default=None,
+                       help="seed of the denoiser stage alone (initial weights, batches, noise), so a replicate "
+                            "trains on the same corpus, VAE and reader (default: --seed)")
     build.add_argument("--reader-steps", type=positive_int, default=None,
                        help="attribute reader training steps (default: the corpus's config: collapse 600, sd 1800)")
     build.add_argument("--no-label", action="store_true", help="skip the ground-truth extraction (default: off)")

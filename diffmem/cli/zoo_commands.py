@@ -24,7 +24,8 @@ def run_build(args: argparse.Namespace) -> None:
         check_not_input(args.work_dir, [args.out], "--work-dir")
     steps = {"vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "reader_steps": args.reader_steps,
              "unet_lr_schedule": args.unet_lr_schedule, "unet_lr_decay_steps": args.unet_lr_decay_steps,
-             "unet_lr": args.unet_lr, "unet_snr_gamma": args.unet_snr_gamma}
+             "unet_lr": args.unet_lr, "unet_snr_gamma": args.unet_snr_gamma,
+             "unet_seed": args.unet_seed}
     corpus = args.corpus
     cfg = default_config(corpus, seed=args.seed, **{k: v for k, v in steps.items() if v is not None})
     out = build_zoo(args.out, cfg, args.work_dir)

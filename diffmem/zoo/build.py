@@ -61,6 +61,10 @@ class TrainConfig:
     # min(SNR, gamma) / SNR, so the many low-noise steps stop dominating the gradient; None: unweighted (SD's
     # own loss; builds 1-8)
     unet_snr_gamma: float | None = None
+    # seed of the denoiser stage alone (its initial weights, batch order, noise, timesteps and caption dropout);
+    # None: the zoo's seed, as every build before the field. A second value trains a replicate denoiser on the
+    # same corpus, VAE and reader, which measures how far a recipe's gates move with the training draw alone
+    unet_seed: int | None = None
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     reader_steps: int = 600
@@ -355,8 +359,9 @@ def caption_token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
 
 def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: Path):
     """Stage 2: the epsilon-prediction loss of Stable Diffusion on VAE latents, caption dropout 10%."""
-    torch.manual_seed(cfg.seed + 1)
     t = cfg.train
+    seed = cfg.seed if t.unet_seed is None else t.unet_seed
+    torch.manual_seed(seed + 1)
     text_encoder, unet, scheduler = make_text_encoder(cfg.arch), make_unet(cfg.arch), make_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=t.unet_lr, weight_decay=1e-2)
@@ -387,8 +392,8 @@ def train_denoiser(cfg: ZooConfig, data: TrainingImages, vae, tokenizer, work: P
     both = _Both()
     bar = tqdm(total=t.unet_steps, initial=step, desc="zoo: text encoder + UNet", dynamic_ncols=True)
     while step < t.unet_steps:
-        g = _generator(cfg.seed, step, 2)
-        pair_idx = data.batch_indices(cfg.seed, step, t.unet_batch)
+        g = _generator(seed, step, 2)
+        pair_idx = data.batch_indices(seed, step, t.unet_batch)
         img = torch.from_numpy(data.image_of_pair[pair_idx])
         item = torch.from_numpy(data.item_of_pair[pair_idx])
         drop = torch.rand(len(item), generator=g) < t.caption_dropout
