@@ -186,7 +186,9 @@ def main() -> None:
         fid = {"all": float(summary["generic_fidelity"]["generic"])}
     seconds["diversity_and_fidelity"] = round(time.time() - t, 1)
 
-    gates = sd_gates(rows, ordinary_ssim, memorized_ssim, fid)
+    # the SD labeller's per-caption false-positive rate (its null quantile); the collapse zoo's labels have none
+    null_rate = 1 - cfg.null_quantile if corpus == "sd" else None
+    gates = sd_gates(rows, ordinary_ssim, memorized_ssim, fid, null_rate)
     seconds["total"] = round(time.time() - started, 1)
     result = {
         "model": str(folder), "corpus": corpus, "fingerprint": model.fingerprint, "smoke": args.smoke,

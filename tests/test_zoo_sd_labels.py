@@ -29,7 +29,7 @@ from diffmem.zoo.load import (
     zoo_training_set,
 )
 from diffmem.zoo.sd_corpus import SDItem, build_sd_corpus, render_scene, sample_scene
-from diffmem.zoo.sd_gates import gate, mean_pairwise_ssim, pairwise_ssim
+from diffmem.zoo.sd_gates import gate, mean_pairwise_ssim, null_exceedance, pairwise_ssim, sd_gates
 from diffmem.zoo.sd_labels import SD_FAMILIES, SD_SCHEME, SDLabelConfig, label_sd_zoo, select_sd_captions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +145,26 @@ def test_pairwise_ssim_and_gate():
     assert gate(None, ">=", 0.9)["pass"] is False
 
 
+def test_null_exceedance_is_the_binomial_tail_of_the_labellers_false_positives():
+    """Build 9's ordinary-caption gate: 2 of 147 flagged against <= 1% with a 1% null: an ideal generaliser
+    would fail it in 1 - 0.99^147 - 147 (0.01) 0.99^146 of builds (docs/zoo-sd.md), and reach 2 as often."""
+    null = null_exceedance(2, 147, 0.01, 0.01)
+    p_fail = 1 - 0.99**147 - 147 * 0.01 * 0.99**146
+    assert null["allowed"] == 1 and null["expected_under_null"] == pytest.approx(1.47)
+    assert null["p_fail_under_null"] == pytest.approx(p_fail, abs=1e-4) == pytest.approx(0.4329, abs=1e-4)
+    assert null["p_at_least_observed_under_null"] == null["p_fail_under_null"]
+    # nothing flagged is always possible; 0.1 x 30 allows exactly 3 despite float round-off
+    assert null_exceedance(0, 16, 0.01, 0.1)["p_at_least_observed_under_null"] == 1.0
+    assert null_exceedance(0, 30, 0.01, 0.1)["allowed"] == 3
+    rows = [{"kind": "generic", "memorized": i < 2} for i in range(147)]
+    gates = sd_gates(rows, np.array([0.3]), np.array([0.95]), {"all": 0.9}, null_rate=0.01)
+    assert gates["ordinary_captions"]["value"] == 0.0136 and not gates["ordinary_captions"]["pass"]
+    assert gates["ordinary_captions"]["null"] == null and "null" not in gates["diversity_ordinary"]
+    assert "null" not in sd_gates(rows, np.array([0.3]), np.array([0.95]), {"all": 0.9})["ordinary_captions"]
+    with pytest.raises(ValueError, match="count <= n"):
+        null_exceedance(3, 2, 0.01, 0.01)
+
+
 def _run_gates(monkeypatch, *argv: str) -> dict:
     out = Path(argv[argv.index("--out") + 1])
     monkeypatch.setattr(sys, "argv", ["zoo_gates.py", "--smoke", *argv])
@@ -158,8 +178,12 @@ def test_gates_script_smoke(zoo, tmp_path, monkeypatch):
                 "memorized_rises_with_rate", "lookalike_titles", "ordinary_captions", "named_fidelity", "template"}
     assert expected <= set(result["gates"])
     for name, g in result["gates"].items():
-        assert set(g) == {"value", "target", "pass"} and isinstance(g["pass"], bool), name
+        assert set(g) - {"null"} == {"value", "target", "pass"} and isinstance(g["pass"], bool), name
         assert g["value"] is not None, name
+    # the SD labeller's null rate rides on the upper-bound gates: the same captions the gate's fraction counts
+    null = result["gates"]["ordinary_captions"]["null"]
+    assert null["null_rate"] == pytest.approx(0.01) and null["count"] == round(
+        result["gates"]["ordinary_captions"]["value"] * null["n"])
     assert result["smoke"] and result["sizes"]["steps"] == 2 and result["sizes"]["labelled_captions"] > 0
     assert result["passed"] == sum(g["pass"] for g in result["gates"].values())
     assert result["corpus"] == "sd" and result["labels_source"] == "a sample labelled here"

@@ -18,6 +18,7 @@ diversity and fidelity. ``benchmarks/zoo_gates.py`` chooses the captions and wri
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Sequence
 
@@ -78,6 +79,43 @@ def _fraction(rows: list[dict], **match: object) -> float | None:
     return float(np.mean(sel)) if sel else None
 
 
+# the gates that bound a memorized fraction from above: (name, which label rows, bound)
+UPPER_BOUND_GATES: tuple[tuple[str, dict[str, object], float], ...] = (
+    ("memorized_1x", {"kind": "signature", "replication": 1}, 0.1),
+    ("lookalike_titles", {"kind": "heldout_signature"}, 0.05),
+    ("ordinary_captions", {"kind": "generic"}, 0.01),
+)
+
+
+def null_exceedance(count: int, n: int, null_rate: float, bound: float) -> dict:
+    """How an upper-bound memorization gate ("memorized fraction <= ``bound``" over ``n`` captions, ``count``
+    flagged) reads against the labeller's own false positives.
+
+    The labeller flags a caption when its statistic exceeds the ``null_quantile`` of what an ideal generaliser
+    scores (:func:`~diffmem.zoo.labels.null_thresholds`), so even a model that only generalised flags each
+    caption with probability ``null_rate = 1 - null_quantile``. Taking captions as independent, the flagged count
+    under that null is Binomial(n, null_rate): ``expected_under_null`` is its mean, ``p_fail_under_null`` the
+    chance it exceeds what the gate allows (``floor(bound n)``), ``p_at_least_observed_under_null`` the chance of
+    ``count`` or more. A gate whose ``p_fail_under_null`` is large cannot tell a memorizing model from the
+    labeller's noise; its value is then read with these numbers beside it."""
+    if not 0 <= count <= n or n == 0 or not 0 <= null_rate <= 1:
+        raise ValueError(f"expected 0 <= count <= n, n > 0 and a rate in [0, 1]; got {count}, {n}, {null_rate}")
+    allowed = math.floor(bound * n + 1e-9)
+
+    def at_most(k: int) -> float:
+        return sum(math.comb(n, i) * null_rate**i * (1 - null_rate) ** (n - i) for i in range(k + 1))
+
+    return {"count": count, "n": n, "allowed": allowed, "null_rate": round(null_rate, 6),
+            "expected_under_null": round(n * null_rate, 4),
+            "p_fail_under_null": round(1 - at_most(allowed), 4),
+            "p_at_least_observed_under_null": round(1 - at_most(count - 1), 4) if count else 1.0}
+
+
+def _count(rows: list[dict], **match: object) -> tuple[int, int]:
+    sel = [bool(r["memorized"]) for r in rows if all(r[key] == value for key, value in match.items())]
+    return sum(sel), len(sel)
+
+
 def memorized_by_rate(rows: list[dict]) -> dict[int, float]:
     """Memorized fraction of signature captions per replication rate."""
     rates = sorted({r["replication"] for r in rows if r["kind"] == "signature"})
@@ -85,27 +123,35 @@ def memorized_by_rate(rows: list[dict]) -> dict[int, float]:
 
 
 def sd_gates(rows: list[dict], ordinary_ssim: np.ndarray, memorized_ssim: np.ndarray,
-             fid: dict[str, float]) -> dict[str, dict]:
+             fid: dict[str, float], null_rate: float | None = None) -> dict[str, dict]:
     """Every after-training gate from label rows (:func:`~diffmem.zoo.sd_labels.label_sd_zoo`), per-caption mean
-    pairwise SSIM of ordinary and memorized captions, and named-factor fidelity (:func:`named_fidelity`)."""
+    pairwise SSIM of ordinary and memorized captions, and named-factor fidelity (:func:`named_fidelity`). With
+    the labeller's per-caption ``null_rate``, each upper-bound memorization gate (1x, look-alikes, ordinary
+    captions) also carries ``null``: how often the labeller alone would fail it (:func:`null_exceedance`)."""
     by_rate = memorized_by_rate(rows)
     fractions = [by_rate[r] for r in sorted(by_rate)]
     rising = all(b >= a for a, b in zip(fractions, fractions[1:]))
+    upper = {name: gate(_fraction(rows, **match), "<=", bound) for name, match, bound in UPPER_BOUND_GATES}
     gates = {
         "diversity_ordinary": gate(float(np.mean(ordinary_ssim)) if len(ordinary_ssim) else None, "<=", 0.5),
         "diversity_memorized": gate(float(np.mean(memorized_ssim)) if len(memorized_ssim) else None, ">=", 0.9),
-        **{f"memorized_{rate}x": gate(by_rate.get(rate), op, bound)
-           for rate, op, bound in ((1, "<=", 0.1), (16, ">=", 0.9), (64, ">=", 0.9))},
+        "memorized_1x": upper["memorized_1x"],
+        **{f"memorized_{rate}x": gate(by_rate.get(rate), ">=", 0.9) for rate in (16, 64)},
         "memorized_rises_with_rate": {"value": {str(r): round(v, 4) for r, v in by_rate.items()},
                                       "target": "non-decreasing in the rate", "pass": bool(rising and fractions)},
-        "lookalike_titles": gate(_fraction(rows, kind="heldout_signature"), "<=", 0.05),
-        "ordinary_captions": gate(_fraction(rows, kind="generic"), "<=", 0.01),
+        "lookalike_titles": upper["lookalike_titles"],
+        "ordinary_captions": upper["ordinary_captions"],
         "named_fidelity": gate(fid.get("all"), ">=", 0.85),
         "template": gate(_fraction(rows, kind="template"), ">=", 0.5),
     }
     for factor, value in fid.items():
         if factor != "all":
             gates[f"named_fidelity_{factor}"] = gate(value, ">=", 0.85)
+    if null_rate is not None:
+        for name, match, bound in UPPER_BOUND_GATES:
+            count, n = _count(rows, **match)
+            if n:
+                gates[name]["null"] = null_exceedance(count, n, null_rate, bound)
     return gates
 
 
