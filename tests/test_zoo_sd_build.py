@@ -31,7 +31,7 @@ from diffmem.zoo.build import (
 )
 from diffmem.zoo.corpus import CorpusConfig, build_corpus
 from diffmem.zoo.gate import corpus_view
-from diffmem.zoo.paths import SHIPPED
+from diffmem.zoo.paths import SHIPPED, SHIPPED_SD
 from diffmem.zoo.schedule import ScheduleError, same_rates_until, scheduled_lr
 from diffmem.zoo.sd_attributes import (
     SD_ATTRIBUTES,
@@ -58,6 +58,13 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdzoo")
     out = build_zoo(root / "zoo_sd", SMOKE, root / "work")
     return {"out": out, "work": root / "work", "root": root}
+
+
+def test_the_shipped_zoo_was_built_with_the_sd_defaults():
+    """`diffmem zoo build --corpus sd` trains the recipe of the shipped checkpoint: its recorded configuration
+    (zoo.json) is the SD-like corpus's default one."""
+    record = json.loads((SHIPPED_SD / "zoo.json").read_text())
+    assert ZooConfig.from_dict(record["config"]) == sd_zoo_config()
 
 
 def test_sd_defaults_follow_the_training_plan():
