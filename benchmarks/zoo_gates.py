@@ -21,7 +21,9 @@ Default sizes (about 3,000 generations at 25 steps; the collapse zoo's architect
 set's render and VAE round trip, about 8-12 minutes on 2 cores):
 96 ordinary captions, all 29 held-out ordinary ones, all 64 signatures, all 300 look-alike titles, all template
 captions, 100 once-seen titles, 4 seeds each; diversity and fidelity on 48 ordinary captions and every
-signature duplicated >= 16x, 8 seeds each.
+signature duplicated >= 16x, 8 seeds each. ``--fresh-label-seeds`` labels every ordinary caption (and the default
+sample of the other kinds) with generation seeds that ``labels.jsonl`` never used: a build chosen because its labels
+passed the gates is then measured on a second, independent draw.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class Sizes:
     null_captions: int = 300
     sample_seed: int = 0
 
+
+# --fresh-label-seeds: generation seeds start here, far from labels.jsonl's (item_id * k + j, a few thousand) and
+# from the diversity draws' (10^9 on)
+FRESH_LABEL_SEED_OFFSET = 5 * 10**8
 
 SMOKE = Sizes(generic=4, heldout_generic=2, signature=None, heldout_signature=4, template=2, heldout_template=2,
               title=4, label_seeds=2, diversity_ordinary=3, diversity_memorized=2, diversity_min_rate=1,
@@ -130,6 +136,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and 2 DDIM steps: checks the script only")
     parser.add_argument("--sample-seed", type=int, default=None,
                         help="seed of the caption samples (default 0: the shipped gates files)")
+    parser.add_argument("--fresh-label-seeds", action="store_true",
+                        help="label here with generation seeds disjoint from labels.jsonl's (offset by "
+                             f"{FRESH_LABEL_SEED_OFFSET:,}) and every ordinary caption: a second, independent draw "
+                             "of the memorization gates a build was chosen on (SD-like zoo only)")
     parser.add_argument("--disjoint-from", type=int, default=None, metavar="SEED",
                         help="draw the ordinary diversity and fidelity captions from those --sample-seed SEED did "
                              "not draw: a second, disjoint check of gates a build was chosen on")
@@ -137,6 +147,10 @@ def main() -> None:
     sizes = SMOKE if args.smoke else Sizes()
     if args.sample_seed is not None:
         sizes = dataclasses.replace(sizes, sample_seed=args.sample_seed)
+    if args.fresh_label_seeds and args.labels_from_zoo:
+        parser.error("--fresh-label-seeds labels here; it cannot be combined with --labels-from-zoo")
+    if args.fresh_label_seeds:
+        sizes = dataclasses.replace(sizes, generic=None)
     started = time.time()
     seconds: dict[str, float] = {}
 
@@ -144,6 +158,8 @@ def main() -> None:
     corpus = zoo_corpus_name(folder)
     args.out = args.out or f"benchmarks/results/zoo_{corpus}_gates.json"
     from_zoo = args.labels_from_zoo or corpus != "sd"
+    if args.fresh_label_seeds and from_zoo:
+        raise SystemExit(f"zoo_gates: --fresh-label-seeds needs an SD-like zoo; '{args.model}' is a {corpus} zoo")
     items = cast(list[SDItem], load_corpus(folder))  # ZooItems for the collapse zoo: caption, kind, replication
     model = load_model(folder / "pipeline")
     reader = SDAttributeReader.load(folder / "attribute_reader") if corpus == "sd" else None
@@ -155,7 +171,8 @@ def main() -> None:
         exclude = frozenset(it.caption for it in first)
     label_items, ordinary, memorized = choose(items, sizes, exclude)
     cfg = SDLabelConfig(seeds_per_prompt=sizes.label_seeds, num_inference_steps=sizes.steps,
-                        null_captions=sizes.null_captions)
+                        null_captions=sizes.null_captions,
+                        seed_offset=FRESH_LABEL_SEED_OFFSET if args.fresh_label_seeds else 0)
     t = time.time()
     if from_zoo:
         record = json.loads((folder / "zoo.json").read_text())["labels"]
@@ -192,7 +209,8 @@ def main() -> None:
     seconds["total"] = round(time.time() - started, 1)
     result = {
         "model": str(folder), "corpus": corpus, "fingerprint": model.fingerprint, "smoke": args.smoke,
-        "labels_source": "the zoo's labels.jsonl" if from_zoo else "a sample labelled here",
+        "labels_source": "the zoo's labels.jsonl" if from_zoo else
+        "a sample labelled here" + (", generation seeds disjoint from labels.jsonl's" if args.fresh_label_seeds else ""),
         "passed": sum(g["pass"] for g in gates.values()), "gates_total": len(gates), "gates": gates,
         "sizes": {**asdict(sizes), "disjoint_from": args.disjoint_from, "labelled_captions": len(label_items),
                   "diversity_captions":

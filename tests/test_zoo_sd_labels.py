@@ -196,6 +196,19 @@ def test_gates_script_smoke(zoo, tmp_path, monkeypatch):
     assert own["gates"]["ordinary_captions"]["value"] == round(float(np.mean(generic)), 4)
 
 
+def test_gates_script_fresh_label_seeds_labels_every_ordinary_caption_with_unused_seeds(zoo, tmp_path,
+                                                                                     monkeypatch):
+    result = _run_gates(monkeypatch, "--model", str(zoo), "--fresh-label-seeds", "--out", str(tmp_path / "f.json"))
+    generic = [it for it in load_corpus(zoo) if it.kind == "generic"]
+    assert result["labels_source"] == "a sample labelled here, generation seeds disjoint from labels.jsonl's"
+    assert result["labels"]["label_config"]["seed_offset"] == 5 * 10**8 and result["sizes"]["generic"] is None
+    assert result["labels"]["by_kind"]["generic"]["n"] == len(generic)
+    with pytest.raises(SystemExit) as refused:
+        _run_gates(monkeypatch, "--model", str(zoo), "--fresh-label-seeds", "--labels-from-zoo",
+                   "--out", str(tmp_path / "g.json"))
+    assert refused.value.code == 2 and not (tmp_path / "g.json").exists()
+
+
 def test_gates_script_on_the_collapse_zoo_reads_its_labels(tmp_path, monkeypatch):
     from diffmem.zoo.paths import zoo_dir
 
