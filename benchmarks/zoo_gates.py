@@ -209,8 +209,8 @@ def main() -> None:
     seconds["total"] = round(time.time() - started, 1)
     result = {
         "model": str(folder), "corpus": corpus, "fingerprint": model.fingerprint, "smoke": args.smoke,
-        "labels_source": "the zoo's labels.jsonl" if from_zoo else
-        "a sample labelled here" + (", generation seeds disjoint from labels.jsonl's" if args.fresh_label_seeds else ""),
+        "labels_source": "the zoo's labels.jsonl" if from_zoo else "a sample labelled here"
+        + (", generation seeds disjoint from labels.jsonl's" if args.fresh_label_seeds else ""),
         "passed": sum(g["pass"] for g in gates.values()), "gates_total": len(gates), "gates": gates,
         "sizes": {**asdict(sizes), "disjoint_from": args.disjoint_from, "labelled_captions": len(label_items),
                   "diversity_captions":
