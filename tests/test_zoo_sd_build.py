@@ -411,10 +411,11 @@ def test_min_snr_weights_each_example_by_min_snr_gamma_over_snr():
 def test_snr_gamma_is_part_of_the_resumed_configuration(tmp_path):
     """A work folder trained without the weighting is not resumed with it, and one from before the field existed
     counts as unweighted."""
-    saved = SMOKE.to_dict()
+    unweighted = dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_snr_gamma=None))
+    saved = unweighted.to_dict()
     saved["train"].pop("unet_snr_gamma")
     (tmp_path / "zoo_config.json").write_text(json.dumps(saved))
-    check_resumable(tmp_path, SMOKE)
+    check_resumable(tmp_path, unweighted)
     with pytest.raises(ZooBuildError, match="only the denoiser's steps and schedule may change"):
         check_resumable(tmp_path, dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train,
                                                                                        unet_snr_gamma=5.0)))
@@ -438,7 +439,9 @@ def test_unet_seed_draws_a_replicate_denoiser_and_is_part_of_the_resumed_configu
     for name, weight in default.items():
         torch.testing.assert_close(same[name], weight, rtol=0, atol=0, msg=name)
     assert max((other[name] - weight).abs().max().item() for name, weight in default.items()) > 1e-3
-    (tmp_path / "zoo_config.json").write_text(json.dumps(SMOKE.to_dict()))  # written before the field existed
+    saved = SMOKE.to_dict()
+    saved["train"].pop("unet_seed")  # written before the field existed
+    (tmp_path / "zoo_config.json").write_text(json.dumps(saved))
     check_resumable(tmp_path, dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_seed=None)))
     with pytest.raises(ZooBuildError, match="only the denoiser's steps and schedule may change"):
         check_resumable(tmp_path, dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, unet_seed=1)))
