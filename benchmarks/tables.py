@@ -154,6 +154,12 @@ ZOO_GATES = {
 }
 
 
+def _null_cell(null: dict | None) -> str:
+    if null is None:
+        return "-"
+    return f"{null['count']} / {null['expected_under_null']:g} of {null['n']}; {null['p_fail_under_null']:.3f}"
+
+
 def _gate_cell(g: dict | None) -> str:
     if g is None:
         return "-"
@@ -173,7 +179,7 @@ def zoo_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
     ``(header, record)`` (zoo builds side by side), then the SD-like zoos' per-factor read-back rates."""
     head = ["| after training (`zoo_gates.py`) | target | " + " | ".join(h for h, _ in columns) + " |",
             "|---|---|" + "---|" * len(columns)]
-    keys = list(ZOO_GATES)
+    keys = [k for k in ZOO_GATES if any(k in r["gates"] for _, r in columns)]
     for _, record in columns:
         keys += [k for k in record["gates"] if k.startswith("named_fidelity_") and k not in keys]
     rows = []
@@ -182,6 +188,12 @@ def zoo_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
         what = ZOO_GATES.get(key) or f"named factor read back: {key.removeprefix('named_fidelity_')}"
         cells = " | ".join(_gate_cell(r["gates"].get(key)) for _, r in columns)
         rows.append(f"| {what} | {gate['target']} | {cells} |")
+    # the labeller's own false positives: how often a model that only generalised would fail each upper bound
+    for key in keys:
+        if any("null" in (r["gates"].get(key) or {}) for _, r in columns):
+            cells = " | ".join(_null_cell((r["gates"].get(key) or {}).get("null")) for _, r in columns)
+            rows.append(f"| {ZOO_GATES[key]}: flagged / expected from the labeller's null alone (of n); the "
+                        f"chance the null alone fails the gate | - | {cells} |")
     # the instrument's ceiling: the same reader on fresh training-distribution renders of the same captions
     factors = [k for k in ("all", "style", "color", "shape", "size", "position")
                if any(k in (r.get("fidelity_on_training_renders") or {}) for _, r in columns)]

@@ -182,3 +182,19 @@ def test_a_changed_figure_is_caught():
     rows = _tables_module().render("bench", compact=True)
     text = "\n".join(rows).replace(rows[-1], rows[-1].replace("0.", "9.", 1))
     assert [r for r in rows if r not in text] == [rows[-1]]
+
+
+def test_zoo_gate_table_puts_the_labellers_null_beside_each_upper_bound_gate():
+    """A gates file that carries the labeller's null (``sd_gates(..., null_rate=...)``) gets one row per upper
+    bound: flagged count, the count a pure generaliser would get, and its chance of failing the gate; a column
+    from an older file without it shows '-'."""
+    from diffmem.zoo.sd_gates import null_exceedance
+
+    null = null_exceedance(2, 147, 0.01, 0.01)
+    new = {"gates": {"ordinary_captions": {"value": 0.0136, "target": "<= 0.01", "pass": False, "null": null}}}
+    old = {"gates": {"ordinary_captions": {"value": 0.0, "target": "<= 0.01", "pass": True}}}
+    rows = _tables_module().zoo_gate_rows([("new", new), ("old", old)])
+    assert "| ordinary captions memorized | <= 0.01 | 0.014 (FAIL) | 0.000 (pass) |" in rows
+    null_rows = [r for r in rows if "the labeller's null alone" in r]
+    assert null_rows == ["| ordinary captions memorized: flagged / expected from the labeller's null alone (of n); "
+                         "the chance the null alone fails the gate | - | 2 / 1.47 of 147; 0.433 | - |"]
