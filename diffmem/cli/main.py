@@ -102,6 +102,37 @@ class ListingHelp(Parser):
         return super().format_help() + "\n" + registry_listing() + "\n"
 
 
+def add_zoo_recipe(p: argparse.ArgumentParser) -> None:
+    """The flags that make a zoo build's recipe (corpus, seed, steps, rates), shared by ``zoo build`` and
+    ``zoo estimate`` so both read the same configuration."""
+    p.add_argument("--corpus", choices=["sd", "collapse"], default="sd",
+                   help="sd: the SD-like corpus of docs/zoo-sd.md (the default zoo, zoo:sd, from "
+                        "diffmem/zoo/checkpoint_sd); collapse: the collapse zoo's corpus (zoo:collapse, from "
+                        "diffmem/zoo/checkpoint) (default: sd)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus and training (default: 0)")
+    p.add_argument("--vae-steps", type=positive_int, default=None,
+                   help="VAE training steps (default: the corpus's config: collapse 1000, sd 1500)")
+    p.add_argument("--unet-steps", type=positive_int, default=None,
+                   help="denoiser training steps (default: the corpus's config: collapse 2000, sd 11000)")
+    p.add_argument("--unet-lr-schedule", choices=SCHEDULES, default=None,
+                   help="denoiser learning-rate schedule (default: the corpus's config: collapse constant, sd "
+                        "wsd); 'wsd' holds the peak rate, then decays over the last --unet-lr-decay-steps, so "
+                        "a constant run's work folder resumes into it")
+    p.add_argument("--unet-lr-decay-steps", type=positive_int, default=None,
+                   help="with --unet-lr-schedule wsd: how many final steps decay the rate (default: the "
+                        "corpus's config: sd 3000)")
+    p.add_argument("--unet-lr", type=positive_float, default=None,
+                   help="denoiser peak learning rate (default: the corpus's config)")
+    p.add_argument("--unet-snr-gamma", type=positive_float, default=None,
+                   help="weight the denoiser's loss by Min-SNR-gamma (Hang et al. 2023) with this gamma "
+                        "(default: the corpus's config)")
+    p.add_argument("--unet-seed", type=non_negative_int, default=None,
+                   help="seed of the denoiser stage alone (initial weights, batches, noise), so a replicate "
+                        "trains on the same corpus, VAE and reader (default: --seed)")
+    p.add_argument("--reader-steps", type=positive_int, default=None,
+                   help="attribute reader training steps (default: the corpus's config: collapse 600, sd 1800)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ListingHelp(prog="diffmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
@@ -245,34 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     build = zsub.add_parser("build", help="train the zoo from its seed (resumable)")
     build.add_argument("--out", required=True, help="folder to write the zoo to")
     add_force(build)
-    build.add_argument("--corpus", choices=["sd", "collapse"], default="sd",
-                       help="sd: the SD-like corpus of docs/zoo-sd.md (the default zoo, zoo:sd, from "
-                            "diffmem/zoo/checkpoint_sd); collapse: the collapse zoo's corpus (zoo:collapse, from "
-                            "diffmem/zoo/checkpoint) (default: sd)")
     build.add_argument("--work-dir", default=None, help="checkpoint folder (default: OUT.work); rerun to resume")
-    build.add_argument("--seed", type=int, default=0, help="seed of the corpus and training (default: 0)")
-    build.add_argument("--vae-steps", type=positive_int, default=None,
-                       help="VAE training steps (default: the corpus's config: collapse 1000, sd 1500)")
-    build.add_argument("--unet-steps", type=positive_int, default=None,
-                       help="denoiser training steps (default: the corpus's config: collapse 2000, sd 11000)")
-    build.add_argument("--unet-lr-schedule", choices=SCHEDULES, default=None,
-                       help="denoiser learning-rate schedule (default: the corpus's config: collapse constant, sd "
-                            "wsd); 'wsd' holds the peak rate, then decays over the last --unet-lr-decay-steps, so "
-                            "a constant run's work folder resumes into it")
-    build.add_argument("--unet-lr-decay-steps", type=positive_int, default=None,
-                       help="with --unet-lr-schedule wsd: how many final steps decay the rate (default: the "
-                            "corpus's config: sd 3000)")
-    build.add_argument("--unet-lr", type=positive_float, default=None,
-                       help="denoiser peak learning rate (default: the corpus's config)")
-    build.add_argument("--unet-snr-gamma", type=positive_float, default=None,
-                       help="weight the denoiser's loss by Min-SNR-gamma (Hang et al. 2023) with this gamma "
-                            "(default: the corpus's config)")
-    build.add_argument("--unet-seed", type=non_negative_int, default=None,
-                       help="seed of the denoiser stage alone (initial weights, batches, noise), so a replicate "
-                            "trains on the same corpus, VAE and reader (default: --seed)")
-    build.add_argument("--reader-steps", type=positive_int, default=None,
-                       help="attribute reader training steps (default: the corpus's config: collapse 600, sd 1800)")
+    add_zoo_recipe(build)
     build.add_argument("--no-label", action="store_true", help="skip the ground-truth extraction (default: off)")
+    estimate = zsub.add_parser("estimate", help="project a build's time on this machine from two short probe "
+                               "builds, before training (docs/zoo-sd.md)")
+    add_zoo_recipe(estimate)
+    estimate.add_argument("--probe-steps", type=positive_int, nargs=2, default=[5, 25], metavar=("SMALL", "LARGE"),
+                          help="steps of every stage in the two probe builds (default: 5 25)")
+    estimate.add_argument("--out", default=None, help="also write the estimate as JSON here")
+    add_force(estimate)
     label = zsub.add_parser("label", help="(re)compute the zoo's ground-truth labels by extraction")
     label.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
     label.add_argument("--seeds", type=positive_int, default=4, help="generations per caption (default: 4)")

@@ -1,4 +1,4 @@
-"""``diffmem zoo build | label | info``."""
+"""``diffmem zoo build | estimate | label | info | check-corpus``."""
 
 from __future__ import annotations
 
@@ -14,21 +14,26 @@ from diffmem.zoo.manifest import read_jsonl, write_jsonl
 ZOO_WRITES = ("pipeline", "attribute_reader", "deepssim", "zoo.json", "manifest.jsonl", "labels.jsonl", "corpus")
 
 
+def recipe_config(args: argparse.Namespace):
+    """The :class:`~diffmem.zoo.build.ZooConfig` that ``zoo build`` and ``zoo estimate`` read from the recipe flags
+    (``add_zoo_recipe``): the corpus's defaults, each flag given overriding its field."""
+    from diffmem.zoo.build import default_config
+
+    fields = {"vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "reader_steps": args.reader_steps,
+              "unet_lr_schedule": args.unet_lr_schedule, "unet_lr_decay_steps": args.unet_lr_decay_steps,
+              "unet_lr": args.unet_lr, "unet_snr_gamma": args.unet_snr_gamma, "unet_seed": args.unet_seed}
+    return default_config(args.corpus, seed=args.seed, **{k: v for k, v in fields.items() if v is not None})
+
+
 def run_build(args: argparse.Namespace) -> None:
     """``diffmem zoo build``: train the zoo of ``--corpus`` (resumable from ``--work-dir``), then label it."""
     from diffmem.outputs import check_output_dir
-    from diffmem.zoo.build import build_zoo, default_config
+    from diffmem.zoo.build import build_zoo
 
     check_output_dir(args.out, "zoo-build", [], args.force, writes=ZOO_WRITES)
     if args.work_dir:
         check_not_input(args.work_dir, [args.out], "--work-dir")
-    steps = {"vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "reader_steps": args.reader_steps,
-             "unet_lr_schedule": args.unet_lr_schedule, "unet_lr_decay_steps": args.unet_lr_decay_steps,
-             "unet_lr": args.unet_lr, "unet_snr_gamma": args.unet_snr_gamma,
-             "unet_seed": args.unet_seed}
-    corpus = args.corpus
-    cfg = default_config(corpus, seed=args.seed, **{k: v for k, v in steps.items() if v is not None})
-    out = build_zoo(args.out, cfg, args.work_dir)
+    out = build_zoo(args.out, recipe_config(args), args.work_dir)
     print(f"zoo written to {out}")
     if args.no_label:
         return
@@ -117,3 +122,26 @@ def run_check_corpus(args: argparse.Namespace) -> None:
     if args.out:
         atomic_write_text(Path(args.out), json.dumps(report, indent=2))
         print(f"wrote {args.out}")
+
+
+def run_estimate(args: argparse.Namespace) -> None:
+    """``diffmem zoo estimate``: project the recipe's build time on this machine (:mod:`diffmem.zoo.estimate`)."""
+    from diffmem.outputs import check_output_file
+    from diffmem.zoo.build import ZooBuildError
+    from diffmem.zoo.estimate import ESTIMATE_SIGNATURE, estimate_build
+
+    small, large = args.probe_steps
+    if small >= large:
+        raise ZooBuildError(f"--probe-steps: expected SMALL < LARGE; got {small} {large}")
+    if args.out:
+        check_output_file(args.out, force=args.force, signature=ESTIMATE_SIGNATURE)
+    record = estimate_build(recipe_config(args), (small, large))
+    for stage, s in record["stages"].items():
+        print(f"{stage:>17}: {s['steps']:>6} steps x {s['seconds_per_step']:.3f} s + {s['fixed_seconds']:.1f} s "
+              f"= {s['projected_seconds'] / 60:.1f} min")
+    print(f"{'other':>17}: {(record['other_seconds'] + record['save_seconds']) / 60:.1f} min")
+    print(f"projected build on this machine: {record['projected_minutes']:.1f} min (labels not included; the probes "
+          f"took {record['probe_wall_seconds']:.0f} s)")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+        print(f"estimate written to {args.out}")
