@@ -27,6 +27,8 @@ import json
 import re
 from pathlib import Path
 
+from diffmem.zoo.sd_gates import null_from_summary
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -157,7 +159,17 @@ ZOO_GATES = {
 def _null_cell(null: dict | None) -> str:
     if null is None:
         return "-"
-    return f"{null['count']} / {null['expected_under_null']:g} of {null['n']}; {null['p_fail_under_null']:.3f}"
+    return (f"{null['count']} / {null['expected_under_null']:g} of {null['n']}; {null['p_fail_under_null']:.3f}; "
+            f"{null['p_at_least_observed_under_null']:.3f}")
+
+
+def _gate_nulls(record: dict) -> dict[str, dict]:
+    """Each upper-bound gate's ``null`` of a gates record: as stored, else from its SD-like label summary."""
+    stored = {k: g["null"] for k, g in record["gates"].items() if "null" in g}
+    labels = record.get("labels") or {}
+    if stored or "label_config" not in labels or record.get("corpus") != "sd":
+        return stored
+    return null_from_summary(labels)
 
 
 def _gate_cell(g: dict | None) -> str:
@@ -189,11 +201,13 @@ def zoo_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
         cells = " | ".join(_gate_cell(r["gates"].get(key)) for _, r in columns)
         rows.append(f"| {what} | {gate['target']} | {cells} |")
     # the labeller's own false positives: how often a model that only generalised would fail each upper bound
+    # (stored by sd_gates since it records them; recomputed from the label summary of older SD-like files)
+    nulls = [_gate_nulls(r) for _, r in columns]
     for key in keys:
-        if any("null" in (r["gates"].get(key) or {}) for _, r in columns):
-            cells = " | ".join(_null_cell((r["gates"].get(key) or {}).get("null")) for _, r in columns)
+        if any(key in n for n in nulls):
+            cells = " | ".join(_null_cell(n.get(key)) for n in nulls)
             rows.append(f"| {ZOO_GATES[key]}: flagged / expected from the labeller's null alone (of n); the "
-                        f"chance the null alone fails the gate | - | {cells} |")
+                        f"chance the null alone fails the gate; the chance it flags as many or more | - | {cells} |")
     # the instrument's ceiling: the same reader on fresh training-distribution renders of the same captions
     factors = [k for k in ("all", "style", "color", "shape", "size", "position")
                if any(k in (r.get("fidelity_on_training_renders") or {}) for _, r in columns)]
@@ -399,6 +413,8 @@ SD_BUILD5_GATES = "experiments/zoo_sd_gates_build5.json"  # build 5: 16-token co
 SD_BUILD6_GATES = "experiments/zoo_sd_gates_build6.json"  # build 6: build 4's denoiser, build 5's reader
 SD_BUILD8_GATES = "experiments/zoo_sd_gates_build8.json"  # build 8: build 7's schedule cut to 7,000 steps
 SD_BUILD9_GATES = "experiments/zoo_sd_gates_build9.json"  # build 9: 6,000 steps, twice the rate, Min-SNR-5
+# build 7 (shipped) labelled again with generation seeds its labels.jsonl never used: a second, independent draw
+SD_BUILD7_FRESH_GATES = "experiments/zoo_sd_gates_build7_fresh_label_seeds.json"
 SD_BUILD2_CORPUS = "experiments/corpus_gate_sd_build2.json"  # build 2's corpus: 1,000 once-seen titles a family
 SD_BUILD3_CORPUS = "experiments/corpus_gate_sd_build3.json"  # build 3's: 2,000 titles a family, position named
 THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
@@ -415,12 +431,13 @@ TABLES = {
         r[0], compact, "detector (SD-like zoo, memorized by duplication, test split)")),
     "detection-heldout-sd-confirmed": (("detection_sd_confirmed.json",), lambda r, compact: heldout_rows(
         r[0], compact, "detector (SD-like zoo, memorized in >= 2 of 4 seeds, test split)")),
-    "zoo-gates": (("zoo_sd_gates.json", SD_BUILD9_GATES, SD_BUILD8_GATES, SD_BUILD6_GATES, SD_BUILD5_GATES,
-                   SD_BUILD4_GATES, "zoo_collapse_gates.json"),
+    "zoo-gates": (("zoo_sd_gates.json", SD_BUILD7_FRESH_GATES, SD_BUILD9_GATES, SD_BUILD8_GATES, SD_BUILD6_GATES,
+                   SD_BUILD5_GATES, SD_BUILD4_GATES, "zoo_collapse_gates.json"),
                   lambda r, _: zoo_gate_rows([("SD-like zoo (`zoo:sd`, default; build 7)", r[0]),
-                                              ("build 9 (6,000 steps, Min-SNR)", r[1]),
-                                              ("build 8 (7,000 steps)", r[2]), ("build 6", r[3]), ("build 5", r[4]),
-                                              ("build 4", r[5]), ("collapse zoo (`zoo:collapse`)", r[6])])),
+                                              ("build 7, second label draw (fresh seeds)", r[1]),
+                                              ("build 9 (6,000 steps, Min-SNR)", r[2]),
+                                              ("build 8 (7,000 steps)", r[3]), ("build 6", r[4]), ("build 5", r[5]),
+                                              ("build 4", r[6]), ("collapse zoo (`zoo:collapse`)", r[7])])),
     "corpus-gate": (("corpus_gate.json", SD_BUILD3_CORPUS, SD_BUILD2_CORPUS), lambda r, _: corpus_gate_rows(
         [("SD-like corpus (builds 4-7)", r[0]["corpora"]["sd"]), ("build 3", r[1]["corpora"]["sd"]),
          ("build 2", r[2]["corpora"]["sd"]), ("collapse corpus", r[0]["corpora"]["collapse"])])),

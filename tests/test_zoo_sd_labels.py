@@ -29,7 +29,14 @@ from diffmem.zoo.load import (
     zoo_training_set,
 )
 from diffmem.zoo.sd_corpus import SDItem, build_sd_corpus, render_scene, sample_scene
-from diffmem.zoo.sd_gates import gate, mean_pairwise_ssim, null_exceedance, pairwise_ssim, sd_gates
+from diffmem.zoo.sd_gates import (
+    gate,
+    mean_pairwise_ssim,
+    null_exceedance,
+    null_from_summary,
+    pairwise_ssim,
+    sd_gates,
+)
 from diffmem.zoo.sd_labels import SD_FAMILIES, SD_SCHEME, SDLabelConfig, label_sd_zoo, select_sd_captions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +170,17 @@ def test_null_exceedance_is_the_binomial_tail_of_the_labellers_false_positives()
     assert "null" not in sd_gates(rows, np.array([0.3]), np.array([0.95]), {"all": 0.9})["ordinary_captions"]
     with pytest.raises(ValueError, match="count <= n"):
         null_exceedance(3, 2, 0.01, 0.01)
+
+
+def test_null_from_a_gates_files_label_summary_equals_the_null_it_stored():
+    """The shipped zoo's second label draw stored each upper bound's null; recomputing it from the same file's
+    label summary (how tables.py reads files written before the null was stored) gives the same record."""
+    path = ROOT / "benchmarks" / "results" / "experiments" / "zoo_sd_gates_build7_fresh_label_seeds.json"
+    record = json.loads(path.read_text())
+    stored = {k: g["null"] for k, g in record["gates"].items() if "null" in g}
+    assert set(stored) == {"memorized_1x", "lookalike_titles", "ordinary_captions"}
+    assert null_from_summary(record["labels"]) == stored
+    assert stored["ordinary_captions"]["count"] == 2 and stored["lookalike_titles"]["count"] == 7
 
 
 def _run_gates(monkeypatch, *argv: str) -> dict:

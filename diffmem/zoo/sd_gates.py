@@ -111,6 +111,23 @@ def null_exceedance(count: int, n: int, null_rate: float, bound: float) -> dict:
             "p_at_least_observed_under_null": round(1 - at_most(count - 1), 4) if count else 1.0}
 
 
+def null_from_summary(labels: dict) -> dict[str, dict]:
+    """Each upper-bound gate's ``null`` (:func:`null_exceedance`) recomputed from a gates file's label summary
+    (``labels`` of ``benchmarks/zoo_gates.py``: ``by_kind``, ``signature_by_replication`` and the labeller's
+    ``label_config``), for files written before :func:`sd_gates` stored it. Counts are the stored fractions times
+    their ``n`` (fractions kept to 4 decimals: exact for n below 5,000)."""
+    rate = 1 - float(labels["label_config"]["null_quantile"])
+    out = {}
+    for name, match, bound in UPPER_BOUND_GATES:
+        if "replication" in match:
+            summary = labels.get("signature_by_replication", {}).get(str(match["replication"]))
+        else:
+            summary = labels.get("by_kind", {}).get(str(match["kind"]))
+        if summary and summary["n"]:
+            out[name] = null_exceedance(round(summary["memorized"] * summary["n"]), summary["n"], rate, bound)
+    return out
+
+
 def _count(rows: list[dict], **match: object) -> tuple[int, int]:
     sel = [bool(r["memorized"]) for r in rows if all(r[key] == value for key, value in match.items())]
     return sum(sel), len(sel)
