@@ -137,7 +137,8 @@ def run_estimate(args: argparse.Namespace) -> None:
         check_output_file(args.out, force=args.force, signature=ESTIMATE_SIGNATURE)
     record = estimate_build(recipe_config(args), (small, large))
     for stage, s in record["stages"].items():
-        print(f"{stage:>17}: {s['steps']:>6} steps x {s['seconds_per_step']:.3f} s + {s['fixed_seconds']:.1f} s "
+        fixed = max(0.0, s["fixed_seconds"])  # a line through two noisy probes can cross below zero
+        print(f"{stage:>17}: {s['steps']:>6} steps x {s['seconds_per_step']:.3f} s + {fixed:.1f} s "
               f"= {s['projected_seconds'] / 60:.1f} min")
     print(f"{'other':>17}: {(record['other_seconds'] + record['save_seconds']) / 60:.1f} min")
     print(f"projected build on this machine: {record['projected_minutes']:.1f} min (labels not included; the probes "

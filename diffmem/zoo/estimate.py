@@ -6,13 +6,16 @@ cores. :func:`estimate_build` runs the real :func:`~diffmem.zoo.build.build_zoo`
 steps per stage (two probe sizes), reads each run's own stage times (``train_seconds_by_stage`` of ``zoo.json``)
 and fits, per stage, ``seconds = fixed + steps * seconds_per_step``. The projection for the configured steps is
 that line; what no stage records (corpus render, tokenizer) is measured as the run's wall time beyond its stages
-and added once. The probes train with a constant learning rate (a schedule changes no step's cost), write only
-into a temporary folder, and leave nothing behind.
+and added once. A 1-step build runs first and is discarded, so both probes run warm. The probes train with a
+constant learning rate (a schedule changes no step's cost), write only into a temporary folder, and leave
+nothing behind.
 
-What the line leaves out: the first step's warm-up is part of ``fixed_seconds`` (it is paid once in a real build
-too); the periodic checkpoints of a real build (one ``torch.save`` of the stage's state every ``checkpoint_every``
-steps; the probes save once, at their end) are not projected; and labels (``diffmem zoo label``) are not a stage.
-The projection is for this machine as loaded while the probes ran: run it on an idle machine.
+What the line leaves out: the process's one-time start-up (paid once in a real build); the periodic checkpoints
+of a real build (one ``torch.save`` of the stage's state every ``checkpoint_every`` steps; the probes save once,
+at their end); and labels (``diffmem zoo label``), which are not a stage. The projection is for this machine as
+loaded while the probes ran: on a shared host the step cost itself moves (two estimates minutes apart measured
+0.765 and 1.165 s a denoiser step, docs/zoo-sd.md), so run it on an idle machine, with longer probes for a
+steadier slope.
 """
 
 from __future__ import annotations
@@ -94,6 +97,9 @@ def estimate_build(cfg: ZooConfig, probe_steps: tuple[int, int] = DEFAULT_PROBE_
     started = time.perf_counter()
     runs, walls = [], []
     with tempfile.TemporaryDirectory(prefix="diffmem-estimate-", dir=scratch) as tmp:
+        # a 1-step build first, discarded: the process's one-time costs (kernel selection, allocator growth) would
+        # otherwise land on the small probe alone and bend the line's slope down
+        _timed_build(probe_config(cfg, 1), Path(tmp) / "warm-up")
         for steps in (small, large):
             by_stage, wall = _timed_build(probe_config(cfg, steps), Path(tmp) / f"probe-{steps}")
             runs.append(by_stage)
