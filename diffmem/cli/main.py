@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_zoo_recipe(estimate)
     estimate.add_argument("--probe-steps", type=positive_int, nargs=2, default=[5, 25], metavar=("SMALL", "LARGE"),
                           help="steps of every stage in the two probe builds (default: 5 25)")
-    estimate.add_argument("--out", default=None, help="also write the estimate as JSON here")
+    estimate.add_argument("--out", default=None, help="also write the estimate as JSON here (default: print only)")
     add_force(estimate)
     label = zsub.add_parser("label", help="(re)compute the zoo's ground-truth labels by extraction")
     label.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
