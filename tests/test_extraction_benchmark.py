@@ -3,20 +3,13 @@ calibration captions that are disjoint from it and labelled not memorized."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "extraction.py"
+from benchmark_script import load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("extraction_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("extraction")
 
 
 def _rows(kind: str, n: int, memorized_every: int = 0) -> list[dict]:

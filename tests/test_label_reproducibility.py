@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_reproducibility.py"
+from benchmark_script import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("label_reproducibility", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("label_reproducibility")
 
 
 def _zoo(folder: Path, rows: list[dict], summary: dict) -> Path:
