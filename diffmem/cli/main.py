@@ -104,33 +104,32 @@ class ListingHelp(Parser):
 
 def add_zoo_recipe(p: argparse.ArgumentParser) -> None:
     """The flags that make a zoo build's recipe (corpus, seed, steps, rates), shared by ``zoo build`` and
-    ``zoo estimate`` so both read the same configuration."""
+    ``zoo estimate`` so both read the same configuration. Each overrides one field of the corpus's config."""
     p.add_argument("--corpus", choices=["sd", "collapse"], default="sd",
                    help="sd: the SD-like corpus of docs/zoo-sd.md (the default zoo, zoo:sd, from "
                         "diffmem/zoo/checkpoint_sd); collapse: the collapse zoo's corpus (zoo:collapse, from "
                         "diffmem/zoo/checkpoint) (default: sd)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus and training (default: 0)")
-    p.add_argument("--vae-steps", type=positive_int, default=None,
-                   help="VAE training steps (default: the corpus's config: collapse 1000, sd 1500)")
-    p.add_argument("--unet-steps", type=positive_int, default=None,
-                   help="denoiser training steps (default: the corpus's config: collapse 2000, sd 11000)")
     p.add_argument("--unet-lr-schedule", choices=SCHEDULES, default=None,
                    help="denoiser learning-rate schedule (default: the corpus's config: collapse constant, sd "
                         "wsd); 'wsd' holds the peak rate, then decays over the last --unet-lr-decay-steps, so "
                         "a constant run's work folder resumes into it")
-    p.add_argument("--unet-lr-decay-steps", type=positive_int, default=None,
-                   help="with --unet-lr-schedule wsd: how many final steps decay the rate (default: the "
-                        "corpus's config: sd 3000)")
-    p.add_argument("--unet-lr", type=positive_float, default=None,
-                   help="denoiser peak learning rate (default: the corpus's config)")
-    p.add_argument("--unet-snr-gamma", type=positive_float, default=None,
-                   help="weight the denoiser's loss by Min-SNR-gamma (Hang et al. 2023) with this gamma "
-                        "(default: the corpus's config)")
-    p.add_argument("--unet-seed", type=non_negative_int, default=None,
-                   help="seed of the denoiser stage alone (initial weights, batches, noise), so a replicate "
-                        "trains on the same corpus, VAE and reader (default: --seed)")
-    p.add_argument("--reader-steps", type=positive_int, default=None,
-                   help="attribute reader training steps (default: the corpus's config: collapse 600, sd 1800)")
+    overrides = (
+        ("--vae-steps", positive_int, "VAE training steps (default: the corpus's config: collapse 1000, sd 1500)"),
+        ("--unet-steps", positive_int,
+         "denoiser training steps (default: the corpus's config: collapse 2000, sd 11000)"),
+        ("--unet-lr-decay-steps", positive_int,
+         "with --unet-lr-schedule wsd: how many final steps decay the rate (default: the corpus's config: sd 3000)"),
+        ("--unet-lr", positive_float, "denoiser peak learning rate (default: the corpus's config)"),
+        ("--unet-snr-gamma", positive_float, "weight the denoiser's loss by Min-SNR-gamma (Hang et al. 2023) with "
+                                             "this gamma (default: the corpus's config)"),
+        ("--unet-seed", non_negative_int, "seed of the denoiser stage alone (initial weights, batches, noise), so a "
+                                          "replicate trains on the same corpus, VAE and reader (default: --seed)"),
+        ("--reader-steps", positive_int,
+         "attribute reader training steps (default: the corpus's config: collapse 600, sd 1800)"),
+    )
+    for flag, parse, text in overrides:
+        p.add_argument(flag, type=parse, default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
