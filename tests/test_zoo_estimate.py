@@ -73,3 +73,19 @@ def test_cli_refuses_a_probe_pair_that_is_not_increasing_or_a_file_it_did_not_wr
     assert main(["zoo", "estimate", "--corpus", "sd", "--out", str(mine)]) == 2
     assert "is an existing file diffmem did not write" in capsys.readouterr().err
     assert mine.read_text() == '{"my": "notes"}'
+
+
+def test_every_recipe_flag_overrides_the_train_field_it_names():
+    """zoo build and zoo estimate read one ZooConfig from the same flags; unset flags keep the corpus defaults."""
+    from diffmem.cli.main import build_parser
+    from diffmem.cli.zoo_commands import recipe_config
+    from diffmem.zoo.build import sd_zoo_config
+
+    args = build_parser().parse_args(
+        ["zoo", "estimate", "--unet-steps", "6000", "--unet-lr", "8e-4", "--unet-snr-gamma", "5", "--unet-seed", "1",
+         "--vae-steps", "7", "--reader-steps", "9", "--unet-lr-decay-steps", "2500", "--seed", "3"])
+    t = recipe_config(args).train
+    assert (t.unet_steps, t.unet_lr, t.unet_snr_gamma, t.unet_seed, t.vae_steps, t.reader_steps,
+            t.unet_lr_decay_steps) == (6000, 8e-4, 5.0, 1, 7, 9, 2500)
+    assert recipe_config(args).seed == 3
+    assert recipe_config(build_parser().parse_args(["zoo", "build", "--out", "x"])) == sd_zoo_config()

@@ -16,13 +16,14 @@ ZOO_WRITES = ("pipeline", "attribute_reader", "deepssim", "zoo.json", "manifest.
 
 def recipe_config(args: argparse.Namespace):
     """The :class:`~diffmem.zoo.build.ZooConfig` that ``zoo build`` and ``zoo estimate`` read from the recipe flags
-    (``add_zoo_recipe``): the corpus's defaults, each flag given overriding its field."""
-    from diffmem.zoo.build import default_config
+    (``add_zoo_recipe``): the corpus's defaults, each flag given overriding the TrainConfig field its name is."""
+    import dataclasses
 
-    fields = {"vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "reader_steps": args.reader_steps,
-              "unet_lr_schedule": args.unet_lr_schedule, "unet_lr_decay_steps": args.unet_lr_decay_steps,
-              "unet_lr": args.unet_lr, "unet_snr_gamma": args.unet_snr_gamma, "unet_seed": args.unet_seed}
-    return default_config(args.corpus, seed=args.seed, **{k: v for k, v in fields.items() if v is not None})
+    from diffmem.zoo.build import TrainConfig, default_config
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    return default_config(args.corpus, seed=args.seed, **given)
 
 
 def run_build(args: argparse.Namespace) -> None:

@@ -1,21 +1,20 @@
 """How long a zoo build would take on this machine, measured before the hour of training is spent.
 
-The SD-like zoo's recipes take 90 to 150 minutes on 2 cores, and the same recipe's denoiser step cost 0.655 s on
-one 2-core machine and about 1.2 s on another (docs/zoo-sd.md): a budget stated in minutes depends on which two
-cores. :func:`estimate_build` runs the real :func:`~diffmem.zoo.build.build_zoo` twice on this machine with few
-steps per stage (two probe sizes), reads each run's own stage times (``train_seconds_by_stage`` of ``zoo.json``)
-and fits, per stage, ``seconds = fixed + steps * seconds_per_step``. The projection for the configured steps is
-that line; what no stage records (corpus render, tokenizer) is measured as the run's wall time beyond its stages
-and added once. A 1-step build runs first and is discarded, so both probes run warm. The probes train with a
-constant learning rate (a schedule changes no step's cost), write only into a temporary folder, and leave
-nothing behind.
+The SD-like zoo's recipes take 90 to 150 minutes on 2 cores, and the same recipe's denoiser step cost 0.673 s on one
+2-core machine (build 9's record) and 1.268 s on another (docs/zoo-sd.md): a budget stated in minutes depends on
+which two cores. :func:`estimate_build` runs the real :func:`~diffmem.zoo.build.build_zoo` twice on this machine
+with few steps per stage (two probe sizes), reads each run's own stage times (``train_seconds_by_stage`` of
+``zoo.json``) and fits, per stage, ``seconds = fixed + steps * seconds_per_step``. The projection for the configured
+steps is that line; what no stage records (corpus render, tokenizer) is measured as the run's wall time beyond its
+stages and added once. A 1-step build runs first and is discarded, so both probes run warm. The probes train with a
+constant learning rate (a schedule changes no step's cost), write only into a temporary folder, and leave nothing
+behind.
 
-What the line leaves out: the process's one-time start-up (paid once in a real build); the periodic checkpoints
-of a real build (one ``torch.save`` of the stage's state every ``checkpoint_every`` steps; the probes save once,
-at their end); and labels (``diffmem zoo label``), which are not a stage. The projection is for this machine as
-loaded while the probes ran: on a shared host the step cost itself moves (two estimates minutes apart measured
-0.765 and 1.165 s a denoiser step, docs/zoo-sd.md), so run it on an idle machine, with longer probes for a
-steadier slope.
+What the line leaves out: the process's one-time start-up (paid once in a real build); the periodic checkpoints of a
+real build (one ``torch.save`` of the stage's state every ``checkpoint_every`` steps; the probes save once, at their
+end); and labels (``diffmem zoo label``), which are not a stage. The projection is for this machine as loaded while
+the probes ran: on a shared host the step cost itself moves (two estimates minutes apart measured 0.765 and 1.165 s
+a denoiser step, docs/zoo-sd.md), so run it on an idle machine, with longer probes for a steadier slope.
 """
 
 from __future__ import annotations
@@ -68,12 +67,17 @@ def _timed_build(cfg: ZooConfig, root: Path) -> tuple[dict[str, float], float]:
     return {k: float(v) for k, v in by_stage.items()}, wall
 
 
+def check_probe_steps(small: int, large: int) -> None:
+    """Two probe sizes draw a line only when ``0 < small < large``."""
+    if not 0 < small < large:
+        raise ValueError(f"expected probe steps 0 < small < large; got {small}, {large}")
+
+
 def fit_stages(cfg: TrainConfig, small: int, large: int, runs: tuple[dict[str, float], dict[str, float]]
                ) -> list[StageEstimate]:
     """Each stage's line through its two probe times (``small`` and ``large`` steps) projected to the steps
     ``cfg`` asks for. A stage the probes did not time (absent from either run) is refused: its cost is unknown."""
-    if not 0 < small < large:
-        raise ValueError(f"expected probe steps 0 < small < large; got {small}, {large}")
+    check_probe_steps(small, large)
     estimates = []
     for stage, field in STAGE_STEPS.items():
         if stage not in runs[0] or stage not in runs[1]:
@@ -94,6 +98,7 @@ def estimate_build(cfg: ZooConfig, probe_steps: tuple[int, int] = DEFAULT_PROBE_
     ``projected_seconds`` and ``projected_minutes`` in all; the probes' own wall time. Labels are not included
     (``diffmem zoo label`` is timed by ``zoo.json``'s ``labels.seconds``)."""
     small, large = probe_steps
+    check_probe_steps(small, large)  # before minutes of probe builds, not after
     started = time.perf_counter()
     runs, walls = [], []
     with tempfile.TemporaryDirectory(prefix="diffmem-estimate-", dir=scratch) as tmp:
