@@ -169,7 +169,7 @@ def _scan(args: argparse.Namespace, prepared: dict, check=None):
 def run_scan_command(args: argparse.Namespace) -> None:
     import logging
 
-    from diffmem.calibration import calibration_mismatches, flag, load_calibration
+    from diffmem.calibration import calibration_mismatches, check_attainable, flag, load_calibration
 
     if args.fpr is not None and args.calibration is None:
         raise DiffmemError("--fpr needs --calibration FILE (made by `diffmem calibrate`)")
@@ -177,6 +177,8 @@ def run_scan_command(args: argparse.Namespace) -> None:
     names = [d.name for d in prepared["detectors"]]
     cal = load_calibration(args.calibration, names) if args.calibration else None
     fpr = args.fpr if args.fpr is not None else 0.01
+    if cal is not None:
+        check_attainable(cal, names, fpr)  # before any prompt is scanned
 
     def check(prov: dict) -> None:
         if cal is None:
@@ -236,8 +238,7 @@ def print_summary(table: pa.Table, names: list[str], top: int) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> None:
-    from diffmem.calibration import calibration_record
-    from diffmem.eval.detection import threshold_at_fpr
+    from diffmem.calibration import calibration_record, detector_threshold
 
     if args.prompts is None:
         raise DiffmemError("calibrate needs --prompts FILE of prompts known to be ordinary (not memorized)")
@@ -249,7 +250,10 @@ def run_calibrate(args: argparse.Namespace) -> None:
     calib = calibration_record({n: table.column(n).to_pylist() for n in names}, prov)
     for n in names:
         s = np.asarray(calib["scores"][n], dtype=float)
-        print(f"{n}: {np.isfinite(s).sum()} ordinary scores; threshold at FPR 1%: {threshold_at_fpr(s, 0.01):.4g}")
+        n_ok = int(np.isfinite(s).sum())
+        thr = detector_threshold(s, 0.01)
+        print(f"{n}: {n_ok} ordinary scores; threshold at FPR 1%: "
+              + (f"{thr:.4g}" if np.isfinite(thr) else f"none (needs >= 99 prompts, has {n_ok})"))
     out = Path(args.out) / CALIBRATION_FILE
     atomic_write_text(out, json.dumps(calib))
     print(f"calibration of model {calib['model_fingerprint']} ({len(names)} detector(s), {args.draws} draws, "
