@@ -21,6 +21,11 @@ from diffmem.models.model import DiffusionModel
 from diffmem.prompts import PromptSet
 
 EXTRACTION_FILE = "extraction.parquet"
+VERDICTS_FILE = "verdicts.parquet"
+VERDICTS_SUMMARY = "verdicts.json"
+NULL_FOLDER = "null"  # the never-trained prompts' run, inside the extraction folder
+REPLICATION = "replication"
+FAMILY_COLUMN = "family"
 
 
 @dataclass(frozen=True)
@@ -88,3 +93,79 @@ def run_extract(model: DiffusionModel, prompts: PromptSet, attacks: list[Attack]
     if rank != 0:
         return None
     return merge_parts(out, prompts, world_size, settings.batch_size, EXTRACTION_FILE)
+
+
+@dataclass(frozen=True)
+class VerdictSettings:
+    """How replication verdicts are decided (:mod:`diffmem.eval.verdicts`); saved with them."""
+
+    q: float = 0.05  # Benjamini-Hochberg FDR level
+    null_level: float = 0.01  # per-generation tail level of the match threshold
+    confidence: float = 0.95  # of the count's lower bound
+
+
+def _similarities(table: pa.Table, column: str) -> np.ndarray:
+    values = table.column(f"{REPLICATION}.{column}").to_pylist()
+    width = max((len(v) for v in values if v is not None), default=0)
+    out = np.full((len(values), width), np.nan)
+    for i, v in enumerate(values):
+        if v:
+            out[i, : len(v)] = np.asarray(v, dtype=np.float64)
+    return out
+
+
+def replication_verdicts(table: pa.Table, null_table: pa.Table, own_items: list[int | None],
+                         families: list[str] | None = None, null_families: list[str] | None = None,
+                         settings: VerdictSettings = VerdictSettings()) -> tuple[pa.Table, dict]:
+    """Per-prompt verdicts from a replication run (``table``) against the same run on never-trained prompts
+    (``null_table``): a null per family where both sides name families, else one pooled null.
+
+    Returns the verdict table (one row per prompt: matching generations own/other, replication rate, p, q,
+    verdict, margin, matched items, attribution) and a summary (count with its bound, nulls, null checks)."""
+    from diffmem.eval.verdicts import attribution, decide, fit_generation_null
+
+    sim, null_sim = _similarities(table, "gen_similarity"), _similarities(null_table, "gen_similarity")
+    own_sim = _similarities(table, "gen_own_similarity")
+    items = np.asarray(table.column(f"{REPLICATION}.gen_item").to_pylist(), dtype=object)
+    by_family = families is not None and null_families is not None
+    fams = list(families) if by_family else ["all"] * len(sim)
+    null_fams = np.asarray(null_families if by_family else ["all"] * len(null_sim))
+    missing = sorted(set(fams) - set(null_fams.tolist()))
+    if missing:
+        raise DiffmemError(f"no never-trained prompts of family {missing} among the null prompts; add some "
+                           "or drop the family column to pool one null")
+    nulls = {f: fit_generation_null(null_sim[null_fams == f], settings.null_level, f"null prompts of family '{f}'")
+             for f in sorted(set(fams))}
+    v = decide(sim, [nulls[f] for f in fams], settings.q, settings.confidence)
+    tau = np.array([nulls[f].threshold for f in fams])
+    over = np.where(np.isfinite(sim), sim, -np.inf) > tau[:, None]
+    own_over = np.where(np.isfinite(own_sim), own_sim, -np.inf) > tau[:, None]
+    matched = [sorted({int(x) for x, hit in zip(items[i], over[i]) if hit}) if v.replicates[i] else []
+               for i in range(len(sim))]
+    out = pa.table({
+        "id": table.column("id"), "text": table.column("text"), "family": fams,
+        "generations": v.k.tolist(), "matching": v.matches.tolist(),
+        "matching_own": [None if np.isnan(own_sim[i]).all() else int(own_over[i].sum()) for i in range(len(sim))],
+        "replication_rate": v.replication_rate.tolist(), "p_value": v.p_value.tolist(),
+        "q_value": v.q_value.tolist(), "replicates": v.replicates.tolist(), "margin": v.margin.round(6).tolist(),
+        "matched_items": matched, "attribution": attribution(matched, own_items)})
+    summary = {"count": v.bound.__dict__, "sentence": v.bound.sentence(), "settings": settings.__dict__,
+               "nulls": {f: n.describe() for f, n in nulls.items()},
+               "null_checks": {f: _null_checks(null_sim[null_fams == f], nulls[f], settings) for f in nulls},
+               "generations_per_prompt": int(np.median(v.k)) if len(v.k) else 0,
+               "attribution": {a: int(sum(x == a for x, r in zip(out.column("attribution").to_pylist(),
+                                                                  v.replicates) if r))
+                               for a in ("own", "other", "both", "unknown")}}
+    return out, summary
+
+
+def _null_checks(null_sim: np.ndarray, null, settings: VerdictSettings) -> dict:
+    """Does the binomial null hold for these never-trained prompts? (:mod:`diffmem.eval.verdicts`)"""
+    from diffmem.eval.verdicts import null_overdispersion, null_self_check
+
+    out: dict = {"overdispersion": null_overdispersion(null_sim, null)}
+    try:
+        out["self_check"] = null_self_check(null_sim, settings.null_level, settings.q)
+    except DiffmemError as exc:  # too few null generations to split in two
+        out["self_check"] = {"skipped": str(exc)}
+    return out

@@ -1,6 +1,12 @@
 """Extraction attacks: one registry, one file per attack (see base.py for how to add one)."""
 
-from diffmem.attacks import generate_filter, one_step_blackbox, one_step_whitebox, retrigger  # noqa: F401
+from diffmem.attacks import (  # noqa: F401 - registers the built-ins
+    generate_filter,
+    one_step_blackbox,
+    one_step_whitebox,
+    replication,
+    retrigger,
+)
 from diffmem.attacks.base import ATTACKS, Attack, AttackContext, TrainingIndex, make_attack
 
 __all__ = ["ATTACKS", "Attack", "AttackContext", "TrainingIndex", "make_attack"]

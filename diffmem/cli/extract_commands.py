@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from diffmem.errors import DiffmemError
+from diffmem.extract import NULL_FOLDER, REPLICATION
 
-EXTRACT_WRITES = ("provenance.json", "parts", "extraction.parquet")
+EXTRACT_WRITES = ("provenance.json", "parts", "extraction.parquet", "null", "verdicts.parquet", "verdicts.json")
 
 
 def add_extract_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +22,16 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-index", default=None,
                    help="folder of training images to match against (default: the zoo's corpus)")
     p.add_argument("--attack", action="append", default=None,
-                   help="attack name; repeat for several (default: one-step-whitebox, one-step-blackbox)")
+                   help="attack name; repeat for several (default: replication with --null-prompts, else "
+                        "one-step-whitebox, one-step-blackbox)")
+    p.add_argument("--null-prompts", default=None, metavar="FILE",
+                   help="prompts of the same kind that were NOT trained on (held-out captions): the null that "
+                        "replication verdicts are decided against; runs the replication attack on both sets and "
+                        "writes verdicts.parquet (default: the zoo's never-trained captions on a zoo, else none)")
+    p.add_argument("--fdr", type=float, default=0.05,
+                   help="false-discovery rate of the verdicts, Benjamini-Hochberg (default: 0.05)")
+    p.add_argument("--null-level", type=float, default=0.01,
+                   help="per-generation tail level of the match threshold on the null generations (default: 0.01)")
     p.add_argument("--matcher", default="ssim", help="ssim | l2 | deepssim (default: ssim)")
     p.add_argument("--threshold", type=float, default=None, help="match threshold (default: per matcher / zoo)")
     p.add_argument("--out", default="runs/extract",
@@ -41,7 +51,7 @@ def run_extract_command(args: argparse.Namespace) -> None:
     from diffmem.attacks import make_attack
     from diffmem.cli.options import parse_scoped_options, resolve_device
     from diffmem.cli.scan_commands import first_n, with_mitigation
-    from diffmem.extract import ExtractSettings, folder_training_index, run_extract
+    from diffmem.extract import ExtractSettings, folder_training_index, own_items_of, run_extract
     from diffmem.models.loader import load_model
     from diffmem.outputs import check_output_dir, claim_output_dir
     from diffmem.prompts import load_prompts
@@ -54,9 +64,18 @@ def run_extract_command(args: argparse.Namespace) -> None:
     zoo = zoo_folder_for(args.model)  # the zoo being attacked, None for a user's checkpoint
     prompts = first_n(load_prompts(args.prompts, args.caption_column) if args.prompts else zoo_prompts(folder=zoo),
                       args.limit)
-    check_output_dir(args.out, "extract", [args.model, args.prompts, args.train_index, args.mitigation], args.force,
-                     writes=EXTRACT_WRITES)
-    names = args.attack or ["one-step-whitebox", "one-step-blackbox"]
+    check_output_dir(args.out, "extract", [args.model, args.prompts, args.train_index, args.mitigation,
+                                           args.null_prompts], args.force, writes=EXTRACT_WRITES)
+    if not 0 < args.fdr < 1:
+        raise DiffmemError(f"--fdr must be between 0 and 1 (exclusive), got {args.fdr}")
+    null_prompts = load_prompts(args.null_prompts, args.caption_column) if args.null_prompts else None
+    if null_prompts is None and zoo is not None and not args.prompts and REPLICATION in (args.attack or []):
+        from diffmem.zoo.prompts import zoo_null_prompts
+
+        null_prompts = zoo_null_prompts(folder=zoo)
+    names = args.attack or ([REPLICATION] if null_prompts is not None else ["one-step-whitebox", "one-step-blackbox"])
+    if null_prompts is not None and REPLICATION not in names:
+        names = [*names, REPLICATION]
     options = parse_scoped_options(args.option, names, "ATTACK")
     try:
         attacks = [make_attack(n, **options[n]) for n in names]
@@ -64,6 +83,8 @@ def run_extract_command(args: argparse.Namespace) -> None:
         raise DiffmemError(str(exc).strip("'\"")) from exc
     except TypeError as exc:
         raise DiffmemError(str(exc)) from exc
+    if null_prompts is not None:
+        _check_null_size(null_prompts, next(a for a in attacks if a.name == REPLICATION).generations, args.null_level)
     mitigation = None
     if args.mitigation:
         from diffmem.mitigators.base import load_mitigation
@@ -78,11 +99,16 @@ def run_extract_command(args: argparse.Namespace) -> None:
     if mitigation is not None:
         model = with_mitigation(model, mitigation)
     claim_output_dir(args.out, "extract", EXTRACT_WRITES)
-    path = run_extract(model, prompts, attacks, index, args.out,
-                       ExtractSettings(seed=args.seed, batch_size=args.batch_size, matcher=args.matcher,
-                                       threshold=index.threshold), progress=not args.quiet,
-                       own_items=None if args.prompts else zoo_own_items(prompts))
+    settings = ExtractSettings(seed=args.seed, batch_size=args.batch_size, matcher=args.matcher,
+                               threshold=index.threshold)
+    own = own_items_of(prompts) if args.prompts else zoo_own_items(prompts)
+    path = run_extract(model, prompts, attacks, index, args.out, settings, progress=not args.quiet, own_items=own)
     table = pq.read_table(path)
+    if null_prompts is not None:
+        replication = next(a for a in attacks if a.name == REPLICATION)
+        null_path = run_extract(model, null_prompts, [replication], index, Path(args.out) / NULL_FOLDER, settings,
+                                progress=not args.quiet, own_items=[None] * len(null_prompts))
+        _write_verdicts(args, table, pq.read_table(null_path), prompts, null_prompts, own)
     for attack in attacks:
         score = table.column(f"{attack.name}.score").to_numpy(zero_copy_only=False)
         line = f"{attack.name}: mean score {np.nanmean(score):.4f}"
@@ -91,3 +117,48 @@ def run_extract_command(args: argparse.Namespace) -> None:
             line += ", " + ", ".join(f"{k} {labels.count(k)}" for k in ("matching_verbatim", "template_verbatim"))
         print(line)
     print(f"\nresults: {path}")
+
+
+def _write_verdicts(args: argparse.Namespace, table, null_table, prompts, null_prompts, own: list) -> None:
+    """Decide and write the replication verdicts; print the count with its bound and the prompts."""
+    import json
+
+    from diffmem.extract import FAMILY_COLUMN, VERDICTS_FILE, VERDICTS_SUMMARY, VerdictSettings, replication_verdicts
+    from diffmem.io import atomic_write_text
+    from diffmem.jobs import write_parquet
+
+    verdicts, summary = replication_verdicts(
+        table, null_table, own, prompts.columns.get(FAMILY_COLUMN), null_prompts.columns.get(FAMILY_COLUMN),
+        VerdictSettings(q=args.fdr, null_level=args.null_level))
+    out = Path(args.out)
+    summary["null_prompts"] = {"n": len(null_prompts), "source": null_prompts.source}
+    write_parquet(verdicts, out / VERDICTS_FILE)
+    atomic_write_text(out / VERDICTS_SUMMARY, json.dumps(summary, indent=2, default=str))
+    print(f"\n{summary['sentence']}")
+    for fam, null in summary["nulls"].items():
+        print(f"  null {fam}: a generation matches above similarity {null['threshold']:.4g} "
+              f"(rate {null['rate']:.4g} on {null['n']} never-trained generations)")
+    rows = [r for r in verdicts.to_pylist() if r["replicates"]]
+    rows.sort(key=lambda r: (r["q_value"], -r["replication_rate"]))
+    if rows:
+        print(f"replicating prompts (q-value, share of {summary['generations_per_prompt']} generations matching, "
+              "whose image):")
+        for r in rows[:20]:
+            print(f"  q {r['q_value']:.2g}  {r['replication_rate']:.2f}  {r['attribution']:<7}  {r['text'][:80]}")
+        if len(rows) > 20:
+            print(f"  ... {len(rows) - 20} more in {out / VERDICTS_FILE}")
+    print(f"verdicts: {out / VERDICTS_FILE} (summary: {out / VERDICTS_SUMMARY})")
+
+
+def _check_null_size(null_prompts, generations: int, level: float) -> None:
+    """Refuse, before any generation, a null too small for the per-generation level."""
+    import math
+
+    if not 0 < level < 1:
+        raise DiffmemError(f"--null-level must be between 0 and 1 (exclusive), got {level}")
+    need = math.ceil(1 / level - 1 - 1e-9)
+    have = len(null_prompts) * generations
+    if have < need:
+        raise DiffmemError(f"--null-prompts '{null_prompts.source}': {len(null_prompts)} prompts x {generations} "
+                           f"generations = {have} null generations, expected at least {need} for --null-level "
+                           f"{level:g} (add never-trained prompts, or raise --null-level)")

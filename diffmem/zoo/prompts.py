@@ -39,3 +39,14 @@ def zoo_reference_prompts(n: int = 200, folder: str | Path | None = None) -> lis
     from diffmem.eval.protocol import reference_captions
 
     return reference_captions(load_labels(folder), REFERENCE_KINDS, n)
+
+
+def zoo_null_prompts(folder: str | Path | None = None) -> PromptSet:
+    """A zoo's never-trained captions (replication 0: held-out ordinary captions, signatures and templates),
+    with their family: the null of replication verdicts (:mod:`diffmem.eval.verdicts`), what the model makes
+    of captions of each family it never saw."""
+    from diffmem.eval.protocol import labelled_prompts
+
+    folder = Path(folder) if folder is not None else zoo_dir()
+    rows = [r for r in load_labels(folder) if r.get("replication") == 0]
+    return labelled_prompts(rows, source=f"zoo:{folder}:never-trained")
