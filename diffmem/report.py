@@ -163,6 +163,7 @@ def extraction_section(folder: Path, table) -> dict[str, Any]:
             labels = np.array(table.column(f"{a}.match_label").to_pylist())
             row["matching_verbatim"] = int((labels == "matching_verbatim").sum())
             row["template_verbatim"] = int((labels == "template_verbatim").sum())
+            row["unattributed"] = int((labels == "unattributed").sum())
         if y is not None:
             tp = int((flagged & y).sum())
             row["precision"] = tp / max(int(flagged.sum()), 1)

@@ -94,6 +94,8 @@ def test_ssim_matcher_finds_exact_copies_and_labels_them():
     m = index.matcher.match(queries)
     assert m.index[:2].tolist() == [5, 7] and m.similarity[0] == pytest.approx(1.0, abs=1e-4)
     assert index.label(m.similarity, m.index, [2, 0, 1]) == ["matching_verbatim", "template_verbatim", "none"]
+    # no own item known: a match is reported as unattributed, never as another caption's image
+    assert index.label(m.similarity, m.index, [None, None, None]) == ["unattributed", "unattributed", "none"]
     for name in ("l2", "deepssim"):
         if name == "deepssim":
             from diffmem.eval.deepssim import DeepSSIM, DeepSSIMConfig
@@ -156,8 +158,8 @@ def test_extract_cli_on_an_image_folder_resumes_and_labels(tiny_sd_folder, tmp_p
     assert table.num_rows == 3
     expected = {"one-step-whitebox.score", "generate-filter.score", "generate-filter.match_label"}
     assert expected <= set(table.column_names)
-    assert set(table.column("generate-filter.match_label").to_pylist()) <= {"matching_verbatim", "template_verbatim",
-                                                                           "none"}
+    # a text prompt file names no own item: no match can be called another caption's image
+    assert set(table.column("generate-filter.match_label").to_pylist()) <= {"unattributed", "none"}
     assert main(args) == 0  # a rerun of a finished extraction only re-merges
     assert main([*args[:-1], str(tmp_path / "o2"), "--option", "generate-filter.generations=3"]) == 0
     assert main([*args[:-1], str(tmp_path / "o3"), "--option", "retrigger.lr=0.01"]) == 2  # not a chosen attack

@@ -5,7 +5,8 @@ columns: at least ``score`` (higher = more likely extracted) and ``flagged``. At
 images also report their best match in the training set through an
 :class:`~diffmem.eval.matching.Matcher`: ``match_similarity``, ``match_item`` and ``match_label``
 (``matching_verbatim`` when the match is the prompt's own training item, ``template_verbatim`` when it
-is another item's, ``none`` below the matcher threshold).
+is another item's, ``unattributed`` when the prompt's own item is not known, so whose image it is cannot be
+said, ``none`` below the matcher threshold).
 
 Add an attack by subclassing :class:`Attack` in its own file with ``@ATTACKS.register("name")``.
 """
@@ -24,7 +25,7 @@ from diffmem.models.model import DiffusionModel
 from diffmem.registry import Configurable, Registry
 
 ATTACKS: Registry[Attack] = Registry("attack")
-LABELS = ("matching_verbatim", "template_verbatim", "none")
+LABELS = ("matching_verbatim", "template_verbatim", "unattributed", "none")
 
 
 @dataclass
@@ -42,8 +43,10 @@ class TrainingIndex:
         for s, it, own in zip(similarity.tolist(), items.tolist(), own_items):
             if s <= self.threshold:
                 out.append("none")
+            elif own is None:  # no own item given: another caption's image or its own, unknown
+                out.append("unattributed")
             else:
-                out.append("matching_verbatim" if own is not None and it == own else "template_verbatim")
+                out.append("matching_verbatim" if it == own else "template_verbatim")
         return out
 
 
