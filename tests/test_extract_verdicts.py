@@ -73,3 +73,37 @@ def test_too_few_null_generations_are_refused_in_one_line(planted, tiny_sd_folde
     err = capsys.readouterr().err
     assert "2 prompts x 4 generations = 8 null generations, expected at least 99" in err
     assert not (tmp_path / "o").exists()  # refused before anything was generated or written
+
+
+class _FixedImages:
+    """A model stand-in whose generations are given images (the attack only calls ``sample``)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def sample(self, prompts, seeds, **_):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(images=self.images[: len(prompts)])
+
+
+def test_the_own_image_is_always_in_the_shortlist():
+    """A low-contrast copy of item 3 is nearer a flat grey image in pixel L2, so a 1-candidate SSIM shortlist
+    finds only the grey one; the caption's own image must still be scored."""
+    import torch
+
+    from diffmem.attacks import AttackContext, TrainingIndex, make_attack
+    from diffmem.eval.matching import SSIMMatcher
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(10, 3, 32, 32, generator=g)
+    train[9] = 0.5
+    copy = ((0.5 + 0.25 * (train[3] - 0.5)) * 255).round() / 255  # an 8-bit image, as generations are judged
+    index = TrainingIndex(train, np.arange(10), SSIMMatcher(candidates=1).fit(train), threshold=0.5)
+    assert index.matcher.match(copy[None]).index.item() == 9  # the shortlist alone misses it
+    attack = make_attack("replication", generations=2)
+    out = attack.run(_FixedImages(torch.stack([copy, copy, copy, copy])), ["own known", "own unknown"],
+                     AttackContext(index=index, own_items=[3, None]))
+    own = index.matcher.pairwise(copy[None], train[3][None]).item()
+    assert out["gen_similarity"][0] == pytest.approx([own, own], abs=1e-5) and out["gen_item"][0] == [3, 3]
+    assert out["gen_similarity"][1][0] < own and out["gen_item"][1] == [9, 9]  # unknown own item: shortlist only

@@ -3,7 +3,9 @@
 The raw material of verdicts (:mod:`diffmem.eval.verdicts`): per generation its best-match similarity over
 the whole training index (``gen_similarity``) and the matched item (``gen_item``), and, where the prompt's
 own training item is known, its similarity to that item's images (``gen_own_similarity``: verbatim copies of
-the prompt's own image, apart from template matches to another caption's image). The per-prompt ``score`` is
+the prompt's own image, apart from template matches to another caption's image). The own images always take
+part in the best match, so a shortlist (SSIM's pixel-L2 candidates) cannot miss the caption's own image.
+The per-prompt ``score`` is
 the best similarity; ``flagged`` uses the matcher's default threshold only as a quick look: a verdict needs
 the null of never-trained prompts (``diffmem extract --null-prompts``).
 
@@ -72,7 +74,12 @@ class Replication(Attack):
         match = ctx.index.matcher.match(images)
         sim = match.similarity.view(len(prompts), k).numpy().astype(np.float64)
         items = ctx.index.item_of_image[match.index.numpy()].reshape(len(prompts), k)
-        own = own_similarity(images, ctx.own_items or [None] * len(prompts), k, ctx)
+        own_items = ctx.own_items or [None] * len(prompts)
+        own = own_similarity(images, own_items, k, ctx)
+        # the caption's own images are always in the shortlist: a copy of them is never missed by the search
+        closer = np.nan_to_num(own, nan=-np.inf) > sim
+        sim = np.where(closer, own, sim)
+        items = np.where(closer, np.array([-1 if o is None else o for o in own_items])[:, None], items)
         return {"score": sim.max(1), "flagged": (sim > ctx.index.threshold).any(1),
                 "gen_similarity": sim.round(6).tolist(), "gen_item": items.tolist(),
                 "gen_own_similarity": own.round(6).tolist()}
