@@ -104,7 +104,8 @@ class VerdictSettings:
     confidence: float = 0.95  # of the count's lower bound
 
 
-def _similarities(table: pa.Table, column: str) -> np.ndarray:
+def replication_similarities(table: pa.Table, column: str = "gen_similarity") -> np.ndarray:
+    """A replication run's per-generation column as a ``(prompts, generations)`` array (NaN: not scored)."""
     values = table.column(f"{REPLICATION}.{column}").to_pylist()
     width = max((len(v) for v in values if v is not None), default=0)
     out = np.full((len(values), width), np.nan)
@@ -124,8 +125,8 @@ def replication_verdicts(table: pa.Table, null_table: pa.Table, own_items: list[
     verdict, margin, matched items, attribution) and a summary (count with its bound, nulls, null checks)."""
     from diffmem.eval.verdicts import attribution, decide, fit_generation_null
 
-    sim, null_sim = _similarities(table, "gen_similarity"), _similarities(null_table, "gen_similarity")
-    own_sim = _similarities(table, "gen_own_similarity")
+    sim, null_sim = replication_similarities(table), replication_similarities(null_table)
+    own_sim = replication_similarities(table, "gen_own_similarity")
     items = np.asarray(table.column(f"{REPLICATION}.gen_item").to_pylist(), dtype=object)
     by_family = families is not None and null_families is not None
     fams = list(families) if by_family else ["all"] * len(sim)

@@ -261,3 +261,39 @@ def test_gates_second_sample_is_disjoint_from_the_first():
     assert [it.caption for it in again] == [it.caption for it in first]  # the same seed draws the same sample
     assert len(second) == 5 and not exclude & {it.caption for it in second}
     assert all(it.kind == "generic" for it in second)
+
+
+def test_verdict_labels_on_a_smoke_zoo_are_the_binomial_and_bh_decision(zoo, tmp_path):
+    """The zoo labelled as `diffmem extract --null-prompts` decides: each caption's p-value is the binomial
+    tail at its family's null rate, q-values are BH over every labelled caption, memorized iff q <= 0.05; the
+    never-trained captions are judged by cross-fitting; nothing is written into the zoo; a rerun resumes."""
+    from scipy import stats
+
+    from diffmem.models import load_model
+    from diffmem.tasks.zoo import zoo_training_index
+    from diffmem.zoo.verdict_labels import NULL_KINDS, ZooVerdictConfig, corpus_rows, label_zoo_by_verdicts
+
+    before = sorted(p.name for p in zoo.iterdir())
+    cfg = ZooVerdictConfig(generations=2, steps=3, min_null_generations=20, null_level=0.1, titles=3,
+                           batch_size=64)
+    every = corpus_rows(zoo)  # two captions of each trained kind, every never-trained one, the titles sampled
+    rows = [r for r in every if r["kind"] in NULL_KINDS or r["kind"] == "title"
+            or r in [x for x in every if x["kind"] == r["kind"]][:2]]
+    model, index = load_model(zoo / "pipeline"), zoo_training_index(zoo=zoo, threshold=0.5)
+    labels, summary = label_zoo_by_verdicts(model, rows, index, tmp_path / "v", cfg, progress=False)
+    assert sorted(p.name for p in zoo.iterdir()) == before
+    tested = [r for r in labels if r["null_role"] == "tested"]
+    crossfit = [r for r in labels if r["null_role"] == "cross-fit"]
+    assert {r["kind"] for r in crossfit} <= set(NULL_KINDS) and len(crossfit) == sum(
+        r["kind"] in NULL_KINDS for r in rows)
+    assert sum(r["kind"] == "title" for r in labels) == 3 and all(r["generations"] == 2 for r in labels)
+    for r in tested:
+        rate = summary["nulls"][r["family"]]["rate"]
+        expected = 1.0 if r["matching"] == 0 else stats.binom.sf(r["matching"] - 1, 2, rate)
+        assert r["p_value"] == pytest.approx(expected, rel=1e-4)
+    q = stats.false_discovery_control([r["p_value"] for r in labels], method="bh")
+    assert [r["q_value"] for r in labels] == pytest.approx(q.tolist())
+    assert [r["memorized"] for r in labels] == [bool(v <= 0.05) for v in q]
+    assert sum(b["n"] for b in summary["by_replication_band"].values()) == len(labels)
+    again, _ = label_zoo_by_verdicts(model, rows, index, tmp_path / "v", cfg, progress=False)
+    assert again == labels

@@ -114,7 +114,8 @@ def run_extract_command(args: argparse.Namespace) -> None:
         line = f"{attack.name}: mean score {np.nanmean(score):.4f}"
         if f"{attack.name}.match_label" in table.column_names:
             labels = table.column(f"{attack.name}.match_label").to_pylist()
-            line += ", " + ", ".join(f"{k} {labels.count(k)}" for k in ("matching_verbatim", "template_verbatim", "unattributed"))
+            kinds = ("matching_verbatim", "template_verbatim", "unattributed")
+            line += ", " + ", ".join(f"{k} {labels.count(k)}" for k in kinds)
         print(line)
     print(f"\nresults: {path}")
 

@@ -149,11 +149,23 @@ class Verdicts:
     bound: CountBound
 
 
-def decide(similarity: np.ndarray, null: GenerationNull | list[GenerationNull], q: float = DEFAULT_Q,
-           confidence: float = DEFAULT_CONFIDENCE) -> Verdicts:
-    """Verdicts for prompts whose generations have best-match ``similarity`` ``(m, k)`` (NaN: not scored).
+@dataclass(frozen=True)
+class PromptTests:
+    """Per prompt, before the correction across prompts: matches, generations scored, p-value, margin."""
 
-    ``null`` is one :class:`GenerationNull` for all prompts or one per prompt (per family)."""
+    matches: np.ndarray
+    k: np.ndarray
+    p_value: np.ndarray
+    margin: np.ndarray  # best similarity - tau
+
+    @property
+    def replication_rate(self) -> np.ndarray:
+        return np.where(self.k > 0, self.matches / np.maximum(self.k, 1), np.nan)
+
+
+def prompt_tests(similarity: np.ndarray, null: GenerationNull | list[GenerationNull]) -> PromptTests:
+    """The binomial test of every prompt whose generations have best-match ``similarity`` ``(m, k)`` (NaN: not
+    scored); ``null`` is one :class:`GenerationNull` for all prompts or one per prompt (per family)."""
     sim = np.asarray(similarity, dtype=np.float64)
     if sim.ndim != 2:
         raise ValueError(f"similarity must be (prompts, generations), got shape {sim.shape}")
@@ -166,10 +178,17 @@ def decide(similarity: np.ndarray, null: GenerationNull | list[GenerationNull], 
     k = scored.sum(1)
     x = (np.where(scored, sim, -np.inf) > tau[:, None]).sum(1)
     p = np.where(k > 0, binomial_p(x, np.maximum(k, 1), rate), np.nan)
-    qv = bh_q_values(p)
-    best = np.where(k > 0, np.nanmax(np.where(scored, sim, -np.inf), axis=1), np.nan)
-    return Verdicts(x, k, np.where(k > 0, x / np.maximum(k, 1), np.nan), p, qv,
-                    np.nan_to_num(qv, nan=1.0) <= q, best - tau, count_bound(p, q, confidence))
+    best = np.where(k > 0, np.max(np.where(scored, sim, -np.inf), axis=1, initial=-np.inf), np.nan)
+    return PromptTests(x, k, p, best - tau)
+
+
+def decide(similarity: np.ndarray, null: GenerationNull | list[GenerationNull], q: float = DEFAULT_Q,
+           confidence: float = DEFAULT_CONFIDENCE) -> Verdicts:
+    """Verdicts: :func:`prompt_tests`, then Benjamini-Hochberg at ``q`` across all the prompts given."""
+    t = prompt_tests(similarity, null)
+    qv = bh_q_values(t.p_value)
+    return Verdicts(t.matches, t.k, t.replication_rate, t.p_value, qv, np.nan_to_num(qv, nan=1.0) <= q, t.margin,
+                    count_bound(t.p_value, q, confidence))
 
 
 def attribution(matched_items: list[list[int]], own_items: list[int | None]) -> list[str]:

@@ -1,0 +1,199 @@
+"""Zoo ground truth as verdicts at a stated FDR: the labeller ``diffmem extract --null-prompts`` uses, run on a
+zoo's captions.
+
+Every labelled caption gets ``generations`` samples (the replication attack, :mod:`diffmem.attacks.replication`:
+per-seed best match over the zoo's training images through its VAE, the caption's own images always scored).
+The per-generation null of each caption family is the model's own generations of that family's never-trained
+captions (:data:`NULL_KINDS`: held-out ordinary captions and held-out titles drawn by the same generator as the
+trained ones), with more seeds per caption where a family has few (at least ``min_null_generations``). A
+caption is *memorized* when its BH q-value over all labelled captions is ``<= q``
+(:mod:`diffmem.eval.verdicts`).
+
+The null captions are labelled too (a held-out title that reproduces a training image is what the field calls
+a look-alike replication), by cross-fitting: they are split in ``folds`` by a seeded permutation and each fold
+is judged against a null fitted on the other folds only, so no caption is part of its own null.
+
+Nothing is written into the zoo: rows and summary go to ``out_dir`` (with the resumable generation runs under
+``out_dir/runs``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from diffmem.attacks.replication import Replication
+from diffmem.eval.verdicts import (
+    attribution,
+    bh_q_values,
+    count_bound,
+    fit_generation_null,
+    null_overdispersion,
+    prompt_tests,
+)
+from diffmem.extract import ExtractSettings, replication_similarities, run_extract
+from diffmem.models.model import DiffusionModel
+
+# never-trained captions drawn like the trained ones of their family (not the template look-alikes, which
+# are built to resemble a trained template)
+NULL_KINDS = ("heldout_generic", "heldout_signature")
+REPLICATION_BANDS = ("0", "(0, 0.25)", "[0.25, 0.75)", ">= 0.75")
+
+
+def replication_band(rate: float) -> str:
+    """The band of a caption's replication rate (share of its generations matching a training image)."""
+    return REPLICATION_BANDS[0 if rate <= 0 else 1 if rate < 0.25 else 2 if rate < 0.75 else 3]
+
+
+@dataclass(frozen=True)
+class ZooVerdictConfig:
+    """How a zoo is labelled by verdicts; saved with the labels."""
+
+    generations: int = 16
+    steps: int = 25  # DDIM steps of each generation, CFG 7.5: the replication attack's defaults
+    min_null_generations: int = 800
+    titles: int = 1000
+    title_seed: int = 0
+    q: float = 0.05
+    null_level: float = 0.01
+    seed: int = 0
+    batch_size: int = 16
+    folds: int = 2
+    fold_seed: int = 0
+
+
+def corpus_rows(folder: str | Path) -> list[dict]:
+    """A zoo's captions as label rows (item_id, caption, kind, family, replication, group), from its manifest:
+    what the labeller needs, with no earlier labels."""
+    from diffmem.zoo.load import load_corpus
+
+    return [{"item_id": it.item_id, "caption": it.caption, "kind": it.kind, "replication": it.replication,
+             "family": getattr(it, "family", it.kind), "group": getattr(it, "group", -1)} for it in load_corpus(folder)]
+
+
+def select_rows(rows: list[dict], titles: int, seed: int) -> list[dict]:
+    """Every caption except once-seen titles (kind ``title``), of which a fixed random ``titles``."""
+    once = [r["item_id"] for r in rows if r["kind"] == "title"]
+    keep = {once[i] for i in np.random.default_rng(seed).permutation(len(once))[:titles]}
+    return [r for r in rows if r["kind"] != "title" or r["item_id"] in keep]
+
+
+def _prompt_set(rows: list[dict], source: str):
+    from diffmem.eval.protocol import labelled_prompts
+
+    return labelled_prompts([dict(r, memorized=bool(r.get("memorized", False))) for r in rows], source=source)
+
+
+def _run(model, rows, k, index, folder: Path, cfg: ZooVerdictConfig, progress: bool, own: bool) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    from diffmem.tasks.zoo import zoo_own_items
+
+    prompts = _prompt_set(rows, f"zoo-verdicts:{folder.name}")
+    path = run_extract(model, prompts, [Replication(generations=k, steps=cfg.steps)], index, folder,
+                       ExtractSettings(seed=cfg.seed, batch_size=cfg.batch_size), progress=progress,
+                       own_items=zoo_own_items(prompts) if own else [None] * len(prompts))
+    return pq.read_table(path)
+
+
+def label_zoo_by_verdicts(model: DiffusionModel, rows: list[dict], index, out_dir: str | Path,
+                          cfg: ZooVerdictConfig = ZooVerdictConfig(), progress: bool = True
+                          ) -> tuple[list[dict], dict]:
+    """Label ``rows`` (a zoo's ``labels.jsonl`` rows: item_id, caption, kind, family, replication) by verdicts
+    against ``index`` (the zoo's training index). Returns (label rows, summary)."""
+    out = Path(out_dir)
+    chosen = select_rows(rows, cfg.titles, cfg.title_seed)
+    tested = [r for r in chosen if r["kind"] not in NULL_KINDS]
+    null_rows = [r for r in rows if r["kind"] in NULL_KINDS]
+    families = sorted({r["family"] for r in tested})
+    k = cfg.generations
+
+    tested_sim = replication_similarities(_run(model, tested, k, index, out / "runs" / "tested", cfg, progress,
+                                               True))
+    null_sim: dict[str, np.ndarray] = {}
+    null_by_fam: dict[str, list[dict]] = {}
+    for fam in families:
+        members = [r for r in null_rows if r["family"] == fam]
+        if not members:
+            raise ValueError(f"family '{fam}' has no never-trained captions ({', '.join(NULL_KINDS)}) for a null")
+        g = max(k, math.ceil(cfg.min_null_generations / len(members)))
+        run = _run(model, members, g, index, out / "runs" / f"null-{fam}", cfg, progress, False)
+        null_sim[fam] = replication_similarities(run)
+        null_by_fam[fam] = members
+
+    nulls = {f: fit_generation_null(null_sim[f], cfg.null_level, f"never-trained captions of family '{f}'")
+             for f in families}
+    tests = prompt_tests(tested_sim, [nulls[r["family"]] for r in tested])
+
+    # the null captions, cross-fitted: fold j judged (first k seeds) against the other folds' generations
+    fold_rows: list[dict] = []
+    fold_sims, fold_nulls = [], []
+    for fam in families:
+        members, sim = null_by_fam[fam], null_sim[fam]
+        fold = np.random.default_rng(cfg.fold_seed).permutation(len(members)) % cfg.folds
+        for j in range(cfg.folds):
+            judged, fit = np.nonzero(fold == j)[0], np.nonzero(fold != j)[0]
+            null = fit_generation_null(sim[fit], cfg.null_level, f"cross-fit null of family '{fam}', fold {j}")
+            fold_rows += [members[i] for i in judged]
+            fold_sims.append(sim[judged, :k])
+            fold_nulls += [null] * len(judged)
+    null_tests = prompt_tests(np.concatenate(fold_sims) if fold_sims else np.zeros((0, k)), fold_nulls)
+
+    all_rows = tested + fold_rows
+    p = np.concatenate([tests.p_value, null_tests.p_value])
+    qv = bh_q_values(p)
+    bound = count_bound(p, cfg.q)
+    items = _items_over(out, tested, nulls, k)
+    labels = []
+    for i, r in enumerate(all_rows):
+        t, j = (tests, i) if i < len(tested) else (null_tests, i - len(tested))
+        memorized = bool(qv[i] <= cfg.q)
+        matched = items.get(r["item_id"], []) if memorized else []
+        own = None if str(r["kind"]).startswith("heldout") else r["item_id"]
+        labels.append({
+            "item_id": r["item_id"], "caption": r["caption"], "kind": r["kind"], "family": r["family"],
+            "replication": r.get("replication"), "group": r.get("group", -1), "memorized": memorized,
+            "replication_rate": round(float(t.replication_rate[j]), 4), "matching": int(t.matches[j]),
+            "generations": int(t.k[j]), "p_value": float(p[i]), "q_value": float(qv[i]),
+            "margin": round(float(t.margin[j]), 4), "matched_items": matched,
+            "match": attribution([matched], [own])[0], "null_role": "cross-fit" if i >= len(tested) else "tested"})
+    summary = summarise_verdict_labels(labels, cfg)
+    summary["count"] = asdict(bound)
+    summary["sentence"] = bound.sentence().replace("prompts", "captions")
+    summary["nulls"] = {f: {**n.describe(), "captions": len(null_by_fam[f]),
+                            "overdispersion": null_overdispersion(null_sim[f], n)} for f, n in nulls.items()}
+    return labels, summary
+
+
+def _items_over(out: Path, rows: list[dict], nulls: dict, k: int) -> dict[int, list[int]]:
+    """Each tested caption's matched training items (generations over its family's threshold)."""
+    import pyarrow.parquet as pq
+
+    from diffmem.extract import EXTRACTION_FILE
+
+    table = pq.read_table(out / "runs" / "tested" / EXTRACTION_FILE)
+    sim = replication_similarities(table)
+    item = table.column("replication.gen_item").to_pylist()
+    return {r["item_id"]: sorted({int(it) for it, s in zip(item[i], sim[i]) if s > nulls[r["family"]].threshold})
+            for i, r in enumerate(rows)}
+
+
+def summarise_verdict_labels(labels: list[dict], cfg: ZooVerdictConfig) -> dict:
+    """Memorized share per kind, per signature replication count and per replication-rate band."""
+    def share(sel: list[dict]) -> dict:
+        return {"n": len(sel), "memorized": int(sum(r["memorized"] for r in sel)),
+                "share": round(float(np.mean([r["memorized"] for r in sel])), 4) if sel else None}
+
+    kinds = sorted({r["kind"] for r in labels})
+    sig = [r for r in labels if r["kind"] == "signature"]
+    bands = {b: share([r for r in labels if replication_band(r["replication_rate"]) == b])
+             for b in REPLICATION_BANDS}
+    return {"config": asdict(cfg), "by_kind": {k: share([r for r in labels if r["kind"] == k]) for k in kinds},
+            "signature_by_replication": {str(n): share([r for r in sig if r["replication"] == n])
+                                         for n in sorted({r["replication"] for r in sig})},
+            "by_replication_band": bands, "n_captions": len(labels),
+            "n_memorized": int(sum(r["memorized"] for r in labels))}
