@@ -23,6 +23,8 @@ def test_top_level_help_lists_every_detector_attack_and_mitigator_with_a_line(ca
     from diffmem.detectors import DETECTORS
     from diffmem.mitigators import MITIGATORS
 
+    from diffmem.cli.listing import strip_rst
+
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
@@ -30,8 +32,9 @@ def test_top_level_help_lists_every_detector_attack_and_mitigator_with_a_line(ca
         assert f"{title} (" in out
         for name in registry.names():
             cls = registry.get(name)
-            first = (cls.__doc__ or "").strip().splitlines()[0]
+            first = strip_rst((cls.__doc__ or "").strip().splitlines()[0])
             assert name in out and first in out, (name, first)
+    assert "``" not in out  # reStructuredText markup is for the API docs, not the terminal
 
 
 def test_every_option_has_help_and_states_its_default():

@@ -14,7 +14,7 @@ EXTRACT_WRITES = ("provenance.json", "parts", "extraction.parquet")
 
 
 def add_extract_args(p: argparse.ArgumentParser) -> None:
-    from diffmem.cli.main import add_force, positive_int
+    from diffmem.cli.options import add_force, positive_int
 
     p.add_argument("--prompts", default=None, help="prompt file (default: the zoo's captions)")
     p.add_argument("--caption-column", default=None, help="column holding the prompt (default: found by name)")
