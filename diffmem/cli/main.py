@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from diffmem.cli.listing import registry_listing
+from diffmem.cli.listing import method_lines, registry_listing
 from diffmem.cli.options import Parser, add_model_args, handled_by
 from diffmem.errors import DiffmemError
 
@@ -32,7 +32,9 @@ def _register_extract(sub: argparse._SubParsersAction) -> None:
     from diffmem.cli.extract_commands import add_extract_args
 
     extract = handled_by(sub.add_parser("extract", help="run extraction attacks and match generations to training "
-                                                        "data"), "diffmem.cli.extract_commands:run_extract_command")
+                                                        "data", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                        epilog="attacks (--attack):\n" + "\n".join(method_lines("ATTACKS"))),
+                         "diffmem.cli.extract_commands:run_extract_command")
     add_model_args(extract)
     add_extract_args(extract)
 
