@@ -20,10 +20,9 @@ def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 def test_top_level_help_lists_every_detector_attack_and_mitigator_with_a_line(capsys):
     from diffmem.attacks import ATTACKS
+    from diffmem.cli.listing import strip_rst
     from diffmem.detectors import DETECTORS
     from diffmem.mitigators import MITIGATORS
-
-    from diffmem.cli.listing import strip_rst
 
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -79,7 +79,8 @@ def test_mitigate_force_adds_the_checkpoint_and_keeps_the_users_file(model_copy,
     assert (out / "important.txt").read_text() == "keep me"
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     marker = json.loads((out / MARKER).read_text())
-    assert marker["command"] == "mitigate subspace-pruning" and "important.txt" not in marker["files"] and "unet" in marker["files"]
+    assert marker["command"] == "mitigate subspace-pruning"  # command and method: not another method's folder
+    assert "important.txt" not in marker["files"] and "unet" in marker["files"]
     # a rerun into our own output is accepted without --force and replaces only our files
     assert _mitigate(model_copy, prompt_files, out) == 0
     assert (out / "important.txt").read_text() == "keep me"
@@ -187,12 +188,19 @@ def test_scan_resumes_its_own_folder_and_marks_it(tiny_sd_folder, prompt_files, 
     assert _mode(out / "scores.parquet") == 0o644
 
 
-def test_report_refuses_to_replace_a_file_it_did_not_write(tmp_path, capsys):
+@pytest.fixture()
+def report_run(tmp_path):
+    """A run folder holding one benchmark JSON, and a user's HTML file beside it."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "bench.json").write_text(json.dumps({"results": {}}))
     mine = tmp_path / "notes.html"
     mine.write_text("<html>my notes</html>")
+    return run, mine
+
+
+def test_report_refuses_to_replace_a_file_it_did_not_write(report_run, tmp_path, capsys):
+    run, mine = report_run
     assert main(["report", str(run), "--out", str(mine)]) == 2
     assert "diffmem did not write" in capsys.readouterr().err and mine.read_text() == "<html>my notes</html>"
     assert main(["report", str(run), "--out", str(run / "bench.json")]) == 2  # an input file
@@ -378,12 +386,8 @@ def test_no_command_writes_into_the_installed_package(tmp_path, capsys, prompt_f
     assert _snapshot(SHIPPED_SD / "pipeline" / "scheduler") == before
 
 
-def test_report_force_never_replaces_a_users_file_nor_writes_into_a_run(tmp_path, capsys):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "bench.json").write_text(json.dumps({"results": {}}))
-    mine = tmp_path / "notes.html"
-    mine.write_text("<html>my notes</html>")
+def test_report_force_never_replaces_a_users_file_nor_writes_into_a_run(report_run, capsys):
+    run, mine = report_run
     assert main(["report", str(run), "--out", str(mine), "--force"]) == 2
     _refused(capsys, "diffmem did not write", "not even with --force")
     assert mine.read_text() == "<html>my notes</html>"

@@ -7,22 +7,14 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from diffmem.cli.options import add_force, handled_by, positive_int
+from diffmem.cli.options import add_force, handled_by, lazy_reexports, positive_int
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
 _MOVED = {"IMAGE_SUFFIXES": "diffmem.images", "load_image_folder": "diffmem.images"}
-
-
-def __getattr__(name: str):
-    """Names this module used to re-export, still importable from here (loaded on first use)."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_reexports(__name__, _MOVED)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

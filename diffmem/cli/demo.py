@@ -9,19 +9,11 @@ import argparse
 import json
 import time
 
-from diffmem.cli.options import add_force, add_model_args, handled_by, non_negative_int, positive_int
+from diffmem.cli.options import add_force, add_model_args, handled_by, lazy_reexports, non_negative_int, positive_int
 
 _MOVED = {"image_grid": "diffmem.images", "stack": "diffmem.images", "titled": "diffmem.images",
           "load_model": "diffmem.models.loader", "SSIMMatcher": "diffmem.eval.matching"}
-
-
-def __getattr__(name: str):
-    """Names this module used to import at the top, still importable from here (loaded on first use)."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_reexports(__name__, _MOVED)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

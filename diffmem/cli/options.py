@@ -87,6 +87,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"one of {', '.join(DTYPES[:3])} (default: float32 on CPU, else float16)")
 
 
+def lazy_reexports(module: str, moved: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that still serves names a command module used to import at its top (``name ->
+    the module that defines it``), imported on first use, so the command module stays light for ``--help``."""
+
+    def getattr_(name: str) -> Any:
+        if name in moved:
+            import importlib
+
+            return getattr(importlib.import_module(moved[name]), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return getattr_
+
+
 def handled_by(p: argparse.ArgumentParser, handler: str) -> argparse.ArgumentParser:
     """Name the ``"module:function"`` that runs ``p``'s command (imported only when the command runs)."""
     p.set_defaults(handler=handler)

@@ -12,6 +12,7 @@ from diffmem.cli.options import (
     add_force,
     add_model_args,
     handled_by,
+    lazy_reexports,
     open_unit_float,
     positive_float,
     positive_int,
@@ -22,15 +23,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 _MOVED = {"zoo_prompts": "diffmem.zoo.prompts", "zoo_reference_prompts": "diffmem.zoo.prompts"}
-
-
-def __getattr__(name: str):
-    """Names this module used to re-export, still importable from here (loaded on first use)."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_reexports(__name__, _MOVED)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
