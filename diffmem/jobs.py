@@ -77,29 +77,75 @@ def _comparable(p: dict) -> dict:
     return p
 
 
-def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ between two provenance records."""
+def _label(a: Any, b: Any, index: int) -> str:
+    """How a list entry is named in a difference: its ``name`` when both sides share one (a detector), else its
+    index."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.get("name") and a.get("name") == b.get("name"):
+        return str(a["name"])
+    return str(index)
+
+
+def _paths(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any, Any]]:
+    """``(path, old value, new value)`` of every leaf setting that differs; lists of equal length are compared
+    entry by entry (a detector list by detector name), so a refusal names the one setting that differs."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new), key=str):
-            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
+            out += _paths(old.get(key), new.get(key), (*path, str(key)))
         return out
-    return [] if old == new else [prefix.rstrip(".") or "settings"]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and old != new:
+        out = []
+        for i, (a, b) in enumerate(zip(old, new)):
+            out += _paths(a, b, (*path, _label(a, b, i)))
+        return out
+    return [] if old == new else [(path or ("settings",), old, new)]
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two provenance records (``detectors.anisotropy.k``)."""
+    return [prefix + ".".join(path) for path, _, _ in _paths(old, new)]
 
 
 def _describe(name: str, old: Any, new: Any) -> str:
-    def short(v: Any) -> str:
-        text = json.dumps(v, default=str)
-        return text if len(text) <= 40 else text[:37] + "..."
+    """One difference with both values in full (a refusal must show what to change, not a cut-off value)."""
+    return f"{name} ({json.dumps(new, default=str)} now, {json.dumps(old, default=str)} before)"
 
-    return f"{name} ({short(new)} now, {short(old)} before)"
+
+def refuse_other_settings(out: Path, old: dict, new: dict) -> None:
+    """Raise the one-line refusal of a folder whose settings ``old`` differ from ``new`` (both :func:`_comparable`)
+    naming every differing setting with both values; nothing when they agree."""
+    diff = _paths(old, new)
+    if not diff:
+        return
+    named = "; ".join(_describe(".".join(path), a, b) for path, a, b in diff)
+    raise DiffmemError(f"'{out}' holds a run with other settings: {named}; rerun with the earlier settings to "
+                       "resume, or use another --out")
+
+
+def check_resume_before_load(out: Path, partial: dict) -> None:
+    """Refuse resuming ``out`` when the settings known before the model loads (``partial``: e.g. the model's
+    fingerprint from its files, the prompts' hash and count, the scan settings) differ from the ones its
+    ``provenance.json`` records, so the refusal comes before minutes of weight loading; settings ``partial``
+    does not hold are compared later by :func:`claim_folder`."""
+    path = out / PROVENANCE_FILE
+    if not path.is_file():
+        return
+    old = _comparable(json.loads(path.read_text()))
+
+    def restrict(record: Any, shape: Any) -> Any:
+        if isinstance(shape, dict) and isinstance(record, dict):
+            return {k: restrict(record.get(k), v) for k, v in shape.items()}
+        return record
+
+    refuse_other_settings(out, restrict(old, _comparable(partial)), _comparable(partial))
 
 
 def claim_folder(out: Path, provenance: dict, rank: int, command: str = "scan") -> None:
     """Write ``provenance.json`` (rank 0) or check that an existing one has the same settings.
 
-    A refusal names each setting that differs (e.g. ``prompts.sha256_16``, ``settings.n_draws``). Rank 0
-    also marks the folder as ``command``'s output (see :mod:`diffmem.outputs`), so a rerun may resume it.
+    A refusal names each setting that differs (e.g. ``prompts.sha256_16``, ``settings.n_draws``) with both
+    values. Rank 0 also marks the folder as ``command``'s output (see :mod:`diffmem.outputs`), so a rerun may
+    resume it.
     """
     from diffmem.outputs import claim_output_dir
 
@@ -108,19 +154,7 @@ def claim_folder(out: Path, provenance: dict, rank: int, command: str = "scan") 
         claim_output_dir(out, command, [PROVENANCE_FILE, "parts"])
     path = out / PROVENANCE_FILE
     if path.is_file():
-        old, new = _comparable(json.loads(path.read_text())), _comparable(provenance)
-        if old != new:
-            diff = differences(old, new)
-
-            def get(d: dict, dotted: str) -> Any:
-                for k in dotted.split("."):
-                    d = d.get(k) if isinstance(d, dict) else None
-                return d
-
-            named = "; ".join(_describe(k, get(old, k), get(new, k)) for k in diff[:4])
-            raise DiffmemError(f"'{out}' holds a run with other settings: {named}"
-                               f"{f' and {len(diff) - 4} more' if len(diff) > 4 else ''}; "
-                               "rerun with the earlier settings to resume, or use another --out")
+        refuse_other_settings(out, _comparable(json.loads(path.read_text())), _comparable(provenance))
     elif rank == 0:
         atomic_write_text(path, json.dumps(provenance, indent=2, default=str))
 

@@ -5,13 +5,18 @@ mitigate, bench, report, zoo build, deepssim train, demo):
 
 - an ``--out`` that is an input (the model folder, a prompt file, an image folder...), lies inside
   one, or contains one is refused: the README promises that inputs are never written to;
+- nothing is ever written inside the installed ``diffmem`` package (:data:`PACKAGE_DIR`: the shipped zoos
+  and their ground-truth labels live there);
 - an existing non-empty ``--out`` is refused unless it holds an earlier output of the *same* command
-  (recorded in the marker file :data:`MARKER`, written by us) or ``force`` is given;
-- even with ``force``, only names diffmem writes are replaced; a user's file that would be replaced is
-  refused by name, and nothing else in the folder is touched;
+  (recorded in the marker file :data:`MARKER`, written by us; a command that has methods, such as
+  ``mitigate``, records its method too: ``mitigate nemo``) or ``force`` is given;
+- ``force`` never reuses the output of another command or method, and only names diffmem writes are
+  replaced; a user's file that would be replaced is refused by name, and nothing else in the folder is
+  touched; a single-file output (a report) is replaced only when it is an earlier output of ours;
 - folders produced in one go (patched checkpoints, DeepSSIM weights, the zoo) are staged in a hidden
-  temporary sibling and moved in with renames (:func:`publish`), so an interruption leaves either
-  the old output or the new one, never a mix; a failed run leaves nothing behind;
+  temporary sibling and moved in with renames (:func:`staged`, :func:`publish`), so an interruption
+  leaves either the old output or the new one, never a mix; a failed or terminated run (the CLI turns
+  SIGTERM into an exception) leaves no staging folder behind;
 - files and folders we write are group- and world-readable (0o644 / 0o755) whatever the umask, so a
   report or checkpoint can be shared.
 
@@ -26,7 +31,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from diffmem.errors import DiffmemError
@@ -37,6 +43,7 @@ MARKER = ".diffmem-output.json"
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 REPORT_SIGNATURE = "<!-- written by diffmem report -->"
+PACKAGE_DIR = Path(__file__).resolve().parent  # the installed diffmem package: never written to
 
 
 class OutputError(DiffmemError):
@@ -51,8 +58,18 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def check_not_package(out: str | Path, flag: str = "--out") -> None:
+    """Refuse ``out`` inside the installed diffmem package: its shipped zoos and labels are ground truth that a
+    trial run must not replace (a maintainer refreshing them copies a new output in, deliberately)."""
+    if _is_within(_resolved(out), PACKAGE_DIR):
+        raise OutputError(f"{flag} '{out}' is inside the installed diffmem package '{PACKAGE_DIR}'; diffmem never "
+                          "writes there (the shipped zoos and labels live there): choose a folder outside it")
+
+
 def check_not_input(out: str | Path, inputs: Iterable[str | Path | None], flag: str = "--out") -> None:
-    """Refuse ``out`` equal to, inside, or containing any of ``inputs`` (None entries are skipped)."""
+    """Refuse ``out`` inside the installed package, or equal to, inside, or containing any of ``inputs`` (None
+    entries are skipped)."""
+    check_not_package(out, flag)
     target = _resolved(out)
     for item in inputs:
         if item is None:
@@ -118,13 +135,13 @@ def check_output_dir(out: str | Path, command: str, inputs: Iterable[str | Path 
     marker = read_marker(path)
     if marker is not None and marker["command"] == command:
         return "ours"
+    if marker is not None:  # another command's (or method's) output is never ours, not even with --force
+        raise OutputError(f"{flag} '{out}' already holds an output of `diffmem {marker['command']}`, not of "
+                          f"`diffmem {command}`; choose an empty or new folder")
     if not force:
-        what = (f"an output of `diffmem {marker['command']}`" if marker is not None
-                else "files diffmem did not write")
-        raise OutputError(f"{flag} '{out}' already holds {what}; choose an empty or new folder, or add --force "
-                          "(which only adds and replaces diffmem's own files)")
-    ours = set(marker.get("files", [])) if marker is not None and marker["command"] == command else set()
-    clash = sorted(n for n in writes if (path / n).exists() and n not in ours)
+        raise OutputError(f"{flag} '{out}' already holds files diffmem did not write; choose an empty or new "
+                          "folder, or add --force (which only adds and replaces diffmem's own files)")
+    clash = sorted(n for n in writes if (path / n).exists())
     if clash:
         raise OutputError(f"{flag} '{out}': --force would replace {clash}, which diffmem did not write; "
                           "move them or choose another folder")
@@ -145,20 +162,22 @@ def claim_output_dir(out: str | Path, command: str, writes: Iterable[str] = ()) 
     return path
 
 
-def check_output_file(out: str | Path, inputs: Iterable[str | Path | None] = (), force: bool = False,
-                      signature: str | None = None, flag: str = "--out") -> None:
-    """Validate an output file: not an input, not a folder, parent writable; an existing file is replaced
-    only when it starts with ``signature`` (an earlier output of ours) or with ``force``."""
+def check_output_file(out: str | Path, inputs: Iterable[str | Path | None] = (), signature: str | None = None,
+                      flag: str = "--out", example: str = "report.html") -> None:
+    """Validate an output file: not an input nor inside one (a run folder), not a folder, parent writable; an
+    existing file is replaced only when its head holds ``signature`` (an earlier output of ours), never
+    otherwise: ``--force`` does not hand a user's file over (``example`` names a file for the folder hint)."""
     path = Path(out).expanduser()
     check_not_input(path, inputs, flag)
     if path.is_dir():
-        raise OutputError(f"{flag} '{out}' is a folder; expected a file path (e.g. {Path(out) / 'report.html'})")
+        raise OutputError(f"{flag} '{out}' is a folder; expected a file path (e.g. {Path(out) / example})")
     _check_writable(path, flag, is_file=True)
-    if path.exists() and not force:
-        head = path.open("rb").read(4096).decode("utf-8", "replace")
+    if path.exists():
+        with path.open("rb") as fh:
+            head = fh.read(4096).decode("utf-8", "replace")
         if signature is None or signature not in head:
-            raise OutputError(f"{flag} '{out}' is an existing file diffmem did not write; choose another path "
-                              "or add --force")
+            raise OutputError(f"{flag} '{out}' is an existing file diffmem did not write; diffmem never replaces "
+                              "it (not even with --force): choose another path")
 
 
 def _makedirs(path: Path) -> None:
@@ -238,3 +257,17 @@ def publish(staging: str | Path, out: str | Path, command: str) -> Path:
 def discard(staging: str | Path) -> None:
     """Remove a staging folder made by :func:`staging_dir` (after a failure)."""
     shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def staged(out: str | Path, command: str) -> Iterator[Path]:
+    """Build a folder output in a fresh hidden sibling of ``out`` and :func:`publish` it when the block ends;
+    on any exception (``KeyboardInterrupt``, or the CLI's SIGTERM exception) the staging folder is removed and
+    the exception goes on, so an interrupted run leaves no ``.NAME.*.partial`` folder behind."""
+    staging = staging_dir(out)
+    try:
+        yield staging
+        publish(staging, out, command)
+    except BaseException:
+        discard(staging)
+        raise

@@ -297,3 +297,197 @@ def test_zoo_folder_for_names_the_zoo_of_a_spec_without_loading_it(tiny_sd_folde
     assert zoo_folder_for("org/not-cached") is None
     monkeypatch.setenv("DIFFMEM_ZOO_SD", str(tmp_path / "unbuilt"))
     assert zoo_folder_for("zoo:sd") is None  # an unbuilt zoo: loading it fails later with its own message
+
+
+# ---------------------------------------------------------------- issue #32: silently wrong results, tracebacks
+@pytest.fixture()
+def scored(tmp_path):
+    """A scores.parquet of 9 prompts: 3 memorized (high scores) and 6 ordinary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"prompt {i}" for i in range(9)]
+    path = tmp_path / "scores.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(9)], "text": texts,
+                             "noise-norm": [9.0, 8.0, 7.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}), path)
+    return path, texts
+
+
+def _labels(tmp_path, rows: list[dict]):
+    import json
+
+    path = tmp_path / "labels.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_eval_detect_refuses_conflicting_labels_naming_the_captions(scored, tmp_path, capsys):
+    scores, texts = scored
+    rows = [{"caption": t, "memorized": i < 3} for i, t in enumerate(texts)]
+    rows += [{"caption": texts[0], "memorized": False}, {"caption": texts[4], "memorized": False}]  # the 2nd agrees
+    out = tmp_path / "ev"
+    assert main(["eval", "detect", "--scores", str(scores), "--labels", str(_labels(tmp_path, rows)),
+                 "--out", str(out)]) == 2
+    err = _one_line_error(capsys, "labels 1 caption(s) twice with different 'memorized' values",
+                          "'prompt 0' (False and True)", "keep one label per caption")
+    assert "prompt 4" not in err and not out.exists()
+
+
+def test_eval_detect_refuses_a_text_label_column_and_counts_the_unlabelled(scored, tmp_path, capsys):
+    import json
+
+    scores, texts = scored
+    rows = [{"caption": t, "memorized": i < 3, "kind": "signature" if i < 3 else "generic"}
+            for i, t in enumerate(texts[:8])]  # the last prompt has no label
+    labels = _labels(tmp_path, rows)
+    argv = ["eval", "detect", "--scores", str(scores), "--labels", str(labels), "--out", str(tmp_path / "ev")]
+    assert main([*argv, "--label-column", "kind"]) == 2
+    _one_line_error(capsys, "column 'kind' holds 'signature', not a label", "true/false", "--rate-column")
+    assert not (tmp_path / "ev").exists()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 of 9 scored prompts have no 'memorized' label" in out
+    report = json.loads((tmp_path / "ev" / "detection.json").read_text())
+    m = report["detectors"]["noise-norm"]["all"]
+    assert report["n_unlabelled"] == 1 and (m["n_pos"], m["n_neg"], m["auroc"]) == (3, 5, 1.0)
+    # 5 negatives: neither 1% (100 needed) nor 0.1% (1000) is measurable; n/a, not a number, with n_pos/n_neg
+    line = next(row for row in out.splitlines() if row.startswith("noise-norm"))
+    assert line.split()[1:] == ["1.0000", "3", "5", "n/a", "n/a"]
+    assert "TPR at FPR 0.01 needs at least 100 negatives" in out and "at least 1000" in out
+
+
+def test_label_values(tmp_path):
+    from diffmem.cli.scan_commands import label_value
+    from diffmem.errors import DiffmemError
+
+    for value, want in [(True, True), (0, False), (1.0, True), ("MV", True), ("rv", False), ("no", False),
+                        ("", None), (None, None)]:
+        assert label_value(value, "f", "c") == want, value
+    for value in ("generic", 2, 0.5):
+        with pytest.raises(DiffmemError, match="not a label"):
+            label_value(value, "f", "c")
+
+
+def test_mitigate_on_a_model_that_is_not_a_zoo_needs_its_prompts(tmp_path, capsys, prompts_txt, tiny_sd_folder,
+                                                                  monkeypatch):
+    """Without --prompts, adversarial-finetune and nemo fitted a user's checkpoint on the zoo's captions (and matched
+    against the zoo's training images); zoo defaults apply to zoo models only."""
+    import diffmem.models.loader as loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("refused before the model loads"))
+    for method in ("adversarial-finetune", "nemo"):
+        for given, missing in [([], "--prompts FILE and --reference FILE"),
+                               (["--prompts", str(prompts_txt)], "pass --reference FILE")]:
+            assert main(["mitigate", method, "--model", str(tiny_sd_folder), *given,
+                         "--out", str(tmp_path / "o")]) == 2
+            _one_line_error(capsys, f"--model {tiny_sd_folder}: not a zoo", missing)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_mitigation_fitted_on_another_model_is_refused_before_loading(tmp_path, capsys, prompts_txt,
+                                                                         tiny_sd_folder, tiny_sd_v_folder, monkeypatch):
+    """`--calibration` refused another model's file; `--mitigation` applied it silently."""
+    import diffmem.models.loader as loader
+
+    assert main(["mitigate", "embedding-noise", "--model", str(tiny_sd_folder), "--prompts", str(prompts_txt),
+                 "--reference", str(prompts_txt), "--out", str(tmp_path / "noise"), "--quiet"]) == 0
+    mitigation = str(tmp_path / "noise" / "mitigation.json")
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(loader, "load_model", lambda *a, **k: pytest.fail("refused before the model loads"))
+        for argv in (["scan", "--detector", "noise-norm", "--draws", "1"], ["sample", "--steps", "2"]):
+            assert main([*argv, "--model", str(tiny_sd_v_folder), "--prompts", str(prompts_txt), "--mitigation",
+                         mitigation, "--out", str(tmp_path / argv[0])]) == 2
+            _one_line_error(capsys, "was fitted on the model of fingerprint", "--accept-mitigation-mismatch")
+    assert not (tmp_path / "scan").exists() and not (tmp_path / "sample").exists()
+    assert main(["scan", "--detector", "noise-norm", "--draws", "1", "--model", str(tiny_sd_v_folder), "--prompts",
+                 str(prompts_txt), "--mitigation", mitigation, "--accept-mitigation-mismatch", "--quiet",
+                 "--out", str(tmp_path / "scan")]) == 0
+    from diffmem.cli.scan_commands import with_mitigation
+    from diffmem.errors import DiffmemError
+    from diffmem.mitigators.base import load_mitigation
+
+    with pytest.raises(DiffmemError, match="fitted on the model of fingerprint"):  # extract's path, after loading
+        with_mitigation(load_model(tiny_sd_v_folder), load_mitigation(mitigation))
+
+
+def test_refusals_come_before_the_weights_load(tmp_path, capsys, prompts_txt, tiny_sd_folder, tiny_sd_v_folder,
+                                               monkeypatch):
+    import json
+
+    import diffmem.models.loader as loader
+
+    out = tmp_path / "scan"
+    argv = ["scan", "--prompts", str(prompts_txt), "--detector", "noise-norm", "--draws", "1", "--quiet"]
+    assert main([*argv, "--model", str(tiny_sd_folder), "--out", str(out)]) == 0
+    assert main(["calibrate", *argv[1:], "--model", str(tiny_sd_folder), "--out", str(tmp_path / "cal")]) == 0
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(loader, "load_model", lambda *a, **k: pytest.fail("refused before the model loads"))
+        # the resume mismatch: another model, other draws
+        assert main([*argv, "--model", str(tiny_sd_v_folder), "--out", str(out)]) == 2
+        _one_line_error(capsys, "holds a run with other settings", "model.fingerprint")
+        assert main([*argv[:-2], "2", "--quiet", "--model", str(tiny_sd_folder), "--out", str(out)]) == 2
+        _one_line_error(capsys, "settings.n_draws (2 now, 1 before)")
+        # the calibration mismatch: calibrated on another model
+        assert main([*argv, "--model", str(tiny_sd_v_folder), "--calibration",
+                     str(tmp_path / "cal" / "calibration.json"), "--out", str(tmp_path / "s2")]) == 2
+        _one_line_error(capsys, "--calibration", "model fingerprint", "--accept-calibration-mismatch")
+    # a model_index.json naming another library for its last component: refused before any component loads
+    copy = tmp_path / "pipe"
+    shutil.copytree(tiny_sd_folder, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index["vae"] = ["os", "system"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    loaded = []
+    monkeypatch.setattr(loader, "_load_component", lambda *a, **k: loaded.append(a[1]))
+    with pytest.raises(ModelLoadError, match="component vae names library 'os'"):
+        load_model(copy)
+    assert loaded == []
+    assert main([*argv, "--model", str(copy), "--out", str(tmp_path / "s3")]) == 2
+    _one_line_error(capsys, "component vae names library 'os'")
+    assert loaded == [] and not (tmp_path / "s3").exists()
+
+
+def test_a_settings_refusal_names_each_differing_key_with_both_values_in_full(tmp_path):
+    from diffmem.errors import DiffmemError
+    from diffmem.jobs import refuse_other_settings
+
+    long = "r" * 80
+    old = {"detectors": [{"name": "anisotropy", "gamma1": 1.0, "reference": long}, {"name": "noise-norm"}],
+           "settings": {"n_draws": 1}}
+    new = {"detectors": [{"name": "anisotropy", "gamma1": 2.0, "reference": long + "s"}, {"name": "noise-norm"}],
+           "settings": {"n_draws": 1}}
+    with pytest.raises(DiffmemError) as exc:
+        refuse_other_settings(tmp_path, old, new)
+    message = str(exc.value)
+    assert "detectors.anisotropy.gamma1 (2.0 now, 1.0 before)" in message
+    assert f'detectors.anisotropy.reference ("{long}s" now, "{long}" before)' in message
+    assert "noise-norm" not in message and "n_draws" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("kind", ["file", "bad-json", "not-config"])
+def test_zoo_build_work_dir_tracebacks_are_one_line(kind, tmp_path, capsys):
+    work = tmp_path / "work"
+    if kind == "file":
+        work.write_text("x")
+        words = ["is an existing file; expected a folder"]
+    else:
+        work.mkdir()
+        (work / "zoo_config.json").write_text("{not json" if kind == "bad-json" else "[1, 2]")
+        words = ["zoo_config.json", "not valid JSON" if kind == "bad-json" else "not a zoo build's configuration"]
+    assert main(["zoo", "build", "--out", str(tmp_path / "zoo"), "--work-dir", str(work), "--no-label"]) == 2
+    _one_line_error(capsys, "--work-dir", *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_deepssim_train_on_too_few_images_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(images / f"{i}.png")
+    assert main(["deepssim", "train", "--images", str(images), "--out", str(tmp_path / "ds"), "--steps", "1"]) == 2
+    _one_line_error(capsys, "holds 4 image(s); DeepSSIM needs at least 50")
+    assert not (tmp_path / "ds").exists()

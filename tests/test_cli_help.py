@@ -20,6 +20,7 @@ def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 def test_top_level_help_lists_every_detector_attack_and_mitigator_with_a_line(capsys):
     from diffmem.attacks import ATTACKS
+    from diffmem.cli.listing import strip_rst
     from diffmem.detectors import DETECTORS
     from diffmem.mitigators import MITIGATORS
 
@@ -30,8 +31,9 @@ def test_top_level_help_lists_every_detector_attack_and_mitigator_with_a_line(ca
         assert f"{title} (" in out
         for name in registry.names():
             cls = registry.get(name)
-            first = (cls.__doc__ or "").strip().splitlines()[0]
+            first = strip_rst((cls.__doc__ or "").strip().splitlines()[0])
             assert name in out and first in out, (name, first)
+    assert "``" not in out  # reStructuredText markup is for the API docs, not the terminal
 
 
 def test_every_option_has_help_and_states_its_default():
@@ -83,3 +85,92 @@ def test_mitigate_options_take_the_bench_format_too(tmp_path, tiny_sd_folder):
                  "--reference", str(prompts), "--option", "embedding-noise.scale=0.5", "--out",
                  str(tmp_path / "m"), "--quiet"]) == 0
     assert json.loads((tmp_path / "m" / "mitigation.json").read_text())["mitigator"]["scale"] == 0.5
+
+
+# ---------------------------------------------------------------- issue #32: what a user reads
+def _help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_each_subcommand_lists_its_methods_and_a_method_its_options(capsys):
+    from diffmem.mitigators import MITIGATORS
+
+    text = _help(["mitigate"], capsys)
+    assert "diffmem --help" not in text
+    for name in ("adversarial-finetune", "embedding-noise", "nemo", "subspace-pruning"):
+        first = MITIGATORS.get(name).__doc__.strip().splitlines()[0].replace("``", "")
+        assert f"{name:<24}{first}" in text
+    noise = _help(["mitigate", "embedding-noise"], capsys)
+    assert "options of embedding-noise" in noise and "scale" in noise and "(default: 0.1)" in noise
+    assert "lora_rank" in _help(["mitigate", "dori-finetune"], capsys)  # an alias shows its method's options
+    assert "noise-norm" in _help(["scan"], capsys) and "one-step-whitebox" in _help(["extract"], capsys)
+    assert "subspace-pruning" in _help(["bench"], capsys)
+
+
+def test_help_text_has_no_rst_markup_and_calibrate_states_no_zoo_default(capsys):
+    for path, _ in _leaves(build_parser()):
+        assert "``" not in _help(list(path), capsys), path
+    calibrate = _help(["calibrate"], capsys)
+    assert "known to be ordinary" in calibrate and "the zoo's captions" not in calibrate
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--out", "x"])
+    assert exc.value.code == 2 and "--prompts" in capsys.readouterr().err
+
+
+def test_help_imports_no_torch_and_no_command_module_imports_main():
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from diffmem.cli.main import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'numpy', 'pyarrow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() in ("[]", "['numpy', 'pyarrow']"), done.stdout  # extract_commands: numpy, pyarrow
+    assert "torch" not in done.stdout
+    cli = Path(__file__).resolve().parents[1] / "diffmem" / "cli"
+    for path in cli.glob("*.py"):
+        if path.name in ("main.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "diffmem.cli.main", path.name
+
+
+def test_listing_from_source_matches_the_registries():
+    from diffmem.attacks import ATTACKS
+    from diffmem.cli.listing import methods
+    from diffmem.detectors import DETECTORS
+    from diffmem.mitigators import MITIGATORS
+
+    for key, registry in (("DETECTORS", DETECTORS), ("ATTACKS", ATTACKS), ("MITIGATORS", MITIGATORS)):
+        listed = {n for m in methods(key) for n in (m.name, *m.aliases)}
+        assert listed == set(registry.names()), key
+        for m in methods(key):
+            assert registry.get(m.name) is registry.get(m.aliases[0]) if m.aliases else True
+
+
+def test_mitigate_prints_a_short_summary_and_the_real_model(tmp_path, tiny_sd_folder, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    common = ["--model", str(tiny_sd_folder), "--prompts", str(prompts), "--reference", str(prompts), "--quiet"]
+    assert main(["mitigate", "subspace-pruning", *common, "--option", "draws=1", "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "fit: pruned_weights: 4 entries, total_pruned" in out and "{" not in out
+    assert main(["mitigate", "embedding-noise", *common, "--out", str(tmp_path / "n")]) == 0
+    out = capsys.readouterr().out
+    assert f"--model {tiny_sd_folder} --mitigation" in out and "<zoo>" not in out and "{}" not in out
+
+
+def test_bench_table_shows_every_header_in_full():
+    from diffmem.cli.mitigate_commands import format_bench
+
+    record = {"runs": {"0": {}}, "results": {"nemo": {"retrigger_extraction_rate": 0.25, "fidelity": 0.9}}}
+    head = format_bench(record).splitlines()[1]
+    for col in ("retrigger_extraction_rate", "fidelity_memorized_all", "parameters_changed"):
+        assert col in head.split()
+    row = format_bench(record).splitlines()[2].split()
+    assert row[0] == "nemo" and row[4] == "0.25"

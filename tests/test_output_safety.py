@@ -79,7 +79,8 @@ def test_mitigate_force_adds_the_checkpoint_and_keeps_the_users_file(model_copy,
     assert (out / "important.txt").read_text() == "keep me"
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     marker = json.loads((out / MARKER).read_text())
-    assert marker["command"] == "mitigate" and "important.txt" not in marker["files"] and "unet" in marker["files"]
+    assert marker["command"] == "mitigate subspace-pruning"  # command and method: not another method's folder
+    assert "important.txt" not in marker["files"] and "unet" in marker["files"]
     # a rerun into our own output is accepted without --force and replaces only our files
     assert _mitigate(model_copy, prompt_files, out) == 0
     assert (out / "important.txt").read_text() == "keep me"
@@ -187,12 +188,19 @@ def test_scan_resumes_its_own_folder_and_marks_it(tiny_sd_folder, prompt_files, 
     assert _mode(out / "scores.parquet") == 0o644
 
 
-def test_report_refuses_to_replace_a_file_it_did_not_write(tmp_path, capsys):
+@pytest.fixture()
+def report_run(tmp_path):
+    """A run folder holding one benchmark JSON, and a user's HTML file beside it."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "bench.json").write_text(json.dumps({"results": {}}))
     mine = tmp_path / "notes.html"
     mine.write_text("<html>my notes</html>")
+    return run, mine
+
+
+def test_report_refuses_to_replace_a_file_it_did_not_write(report_run, tmp_path, capsys):
+    run, mine = report_run
     assert main(["report", str(run), "--out", str(mine)]) == 2
     assert "diffmem did not write" in capsys.readouterr().err and mine.read_text() == "<html>my notes</html>"
     assert main(["report", str(run), "--out", str(run / "bench.json")]) == 2  # an input file
@@ -255,3 +263,197 @@ def test_publish_swaps_in_only_our_names(tmp_path):
     with pytest.raises(OutputError, match="user.txt"):
         publish(stage, out, "mitigate")
     assert (out / "user.txt").read_text() == "u"
+
+
+# ---------------------------------------------------------------- issue #32: outputs that are someone else's
+def _refused(capsys, *words: str) -> None:
+    err = capsys.readouterr().err
+    assert err.startswith("diffmem: error: ") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_zoo_build_refuses_a_work_dir_in_a_model_or_holding_a_users_files(model_copy, tmp_path, capsys):
+    """A copy of a model folder got 200 MB and tokenizer files (its fingerprint changed); a user's folder got its
+    stage_seconds.json rewritten. Both are refused before anything is trained or written."""
+    before = _snapshot(model_copy)
+    out = tmp_path / "zoo"
+    for work, words in [(model_copy, ["is the model folder", str(model_copy)]),
+                        (model_copy / "work", ["is inside the model folder"])]:
+        assert main(["zoo", "build", "--out", str(out), "--work-dir", str(work), "--no-label"]) == 2
+        _refused(capsys, "--work-dir", *words)
+    assert _snapshot(model_copy) == before and not (model_copy / "work").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "stage_seconds.json").write_text('{"my": 1}')
+    assert main(["zoo", "build", "--out", str(out), "--work-dir", str(mine), "--no-label"]) == 2
+    _refused(capsys, "--work-dir", "files diffmem did not write")
+    assert _snapshot(mine) == {"stage_seconds.json": b'{"my": 1}'} and not out.exists()
+
+
+def test_zoo_build_accepts_its_own_work_dirs(tmp_path):
+    from diffmem.zoo.build import WORK_COMMAND, ZooConfig, check_work_dir
+
+    out = tmp_path / "zoo"
+    check_work_dir(tmp_path / "new", out)  # new
+    ours = tmp_path / "ours"
+    claim_output_dir(ours, WORK_COMMAND, ["vae.pt"])
+    (ours / "vae.pt").write_bytes(b"x")
+    check_work_dir(ours, out)  # marked as a work folder
+    earlier = tmp_path / "earlier"  # from before ownership markers: its zoo_config.json says what it is
+    earlier.mkdir()
+    (earlier / "zoo_config.json").write_text(json.dumps(ZooConfig().to_dict()))
+    (earlier / "stage_seconds.json").write_text("{}")
+    check_work_dir(earlier, out)
+    claim_output_dir(tmp_path / "scan", "scan", ["scores.parquet"])
+    with pytest.raises(OutputError, match="an output of `diffmem scan`"):
+        check_work_dir(tmp_path / "scan", out)
+    with pytest.raises(OutputError, match="is the input"):
+        check_work_dir(out, out)
+
+
+def test_check_corpus_out_is_checked_before_the_work(tmp_path, monkeypatch, capsys):
+    """`zoo check-corpus --out FILE` overwrote a user's file with JSON; `--out FOLDER` crashed after 36 s of work."""
+    import diffmem.zoo.gate as gate
+
+    def no_work(*a, **k):
+        raise AssertionError("--out must be refused before the corpus is built")
+
+    monkeypatch.setattr(gate, "corpus_view", no_work)
+    mine = tmp_path / "notes.json"
+    mine.write_text("my notes")
+    assert main(["zoo", "check-corpus", "--out", str(mine)]) == 2
+    _refused(capsys, f"--out '{mine}' is an existing file diffmem did not write")
+    assert mine.read_text() == "my notes"
+    assert main(["zoo", "check-corpus", "--out", str(tmp_path)]) == 2
+    _refused(capsys, "is a folder; expected a file path")
+    report = {"corpus": "sd", "n": 1}
+    monkeypatch.setattr(gate, "corpus_view", lambda name: name)
+    monkeypatch.setattr(gate, "load_zoo_vae", lambda path: None)
+    monkeypatch.setattr(gate, "check_corpus", lambda view, vae: report)
+    monkeypatch.setattr(gate, "format_report", lambda r: "gate report")
+    out = tmp_path / "gate.json"
+    assert main(["zoo", "check-corpus", "--out", str(out)]) == 0
+    assert main(["zoo", "check-corpus", "--out", str(out)]) == 0  # our own report: replaced
+    assert json.loads(out.read_text()) == {"benchmark": "zoo-check-corpus", **report}
+
+
+@pytest.fixture()
+def small_zoo(tmp_path):
+    """A folder that looks like a zoo to `zoo label` (its labelling is replaced in the tests)."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "zoo.json").write_text(json.dumps({"parameters": 1, "labels": {"old": True}}))
+    (zoo / "labels.jsonl").write_text('{"caption": "a", "memorized": true}\n')
+    return zoo
+
+
+def test_zoo_label_writes_a_new_folder_and_never_the_zoo(small_zoo, tmp_path, monkeypatch, capsys):
+    """`zoo label` rewrote labels.jsonl and zoo.json in place; without --zoo, those of the installed package."""
+    import diffmem.cli.zoo_commands as zc
+
+    summary = {"by_kind": {}, "signature_by_replication": {}, "generic_fidelity": {}}
+    monkeypatch.setattr(zc, "label_folder", lambda folder, **k: ([{"caption": "a", "memorized": False}], summary))
+    before = _snapshot(small_zoo)
+    out = tmp_path / "relabel"
+    assert main(["zoo", "label", "--zoo", str(small_zoo), "--out", str(out)]) == 0
+    assert _snapshot(small_zoo) == before
+    assert json.loads((out / "labels.jsonl").read_text()) == {"caption": "a", "memorized": False}
+    assert json.loads((out / "zoo.json").read_text()) == {"parameters": 1, "labels": summary}
+    assert json.loads((out / MARKER).read_text())["command"] == "zoo-label"
+    for bad, words in [(small_zoo, ["is the input"]), (small_zoo / "new", ["inside the input"])]:
+        assert main(["zoo", "label", "--zoo", str(small_zoo), "--out", str(bad)]) == 2
+        _refused(capsys, *words)
+    assert _snapshot(small_zoo) == before
+
+
+def test_no_command_writes_into_the_installed_package(tmp_path, capsys, prompt_files, tiny_sd_folder):
+    from diffmem.outputs import PACKAGE_DIR
+    from diffmem.zoo.paths import SHIPPED_SD
+
+    for target in (SHIPPED_SD, SHIPPED_SD / "relabel", PACKAGE_DIR / "runs"):
+        with pytest.raises(OutputError, match="inside the installed diffmem package"):
+            check_output_dir(target, "zoo-label")
+    with pytest.raises(OutputError, match="inside the installed diffmem package"):
+        check_output_file(PACKAGE_DIR / "report.html")
+    before = _snapshot(SHIPPED_SD / "pipeline" / "scheduler")
+    assert main(["zoo", "label", "--zoo", str(SHIPPED_SD), "--out", str(SHIPPED_SD / "relabel")]) == 2
+    _refused(capsys, "inside the installed diffmem package")
+    assert main(["scan", "--model", str(tiny_sd_folder), "--prompts", str(prompt_files[0]),
+                 "--out", str(PACKAGE_DIR / "scan")]) == 2
+    _refused(capsys, "inside the installed diffmem package")
+    assert not (SHIPPED_SD / "relabel").exists() and not (PACKAGE_DIR / "scan").exists()
+    assert _snapshot(SHIPPED_SD / "pipeline" / "scheduler") == before
+
+
+def test_report_force_never_replaces_a_users_file_nor_writes_into_a_run(report_run, capsys):
+    run, mine = report_run
+    assert main(["report", str(run), "--out", str(mine), "--force"]) == 2
+    _refused(capsys, "diffmem did not write", "not even with --force")
+    assert mine.read_text() == "<html>my notes</html>"
+    assert main(["report", str(run), "--out", str(run / "report.html")]) == 2
+    _refused(capsys, "is inside the input")
+    assert sorted(p.name for p in run.iterdir()) == ["bench.json"]
+
+
+def test_an_output_of_one_method_is_not_ours_for_another(model_copy, prompt_files, tmp_path, capsys):
+    """`mitigate embedding-noise --out` a fine-tuned checkpoint's folder replaced its mitigation.json, leaving
+    fine-tuned weights labelled as an inference-time config."""
+    out = tmp_path / "patched"
+    assert _mitigate(model_copy, prompt_files, out, "--quiet") == 0
+    before = _snapshot(out)
+    mem, ref = prompt_files
+    for extra in ([], ["--force"]):
+        assert main(["mitigate", "embedding-noise", "--model", str(model_copy), "--prompts", str(mem), "--reference",
+                     str(ref), "--out", str(out), *extra]) == 2
+        _refused(capsys, "an output of `diffmem mitigate subspace-pruning`, not of `diffmem mitigate embedding-noise`")
+    assert _snapshot(out) == before
+    with pytest.raises(OutputError, match="not of `diffmem scan`"):
+        check_output_dir(out, "scan", force=True)
+
+
+def test_staged_folder_is_removed_on_an_exception(tmp_path):
+    from diffmem.outputs import staged
+
+    out = tmp_path / "zoo"
+    with pytest.raises(RuntimeError, match="injected"), staged(out, "zoo-build") as staging:
+        (staging / "pipeline").mkdir()
+        raise RuntimeError("injected")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_zoo_build_leaves_no_staging_folder(tmp_path):
+    """A SIGTERM late in `zoo build` left hidden `.NAME.*.partial` folders behind: the CLI turns SIGTERM into an
+    exception, so the staging folder is removed and the exit status is 143."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, time
+        import diffmem.zoo.build as build
+        from diffmem.cli.main import main
+        from diffmem.outputs import staged
+
+        def build_zoo(out, cfg, work_dir):  # the build's last stage: saving into a staging folder
+            with staged(out, "zoo-build") as staging:
+                (staging / "pipeline").mkdir()
+                print("staged", flush=True)
+                time.sleep(60)
+
+        build.build_zoo = build_zoo
+        sys.exit(main(["zoo", "build", "--out", sys.argv[1], "--no-label"]))
+    """)
+    out = tmp_path / "zoo"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout.readline().strip() == "staged"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

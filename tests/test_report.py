@@ -37,7 +37,8 @@ def test_report_is_self_contained(scan_dir, tmp_path):
 
 
 def test_report_of_nothing_is_an_error(tmp_path, capsys):
-    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
+    (tmp_path / "empty").mkdir()  # the report beside the run folder: inside it is refused (an input)
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")]) == 2
     assert "no scan, extraction or JSON results" in capsys.readouterr().err
 
 

@@ -9,18 +9,42 @@ import argparse
 import json
 import time
 
-import numpy as np
-import torch
+from diffmem.cli.options import add_force, add_model_args, handled_by, lazy_reexports, non_negative_int, positive_int
 
-from diffmem.eval.matching import SSIMMatcher
-from diffmem.images import image_grid, stack, titled  # noqa: F401 - image_grid/stack/titled re-exported for old imports
-from diffmem.io import atomic_write_text
-from diffmem.models.loader import load_model
+_MOVED = {"image_grid": "diffmem.images", "stack": "diffmem.images", "titled": "diffmem.images",
+          "load_model": "diffmem.models.loader", "SSIMMatcher": "diffmem.eval.matching"}
+__getattr__ = lazy_reexports(__name__, _MOVED)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """``diffmem demo``."""
+    demo = handled_by(sub.add_parser("demo", help="load a model (default: the zoo), show its manifest, generate a "
+                                                  "sample grid"), "diffmem.cli.demo:run_demo")
+    add_model_args(demo)
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    add_force(demo)
+    demo.add_argument("--per-group", type=positive_int, default=6, help="prompts per group in the grid (default: 6)")
+    demo.add_argument("--seeds", type=positive_int, default=3, help="seeds per prompt (default: 3)")
+    demo.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default: 50)")
+    demo.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default: 7.5)")
+    demo.add_argument("--draws", type=positive_int, default=8, help="noise draws of the closing scan (default: 8)")
+    demo.add_argument("--scan-prompts", type=positive_int, default=400,
+                      help="zoo captions in the closing scan (default: 400)")
+    demo.add_argument("--scan-samples", type=non_negative_int, default=2,
+                      help="generations per caption of the scan's nn-margin detector, 0 to skip it (default: 2)")
+    demo.add_argument("--no-report", action="store_true", help="skip the closing scan and HTML report (default: off)")
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
     from diffmem.cli.options import resolve_device
     from diffmem.cli.zoo_commands import format_summary
+    from diffmem.eval.matching import SSIMMatcher
+    from diffmem.images import image_grid, stack, titled
+    from diffmem.io import atomic_write_text
+    from diffmem.models.loader import load_model
     from diffmem.outputs import check_output_dir, claim_output_dir, make_shareable
     from diffmem.zoo.load import load_corpus, load_labels, zoo_folder_of, zoo_training_set
     from diffmem.zoo.paths import zoo_dir

@@ -9,13 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from diffmem.errors import DiffmemError
-from diffmem.extract import NULL_FOLDER, REPLICATION
 
 EXTRACT_WRITES = ("provenance.json", "parts", "extraction.parquet", "null", "verdicts.parquet", "verdicts.json")
 
 
 def add_extract_args(p: argparse.ArgumentParser) -> None:
-    from diffmem.cli.main import add_force, positive_int
+    from diffmem.cli.options import add_force, positive_int
 
     p.add_argument("--prompts", default=None, help="prompt file (default: the zoo's captions)")
     p.add_argument("--caption-column", default=None, help="column holding the prompt (default: found by name)")
@@ -51,7 +50,14 @@ def run_extract_command(args: argparse.Namespace) -> None:
     from diffmem.attacks import make_attack
     from diffmem.cli.options import parse_scoped_options, resolve_device
     from diffmem.cli.scan_commands import first_n, with_mitigation
-    from diffmem.extract import ExtractSettings, folder_training_index, own_items_of, run_extract
+    from diffmem.extract import (
+        NULL_FOLDER,
+        REPLICATION,
+        ExtractSettings,
+        folder_training_index,
+        own_items_of,
+        run_extract,
+    )
     from diffmem.models.loader import load_model
     from diffmem.outputs import check_output_dir, claim_output_dir
     from diffmem.prompts import load_prompts

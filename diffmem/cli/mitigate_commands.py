@@ -7,35 +7,148 @@ import inspect
 import json
 from pathlib import Path
 
-from diffmem.cli.options import parse_method_options, parse_options, parse_scoped_options
+from diffmem.cli.listing import method_lines, methods
+from diffmem.cli.options import (
+    Parser,
+    add_force,
+    add_model_args,
+    handled_by,
+    parse_method_options,
+    parse_options,
+    parse_scoped_options,
+    positive_int,
+)
 from diffmem.errors import DiffmemError
+
+
+class MethodParser(Parser):
+    """The parser of ``diffmem mitigate METHOD``: its ``--help`` ends with the method's options (``--option
+    KEY=VALUE``), read from the method's class only when help is asked (it imports torch)."""
+
+    def format_help(self) -> str:
+        return super().format_help() + "\n" + method_options(self.prog.split()[-1]) + "\n"
+
+
+def method_options(name: str) -> str:
+    """Every ``--option KEY=VALUE`` of mitigator ``name``: its dataclass fields with type and default."""
+    import dataclasses
+
+    from diffmem.mitigators import MITIGATORS
+
+    cls = MITIGATORS.get(name)
+    lines = [f"options of {name} (--option KEY=VALUE, values parsed as JSON):"]
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        lines.append(f"  {f.name:<28}{kind} (default: {json.dumps(default, default=str)})")
+    return "\n".join(lines)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """``diffmem mitigate METHOD`` (one subcommand per method, so ``mitigate METHOD --help`` shows its options)
+    and ``diffmem bench``."""
+    listing = "\n".join(method_lines("MITIGATORS"))
+    mitigate = sub.add_parser("mitigate", help="patch a checkpoint (or write an inference-time config)",
+                              epilog=f"methods:\n{listing}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    msub = mitigate.add_subparsers(dest="method", required=True, metavar="METHOD", parser_class=MethodParser)
+    for m in methods("MITIGATORS"):
+        add_mitigate_args(handled_by(msub.add_parser(m.name, aliases=list(m.aliases), help=m.summary,
+                                                     description=m.summary),
+                                     "diffmem.cli.mitigate_commands:run_mitigate"))
+    register_bench(sub, listing)
+
+
+def add_mitigate_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``diffmem mitigate METHOD`` (every method takes the same; its own go in ``--option``)."""
+    add_model_args(p)
+    p.add_argument("--prompts", default=None,
+                   help="memorized prompts (default: a zoo model's memorized captions; required for any other model)")
+    p.add_argument("--caption-column", default=None, help="column holding the prompt (default: found by name)")
+    p.add_argument("--reference", default=None,
+                   help="ordinary prompts (default: a zoo model's generic captions; required for any other model)")
+    p.add_argument("--out", required=True,
+                   help="new output folder: a patched checkpoint, or mitigation.json for inference-time "
+                        "methods (re-applied by scan/extract/sample --mitigation); never the input")
+    add_force(p)
+    p.add_argument("--train-index", default=None, metavar="DIR",
+                   help="training images adversarial-finetune's model-made surrogates must not match "
+                        "(default: a zoo model's training images with its own captions, else the model's own "
+                        "repeated generations)")
+    p.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
+                   help="method option (listed by `diffmem mitigate METHOD --help`), values parsed as JSON when "
+                        "they parse (repeatable; default: none)")
+
+
+def register_bench(sub: argparse._SubParsersAction, listing: str) -> None:
+    """``diffmem bench``."""
+    bench = handled_by(sub.add_parser("bench", help="every mitigator on a task (a zoo model's own, default: the "
+                                                    "default zoo's; or --memorized/--ordinary lists): memorization "
+                                                    "removed vs quality kept, tuned on dev, reported on test",
+                                      epilog=f"methods (--mitigators):\n{listing}",
+                                      formatter_class=argparse.RawDescriptionHelpFormatter),
+                       "diffmem.cli.mitigate_commands:run_bench_command")
+    add_model_args(bench)
+    bench.add_argument("--mitigators", nargs="+", default=None, help="methods, listed below (default: all)")
+    bench.add_argument("--out", default="runs/bench", help="output folder; rerun to resume (default: runs/bench)")
+    add_force(bench)
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                       help="split seeds: each cuts its own fit/dev/test splits; the table is the mean and spread "
+                            "(default: 0 1)")
+    bench.add_argument("--memorized", default=None, metavar="FILE",
+                       help="memorized prompts of --model (with --ordinary: a folder task instead of the zoo; "
+                            "default: none)")
+    bench.add_argument("--ordinary", default=None, metavar="FILE", help="ordinary prompts of --model (default: none)")
+    bench.add_argument("--train-index", default=None, metavar="DIR",
+                       help="training images to match against (default: the original model's own generations of "
+                            "the memorized prompts)")
+    bench.add_argument("--clip-weights", default=None, metavar="FILE",
+                       help="local open_clip weights for CLIP-score fidelity of a folder task (default: none)")
+    bench.add_argument("--surrogates", choices=("model", "oracle"), default="model",
+                       help="adversarial-finetune's surrogates: made from the model (default) or the zoo's "
+                            "ground-truth renders ('oracle', an ablation)")
+    bench.add_argument("--tune", action="append", default=None, metavar="METHOD.KEY=V1,V2",
+                       help="candidate settings chosen on the dev split (repeatable; default: none)")
+    bench.add_argument("--size", action="append", default=None, metavar="SPLIT=N",
+                       help="split size, SPLIT in fit, dev, test, ordinary_fit, ordinary_dev, ordinary_test "
+                            "(repeatable; default: 40, 24, 40, 128, 32, 64)")
+    bench.add_argument("--samples", type=positive_int, default=3, help="generations per prompt (default: 3)")
+    bench.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default: 25)")
+    bench.add_argument("--attack-prompts", type=positive_int, default=16,
+                       help="test prompts under the re-trigger attack (default: 16)")
+    bench.add_argument("--attack-steps", type=positive_int, default=30,
+                       help="re-trigger optimisation steps (default: 30)")
+    bench.add_argument("--option", action="append", default=None, metavar="METHOD.KEY=VALUE",
+                       help="METHOD.KEY=VALUE for a mitigator, or retrigger.KEY=VALUE for the adaptive attack "
+                            "(e.g. retrigger.lr=0.01; repeatable; default: none)")
 
 
 def run_mitigate(args: argparse.Namespace) -> None:
     from diffmem.cli.options import resolve_device
-    from diffmem.mitigators import make_mitigator
     from diffmem.mitigators.base import MITIGATION_FILE, InferenceMitigator
     from diffmem.models.loader import load_model
     from diffmem.outputs import check_output_dir
     from diffmem.prompts import load_prompts
+    from diffmem.zoo.load import zoo_folder_for
     from diffmem.zoo.prompts import zoo_reference_prompts
 
     # everything checked before the model loads; nothing is written until the result is complete
     device = resolve_device(args.device)
-    check_output_dir(args.out, "mitigate", [args.model or _zoo_pipeline(), args.prompts, args.reference],
+    mitigator = _make(args)
+    check_output_dir(args.out, mitigator.output_command, [args.model or _zoo_pipeline(), args.prompts, args.reference],
                      args.force, writes=[MITIGATION_FILE])
-    try:
-        make_mitigator(args.method, **parse_method_options(args.option, args.method))
-    except KeyError as exc:
-        raise DiffmemError(str(exc).strip("'\"")) from exc
-    except TypeError as exc:
-        raise DiffmemError(str(exc)) from exc
+    zoo = zoo_folder_for(args.model)  # the zoo the model is (None: not a zoo, so no zoo defaults apply)
+    if zoo is None and not _names_a_zoo(args.model):  # (an unbuilt zoo fails at load with how to build it)
+        missing = [flag for flag, given in (("--prompts FILE", args.prompts), ("--reference FILE", args.reference))
+                   if not given]
+        if missing:
+            raise DiffmemError(f"--model {args.model}: not a zoo, so there are no zoo captions to default to; pass "
+                               f"{' and '.join(missing)} (memorized prompts, ordinary prompts of this model)")
     memorized_prompts = load_prompts(args.prompts, args.caption_column).texts if args.prompts else None
     ordinary_prompts = load_prompts(args.reference).texts if args.reference else None
     model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
-    from diffmem.zoo.load import zoo_folder_of
-
-    zoo = zoo_folder_of(model)  # the zoo the model came from (None: not a zoo; zoo defaults below use the default)
     if memorized_prompts is not None:
         memorized = memorized_prompts
     else:
@@ -43,12 +156,6 @@ def run_mitigate(args: argparse.Namespace) -> None:
 
         memorized = zoo_memorized_captions(zoo)
     ordinary = ordinary_prompts if ordinary_prompts is not None else zoo_reference_prompts(folder=zoo)
-    try:
-        mitigator = make_mitigator(args.method, **parse_method_options(args.option, args.method))
-    except KeyError as exc:
-        raise DiffmemError(str(exc).strip("'\"")) from exc
-    except TypeError as exc:
-        raise DiffmemError(str(exc)) from exc
     if "index" in inspect.signature(mitigator.fit).parameters:
         # adversarial-finetune makes its surrogates from the model; a training index (if given) checks them
         index = None
@@ -65,13 +172,50 @@ def run_mitigate(args: argparse.Namespace) -> None:
         mitigator.fit(model, memorized, ordinary)
     out = mitigator.save(args.out, model, force=args.force)
     kind = "inference-time config" if isinstance(mitigator, InferenceMitigator) else "patched checkpoint"
-    print(f"{args.method}: {kind} written to {out}")
+    print(f"{mitigator.name}: {kind} written to {out}")
+    summary = fit_summary(mitigator.describe_fit())
+    if summary:
+        print(f"fit: {summary} (in full: {Path(args.out) / MITIGATION_FILE})")
     if isinstance(mitigator, InferenceMitigator):
+        model_arg = args.model or "zoo"
         print(f"it changes how prompts are encoded or sampled, not the weights: apply it with `diffmem scan|extract|"
-              f"sample --model {args.model or '<zoo>'} --mitigation {out}`")
+              f"sample --model {model_arg} --mitigation {out}`")
     else:
         print(f"load it like any model: `diffmem scan --model {out}`")
-    print(json.dumps({k: v for k, v in mitigator.describe_fit().items() if k != "neurons"}, default=str)[:2000])
+
+
+def _make(args: argparse.Namespace):
+    """The mitigator ``args.method`` with its ``--option`` values, or one line naming what is wrong."""
+    from diffmem.mitigators import make_mitigator
+
+    try:
+        return make_mitigator(args.method, **parse_method_options(args.option, args.method))
+    except KeyError as exc:
+        raise DiffmemError(str(exc).strip("'\"")) from exc
+    except TypeError as exc:
+        raise DiffmemError(str(exc)) from exc
+
+
+def fit_summary(fit: dict, limit: int = 6) -> str:
+    """A short human line of a method's fit record (``describe_fit``): numbers and short strings as they are,
+    lists and mappings by their size; at most ``limit`` entries (the file holds all of it)."""
+    parts = []
+    for key, value in fit.items():
+        if value is None or value == {} or value == []:
+            continue
+        if isinstance(value, bool) or isinstance(value, (int, str)) and len(str(value)) <= 40:
+            parts.append(f"{key} {value}")
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        elif isinstance(value, (list, tuple, dict)):
+            parts.append(f"{key}: {len(value)} {'entries' if isinstance(value, dict) else 'items'}")
+    return ", ".join(parts[:limit])
+
+
+def _names_a_zoo(spec: str | None) -> bool:
+    from diffmem.models.sources import ZOO_MODELS
+
+    return spec is None or spec in ZOO_MODELS
 
 
 def _zoo_pipeline(corpus: str | None = None):
@@ -142,12 +286,13 @@ def format_bench(record: dict) -> str:
     """The test-split table: mean +- standard deviation over split seeds."""
     cols = ["extraction_rate", "matching_verbatim", "template_verbatim", "retrigger_extraction_rate", "fidelity",
             "fidelity_memorized_all", "fid", "diversity", "fit_seconds", "parameters_changed"]
-    head = f"{'method':<22}" + "".join(f"{c[:14]:>17}" for c in cols)
+    widths = [max(17, len(c) + 2) for c in cols]  # every header in full
+    head = f"{'method':<22}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths))
     lines = [f"test split, mean +- sd over split seeds {list(record.get('runs', {}))}", head]
     for name, r in record["results"].items():
         cells = []
-        for c in cols:
+        for c, w in zip(cols, widths):
             v, sd = r.get(c), r.get(f"{c}_std")
-            cells.append(f"{'-':>17}" if v is None else f"{f'{v:.3g}+-{sd:.2g}' if sd else f'{v:.4g}':>17}")
+            cells.append(f"{'-':>{w}}" if v is None else f"{f'{v:.3g}+-{sd:.2g}' if sd else f'{v:.4g}':>{w}}")
         lines.append(f"{name:<22}" + "".join(cells))
     return "\n".join(lines)

@@ -1,11 +1,110 @@
-"""``--option`` parsing shared by scan (detectors), extract (attacks), mitigate and bench (methods)."""
+"""What every command module shares, so none imports ``cli/main.py``: the argparse parser class and argument
+types, the ``--model``/``--force`` arguments, ``--option`` parsing (detectors, attacks, methods) and
+``--device`` checking. Light on purpose (no torch at import): ``diffmem --help`` builds every subcommand."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+from collections.abc import Callable
 from typing import Any
 
+from diffmem.cli.listing import strip_rst
 from diffmem.errors import DiffmemError
+
+DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``diffmem: error: ...``, exit 2), help without reStructuredText markup,
+    and ``-v``/``--quiet`` accepted after the subcommand as well as before it."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(2, f"diffmem: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+    def format_help(self) -> str:  # noqa: D102 - argparse API
+        return strip_rst(super().format_help())
+
+    def add_parser_common(self) -> None:
+        """``-v`` and ``-q`` on a leaf subcommand."""
+        # SUPPRESS: a subcommand's default never overrides the flag given before the subcommand
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="debug logging (default: off)")
+        self.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                          help="no progress bars, weight-loading bars or library warnings (default: off)")
+
+
+def _checked_number(parse: Callable[[str], Any], accept: Callable[[Any], bool], expected: str):
+    """An argparse type: ``parse(text)`` kept when ``accept(value)``, else one line saying what was expected."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value:g}")
+        return value
+
+    convert.__name__ = parse.__name__  # argparse names the type in its messages
+    return convert
+
+
+positive_int = _checked_number(int, lambda v: v >= 1, "a whole number >= 1")
+positive_float = _checked_number(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
+non_negative_int = _checked_number(int, lambda v: v >= 0, "a whole number >= 0")
+open_unit_float = _checked_number(float, lambda v: 0 < v < 1, "0 < value < 1 (a false-positive rate)")
+
+
+def add_force(p: argparse.ArgumentParser) -> None:
+    """``--force`` of a command that writes a folder."""
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing --out that holds other files; only diffmem's own files are "
+                        "replaced, never yours (default: off)")
+
+
+def add_file_force(p: argparse.ArgumentParser) -> None:
+    """``--force`` of a command that writes one file: kept so earlier command lines still parse, but a file
+    diffmem did not write is never replaced (an earlier output of the same command always is)."""
+    p.add_argument("--force", action="store_true",
+                   help="no effect: an earlier output of this command is replaced without it, and a file diffmem "
+                        "did not write is never replaced (default: off)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--config``, ``--device`` and ``--dtype`` of every command that loads a model."""
+    p.add_argument("--model", default=None,
+                   help="zoo (the default zoo) | zoo:sd | zoo:collapse | a diffusers folder | a hub id org/name (read "
+                        "from the Hugging Face cache; downloaded only when HF_HUB_OFFLINE=0) | one .safetensors file "
+                        "(default: zoo)")
+    p.add_argument("--config", default=None,
+                   help="for a single .safetensors file: its family (sd1, sd2; their config files must be in the "
+                        "Hugging Face cache offline) or a diffusers folder with its configs (default: inferred)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device: cpu, cuda, cuda:N or mps; refused when absent (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, metavar="DTYPE",
+                   help=f"one of {', '.join(DTYPES[:3])} (default: float32 on CPU, else float16)")
+
+
+def lazy_reexports(module: str, moved: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that still serves names a command module used to import at its top (``name ->
+    the module that defines it``), imported on first use, so the command module stays light for ``--help``."""
+
+    def getattr_(name: str) -> Any:
+        if name in moved:
+            import importlib
+
+            return getattr(importlib.import_module(moved[name]), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return getattr_
+
+
+def handled_by(p: argparse.ArgumentParser, handler: str) -> argparse.ArgumentParser:
+    """Name the ``"module:function"`` that runs ``p``'s command (imported only when the command runs)."""
+    p.set_defaults(handler=handler)
+    return p
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:

@@ -11,16 +11,25 @@ import argparse
 import json
 import re
 
+from diffmem.cli.options import add_force, add_model_args, handled_by, positive_int
+
 SAMPLE_WRITES = ("images", "provenance.json")
 
 
+def register(sub: argparse._SubParsersAction) -> None:
+    """``diffmem sample``."""
+    sample = handled_by(sub.add_parser("sample", help="generate images for prompts, optionally through --mitigation "
+                                                      "FILE"), "diffmem.cli.sample_commands:run_sample")
+    add_model_args(sample)
+    add_sample_args(sample)
+
+
 def add_sample_args(p: argparse.ArgumentParser) -> None:
-    from diffmem.cli.main import add_force, positive_int
+    from diffmem.cli.scan_commands import add_mitigation_args
 
     p.add_argument("--prompts", required=True, help="prompt file: .txt .jsonl .csv .parquet")
     p.add_argument("--caption-column", default=None, help="column holding the prompt (default: found by name)")
-    p.add_argument("--mitigation", default=None, metavar="FILE",
-                   help="mitigation.json of an inference-time `diffmem mitigate` to apply (default: none)")
+    add_mitigation_args(p, "generate through it")
     p.add_argument("--seeds", type=positive_int, default=1, help="images per prompt, seeds 0..N-1 (default: 1)")
     p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default: 25)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
@@ -36,9 +45,9 @@ def _slug(text: str) -> str:
 
 def run_sample(args: argparse.Namespace) -> None:
     from diffmem.cli.options import resolve_device
-    from diffmem.cli.scan_commands import first_n, with_mitigation
+    from diffmem.cli.scan_commands import first_n, prepare_mitigation, with_mitigation
     from diffmem.io import atomic_write_bytes, atomic_write_text
-    from diffmem.models.loader import load_model
+    from diffmem.models.loader import load_model, model_fingerprint
     from diffmem.outputs import check_output_dir, claim_output_dir
     from diffmem.prompts import load_prompts
 
@@ -46,14 +55,10 @@ def run_sample(args: argparse.Namespace) -> None:
     prompts = first_n(load_prompts(args.prompts, args.caption_column), args.limit)
     check_output_dir(args.out, "sample", [args.model, args.prompts, args.mitigation], args.force,
                      writes=SAMPLE_WRITES)
-    mitigation = None
-    if args.mitigation:
-        from diffmem.mitigators.base import load_mitigation
-
-        mitigation = load_mitigation(args.mitigation)
-    model = load_model(args.model, device=device, dtype=args.dtype)
+    mitigation = prepare_mitigation(args, model_fingerprint(args.model, args.config)) if args.mitigation else None
+    model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
     if mitigation is not None:
-        model = with_mitigation(model, mitigation)
+        model = with_mitigation(model, mitigation, accept_mismatch=args.accept_mitigation_mismatch)
     out = claim_output_dir(args.out, "sample", SAMPLE_WRITES)
     jobs = [(i, s) for i in range(len(prompts)) for s in range(args.seeds)]
     files = []

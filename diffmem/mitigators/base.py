@@ -26,7 +26,7 @@ from diffmem.errors import DiffmemError
 from diffmem.io import atomic_write_text
 from diffmem.jobs import versions
 from diffmem.models.model import DiffusionModel
-from diffmem.outputs import check_output_dir, discard, publish, staging_dir
+from diffmem.outputs import check_output_dir, staged
 from diffmem.registry import Configurable, Registry
 
 MITIGATORS: Registry[Mitigator] = Registry("mitigator")
@@ -43,6 +43,17 @@ class Mitigator(Configurable, ABC):
 
     def describe_fit(self) -> dict[str, Any]:
         return {}
+
+    @property
+    def output_command(self) -> str:
+        """What this method's output folder is marked as (``mitigate nemo``): an output of one method is never
+        reused, resumed or forced into by another (a fine-tuned checkpoint must not get an inference config)."""
+        return mitigate_command(self.name)
+
+
+def mitigate_command(name: str) -> str:
+    """The ownership-marker command of ``diffmem mitigate NAME`` (see :mod:`diffmem.outputs`)."""
+    return f"mitigate {name}"
 
 
 def check_prompt_lists(memorized: list[str], ordinary: list[str], needs_memorized: bool = True) -> None:
@@ -76,18 +87,13 @@ class InferenceMitigator(Mitigator):
         """Write ``mitigation.json`` into ``out_dir``: what ``--mitigation FILE`` of scan, extract and
         sample re-applies (see :func:`load_mitigation`). Returns the file's path."""
         out = Path(out_dir)
-        check_output_dir(out, "mitigate", [model.folder], force, writes=[MITIGATION_FILE])
+        check_output_dir(out, self.output_command, [model.folder], force, writes=[MITIGATION_FILE])
         record = {"mitigator": self.config(), "acts_at": self.acts_at, "fit": self.describe_fit(),
                   "model": model.describe(), "versions": versions(),
                   "use": f"diffmem scan|extract|sample --model {model.folder or '<the model>'} --mitigation "
                          f"{out / MITIGATION_FILE}"}
-        staging = staging_dir(out)
-        try:
+        with staged(out, self.output_command) as staging:
             atomic_write_text(staging / MITIGATION_FILE, json.dumps(record, indent=2, default=str))
-            publish(staging, out, "mitigate")
-        except BaseException:
-            discard(staging)
-            raise
         return out / MITIGATION_FILE
 
 
@@ -114,10 +120,9 @@ class WeightMitigator(Mitigator):
             raise DiffmemError("saving a patched checkpoint needs a model loaded from a folder")
         out = Path(out_dir)
         input_names = [p.name for p in model.folder.iterdir()]
-        check_output_dir(out, "mitigate", [model.folder], force, writes=[*input_names, MITIGATION_FILE])
+        check_output_dir(out, self.output_command, [model.folder], force, writes=[*input_names, MITIGATION_FILE])
         edited = self.edited_components()
-        staging = staging_dir(out)
-        try:
+        with staged(out, self.output_command) as staging:
             shutil.copytree(model.folder, staging, dirs_exist_ok=True,
                             ignore=lambda d, names: [n for n in names if Path(d) == model.folder and n in edited])
             patched = self.patched()
@@ -129,10 +134,6 @@ class WeightMitigator(Mitigator):
             record = {"mitigator": self.config(), "acts_at": self.acts_at, "fit": self.describe_fit(),
                       "input_model": model.describe(), "edited_components": list(edited), "versions": versions()}
             atomic_write_text(staging / MITIGATION_FILE, json.dumps(record, indent=2, default=str))
-            publish(staging, out, "mitigate")
-        except BaseException:
-            discard(staging)
-            raise
         return out
 
 
@@ -175,7 +176,9 @@ def clone_model(model: DiffusionModel, components: tuple[str, ...] = ("unet",)) 
 
 def load_mitigation(path: str | Path) -> InferenceMitigator:
     """The inference-time mitigator saved in a ``mitigation.json`` by ``diffmem mitigate`` (fit state
-    included: it is part of the saved options), ready for ``.apply(model)``."""
+    included: it is part of the saved options), ready for ``.apply(model)``; its ``fitted_on`` attribute is
+    the fingerprint of the model it was fitted on (None in a file that does not record it), see
+    :func:`mitigation_mismatch`."""
     path = Path(path)
     if path.is_dir():
         path = path / MITIGATION_FILE
@@ -196,7 +199,20 @@ def load_mitigation(path: str | Path) -> InferenceMitigator:
         mitigator = make_mitigator(name, **config)
     except (KeyError, TypeError) as exc:
         raise DiffmemError(f"--mitigation '{path}': {str(exc).strip(chr(34) + chr(39))}") from exc
+    model = record.get("model")
+    mitigator.fitted_on = model.get("fingerprint") if isinstance(model, dict) else None  # not an option: no field
+    mitigator.path = str(path)
     return mitigator
+
+
+def mitigation_mismatch(mitigation: InferenceMitigator, fingerprint: str) -> str | None:
+    """What is wrong with applying ``mitigation`` (from :func:`load_mitigation`) to the model of ``fingerprint``:
+    None when it was fitted on that model (or its file does not say), else one sentence naming both models."""
+    fitted_on = getattr(mitigation, "fitted_on", None)
+    if fitted_on is None or fitted_on == fingerprint:
+        return None
+    return (f"--mitigation '{getattr(mitigation, 'path', '?')}' was fitted on the model of fingerprint {fitted_on}, "
+            f"not on this one ({fingerprint}); its fit (e.g. a target embedding) belongs to that model")
 
 
 def make_mitigator(name: str, **options: Any) -> Mitigator:

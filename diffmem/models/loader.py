@@ -60,11 +60,37 @@ def _read_index(folder: Path) -> dict[str, Any]:
     return index
 
 
+def _components(index: dict[str, Any]) -> list[str]:
+    """The components of a ``model_index.json`` that are loaded, in loading order."""
+    return [name for name in REQUIRED + OPTIONAL if isinstance(index.get(name), list) and index[name][1]]
+
+
+def _check_libraries(folder: Path, index: dict[str, Any]) -> None:
+    """Refuse a ``model_index.json`` naming a library other than diffusers/transformers for any component, before
+    any component (and its weights) loads: a model folder may come from anywhere, and its index must not make us
+    import arbitrary modules."""
+    for name in _components(index):
+        library = index[name][0]
+        if library not in ALLOWED_LIBRARIES:
+            raise ModelLoadError(f"'{folder}': component {name} names library {library!r} in model_index.json; only "
+                                 f"{' and '.join(ALLOWED_LIBRARIES)} components are loaded")
+
+
+def model_fingerprint(source: str | Path | None = None, config: str | Path | None = None) -> str:
+    """The fingerprint :attr:`DiffusionModel.fingerprint` will have once ``source`` (a model spec) is loaded,
+    computed from its files without loading a weight (a folder's ``model_index.json`` is checked as
+    :func:`load_model` checks it), so a command refuses a mismatched calibration, mitigation or resume first."""
+    from diffmem.models import sources
+
+    resolved = sources.resolve(source, config)
+    if resolved.kind == "single_file":
+        return sources.file_fingerprint(resolved.file)
+    folder = Path(resolved.folder).expanduser()
+    _check_libraries(folder, _read_index(folder))
+    return sources.folder_fingerprint(folder)
+
+
 def _load_component(folder: Path, name: str, library: str, class_name: str, dtype: torch.dtype):
-    # a model folder may come from anywhere: its model_index.json must not make us import arbitrary modules
-    if library not in ALLOWED_LIBRARIES:
-        raise ModelLoadError(f"'{folder}': component {name} names library {library!r} in model_index.json; only "
-                             f"{' and '.join(ALLOWED_LIBRARIES)} components are loaded")
     sub = folder / name
     if not sub.is_dir():
         raise ModelLoadError(f"component folder '{sub}' named in model_index.json is missing")
@@ -119,11 +145,9 @@ def load_model(
     if isinstance(source, (str, Path)):
         folder = Path(source).expanduser()
         index = _read_index(folder)
-        components = {
-            name: _load_component(folder, name, index[name][0], index[name][1], torch_dtype)
-            for name in REQUIRED + OPTIONAL
-            if isinstance(index.get(name), list) and index[name][1]
-        }
+        _check_libraries(folder, index)  # every component's library, before the first weight loads
+        components = {name: _load_component(folder, name, index[name][0], index[name][1], torch_dtype)
+                      for name in _components(index)}
         origin = str(folder.resolve())
     else:
         components = {k: v for k, v in getattr(source, "components", {}).items() if v is not None}

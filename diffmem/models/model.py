@@ -103,25 +103,17 @@ class DiffusionModel:
     def fingerprint(self) -> str:
         """sha256 over the folder's configs and weights (large files: size plus head and tail)."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
             if self.folder is not None:
-                for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
-                    h.update(str(path.relative_to(self.folder)).encode())
-                    size = path.stat().st_size
-                    h.update(str(size).encode())
-                    with path.open("rb") as fh:
-                        if size <= 64 << 20:
-                            h.update(fh.read())
-                        else:
-                            h.update(fh.read(1 << 20))
-                            fh.seek(-(1 << 20), 2)
-                            h.update(fh.read())
+                from diffmem.models.sources import folder_fingerprint
+
+                self._fingerprint = folder_fingerprint(self.folder)
             else:
+                h = hashlib.sha256()
                 for module in (self.unet, self.text_encoder):
                     for name, tensor in module.state_dict().items():
                         h.update(name.encode())
                         h.update(tensor.detach().float().cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+                self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:

@@ -197,6 +197,26 @@ def load_single_file(source: ModelSource, dtype: Any) -> Any:
                              f"{first}{hint}") from exc
 
 
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 (16 hex digits) over a model folder's configs and weights (large files: size plus head and tail): a
+    folder model's identity, computed from its files, so a command can compare it before loading any weight."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        size = path.stat().st_size
+        h.update(str(size).encode())
+        with path.open("rb") as fh:
+            if size <= 64 << 20:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
 def file_fingerprint(path: Path) -> str:
     """sha256 (16 hex digits) over a file's size, first and last MiB: a single-file model's identity."""
     import hashlib

@@ -446,13 +446,59 @@ def _resumable_part(config: dict) -> dict:
     return config
 
 
+WORK_COMMAND = "zoo-build-work"  # the ownership marker of a work folder (diffmem.outputs)
+WORK_WRITES = ("zoo_config.json", "tokenizer", "vae.pt", "denoiser.pt", "attribute_reader", "deepssim",
+               "stage_seconds.json")
+_CONFIG_KEYS = {"seed", "corpus", "arch", "train"}
+
+
+def read_work_config(work: Path) -> dict | None:
+    """The ``zoo_config.json`` of a work folder (None when it has none), or one line when it is not the
+    configuration an earlier build wrote (not JSON, or JSON of another shape)."""
+    path = work / "zoo_config.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ZooBuildError(f"--work-dir '{work}' holds a zoo_config.json that is not valid JSON "
+                            f"({getattr(exc, 'msg', exc)}); expected the one an earlier `diffmem zoo build` wrote: "
+                            "choose another --work-dir") from exc
+    if not isinstance(record, dict) or not set(record) >= _CONFIG_KEYS:
+        raise ZooBuildError(f"--work-dir '{work}' holds a zoo_config.json that is not a zoo build's configuration "
+                            f"(expected the keys {sorted(_CONFIG_KEYS)}): choose another --work-dir")
+    return record
+
+
+def check_work_dir(work: Path, out: Path) -> None:
+    """Refuse, in one line and before anything is written, a work folder that a build must not write into: a
+    file; a folder inside (or equal to) a model folder (``model_index.json`` in it or above it: the build's
+    tokenizer and checkpoints would change that model's fingerprint); a non-empty folder that is not a work
+    folder diffmem made (its marker, or a ``zoo_config.json`` of a build from before markers existed), such as a
+    user's folder whose ``stage_seconds.json`` would be rewritten; ``out`` itself, inside it or around it."""
+    from diffmem.outputs import check_not_input, check_output_dir, read_marker
+
+    work = Path(work).expanduser()
+    for folder in (work, *work.resolve().parents):
+        if (folder / "model_index.json").is_file():
+            raise ZooBuildError(f"--work-dir '{work}' is {'' if folder == work else 'inside '}the model folder "
+                                f"'{folder}'; a build writes checkpoints and a tokenizer there: choose a folder "
+                                "outside every model")
+    earlier_build = work.is_dir() and read_marker(work) is None and read_work_config(work) is not None
+    if earlier_build:  # a work folder from before ownership markers: resumable as it always was
+        check_not_input(work, [out], "--work-dir")
+    else:
+        check_output_dir(work, WORK_COMMAND, [out], flag="--work-dir")
+        if work.is_dir():
+            read_work_config(work)
+
+
 def check_resumable(work: Path, cfg: ZooConfig) -> None:
     """Refuse, in one line, a work folder that holds a build of another corpus or another configuration, or
     whose denoiser was trained at rates the new schedule would not have used (a cosine of another length)."""
-    config_path = work / "zoo_config.json"
-    if not config_path.is_file():
+    saved = read_work_config(work)
+    if saved is None:
         return
-    saved = json.loads(config_path.read_text())
     saved_corpus = saved.get("corpus_name", "collapse")
     if saved_corpus != cfg.corpus_name:
         raise ZooBuildError(f"work folder '{work}' holds a build of the '{saved_corpus}' corpus, not "
@@ -505,20 +551,21 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig | None = None, work_dir: str |
     elif corpus is not None and corpus_by_name(corpus).name != cfg.corpus_name:
         raise ZooBuildError(f"corpus '{corpus}' disagrees with the config's corpus '{cfg.corpus_name}'")
     source = corpus_of(cfg.corpus)
-    out, work = Path(out_dir), Path(work_dir or Path(out_dir).with_name(Path(out_dir).name + ".work"))
+    out, work = Path(out_dir), Path(work_dir or default_work_dir(out_dir))
+    check_work_dir(work, out)
     check_resumable(work, cfg)
     scheduled_lr(step=0, **unet_schedule(cfg.train))  # a schedule that does not fit its steps stops here, untrained
-    work.mkdir(parents=True, exist_ok=True)
+    from diffmem.outputs import claim_output_dir, staged
+
+    claim_output_dir(work, WORK_COMMAND, WORK_WRITES)
     atomic_write_text(work / "zoo_config.json", json.dumps(cfg.to_dict(), indent=2))
     items = source.build(cfg.corpus)
     data = TrainingImages.for_corpus(source, items)
     tokenizer = build_clip_tokenizer(work / "tokenizer", model_max_length=cfg.arch.max_tokens)
     vae, vae_seconds = train_vae(cfg, data, work)
     text_encoder, unet, scheduler, unet_seconds = train_denoiser(cfg, data, vae.eval(), tokenizer, work)
-    from diffmem.outputs import discard, publish, staging_dir
     from diffmem.zoo.manifest import write_manifest
 
-    staging = staging_dir(out)  # a fresh hidden sibling, renamed onto out at the end (never deletes user files)
     # the reader and DeepSSIM depend on the corpus and VAE only: trained once into work/, then reused
     stage_seconds = StageSeconds(work / STAGE_SECONDS_FILE)
     if not (work / "attribute_reader" / "model.safetensors").is_file():
@@ -532,21 +579,24 @@ def build_zoo(out_dir: str | Path, cfg: ZooConfig | None = None, work_dir: str |
             train_and_save((data.pixels + 1) / 2, data.item_of_image(), work / "deepssim",
                            DeepSSIMConfig(steps=cfg.train.deepssim_steps))
     started = time.time()
-    for name in ("attribute_reader", "deepssim"):
-        shutil.copytree(work / name, staging / name)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.to(torch.float16).save_pretrained(staging / "pipeline", safe_serialization=True)  # fp16 storage
-    # every stage's own training time, also when it was trained by an earlier run into this work folder (a
-    # reused stage whose time was never recorded, from before the record existed, is left out)
-    seconds = {"vae": round(vae_seconds, 1), "denoiser": round(unet_seconds, 1),
-               **{k: round(v, 1) for k, v in stage_seconds.read().items()}, "save": round(time.time() - started, 1)}
-    write_manifest(staging, items, cfg, seconds=seconds)
-    try:
-        publish(staging, out, "zoo-build")
-    except BaseException:
-        discard(staging)
-        raise
+    # a fresh hidden sibling, renamed onto out at the end (never deletes user files); removed on any exception
+    with staged(out, "zoo-build") as staging:
+        for name in ("attribute_reader", "deepssim"):
+            shutil.copytree(work / name, staging / name)
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.to(torch.float16).save_pretrained(staging / "pipeline", safe_serialization=True)  # fp16 storage
+        # every stage's own training time, also when it was trained by an earlier run into this work folder (a
+        # reused stage whose time was never recorded, from before the record existed, is left out)
+        seconds = {"vae": round(vae_seconds, 1), "denoiser": round(unet_seconds, 1),
+                   **{k: round(v, 1) for k, v in stage_seconds.read().items()},
+                   "save": round(time.time() - started, 1)}
+        write_manifest(staging, items, cfg, seconds=seconds)
     return out
+
+
+def default_work_dir(out_dir: str | Path) -> Path:
+    """Where a build of ``out_dir`` checkpoints when no work folder is named: the sibling ``OUT.work``."""
+    return Path(out_dir).with_name(Path(out_dir).name + ".work")

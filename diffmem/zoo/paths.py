@@ -37,9 +37,15 @@ def zoo_dir(corpus: str | None = None) -> Path:
     if corpus == "collapse":
         raise ModelLoadError(f"no zoo checkpoint at '{path}': expected pipeline/model_index.json "
                              "(run `diffmem zoo build --out DIR` and point DIFFMEM_ZOO at DIR)")
+    from diffmem.outputs import PACKAGE_DIR
+
+    # no command writes into the installed package: a zoo meant for it is built elsewhere, then copied in or pointed at
+    inside = path.resolve() == PACKAGE_DIR or PACKAGE_DIR in path.resolve().parents
+    target = Path("runs") / f"zoo-{corpus}" if inside else path
+    then = f" and point {env} at it (or copy it to '{path}')" if inside else ""
     raise ModelLoadError(f"zoo:{corpus} is not built: no pipeline/model_index.json in '{path}'; build it with "
-                         f"`diffmem zoo build --corpus {corpus} --out {path}` (1.5 to 2.5 h on 2 cores, resumable) "
-                         f"or point {env} at a built one")
+                         f"`diffmem zoo build --corpus {corpus} --out {target}`{then} (1.5 to 2.5 h on 2 cores, "
+                         f"resumable) or point {env} at a built one")
 
 
 def zoo_pipeline_path(corpus: str | None = None) -> Path:
