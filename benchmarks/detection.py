@@ -67,6 +67,7 @@ from diffmem.io import atomic_write_text
 from diffmem.jobs import prompt_hash, settings_digest
 from diffmem.models import load_model
 from diffmem.prompts import PromptSet
+from diffmem.provenance import portable_json
 from diffmem.scan import SCORES_FILE, ScanSettings, run_scan
 from diffmem.zoo.paths import DEFAULT_CORPUS, zoo_dir
 from diffmem.zoo.prompts import REFERENCE_KINDS
@@ -480,7 +481,7 @@ def main() -> None:
                               "None: scanned before timings were recorded",
               "results_note": "results: every labelled prompt, choices not held out; heldout: dev / test protocol",
               "results": results, "heldout": heldout}
-    atomic_write_text(out, json.dumps(record, indent=2))
+    atomic_write_text(out, portable_json(record))
     print(f"{'detector':<48} {'AUROC':>7} {'TPR@1% strict/closest':>22} {'calls':>7}")
     for k, m in results.items():
         t = m["tpr@0.01fpr"]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from diffmem.io import atomic_write_text
 from diffmem.models.loader import load_model
+from diffmem.provenance import portable_json
 from diffmem.zoo.attributes import AttributeReader
 from diffmem.zoo.labels import LabelConfig, label_zoo
 from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
@@ -74,7 +75,7 @@ def main() -> None:
         result = json.loads(Path(args.out).read_text())
         result["labels_breakdown"] = breakdown(load_labels(folder))
         result["deepssim_agreement"] = deepssim_agreement(folder)
-        atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+        atomic_write_text(Path(args.out), portable_json(result))
         print(json.dumps(result["labels_breakdown"], indent=1))
         return
     started = time.time()
@@ -92,7 +93,7 @@ def main() -> None:
               "train_seconds": record["train_seconds"], "parameters": record["parameters"],
               "label_seconds": round(time.time() - started, 1), "versions": record["versions"],
               "labels_breakdown": breakdown(rows), "deepssim_agreement": deepssim_agreement(folder)}
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    atomic_write_text(Path(args.out), portable_json(result))
     print(f"wrote {args.out}")
 
 
