@@ -450,7 +450,6 @@ TABLES = {
                               lambda r, _: heldout_bench_rows(r[0], "method (surrogates that draw the caption)")),
     "bench-heldout-content-nemo": (("bench_task_content_nemo.json",), lambda r, _: heldout_bench_rows(
         r[0], "method (NeMo surrogates that draw the caption)")),
-    "bench-heldout-oracle": (("bench_task_oracle.json",), lambda r, _: heldout_bench_rows(r[0])),
     "bench-heldout-sd": (("bench_task_sd.json",),
                          lambda r, _: heldout_bench_rows(r[0], "method (SD-like zoo, test split)")),
     "extraction-sd": (("extraction_sd.json",), lambda r, _: extraction_rows(r[0], "attack (SD-like zoo)")),
