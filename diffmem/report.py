@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from diffmem.errors import DiffmemError
+from diffmem.eval.detection import detection_metrics, roc_figure
 from diffmem.images import image_grid
 from diffmem.io import atomic_write_text
 from diffmem.scan import score_columns
@@ -54,28 +55,6 @@ def _labels(table) -> np.ndarray | None:
     return np.array([str(v).lower() in ("true", "1") for v in table.column("input_memorized").to_pylist()])
 
 
-def _roc_figure(y: np.ndarray, scores: dict[str, np.ndarray]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, ax = plt.subplots(figsize=(7.2, 3.6))
-    for name, s in scores.items():
-        ok = np.isfinite(s)
-        fpr, tpr, _ = roc_curve(y[ok], s[ok])
-        ax.plot(np.clip(fpr, 1e-4, 1), tpr, label=name)
-    ax.set_xscale("log")
-    ax.set_xlim(1e-3, 1)
-    ax.axvline(0.01, color="gray", lw=0.5, ls="--")
-    ax.set_xlabel("false-positive rate (log)")
-    ax.set_ylabel("true-positive rate")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
-    fig.tight_layout()
-    return fig
-
-
 def _gallery(context, texts: list[str], seed: int = 0) -> list[dict[str, Any]]:
     """Generation next to its nearest training image, with the similarity and the caller's verdict."""
     if not texts:
@@ -98,8 +77,6 @@ def _pair(a, b):
 
 
 def _metrics(y: np.ndarray, names: list[str], scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    from diffmem.eval.detection import detection_metrics
-
     rows = []
     for n in names:
         m = detection_metrics(y, scores[n])
@@ -127,7 +104,7 @@ def scan_section(folder: Path, table, gallery_size: int, gallery: Callable | Non
     if y is not None and 0 < y.sum() < len(y):
         section["metrics"] = _metrics(y, names, scores)
         section["best"] = best_detector(section["metrics"])
-        section["roc"] = png_data_uri(_roc_figure(y, scores))
+        section["roc"] = png_data_uri(roc_figure({n: (y, scores[n]) for n in names}, legend_outside=True))
     if "flagged" in table.column_names:
         flagging = prov.get("flagging", {})
         section["flags"] = {"n": int(sum(bool(v) for v in table.column("flagged").to_pylist())),

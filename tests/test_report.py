@@ -143,10 +143,11 @@ def test_gallery_uses_the_callers_source_and_the_best_detector(scan_dir, tmp_pat
 def test_roc_legend_sits_beside_the_axes():
     import numpy as np
 
-    from diffmem.report import _roc_figure
+    from diffmem.eval.detection import roc_figure
 
-    fig = _roc_figure(np.array([1, 0, 1, 0]), {"a": np.array([0.9, 0.1, 0.8, 0.2])})
+    fig = roc_figure({"a": (np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.8, 0.2]))}, legend_outside=True)
     legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["a (AUROC 1.000)"]
     fig.canvas.draw()
     box = legend.get_window_extent()
     axes_box = fig.axes[0].get_window_extent()

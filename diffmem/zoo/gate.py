@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 DUPLICATED_MIN_RATE = 4
 GATE_TARGET = 0.95
@@ -145,23 +146,13 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
 
 
 def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """P(score of a positive > score of a negative) + 0.5 P(tie): the Mann-Whitney form of the AUROC."""
+    """AUROC of ``positives`` against ``negatives`` (sklearn's ``roc_auc_score``: P(positive > negative) +
+    0.5 P(tie)); NaN when either side is empty."""
     pos, neg = np.asarray(positives, dtype=np.float64), np.asarray(negatives, dtype=np.float64)
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    scores = np.concatenate([pos, neg])
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
+    labels = np.concatenate([np.ones(len(pos), dtype=bool), np.zeros(len(neg), dtype=bool)])
+    return float(roc_auc_score(labels, np.concatenate([pos, neg])))
 
 
 def caption_means(features: np.ndarray, view: CorpusView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
