@@ -22,19 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.eval.similarity import ssim_pairs
+from diffmem.eval.similarity import pairwise_ssim, ssim_pairs
 from diffmem.io import atomic_write_text
 from diffmem.provenance import portable_json
 from diffmem.zoo.architecture import ArchitectureConfig
 from diffmem.zoo.build import TrainConfig, TrainingImages, ZooConfig, train_denoiser
 from diffmem.zoo.gate import load_zoo_vae
 from diffmem.zoo.sd_corpus import SDCorpusConfig, build_sd_corpus, render_sd_item
-
-
-def pairwise_ssim(block: torch.Tensor) -> float:
-    """Mean SSIM over all pairs of images in ``block`` (k, 3, H, W)."""
-    i, j = np.triu_indices(len(block), 1)
-    return float(ssim_pairs(block[i], block[j]).mean())
 
 
 def main() -> None:
@@ -95,7 +89,7 @@ def main() -> None:
         for it in sel:
             block = gen[pos : pos + args.seeds]
             pos += args.seeds
-            across.append(pairwise_ssim(block))
+            across.append(float(pairwise_ssim(block, len(block))[0]))
             if it.trained and len(it.image_seeds) == 1:  # titles and signatures: one training image
                 ref = torch.from_numpy(render_sd_item(it)).permute(2, 0, 1)[None].float() / 255.0
                 with torch.no_grad():
