@@ -70,7 +70,7 @@ from diffmem.prompts import PromptSet
 from diffmem.provenance import portable_json
 from diffmem.scan import SCORES_FILE, ScanSettings, run_scan
 from diffmem.zoo.paths import DEFAULT_CORPUS, zoo_dir
-from diffmem.zoo.prompts import REFERENCE_KINDS
+from diffmem.zoo.prompts import NEGATIVE_GROUPS, REFERENCE_KINDS
 
 COMBINATIONS = [["noise-norm", "sharpness", "attention-entropy"],  # noise-step signals only
                 ["nn-margin", "sharpness", "attention-entropy"]]  # the image margin with the two best of them
@@ -256,7 +256,8 @@ def heldout_report(entries: list[Entry], y: np.ndarray, kinds: np.ndarray, promp
     for seed in args.split_seeds:
         split = split_captions(prompts.texts, strata, seed, args.dev_fraction)
         splits[seed] = {"split": split.describe(prompts.ids, prompts.texts),
-                        **evaluate_split(entries, y, kinds.tolist(), split, target, combinations)}
+                        **evaluate_split(entries, y, kinds.tolist(), split, target, combinations,
+                                         NEGATIVE_GROUPS)}
     return {"protocol": "every choice by label (variant of a detector, a combination's members, the flagging "
                         "threshold, the best noise-step detector) on dev; every figure on test",
             "selection": "dev AUROC, then dev TPR@1%FPR (strict); ties: fewer UNet calls",

@@ -31,6 +31,7 @@ from diffmem.eval.protocol import (
     split_captions,
     strata_of,
 )
+from diffmem.zoo.prompts import NEGATIVE_GROUPS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,14 +176,15 @@ def test_negatives_by_group_counts():
     y = np.array(labels)
     scores = y + np.random.default_rng(0).normal(size=len(y)) * 0.1
     rows = np.ones(len(y), bool)
-    groups = by_negative_group(y, scores, kinds, rows)
+    groups = by_negative_group(y, scores, kinds, rows, NEGATIVE_GROUPS)
     assert groups["all"]["n_neg"] == 21 + 20 + 5 + 3
     assert groups["ordinary"]["n_neg_by_kind"] == {"generic": 21, "heldout_generic": 5}
     assert groups["once_seen_titles"]["n_neg"] == 20 and groups["once_seen_titles"]["kinds"] == ["title"]
     assert groups["ordinary"]["metrics"]["n_pos"] == 11 and groups["ordinary"]["metrics"]["n_neg"] == 26
     # a subset of rows; a group with no negatives there gets no metrics
     only = np.array([k != "title" for k in kinds])
-    assert by_negative_group(y, scores, kinds, only)["once_seen_titles"] == {
+    assert by_negative_group(y, scores, kinds, rows) == {"all": groups["all"]}  # the default: every negative
+    assert by_negative_group(y, scores, kinds, only, NEGATIVE_GROUPS)["once_seen_titles"] == {
         "kinds": [], "n_neg": 0, "n_neg_by_kind": {}, "metrics": None}
 
 
