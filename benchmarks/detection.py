@@ -29,7 +29,7 @@ Writes ``--out`` (JSON), the ROC plot beside it (``.png``) and every prompt's sc
 (``<out stem>_scores.parquet``, zstd): ``diffmem eval detect --scores benchmarks/results/detection_scores.parquet
 --labels diffmem/zoo/checkpoint/labels.jsonl`` regenerates the AUROC and TPR columns.
 
-    .venv/bin/python benchmarks/detection.py --draws 8 32 --max-per-kind 1000
+    .venv/bin/python benchmarks/detection.py --model zoo:collapse --draws 8 32 --max-per-kind 1000  # detection.json
     .venv/bin/python benchmarks/detection.py --model zoo:sd --draws 8 32 --max-per-kind 1000  # detection_sd.json
 """
 

@@ -1,7 +1,8 @@
 """Benchmark: the zoo table (memorized fraction per replication rate, generic and held-out rates,
 generic prompt fidelity, training time, parameter count), measured by extraction on the zoo.
 
-    .venv/bin/python benchmarks/zoo_memorization.py --out benchmarks/results/zoo_memorization.json
+    .venv/bin/python benchmarks/zoo_memorization.py --zoo diffmem/zoo/checkpoint \
+        --out benchmarks/results/zoo_memorization.json
 
 With ``--write-labels`` the same run also (re)writes the zoo's ``labels.jsonl`` and the summary in
 ``zoo.json`` (this is what ``diffmem zoo label`` does). With ``--from-labels`` it only recomputes the
@@ -61,7 +62,8 @@ def breakdown(rows: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
+    parser.add_argument("--zoo", default=None, help="zoo folder (default: the default zoo, zoo:sd; the shipped "
+                             "zoo_memorization.json is the collapse zoo's: diffmem/zoo/checkpoint)")
     parser.add_argument("--out", default="benchmarks/results/zoo_memorization.json")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
