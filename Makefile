@@ -19,10 +19,10 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/diffmem demo --out runs/demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check diffmem tests benchmarks
 
 bench-zoo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/zoo_memorization.py --out benchmarks/results/zoo_memorization.json
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/zoo_memorization.py --zoo diffmem/zoo/checkpoint --out benchmarks/results/zoo_memorization.json

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -53,10 +52,13 @@ def run() -> None:
     if args.surrogates_only:
         surrogate_stats(args)
         return
+    from diffmem.io import atomic_write_text
+    from diffmem.provenance import portable_json
+
     work = Path(args.work or f"runs/bench_task_{args.name}")
     record = run_zoo_bench(args, work)
     RESULTS.mkdir(exist_ok=True)
-    shutil.copyfile(work / "bench.json", RESULTS / f"bench_task_{args.name}.json")
+    atomic_write_text(RESULTS / f"bench_task_{args.name}.json", portable_json(record))
     print(json.dumps(record["results"], indent=1, default=str))
     print(f"results: {RESULTS / f'bench_task_{args.name}.json'}")
 
@@ -105,6 +107,7 @@ def surrogate_stats(args: argparse.Namespace) -> None:
     from diffmem.jobs import versions
     from diffmem.mitigators.surrogates import make_surrogates
     from diffmem.models import load_model
+    from diffmem.provenance import portable_json
     from diffmem.tasks.zoo import ZooTask
 
     model, task = load_model("zoo:collapse"), ZooTask()
@@ -124,7 +127,7 @@ def surrogate_stats(args: argparse.Namespace) -> None:
             "extraction_original_seed0": task.label_extraction(model, original, [p.item for p in split.fit]).rates(),
             "seconds": round(time.perf_counter() - started, 1)}
         RESULTS.mkdir(exist_ok=True)
-        atomic_write_text(RESULTS / f"bench_task_{args.name}.json", json.dumps(record, indent=2, default=str))
+        atomic_write_text(RESULTS / f"bench_task_{args.name}.json", portable_json(record))
     print(json.dumps(record["seeds"], indent=2))
 
 
@@ -134,6 +137,7 @@ def scene_check(args: argparse.Namespace) -> None:
     import numpy as np
 
     from diffmem.io import atomic_write_text
+    from diffmem.provenance import portable_json
     from diffmem.tasks.zoo import ZooTask, parse_scene_caption, scene_object_present
     from diffmem.zoo.load import zoo_training_set
     from diffmem.zoo.paths import zoo_dir
@@ -154,7 +158,7 @@ def scene_check(args: argparse.Namespace) -> None:
               "own_objects": len(own), "own_objects_found": float(np.mean(own)),
               "other_caption_objects": len(other), "other_caption_objects_found": float(np.mean(other))}
     RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / f"bench_task_{args.name}.json", json.dumps(record, indent=2))
+    atomic_write_text(RESULTS / f"bench_task_{args.name}.json", portable_json(record))
     print(json.dumps(record, indent=2))
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from diffmem.io import atomic_write_text
+from diffmem.provenance import portable_json
 from diffmem.zoo.corpus import CorpusConfig
 from diffmem.zoo.gate import check_corpus, corpus_view, format_report, load_zoo_vae
 from diffmem.zoo.sd_corpus import SDCorpusConfig
@@ -71,7 +71,7 @@ def main() -> None:
             report["shipped_attribute_reader"] = shipped_reader_on_sd()
         result["corpora"][name] = report
         print(format_report(report), flush=True)
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    atomic_write_text(Path(args.out), portable_json(result))
     print(f"wrote {args.out}")
 
 

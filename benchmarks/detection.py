@@ -29,7 +29,7 @@ Writes ``--out`` (JSON), the ROC plot beside it (``.png``) and every prompt's sc
 (``<out stem>_scores.parquet``, zstd): ``diffmem eval detect --scores benchmarks/results/detection_scores.parquet
 --labels diffmem/zoo/checkpoint/labels.jsonl`` regenerates the AUROC and TPR columns.
 
-    .venv/bin/python benchmarks/detection.py --draws 8 32 --max-per-kind 1000
+    .venv/bin/python benchmarks/detection.py --model zoo:collapse --draws 8 32 --max-per-kind 1000  # detection.json
     .venv/bin/python benchmarks/detection.py --model zoo:sd --draws 8 32 --max-per-kind 1000  # detection_sd.json
 """
 
@@ -67,9 +67,10 @@ from diffmem.io import atomic_write_text
 from diffmem.jobs import prompt_hash, settings_digest
 from diffmem.models import load_model
 from diffmem.prompts import PromptSet
+from diffmem.provenance import portable_json
 from diffmem.scan import SCORES_FILE, ScanSettings, run_scan
 from diffmem.zoo.paths import DEFAULT_CORPUS, zoo_dir
-from diffmem.zoo.prompts import REFERENCE_KINDS
+from diffmem.zoo.prompts import NEGATIVE_GROUPS, REFERENCE_KINDS
 
 COMBINATIONS = [["noise-norm", "sharpness", "attention-entropy"],  # noise-step signals only
                 ["nn-margin", "sharpness", "attention-entropy"]]  # the image margin with the two best of them
@@ -255,7 +256,8 @@ def heldout_report(entries: list[Entry], y: np.ndarray, kinds: np.ndarray, promp
     for seed in args.split_seeds:
         split = split_captions(prompts.texts, strata, seed, args.dev_fraction)
         splits[seed] = {"split": split.describe(prompts.ids, prompts.texts),
-                        **evaluate_split(entries, y, kinds.tolist(), split, target, combinations)}
+                        **evaluate_split(entries, y, kinds.tolist(), split, target, combinations,
+                                         NEGATIVE_GROUPS)}
     return {"protocol": "every choice by label (variant of a detector, a combination's members, the flagging "
                         "threshold, the best noise-step detector) on dev; every figure on test",
             "selection": "dev AUROC, then dev TPR@1%FPR (strict); ties: fewer UNet calls",
@@ -480,7 +482,7 @@ def main() -> None:
                               "None: scanned before timings were recorded",
               "results_note": "results: every labelled prompt, choices not held out; heldout: dev / test protocol",
               "results": results, "heldout": heldout}
-    atomic_write_text(out, json.dumps(record, indent=2))
+    atomic_write_text(out, portable_json(record))
     print(f"{'detector':<48} {'AUROC':>7} {'TPR@1% strict/closest':>22} {'calls':>7}")
     for k, m in results.items():
         t = m["tpr@0.01fpr"]

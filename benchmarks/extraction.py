@@ -40,6 +40,7 @@ from diffmem.eval.quality import fid
 from diffmem.io import atomic_write_text
 from diffmem.mitigators import make_mitigator
 from diffmem.models import load_model
+from diffmem.provenance import portable_json
 from diffmem.tasks.zoo import ZooTask, zoo_task_for, zoo_training_index
 from diffmem.zoo.load import load_labels, zoo_corpus_name, zoo_folder_for
 
@@ -283,7 +284,7 @@ def main() -> None:
         if args.only and part not in args.only:
             continue
         record[part] = parts[part]()
-        atomic_write_text(out, json.dumps(record, indent=2))  # each finished part is kept
+        atomic_write_text(out, portable_json(record))  # each finished part is kept
         print(f"{part}: written to {out}", flush=True)
     print(json.dumps({k: v for k, v in record.items() if k != "model"}, indent=1)[:6000])
 

@@ -31,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan_throughput import measure  # noqa: E402
 
+from diffmem.provenance import portable_json  # noqa: E402
+
 # dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets
 PEAK_TFLOPS = {"H200": 989.5, "H100 SXM": 989.5, "H100 PCIe": 756.0, "H100": 989.5, "A100": 312.0, "L40S": 362.05,
                "A10": 125.0, "T4": 65.0, "RTX 4090": 165.2}
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
+    out.write_text(portable_json(record))
     print(json.dumps({k: {m: v.get(m) for m in ("prompts_per_hour", "achieved_tflops", "share_of_fp16_peak")}
                       for k, v in results.items()}, indent=2))
     return record

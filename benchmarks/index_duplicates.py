@@ -12,7 +12,6 @@ what the default merges on the zoo (where every image is a distinct render).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from diffmem.eval.matching import duplicate_groups
 from diffmem.eval.similarity import l2_nearest
 from diffmem.io import atomic_write_text
+from diffmem.provenance import portable_json
 from diffmem.tasks.zoo import zoo_training_index
 
 CUTS = (0.0, 0.005, 0.01, 0.02)
@@ -41,8 +41,8 @@ def main() -> None:
     d, _ = l2_nearest(images, images, k=2)
     result["nearest_other_image_rms_quantiles"] = {str(q): round(float(d[:, 1].quantile(q)), 5) for q in QUANTILES}
     result["seconds"] = round(time.time() - started, 1)
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    atomic_write_text(Path(args.out), portable_json(result))
+    print(portable_json(result))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from diffmem.io import atomic_write_text
+from diffmem.provenance import portable_json
 from diffmem.zoo.paths import SHIPPED_SD
 
 DECISIONS = ("memorized", "match", "memorized_seeds", "nn_item_id")
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     record = compare(Path(args.relabelled), Path(args.reference))
-    atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(args.out, portable_json(record) + "\n")
     print(json.dumps(record, indent=2))
 
 

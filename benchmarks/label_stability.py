@@ -32,6 +32,7 @@ from sklearn.metrics import cohen_kappa_score
 
 from diffmem.eval.detection import detection_metrics
 from diffmem.io import atomic_write_text
+from diffmem.provenance import portable_json
 
 
 def main() -> None:
@@ -97,7 +98,7 @@ def main() -> None:
                       "replication_rate": round(float(c), 4)}
                      for r, o, a, b, c in zip(rows, old, old_seeds, new_seeds, rate)],
     }
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    atomic_write_text(Path(args.out), portable_json(result))
     print(json.dumps({k: v for k, v in result.items() if k != "captions"}, indent=2))
     write_rates(Path(args.out), Path(args.rates_out))
 
@@ -120,7 +121,7 @@ def write_rates(stability: Path, out: Path) -> None:
                      "generations": shipped_seeds + (record["fresh_seeds"] if again else 0),
                      "replication_rate": again["replication_rate"] if again else round(
                          r["memorized_seeds"] / shipped_seeds, 4)})
-    atomic_write_text(out, "\n".join(json.dumps(r) for r in rows) + "\n")
+    atomic_write_text(out, "\n".join(portable_json(r, indent=None) for r in rows) + "\n")
     print(f"rates of {len(rows)} captions: {out}")
 
 

@@ -49,6 +49,7 @@ from diffmem.mitigators.memcontrol import (
     transformer_blocks,
 )
 from diffmem.models import load_model
+from diffmem.provenance import portable_json
 from diffmem.tasks.zoo import zoo_object_fidelity
 from diffmem.zoo.corpus import render
 from diffmem.zoo.finetune_sets import build_sd_domain_set
@@ -185,7 +186,7 @@ def main() -> None:
     out = Path(args.out)
 
     def save() -> None:
-        atomic_write_text(out, json.dumps(record, indent=2))
+        atomic_write_text(out, portable_json(record))
 
     start = time.perf_counter()
     record["results"]["base"] = report(base) | {"tuned_fraction": 0.0, "seconds": round(time.perf_counter() - start, 1)}

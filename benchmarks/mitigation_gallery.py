@@ -33,6 +33,7 @@ def main() -> None:
     from diffmem.io import atomic_write_text
     from diffmem.mitigators import make_mitigator
     from diffmem.models import load_model
+    from diffmem.provenance import portable_json
     from diffmem.tasks.zoo import ZooTask
 
     started = time.time()
@@ -69,7 +70,7 @@ def main() -> None:
                         "ssim_nearest_before": round(float(m_before.similarity[i]), 4),
                         "ssim_nearest_after": round(float(m_after.similarity[i]), 4)}
                        for i, c in enumerate(memorized + generic)]}
-    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2, default=str))
+    atomic_write_text(out.with_suffix(".json"), portable_json(record))
     print(json.dumps(record["rows"], indent=1))
     print(f"gallery: {out}")
 

@@ -15,11 +15,12 @@ command, counts the parts written after the restart (rework = those beyond the p
 the kill) and checks the final table equals the uninterrupted run's table exactly.
 
 The prompt set is generated: the zoo's caption grammar (single-object and two-object scene captions) and
-every list in ``/work/shared/data/prompts``, deduplicated and shuffled with a fixed seed; the n-prompt
-set is the first n, so the sets are nested.
+every prompt list in the folder ``--prompt-lists`` (or ``$DIFFMEM_PROMPT_LISTS``; none if neither is given),
+deduplicated and shuffled with a fixed seed; the n-prompt set is the first n, so the sets are nested. The shipped
+figures used a folder of five public prompt lists (:data:`SHIPPED_LISTS`).
 
-    nice -n 10 .venv/bin/python benchmarks/scan_growth.py --sizes 1000 10000 --resume-test 10000
-    nice -n 10 .venv/bin/python benchmarks/scan_growth.py --sizes 100000     # ~40 min on 2 free cores
+    nice -n 10 .venv/bin/python benchmarks/scan_growth.py --prompt-lists DIR --sizes 1000 10000 --resume-test 10000
+    nice -n 10 .venv/bin/python benchmarks/scan_growth.py --prompt-lists DIR --sizes 100000  # ~40 min, 2 cores
     nice -n 10 .venv/bin/python benchmarks/scan_growth.py --sizes --synthetic 1000 10000 100000 1000000
 
 Every finished point is saved at once in ``--out`` (finished points are skipped on a rerun, and an
@@ -41,7 +42,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_PROMPTS = Path("/work/shared/data/prompts")
+# the prompt lists of the shipped figures (memorized and ordinary LAION prompts of NeMo and of the anisotropy work)
+SHIPPED_LISTS = ("anisotropy_sd1_nmem.txt", "anisotropy_sd2_mem.jsonl", "nemo_memorized_laion_prompts.csv",
+                 "nemo_unmemorized_laion_prompts.csv", "sdv1_500_memorized.jsonl")
+PROMPT_LISTS: Path | None = Path(os.environ["DIFFMEM_PROMPT_LISTS"]) if os.environ.get("DIFFMEM_PROMPT_LISTS") else None
 DRAWS, BATCH = 4, 64
 
 
@@ -66,19 +70,21 @@ def zoo_grammar_captions(n_three: int = 40_000, seed: int = 0) -> list[str]:
     return out
 
 
-def shared_list_captions(folder: Path = SHARED_PROMPTS) -> list[str]:
-    """Captions of every prompt file in the shared folder (one line each: inner whitespace collapsed)."""
+def shared_list_captions(folder: Path | None = None) -> list[str]:
+    """Captions of every prompt file in ``folder`` (default: :data:`PROMPT_LISTS`; one line each: inner
+    whitespace collapsed); none without a folder."""
     from diffmem.prompts import load_prompts
 
+    folder = folder or PROMPT_LISTS
     out: list[str] = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+    for path in sorted(folder.iterdir()) if folder is not None and folder.is_dir() else []:
         if path.suffix in (".txt", ".jsonl", ".csv", ".parquet"):
             out += [" ".join(t.split()) for t in load_prompts(path).texts]
     return out
 
 
 def growth_prompts(n: int, seed: int = 0) -> list[str]:
-    """The first ``n`` prompts of the deduplicated, seeded shuffle of the grammar and the shared lists."""
+    """The first ``n`` prompts of the deduplicated, seeded shuffle of the grammar and the prompt lists."""
     pool = list(dict.fromkeys(t for t in shared_list_captions() + zoo_grammar_captions() if t))
     random.Random(seed).shuffle(pool)
     if n > len(pool):
@@ -348,12 +354,17 @@ def main() -> None:
     parser.add_argument("--work", default="runs/scan_growth", help="scratch folder (prompt files, scans, logs)")
     parser.add_argument("--out", default="benchmarks/results/scan_growth.json")
     parser.add_argument("--plot", action="store_true", help="only redraw the figure from --out")
+    parser.add_argument("--prompt-lists", type=Path, default=None,
+                        help="folder of prompt lists added to the zoo grammar (default: $DIFFMEM_PROMPT_LISTS)")
     args = parser.parse_args()
+    global PROMPT_LISTS
+    PROMPT_LISTS = args.prompt_lists or PROMPT_LISTS
     out = Path(args.out)
     record = json.loads(out.read_text()) if out.is_file() else {
         "benchmark": "scan_growth", "command": " ".join(scan_command(Path("PROMPTS"), Path("OUT"))[1:]),
         "draws": DRAWS, "batch_size": BATCH, "threads": args.threads, "cpus": os.cpu_count(), "points": {}}
     from diffmem.io import atomic_write_text
+    from diffmem.provenance import portable_json
 
     mine: dict[str, Any] = {}
 
@@ -362,7 +373,7 @@ def main() -> None:
         merged["points"].update(mine.get("points", {}))
         merged.update({k: v for k, v in mine.items() if k != "points"})
         record.update(merged)
-        atomic_write_text(out, json.dumps(merged, indent=2))
+        atomic_write_text(out, portable_json(merged))
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from diffmem.detectors import NoiseStepEngine, make_detector
 from diffmem.detectors.noise_norm import guidance_norm
 from diffmem.io import atomic_write_text
 from diffmem.models import load_model
+from diffmem.provenance import portable_json
 from diffmem.scan import score_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ def main() -> None:
         record["ratios"]["cli_over_engine"] = record["cli"]["cli_over_engine"]
         record["ratios"]["cpu_cli_over_engine"] = record["cli"]["cli_over_engine_cpu"]
         record["cli_command"] = " ".join(["benchmarks/scan_throughput.py", *sys.argv[1:]])
-        atomic_write_text(out, json.dumps(record, indent=2))
+        atomic_write_text(out, portable_json(record))
         print(json.dumps(record["cli"], indent=2))
         return
     from diffmem.zoo.paths import zoo_dir
@@ -201,12 +202,12 @@ def main() -> None:
                          "cpu_engine_over_conditional_only": round(cpu["c_engine"] / cpu["d_conditional_forwards_only"],
                                                                    3)}}
     if args.cli_prompts:
-        atomic_write_text(Path(args.out), json.dumps(record, indent=2))  # (a)-(d) kept if the CLI part is stopped
+        atomic_write_text(Path(args.out), portable_json(record))  # (a)-(d) kept if the CLI part is stopped
         record["cli"] = cli_versus_engine(model, args.cli_prompts, args.draws, args.batch_size,
                                           torch.get_num_threads())
         record["ratios"]["cli_over_engine"] = record["cli"]["cli_over_engine"]
         record["ratios"]["cpu_cli_over_engine"] = record["cli"]["cli_over_engine_cpu"]
-    atomic_write_text(Path(args.out), json.dumps(record, indent=2))
+    atomic_write_text(Path(args.out), portable_json(record))
     print(json.dumps(record["ratios"], indent=2))
 
 

@@ -5,19 +5,13 @@ that every row it renders appears verbatim in the page that quotes it, so a figu
 drift from its file. Rounding: 3 decimals for rates and AUROCs (Python's ``format``, round half to
 even on the binary value), 1 decimal for seconds, FID to the unit.
 
-    .venv/bin/python benchmarks/tables.py detection            # docs/detectors.md
-    .venv/bin/python benchmarks/tables.py detection --compact  # README
-    .venv/bin/python benchmarks/tables.py bench                # docs/mitigation.md (the earlier single-split run)
-    .venv/bin/python benchmarks/tables.py bench-heldout-tuned  # README, docs/bench-task.md (held-out, tuned on dev)
-    .venv/bin/python benchmarks/tables.py bench-heldout-sd     # README, docs/bench-task.md (held-out, zoo:sd)
-    .venv/bin/python benchmarks/tables.py bench-heldout        # docs/bench-task.md (held-out, earlier defaults)
-    .venv/bin/python benchmarks/tables.py extraction-sd        # docs/extraction.md (and extraction-collapse)
-    .venv/bin/python benchmarks/tables.py detection-previous   # rows the last detection run did not rescan
-    .venv/bin/python benchmarks/tables.py detection-heldout [--compact]     # dev / test protocol, collapse zoo
-    .venv/bin/python benchmarks/tables.py detection-heldout-sd [--compact]  # the same for zoo:sd (detection_sd.json)
-    .venv/bin/python benchmarks/tables.py throughput           # docs/scale.md and README (also throughput-ratios, cli)
-    .venv/bin/python benchmarks/tables.py growth [--compact]   # docs/scale.md, README
+    .venv/bin/python benchmarks/tables.py headline             # README: one row per measure, with its file
+    .venv/bin/python benchmarks/tables.py detection-heldout-sd # docs/scanning.md (also -duplication, -confirmed)
+    .venv/bin/python benchmarks/tables.py bench-heldout-sd     # docs/mitigation.md, docs/bench-task.md
+    .venv/bin/python benchmarks/tables.py zoo-gates-current    # docs/zoo-sd.md (zoo-gates: every build, history)
     .venv/bin/python benchmarks/tables.py update-docs          # rewrite every quoted table after a rerun
+
+``PAGES`` says which page quotes which table; ``--help`` lists every table.
 """
 
 from __future__ import annotations
@@ -406,6 +400,48 @@ def memcontrol_rows(record: dict) -> list[str]:
     return head + rows
 
 
+def _dev_choice(record: dict) -> str:
+    """The noise-step detector dev chose on the first split seed, with its test AUROC and strict TPR@1%FPR."""
+    split = next(iter(record["heldout"]["splits"].values()))
+    chosen = split["chosen_on_dev"]["best_noise_step"]["chosen"]
+    test = split["detectors"][chosen]["test"]
+    return f"{label(chosen)}: AUROC {test['auroc']:.3f}, TPR@1%FPR {test['tpr@0.01fpr']['strict']:.3f}"
+
+
+def headline_rows(records: list[dict]) -> list[str]:
+    """The README's one results table: a row per measure on the default zoo, each with its results file and the
+    docs section holding the command that regenerates it."""
+    detection, duplication, confirmed, extraction, bench, growth = records
+    attack = extraction["attacks"]["attacks"]["generate-filter"]
+    res = bench["results"]
+
+    def bench_cell(key: str) -> str:
+        return f"{res['none'][key]:.3f} to {res['adversarial-finetune'][key]:.3f}"
+
+    biggest = max(growth["points"].values(), key=lambda p: p["prompts"])
+    rows = [
+        ("detection, every labelled caption (dev's choice, test split)", _dev_choice(detection),
+         "detection_sd.json", "scanning.md#detection-on-the-default-zoo"),
+        ("detection, captions memorized by duplication", _dev_choice(duplication),
+         "detection_sd_duplication.json", "scanning.md#detection-on-the-default-zoo"),
+        ("detection, captions memorized in >= 2 of 4 labelling seeds", _dev_choice(confirmed),
+         "detection_sd_confirmed.json", "scanning.md#detection-on-the-default-zoo"),
+        ("extraction: generate-and-filter", f"{attack['flagged']} captions flagged, precision "
+         f"{attack['precision']:.3f}, recall {attack['recall']:.3f}", "extraction_sd.json",
+         "extraction.md#the-attack-benchmark-on-the-default-zoo"),
+        ("mitigation: adversarial fine-tuning (test split, mean of 2 split seeds)",
+         f"extraction {bench_cell('extraction_rate')}; under re-trigger {bench_cell('retrigger_extraction_rate')}; "
+         f"ordinary fidelity {bench_cell('fidelity_ordinary_all')}", "bench_task_sd.json",
+         "mitigation.md#mitigation-on-the-default-zoo"),
+        ("scan cost, noise-norm at 4 draws, 2 CPU threads",
+         f"{biggest['cpu_per_prompt_ms']} CPU ms a prompt at {biggest['prompts']:,} prompts", "scan_growth.json",
+         "scale.md#cost-as-work-grows"),
+    ]
+    head = ["| measure (default zoo `zoo:sd`) | result | results file | how to rerun |", "|---|---|---|---|"]
+    return head + [f"| {what} | {result} | [{name}](benchmarks/results/{name}) | [docs/{page.split('#')[0]}]"
+                   f"(docs/{page}) |" for what, result, name, page in rows]
+
+
 PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
 # earlier SD-like builds (docs/zoo-sd.md); the first build's files (experiments/*_first_build.json) left the tables
 SD_BUILD4_GATES = "experiments/zoo_sd_gates_build4.json"  # build 4, shipped before build 7 (its 600-step reader)
@@ -421,6 +457,8 @@ THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
 CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
 # table -> (results files it reads, renderer(records, compact))
 TABLES = {
+    "headline": (("detection_sd.json", "detection_sd_duplication.json", "detection_sd_confirmed.json",
+                  "extraction_sd.json", "bench_task_sd.json", "scan_growth.json"), lambda r, _: headline_rows(r)),
     "detection": (("detection.json",), lambda r, compact: detection_rows(r[0], compact)),
     "detection-previous": (("detection.json", PREVIOUS_DETECTION), lambda r, _: previous_detection_rows(*r)),
     "detection-heldout": (("detection.json",), lambda r, compact: heldout_rows(
@@ -438,6 +476,10 @@ TABLES = {
                                               ("build 9 (6,000 steps, Min-SNR)", r[2]),
                                               ("build 8 (7,000 steps)", r[3]), ("build 6", r[4]), ("build 5", r[5]),
                                               ("build 4", r[6]), ("collapse zoo (`zoo:collapse`)", r[7])])),
+    "zoo-gates-current": (("zoo_sd_gates.json", "zoo_collapse_gates.json"), lambda r, _: zoo_gate_rows(
+        [("default zoo (`zoo:sd`)", r[0]), ("collapse zoo (`zoo:collapse`)", r[1])])),
+    "corpus-gate-current": (("corpus_gate.json",), lambda r, _: corpus_gate_rows(
+        [("SD-like corpus", r[0]["corpora"]["sd"]), ("collapse corpus", r[0]["corpora"]["collapse"])])),
     "corpus-gate": (("corpus_gate.json", SD_BUILD3_CORPUS, SD_BUILD2_CORPUS), lambda r, _: corpus_gate_rows(
         [("SD-like corpus (builds 4-7)", r[0]["corpora"]["sd"]), ("build 3", r[1]["corpora"]["sd"]),
          ("build 2", r[2]["corpora"]["sd"]), ("collapse corpus", r[0]["corpora"]["collapse"])])),
@@ -450,7 +492,6 @@ TABLES = {
                               lambda r, _: heldout_bench_rows(r[0], "method (surrogates that draw the caption)")),
     "bench-heldout-content-nemo": (("bench_task_content_nemo.json",), lambda r, _: heldout_bench_rows(
         r[0], "method (NeMo surrogates that draw the caption)")),
-    "bench-heldout-oracle": (("bench_task_oracle.json",), lambda r, _: heldout_bench_rows(r[0])),
     "bench-heldout-sd": (("bench_task_sd.json",),
                          lambda r, _: heldout_bench_rows(r[0], "method (SD-like zoo, test split)")),
     "extraction-sd": (("extraction_sd.json",), lambda r, _: extraction_rows(r[0], "attack (SD-like zoo)")),
@@ -470,20 +511,17 @@ def render(table: str, compact: bool = False, results: Path = RESULTS) -> list[s
 
 
 # page -> (header of the table's first line, table, compact) for every table a page quotes
-PAGES = {"README.md": [("| detector (collapse zoo, test split)", "detection-heldout", False),
-                       ("| detector (SD-like zoo, test split)", "detection-heldout-sd", False),
-                       ("| detector (SD-like zoo, memorized by duplication", "detection-heldout-sd-duplication", False),
-                       ("| detector (SD-like zoo, memorized in", "detection-heldout-sd-confirmed", False),
-                       ("| before training (`corpus_gate.py`)", "corpus-gate", False),
-                       ("| after training (`zoo_gates.py`)", "zoo-gates", False),
-                       ("| detector (previous run)", "detection-previous", False),
-                       ("| method (settings chosen on dev)", "bench-heldout-tuned", False),
-                       ("| method (SD-like zoo, test split)", "bench-heldout-sd", False),
-                       ("| ratio | 1 thread", "throughput-ratios", False), ("| prompts | engine s", "cli", False),
-                       ("| prompts | wall s | CPU ms", "growth", True)],
-         "docs/detectors.md": [("| detector | AUROC", "detection", False),
-                               ("| detector (previous run)", "detection-previous", False)],
-         "docs/mitigation.md": [("| method | acts at | extraction (matching", "bench", False),
+PAGES = {"README.md": [("| measure (default zoo", "headline", False)],
+         "docs/scanning.md": [("| detector (SD-like zoo, test split)", "detection-heldout-sd", False),
+                              ("| detector (SD-like zoo, memorized by duplication", "detection-heldout-sd-duplication",
+                               False),
+                              ("| detector (SD-like zoo, memorized in", "detection-heldout-sd-confirmed", False),
+                              ("| detector (collapse zoo, test split)", "detection-heldout", False),
+                              ("| detector | AUROC", "detection", False)],
+         "docs/zoo-sd.md": [("| before training (`corpus_gate.py`)", "corpus-gate-current", False),
+                            ("| after training (`zoo_gates.py`)", "zoo-gates-current", False)],
+         "docs/mitigation.md": [("| method (SD-like zoo, test split)", "bench-heldout-sd", False),
+                                ("| method (settings chosen on dev)", "bench-heldout-tuned", False),
                                 ("| variant (test half)", "memcontrol", False)],
          "docs/scale.md": [("| pattern | UNet rows", "throughput", False),
                            ("| ratio | 1 thread", "throughput-ratios", False), ("| prompts | engine s", "cli", False),
@@ -494,7 +532,11 @@ PAGES = {"README.md": [("| detector (collapse zoo, test split)", "detection-held
                                 ("| method (settings chosen on dev)", "bench-heldout-tuned", False),
                                 ("| method (SD-like zoo, test split)", "bench-heldout-sd", False),
                                 ("| method (surrogates that draw", "bench-heldout-content", False),
-                                ("| method (NeMo surrogates", "bench-heldout-content-nemo", False)]}
+                                ("| method (NeMo surrogates", "bench-heldout-content-nemo", False)],
+         "docs/history.md": [("| before training (`corpus_gate.py`)", "corpus-gate", False),
+                             ("| after training (`zoo_gates.py`)", "zoo-gates", False),
+                             ("| detector (previous run)", "detection-previous", False),
+                             ("| method | acts at | extraction (matching", "bench", False)]}
 
 
 def update_pages(root: Path = RESULTS.parents[1]) -> list[str]:

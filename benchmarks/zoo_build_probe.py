@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from diffmem.io import atomic_write_text
+from diffmem.provenance import portable_json
 
 
 def _load_work(work: Path):
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     key = (entry["step"], entry["guidance"], entry["ddim_steps"])
     record["probes"] = [p for p in record["probes"]
                         if (p["step"], p.get("guidance", 7.5), p["ddim_steps"]) != key] + [entry]
-    atomic_write_text(args.out, json.dumps(record, indent=2))
+    atomic_write_text(args.out, portable_json(record))
     print(json.dumps(entry))
 
 

@@ -43,6 +43,7 @@ from diffmem.errors import ModelLoadError
 from diffmem.io import atomic_write_text
 from diffmem.models.loader import load_model
 from diffmem.models.sources import resolve
+from diffmem.provenance import portable_json
 from diffmem.zoo.load import load_corpus, load_labels, zoo_corpus_name, zoo_folder_for, zoo_training_set
 from diffmem.zoo.sd_attributes import SDAttributeReader, fidelity_by_value
 from diffmem.zoo.sd_corpus import SDItem
@@ -229,7 +230,7 @@ def main() -> None:
         "fidelity_by_value": by_value,
         "seconds": seconds,
     }
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    atomic_write_text(Path(args.out), portable_json(result))
     for name, g in gates.items():
         print(f"{name:<28} {json.dumps(g['value']):<40} {g['target']:<28} {'pass' if g['pass'] else 'FAIL'}")
     print(f"{result['passed']}/{len(gates)} gates pass; wrote {args.out} in {seconds['total']:.0f} s")

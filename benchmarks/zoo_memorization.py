@@ -1,7 +1,8 @@
 """Benchmark: the zoo table (memorized fraction per replication rate, generic and held-out rates,
 generic prompt fidelity, training time, parameter count), measured by extraction on the zoo.
 
-    .venv/bin/python benchmarks/zoo_memorization.py --out benchmarks/results/zoo_memorization.json
+    .venv/bin/python benchmarks/zoo_memorization.py --zoo diffmem/zoo/checkpoint \
+        --out benchmarks/results/zoo_memorization.json
 
 With ``--write-labels`` the same run also (re)writes the zoo's ``labels.jsonl`` and the summary in
 ``zoo.json`` (this is what ``diffmem zoo label`` does). With ``--from-labels`` it only recomputes the
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from diffmem.io import atomic_write_text
 from diffmem.models.loader import load_model
+from diffmem.provenance import portable_json
 from diffmem.zoo.attributes import AttributeReader
 from diffmem.zoo.labels import LabelConfig, label_zoo
 from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
@@ -60,7 +62,8 @@ def breakdown(rows: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", default=None, help="zoo folder (default: the embedded zoo)")
+    parser.add_argument("--zoo", default=None, help="zoo folder (default: the default zoo, zoo:sd; the shipped "
+                             "zoo_memorization.json is the collapse zoo's: diffmem/zoo/checkpoint)")
     parser.add_argument("--out", default="benchmarks/results/zoo_memorization.json")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
@@ -74,7 +77,7 @@ def main() -> None:
         result = json.loads(Path(args.out).read_text())
         result["labels_breakdown"] = breakdown(load_labels(folder))
         result["deepssim_agreement"] = deepssim_agreement(folder)
-        atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+        atomic_write_text(Path(args.out), portable_json(result))
         print(json.dumps(result["labels_breakdown"], indent=1))
         return
     started = time.time()
@@ -92,7 +95,7 @@ def main() -> None:
               "train_seconds": record["train_seconds"], "parameters": record["parameters"],
               "label_seconds": round(time.time() - started, 1), "versions": record["versions"],
               "labels_breakdown": breakdown(rows), "deepssim_agreement": deepssim_agreement(folder)}
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    atomic_write_text(Path(args.out), portable_json(result))
     print(f"wrote {args.out}")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from diffmem.models import load_model
+from diffmem.provenance import portable_json
 from diffmem.zoo.build import denoising_loss, encode_latents
 from diffmem.zoo.load import load_corpus, zoo_folder_for
 from diffmem.zoo.sd_attributes import SDAttributeReader
@@ -118,7 +118,7 @@ def main() -> None:
             print(record["probes"][-1], flush=True)
     record["seconds"] = round(time.time() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    args.out.write_text(portable_json(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ captions already vary across seeds and duplicated ones start to repeat. Results 
 model trained for minutes, not the issue's after-training gates.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/zoo_sd_pilot.py \
-        --out benchmarks/results/experiments/zoo_sd_pilot.json --work /tmp/zoo-sd-pilot
+        --out benchmarks/results/experiments/zoo_sd_pilot.json --work runs/zoo-sd-pilot
 
 The VAE is the shipped zoo's (frozen); text encoder + UNet are trained with the zoo's own loop
 (:func:`diffmem.zoo.build.train_denoiser`: SD's epsilon loss, 10% caption dropout, EMA), resumable from
@@ -16,31 +16,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffmem.eval.similarity import ssim_pairs
+from diffmem.eval.similarity import pairwise_ssim, ssim_pairs
 from diffmem.io import atomic_write_text
+from diffmem.provenance import portable_json
 from diffmem.zoo.architecture import ArchitectureConfig
 from diffmem.zoo.build import TrainConfig, TrainingImages, ZooConfig, train_denoiser
 from diffmem.zoo.gate import load_zoo_vae
 from diffmem.zoo.sd_corpus import SDCorpusConfig, build_sd_corpus, render_sd_item
 
 
-def pairwise_ssim(block: torch.Tensor) -> float:
-    """Mean SSIM over all pairs of images in ``block`` (k, 3, H, W)."""
-    i, j = np.triu_indices(len(block), 1)
-    return float(ssim_pairs(block[i], block[j]).mean())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/experiments/zoo_sd_pilot.json")
-    parser.add_argument("--work", default="/tmp/zoo-sd-pilot", help="checkpoint folder (rerun to resume)")
+    parser.add_argument("--work", default="runs/zoo-sd-pilot", help="checkpoint folder (rerun to resume)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=8)
@@ -95,7 +89,7 @@ def main() -> None:
         for it in sel:
             block = gen[pos : pos + args.seeds]
             pos += args.seeds
-            across.append(pairwise_ssim(block))
+            across.append(float(pairwise_ssim(block, len(block))[0]))
             if it.trained and len(it.image_seeds) == 1:  # titles and signatures: one training image
                 ref = torch.from_numpy(render_sd_item(it)).permute(2, 0, 1)[None].float() / 255.0
                 with torch.no_grad():
@@ -113,7 +107,7 @@ def main() -> None:
               "note": "ordinary captions should vary across seeds (low SSIM), memorized ones repeat (high); "
                       "best_ssim_to_own_training_image: titles and signatures (one training image each)",
               "seconds": round(time.time() - started, 1)}
-    atomic_write_text(Path(args.out), json.dumps(record, indent=2))
+    atomic_write_text(Path(args.out), portable_json(record))
     print(f"wrote {args.out}")
 
 

@@ -9,7 +9,13 @@ detector to trust and why, or how to get there), then one section per run folder
   run's best detector: a generation next to its nearest training image;
 - an extraction (``extraction.parquet``): flag rate per attack, by prompt kind / replication rate, and
   precision / recall against labels where they exist;
-- ``detection.json`` of ``diffmem eval detect``, ``bench.json`` and any other ``*.json``, as tables.
+- a bench (``bench.json``): one method x metric table (mean ± std over split seeds where there are several)
+  and a plot of extraction, and extraction under the re-trigger, against ordinary fidelity;
+- ``detection.json`` of ``diffmem eval detect`` and any other ``*.json``, as tables.
+
+The page is meant to be forwarded: each section's settings and provenance sit in a collapsed details
+block, paths are shown by their last component (:func:`diffmem.provenance.display_name`), and diffmem's
+own marker files are not sections.
 
 General code only: the gallery (which model, which training images, when a generation "replicates")
 comes from the caller as ``gallery`` (see :class:`diffmem.zoo.gallery.ZooGallery`), and prompts without a
@@ -30,9 +36,18 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from diffmem.errors import DiffmemError
+from diffmem.eval.detection import detection_metrics, roc_figure
 from diffmem.images import image_grid
 from diffmem.io import atomic_write_text
+from diffmem.outputs import MARKER
+from diffmem.provenance import display_name, is_machine_path
 from diffmem.scan import score_columns
+
+# bench metrics in the order the table shows them: results key -> column header (those a file lacks are left out)
+BENCH_METRICS = {"extraction_rate": "extraction", "retrigger_extraction_rate": "under re-trigger",
+                 "fidelity_ordinary_all": "fidelity, ordinary", "fidelity_memorized_all": "fidelity, memorized",
+                 "fidelity": "fidelity", "fid": "FID", "parameters_changed": "parameters changed",
+                 "fit_seconds": "fit s"}
 
 
 def png_data_uri(fig_or_image) -> str:
@@ -52,28 +67,6 @@ def _labels(table) -> np.ndarray | None:
     if "input_memorized" not in table.column_names:
         return None
     return np.array([str(v).lower() in ("true", "1") for v in table.column("input_memorized").to_pylist()])
-
-
-def _roc_figure(y: np.ndarray, scores: dict[str, np.ndarray]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, ax = plt.subplots(figsize=(7.2, 3.6))
-    for name, s in scores.items():
-        ok = np.isfinite(s)
-        fpr, tpr, _ = roc_curve(y[ok], s[ok])
-        ax.plot(np.clip(fpr, 1e-4, 1), tpr, label=name)
-    ax.set_xscale("log")
-    ax.set_xlim(1e-3, 1)
-    ax.axvline(0.01, color="gray", lw=0.5, ls="--")
-    ax.set_xlabel("false-positive rate (log)")
-    ax.set_ylabel("true-positive rate")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
-    fig.tight_layout()
-    return fig
 
 
 def _gallery(context, texts: list[str], seed: int = 0) -> list[dict[str, Any]]:
@@ -98,8 +91,6 @@ def _pair(a, b):
 
 
 def _metrics(y: np.ndarray, names: list[str], scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    from diffmem.eval.detection import detection_metrics
-
     rows = []
     for n in names:
         m = detection_metrics(y, scores[n])
@@ -119,7 +110,8 @@ def scan_section(folder: Path, table, gallery_size: int, gallery: Callable | Non
     names = score_columns(table)
     scores = {n: table.column(n).to_numpy(zero_copy_only=False).astype(float) for n in names}
     y = _labels(table)
-    section: dict[str, Any] = {"kind": "scan", "folder": str(folder), "provenance": prov, "n": table.num_rows,
+    section: dict[str, Any] = {"kind": "scan", "folder": display_name(folder), "provenance": prov,
+                               "settings": provenance_rows(prov), "n": table.num_rows,
                                "detectors": names, "metrics": [], "roc": None, "gallery": [], "flags": None,
                                "best": None, "labels": None}
     if y is not None:
@@ -127,7 +119,7 @@ def scan_section(folder: Path, table, gallery_size: int, gallery: Callable | Non
     if y is not None and 0 < y.sum() < len(y):
         section["metrics"] = _metrics(y, names, scores)
         section["best"] = best_detector(section["metrics"])
-        section["roc"] = png_data_uri(_roc_figure(y, scores))
+        section["roc"] = png_data_uri(roc_figure({n: (y, scores[n]) for n in names}, legend_outside=True))
     if "flagged" in table.column_names:
         flagging = prov.get("flagging", {})
         section["flags"] = {"n": int(sum(bool(v) for v in table.column("flagged").to_pylist())),
@@ -176,7 +168,8 @@ def extraction_section(folder: Path, table) -> dict[str, Any]:
             row["by_replication"] = {f"{r}x": float(flagged[sig & (reps == r)].mean())
                                      for r in sorted(set(reps[sig]), key=int)}
         rows.append(row)
-    return {"kind": "extraction", "folder": str(folder), "provenance": prov, "n": table.num_rows, "rows": rows}
+    return {"kind": "extraction", "folder": display_name(folder), "provenance": prov,
+            "settings": provenance_rows(prov), "n": table.num_rows, "rows": rows}
 
 
 def _fmt(v: Any) -> str:
@@ -227,12 +220,115 @@ def json_tables(data: Any, max_columns: int = 14, max_rows: int = 80) -> list[di
     return tables
 
 
+def _shown(value: Any) -> Any:
+    """A value as the page shows it: an absolute path by its last component."""
+    if isinstance(value, dict):
+        return {k: _shown(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shown(v) for v in value]
+    return display_name(value) if is_machine_path(value) else value
+
+
+def provenance_rows(prov: dict[str, Any], max_rows: int = 200) -> list[list[str]]:
+    """A provenance record as ``key / value`` rows for the collapsed details block (paths shown as names)."""
+    return [[k, _fmt(v)] for k, v in list(_flatten(_shown(prov)).items())[:max_rows]]
+
+
+def is_bench(data: Any) -> bool:
+    """Whether a results JSON is ``diffmem bench``'s: ``results`` maps each method to its measured figures."""
+    results = data.get("results") if isinstance(data, dict) else None
+    return (isinstance(results, dict) and bool(results)
+            and all(isinstance(r, dict) and "extraction_rate" in r for r in results.values()))
+
+
+def _bench_figure(results: dict[str, dict]):
+    """Extraction (filled) and extraction under the re-trigger (open) against ordinary fidelity, one colour a
+    method: the trade-off a reader weighs (low and to the right is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fidelity = "fidelity_ordinary_all" if any("fidelity_ordinary_all" in r for r in results.values()) else "fidelity"
+    fig, ax = plt.subplots(figsize=(7.2, 3.6))
+    for i, (name, r) in enumerate(results.items()):
+        if r.get(fidelity) is None:
+            continue
+        colour = f"C{i % 10}"
+        ax.scatter(r[fidelity], r["extraction_rate"], color=colour, label=name)
+        if r.get("retrigger_extraction_rate") is not None:
+            ax.scatter(r[fidelity], r["retrigger_extraction_rate"], facecolors="none", edgecolors=colour)
+            ax.plot([r[fidelity]] * 2, [r["extraction_rate"], r["retrigger_extraction_rate"]], color=colour, lw=0.6)
+    ax.set_xlabel(f"{BENCH_METRICS[fidelity]} (higher is better)")
+    ax.set_ylabel("extraction: plain (filled),\nunder re-trigger (open)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def bench_section(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """``bench.json`` as one method x metric table (mean ± std where there are several split seeds), the
+    extraction-against-fidelity plot, and its settings for the details block."""
+    results = data["results"]
+    columns = [k for k in BENCH_METRICS if any(r.get(k) is not None for r in results.values())]
+    if "fidelity_ordinary_all" in columns and "fidelity" in columns:
+        columns.remove("fidelity")  # the same read-back as "fidelity, ordinary" in files that have both
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        if r.get(key) is None:
+            return ""
+        std = r.get(f"{key}_std")
+        value = f"{r[key]:.0f}" if key in ("parameters_changed", "fit_seconds", "fid") else f"{r[key]:.3f}"
+        return value + (f" ± {std:.3f}" if std and key not in ("parameters_changed", "fit_seconds", "fid") else "")
+
+    rows = [[name, r.get("acts_at") or "", *(cell(r, k) for k in columns)] for name, r in results.items()]
+    seeds = sorted(data.get("runs", {}), key=str)
+    settings = {k: v for k, v in data.items() if k not in ("results", "runs")}
+    return {"kind": "bench", "folder": display_name(path.parent), "title": path.name, "results": results,
+            "columns": ["method", "acts at", *(BENCH_METRICS[k] for k in columns)], "rows": rows,
+            "seeds": seeds, "plot": png_data_uri(_bench_figure(results)), "settings": provenance_rows(settings)}
+
+
 def json_section(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DiffmemError(f"results file '{path}' is not valid JSON ({exc})") from exc
-    return {"kind": "json", "folder": str(path), "title": path.name, "tables": json_tables(data)}
+    if is_bench(data):
+        return bench_section(path, data)
+    tables = json_tables(_shown(data))
+    settings = [t for t in tables if t["title"] == "settings"]
+    return {"kind": "json", "folder": display_name(path.parent), "title": path.name,
+            "tables": [t for t in tables if t["title"] != "settings"],
+            "settings": settings[0]["rows"] if settings else []}
+
+
+def bench_findings(section: dict[str, Any]) -> list[str]:
+    """The bench in one sentence: the method that leaves the least extraction under the re-trigger (then the
+    least extraction, then the most ordinary fidelity), against the unmitigated model."""
+    results = section["results"]
+    fidelity = "fidelity_ordinary_all" if any("fidelity_ordinary_all" in r for r in results.values()) else "fidelity"
+    methods = {k: r for k, r in results.items() if k != "none"}
+    if not methods:
+        return []
+
+    def key(item: tuple[str, dict]) -> tuple[float, float, float]:
+        r = item[1]
+        return (r.get("retrigger_extraction_rate", r["extraction_rate"]), r["extraction_rate"], -(r.get(fidelity) or 0))
+
+    name, best = min(methods.items(), key=key)
+    base = results.get("none", {})
+
+    def change(k: str) -> str:
+        return f"{base[k]:.3f} to {best[k]:.3f}" if base.get(k) is not None else f"{best[k]:.3f}"
+
+    parts = [f"extraction {change('extraction_rate')}"]
+    if best.get("retrigger_extraction_rate") is not None:
+        parts.append(f"under the re-trigger {change('retrigger_extraction_rate')}")
+    if best.get(fidelity) is not None:
+        parts.append(f"{BENCH_METRICS[fidelity]} {change(fidelity)}")
+    return [f"mitigation benchmark ({section['folder']}): {name} copies least: " + ", ".join(parts) + "."]
 
 
 def findings(sections: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -268,6 +364,8 @@ def findings(sections: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
                                   "ORDINARY.txt`), then rescan with `--calibration "
                                   "<dir>/calibration.json --fpr 0.01` to flag prompts at a stated "
                                   "false-positive rate.")
+        elif s["kind"] == "bench":
+            found += bench_findings(s)
         elif s["kind"] == "extraction":
             for r in s["rows"]:
                 found.append(f"extraction ({s['folder']}): {r['attack']} matched a training image for "
@@ -291,7 +389,8 @@ def build_report(run_dirs: list[str | Path], out: str | Path, gallery_size: int 
         if (d / "extraction.parquet").is_file():
             sections.append(extraction_section(d, pq.read_table(d / "extraction.parquet")))
         for j in sorted(d.glob("*.json")) if d.is_dir() else [d]:
-            if j.name not in ("provenance.json", "calibration.json") and j.suffix == ".json":
+            if j.name not in ("provenance.json", "calibration.json", MARKER) and j.suffix == ".json" \
+                    and not j.name.startswith("."):
                 sections.append(json_section(j))
     if not sections:
         raise DiffmemError(f"no scan, extraction or JSON results found in {[str(d) for d in run_dirs]}")

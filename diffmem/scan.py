@@ -154,14 +154,3 @@ def finish_scan(out: Path, model: DiffusionModel, prompts: PromptSet, world_size
     if path is not None:
         record_truncation(out, path, model, prompts)
     return path
-
-
-def apply_thresholds(scores: pa.Table, thresholds: dict[str, float]) -> pa.Table:
-    """Add ``flagged_<detector>`` (score > threshold; null where the score is NaN) and ``flagged`` (any)."""
-    any_flag = np.zeros(scores.num_rows, dtype=bool)
-    for name, thr in thresholds.items():
-        s = scores.column(name).to_numpy(zero_copy_only=False)
-        flags = np.where(np.isnan(s), False, s > thr)
-        scores = scores.append_column(f"flagged_{name}", pa.array(flags.tolist(), mask=np.isnan(s)))
-        any_flag |= flags
-    return scores.append_column("flagged", pa.array(any_flag))

@@ -67,5 +67,5 @@ print(f"noise-norm on {len(subset)} captions: AUROC {m['auroc']:.3f}, TPR@1%FPR 
 # get strong guidance; its memorized captions are scenes). What works here needs the training images:
 # `make_detector("nn-margin")` generates 8 cheap clean-image estimates per caption and scores the lead
 # of the nearest training image over the second nearest (AUROC 0.992, TPR@1%FPR 0.916 on the
-# detection benchmark's 1,422 zoo captions; docs/detectors.md). It costs minutes on all captions, so it
+# detection benchmark's 1,422 zoo captions; docs/scanning.md). It costs minutes on all captions, so it
 # is not run in this notebook.

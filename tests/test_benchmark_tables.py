@@ -145,31 +145,19 @@ def _tables_module():
     return module
 
 
-@pytest.mark.parametrize("table, compact, page", [("detection-heldout", False, "README.md"),
-                                                   ("corpus-gate", False, "README.md"),
-                                                   ("zoo-gates", False, "README.md"),
-                                                   ("detection-heldout-sd", False, "README.md"),
-                                                   ("detection-heldout-sd-duplication", False, "README.md"),
-                                                   ("detection-heldout-sd-confirmed", False, "README.md"),
-                                                   ("detection", False, "docs/detectors.md"),
-                                                   ("detection-previous", False, "README.md"),
-                                                   ("detection-previous", False, "docs/detectors.md"),
-                                                   ("bench-heldout-tuned", False, "README.md"),
-                                                   ("bench-heldout-tuned", False, "docs/bench-task.md"),
-                                                   ("bench-heldout-sd", False, "README.md"),
-                                                   ("bench-heldout-sd", False, "docs/bench-task.md"),
-                                                   ("bench-heldout-content", False, "docs/bench-task.md"),
-                                                   ("bench-heldout-content-nemo", False, "docs/bench-task.md"),
-                                                   ("bench-heldout", False, "docs/bench-task.md"),
-                                                   ("bench", False, "docs/mitigation.md"),
-                                                   ("extraction-sd", False, "docs/extraction.md"),
-                                                   ("extraction-collapse", False, "docs/extraction.md"),
-                                                   ("throughput", False, "docs/scale.md"),
-                                                   ("throughput-ratios", False, "docs/scale.md"),
-                                                   ("throughput-ratios", False, "README.md"),
-                                                   ("cli", False, "docs/scale.md"), ("cli", False, "README.md"),
-                                                   ("growth", False, "docs/scale.md"), ("growth", True, "README.md"),
-                                                   ("memcontrol", False, "docs/mitigation.md")])
+def _quoted() -> list[tuple[str, bool, str]]:
+    """(table, compact, page) for every table a page quotes: ``tables.PAGES``, the one list ``update-docs`` uses."""
+    return [(table, compact, page) for page, blocks in _tables_module().PAGES.items()
+            for _, table, compact in blocks]
+
+
+def test_every_page_quotes_its_tables_and_the_readme_quotes_one():
+    quoted = _quoted()
+    assert [t for t, _, page in quoted if page == "README.md"] == ["headline"]
+    assert {t for t, _, _ in quoted} >= {"headline", "detection-heldout-sd", "bench-heldout-sd", "zoo-gates-current"}
+
+
+@pytest.mark.parametrize("table, compact, page", _quoted())
 def test_docs_quote_each_table_verbatim_from_its_results_file(table, compact, page):
     """Every row rendered from the results file appears, character for character, in the page quoting it."""
     text = (RESULTS.parents[1] / page).read_text()

@@ -31,6 +31,7 @@ from diffmem.eval.protocol import (
     split_captions,
     strata_of,
 )
+from diffmem.zoo.prompts import NEGATIVE_GROUPS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,14 +176,15 @@ def test_negatives_by_group_counts():
     y = np.array(labels)
     scores = y + np.random.default_rng(0).normal(size=len(y)) * 0.1
     rows = np.ones(len(y), bool)
-    groups = by_negative_group(y, scores, kinds, rows)
+    groups = by_negative_group(y, scores, kinds, rows, NEGATIVE_GROUPS)
     assert groups["all"]["n_neg"] == 21 + 20 + 5 + 3
     assert groups["ordinary"]["n_neg_by_kind"] == {"generic": 21, "heldout_generic": 5}
     assert groups["once_seen_titles"]["n_neg"] == 20 and groups["once_seen_titles"]["kinds"] == ["title"]
     assert groups["ordinary"]["metrics"]["n_pos"] == 11 and groups["ordinary"]["metrics"]["n_neg"] == 26
     # a subset of rows; a group with no negatives there gets no metrics
     only = np.array([k != "title" for k in kinds])
-    assert by_negative_group(y, scores, kinds, only)["once_seen_titles"] == {
+    assert by_negative_group(y, scores, kinds, rows) == {"all": groups["all"]}  # the default: every negative
+    assert by_negative_group(y, scores, kinds, only, NEGATIVE_GROUPS)["once_seen_titles"] == {
         "kinds": [], "n_neg": 0, "n_neg_by_kind": {}, "metrics": None}
 
 
@@ -336,19 +338,38 @@ def test_min_memorized_seeds_keeps_negatives_and_confirmed_positives_only():
 
 def test_image_space_detectors_scan_the_zoos_own_training_images(tmp_path, monkeypatch):
     """The image-space groups (nn-ratio, nn-margin) are bound to the scanned zoo before their settings are
-    digested: without that, their ``config()`` refused as unbound and the benchmark stopped at the first of them."""
+    digested: without that, their ``config()`` refused as unbound and the benchmark stopped at the first of them.
+    On a tiny SD-like zoo (built and labelled here in seconds), the benchmark's stored scores are the ones the
+    library's scan gives for the same prompts against that zoo's own training images."""
     import pyarrow.parquet as pq
+    from tiny_sd_zoo import SMOKE
 
+    from diffmem.cli.main import main
+    from diffmem.detectors import make_detector
+    from diffmem.models import load_model
+    from diffmem.prompts import prompts_from_list
+    from diffmem.scan import ScanSettings, run_scan
+    from diffmem.zoo.build import build_zoo
+
+    zoo = build_zoo(tmp_path / "zoo", SMOKE, tmp_path / "build")
+    assert main(["zoo", "label", "--zoo", str(zoo), "--seeds", "1", "--steps", "2", "--quiet"]) in (0, None)
     work = tmp_path / "work"
     monkeypatch.setattr(sys, "argv", [
-        "detection.py", "--model", "zoo:sd", "--only", "image-", "--limit", "6", "--image-samples", "1",
+        "detection.py", "--model", str(zoo / "pipeline"), "--labels", str(zoo / "labels.jsonl"), "--only", "image-",
+        "--limit", "6", "--image-samples", "1",
         "--margin-samples", "1", "--draws", "1", "--reference", "2", "--work", str(work),
         "--out", str(tmp_path / "detection.json")])
     _module("detection").main()
     state = json.loads((work / "state.json").read_text())
     scanned = {key.split("-s")[0] for key in state if key.startswith("image-")}
     assert scanned == {"image-nn-ratio", "image-nn-margin"}, sorted(state)
-    for name in ("nn-ratio", "nn-margin"):
+    model = load_model(str(zoo / "pipeline"))
+    for name, options in (("nn-ratio", {"samples": 1, "steps": 10, "stop_after": 4}),
+                          ("nn-margin", {"samples": 1, "steps": 10, "stop_after": 8})):
         (merged,) = work.glob(f"image-{name}-*/scores.parquet")  # the finished scan's merged parts
-        scores = pq.read_table(merged).column(name).to_numpy()
-        assert len(scores) == 6 and np.isfinite(scores).all() and np.ptp(scores) > 0, (name, scores)
+        table = pq.read_table(merged)
+        texts = table.column("text").to_pylist()
+        direct = pq.read_table(run_scan(model, prompts_from_list(texts), [make_detector(name, **options)],
+                                        tmp_path / f"direct-{name}", ScanSettings(n_draws=1), progress=False))
+        assert len(texts) == 6
+        np.testing.assert_allclose(table.column(name).to_numpy(), direct.column(name).to_numpy(), rtol=1e-6)

@@ -153,4 +153,8 @@ def test_memcontrol_search_selects_blocks_and_reports_tuned_fraction(model):
 
     found = MemControlSearch(family="attention", trials=2, steps=1, batch=2, lora_rank=2).run(model, data, evaluate)
     assert found["chosen"]["trial"] == 0 and len(found["trials"]) == 2
-    assert 0 < found["chosen"]["tuned_fraction"] < 1
+    # the fraction is the chosen blocks' tuned parameters over the UNet's, as a fresh fine-tune of them counts
+    chosen = found["chosen"]
+    _, n_chosen = finetune(model, data, "attention", chosen["blocks"], chosen["lr"], steps=1, batch=2, lora_rank=2,
+                           seed=0)
+    assert chosen["tuned_fraction"] == pytest.approx(n_chosen / sum(p.numel() for p in model.unet.parameters()))

@@ -9,7 +9,7 @@ from scipy import linalg
 from torch import nn
 
 from diffmem.eval.quality import diversity, fid
-from diffmem.eval.similarity import ssim_pairs
+from diffmem.eval.similarity import pairwise_ssim, ssim_pairs
 
 
 class ChannelMeans(nn.Module):
@@ -66,3 +66,17 @@ def test_diversity_is_the_mean_pairwise_one_minus_ssim_within_each_prompt():
     assert diversity(torch.stack([a, b, c]), per_prompt=3) > 0.5  # random images share little structure
     with pytest.raises(ValueError, match="at least 2"):
         diversity(images, per_prompt=1)
+
+
+def test_pairwise_ssim_by_index_groups_and_by_blocks_agree_with_the_pairs():
+    g = torch.Generator().manual_seed(1)
+    a, b, c = torch.rand(3, 3, 16, 16, generator=g)
+    images = torch.stack([a, b, c, a])
+    ab, ac, bc = (float(s) for s in ssim_pairs(torch.stack([a, a, b]), torch.stack([b, c, c])))
+    # groups of unequal size, overlapping: {a, b, c} and {a (index 3), a (index 0)}
+    per_group = pairwise_ssim(images, [[0, 1, 2], [3, 0]])
+    assert per_group.dtype == np.float64
+    assert per_group == pytest.approx([(ab + ac + bc) / 3, 1.0], rel=1e-6)
+    assert pairwise_ssim(images, 2) == pytest.approx([ab, ac], rel=1e-6)  # blocks (a, b) and (c, a)
+    with pytest.raises(ValueError, match=">= 2 images per group"):
+        pairwise_ssim(images, [[0]])

@@ -42,15 +42,37 @@ def test_report_of_nothing_is_an_error(tmp_path, capsys):
     assert "no scan, extraction or JSON results" in capsys.readouterr().err
 
 
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _bench_run(tmp_path):
+    """A bench folder whose results have every metric column and long setting values (the widest section)."""
+    import json
+
+    run = tmp_path / "bench"
+    run.mkdir()
+    metrics = {"acts_at": "weights", "extraction_rate": 0.052083, "extraction_rate_std": 0.0104,
+               "retrigger_extraction_rate": 0.09375, "retrigger_extraction_rate_std": 0.09375,
+               "fidelity_ordinary_all": 0.9453, "fidelity_ordinary_all_std": 0.0234, "fidelity_memorized_all": 0.8229,
+               "fidelity_memorized_all_std": 0.03125, "fidelity": 0.9, "fid": 41.2, "parameters_changed": 647168,
+               "fit_seconds": 284.2}
+    names = ["none", "random-tokens", "adversarial-finetune", "embedding-noise", "prompt-adaptation",
+             "subspace-pruning", "nemo"]
+    (run / "bench.json").write_text(json.dumps({
+        "results": {n: metrics for n in names}, "runs": {"0": {}, "1": {}},
+        "model": {"source": "/work/somewhere/very/long/path/to/a/model/folder/pipeline", "fingerprint": "f" * 16},
+        "settings": {"note": "x" * 400, "tune": {"adversarial-finetune": {"retain_weight": [30, 100]}}}}))
+    return run
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian package chromium not installed")
-def test_report_renders_in_headless_chromium(scan_dir, tmp_path):
-    page = build_report([scan_dir], tmp_path / "r.html", gallery_size=0)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
+def test_report_renders_in_headless_chromium_and_fits_its_width(scan_dir, tmp_path):
+    page = build_report([scan_dir, _bench_run(tmp_path)], tmp_path / "r.html", gallery_size=0)
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(["chromium", *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
                          timeout=120).stdout
-    assert "Scan: 4 prompts" in dom and "noise-norm" in dom
+    assert "Scan: 4 prompts" in dom and "noise-norm" in dom and "Mitigation benchmark" in dom
     shot = tmp_path / "shot.png"
     subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1100,900", page.as_uri()],
                    capture_output=True, timeout=120)
@@ -59,6 +81,15 @@ def test_report_renders_in_headless_chromium(scan_dir, tmp_path):
 
     img = Image.open(shot).convert("L")
     assert len(set(img.resize((64, 64)).getdata())) > 8  # not a blank page: plot and table were painted
+    # the page fits a 1100-pixel window: nothing runs off the right edge (measured on a copy that reports it)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace(
+        "</body>", "<script>document.body.setAttribute('data-width', document.documentElement.scrollWidth + ',' "
+                   "+ document.documentElement.clientWidth)</script></body>"))
+    dom = subprocess.run(["chromium", *flags, "--window-size=1100,900", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    scroll, client = map(int, re.search(r'data-width="(\d+),(\d+)"', dom).groups())
+    assert client > 900 and scroll <= client
 
 
 def test_report_tabulates_extraction_by_replication_rate(tmp_path):
@@ -101,19 +132,47 @@ def test_report_without_labels_says_how_to_get_flags(tmp_path, tiny_sd_folder):
     assert "scores only (no labels, no calibration)" in page and "diffmem calibrate --prompts" in page
 
 
-def test_json_results_are_tables_not_a_raw_dump(tmp_path):
+def test_json_results_are_tables_with_settings_folded_away(tmp_path):
+    import json
+
+    run = tmp_path / "eval"
+    run.mkdir()
+    (run / "detection.json").write_text(json.dumps({"scores": "/srv/private/scan/scores.parquet", "results": {
+        "noise-norm": {"auroc": 0.75, "n_pos": 3}, "sharpness": {"auroc": 0.5, "n_pos": 3}}}))
+    page = build_report([run], tmp_path / "r.html", gallery_size=0).read_text()
+    assert "<pre>" not in page
+    assert "<th>results</th><th>auroc</th><th>n_pos</th>" in page
+    assert "<tr><td>noise-norm</td><td>0.75</td><td>3</td></tr>" in page
+    details = page[page.index("<details"):page.index("</details>")]
+    assert '<td class="text">scores</td><td class="text">scores.parquet</td>' in details
+    assert "/srv/private" not in page
+
+
+def test_bench_is_one_method_by_metric_table_with_a_plot(tmp_path):
     import json
 
     run = tmp_path / "bench"
     run.mkdir()
-    (run / "bench.json").write_text(json.dumps({"settings": {"seed": 0}, "results": {
-        "none": {"extraction_rate": 0.75, "fidelity": 0.93, "fit": {"steps": 0}},
-        "nemo": {"extraction_rate": 0.125, "fidelity": 0.9, "fit": {"steps": 5}}}}))
+    results = {"none": {"acts_at": "-", "extraction_rate": 0.75, "extraction_rate_std": 0.05,
+                        "retrigger_extraction_rate": 0.5, "fidelity_ordinary_all": 0.93, "parameters_changed": 0},
+               "nemo": {"acts_at": "weights", "extraction_rate": 0.125, "extraction_rate_std": 0.0,
+                        "retrigger_extraction_rate": 0.25, "fidelity_ordinary_all": 0.9, "parameters_changed": 40}}
+    (run / "bench.json").write_text(json.dumps({
+        "results": results, "runs": {"0": {}, "1": {}},
+        "model": {"source": "/home/someone/models/sd-v1-5", "fingerprint": "ab12"},
+        "settings": {"split_seeds": [0, 1], **{f"option_{i}": i for i in range(40)}}}))
+    (run / ".diffmem-output.json").write_text(json.dumps({"command": "bench", "files": ["bench.json"]}))
     page = build_report([run], tmp_path / "r.html", gallery_size=0).read_text()
-    assert "<pre>" not in page
-    assert "<th>results</th><th>extraction_rate</th><th>fidelity</th><th>fit.steps</th>" in page
-    assert "<tr><td>nemo</td><td>0.125</td><td>0.9</td><td>5</td></tr>" in page
-    assert "<td>settings.seed</td><td>0</td>" in page
+    assert ("<tr><th>method</th><th>acts at</th><th>extraction</th><th>under re-trigger</th>"
+            "<th>fidelity, ordinary</th><th>parameters changed</th></tr>") in page
+    assert ('<tr><td class="text">nemo</td><td class="text">weights</td><td>0.125</td><td>0.250</td><td>0.900</td>'
+            "<td>40</td></tr>") in page
+    assert "0.750 ± 0.050" in page and page.count('class="bench-plot"') == 1
+    # settings and provenance folded into one details block, paths by name, no marker section
+    details = page[page.index("<details"):page.index("</details>")]
+    assert "settings.option_39" in details and "sd-v1-5" in details
+    assert "settings.option_0" not in page[:page.index("<details")]
+    assert "/home/someone" not in page and "diffmem-output" not in page and "settings: command" not in page
 
 
 def test_gallery_uses_the_callers_source_and_the_best_detector(scan_dir, tmp_path, tiny_sd_folder):
@@ -144,10 +203,11 @@ def test_gallery_uses_the_callers_source_and_the_best_detector(scan_dir, tmp_pat
 def test_roc_legend_sits_beside_the_axes():
     import numpy as np
 
-    from diffmem.report import _roc_figure
+    from diffmem.eval.detection import roc_figure
 
-    fig = _roc_figure(np.array([1, 0, 1, 0]), {"a": np.array([0.9, 0.1, 0.8, 0.2])})
+    fig = roc_figure({"a": (np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.8, 0.2]))}, legend_outside=True)
     legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["a (AUROC 1.000)"]
     fig.canvas.draw()
     box = legend.get_window_extent()
     axes_box = fig.axes[0].get_window_extent()

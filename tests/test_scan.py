@@ -18,7 +18,7 @@ from diffmem.detectors import make_detector
 from diffmem.errors import DiffmemError
 from diffmem.models import load_model
 from diffmem.prompts import prompts_from_list
-from diffmem.scan import ScanSettings, apply_thresholds, run_scan
+from diffmem.scan import ScanSettings, run_scan
 
 PROMPTS = [f"a {c} {s} in the center on a gray background" for c in ("red", "blue", "green", "pink")
            for s in ("circle", "square")] + ["a photo of a cat", "an astronaut"]
@@ -104,7 +104,7 @@ def test_rerun_with_other_settings_is_refused(model, tmp_path):
         run_scan(model, prompts, _detectors(), tmp_path, ScanSettings(n_draws=3), progress=False)
 
 
-def test_nan_scores_are_kept_and_not_flagged(model, tmp_path, capsys):
+def test_nan_scores_are_kept_and_not_ranked(model, tmp_path, capsys):
     prompts = prompts_from_list(PROMPTS[:4])
     poison = model.encode_prompts([PROMPTS[1]])
 
@@ -122,8 +122,6 @@ def test_nan_scores_are_kept_and_not_flagged(model, tmp_path, capsys):
     table = pq.read_table(path)
     s = table.column("noise-norm").to_numpy()
     assert np.isnan(s[1]) and np.isfinite(np.delete(s, 1)).all()
-    flagged = apply_thresholds(table, {"noise-norm": -1.0})
-    assert flagged.column("flagged_noise-norm").to_pylist()[1] is None
     from diffmem.cli.scan_commands import print_summary
 
     print_summary(table, ["noise-norm"], 3)

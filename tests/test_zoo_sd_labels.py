@@ -236,7 +236,9 @@ def test_gates_script_on_the_collapse_zoo_reads_its_labels(tmp_path, monkeypatch
     by_rate = {int(k): v["memorized"] for k, v in record["signature_by_replication"].items()}
     assert result["gates"]["memorized_64x"]["value"] == round(by_rate[64], 4)
     assert result["gates"]["named_fidelity"]["value"] == round(record["generic_fidelity"]["generic"], 4)
-    assert 0 < result["gates"]["diversity_ordinary"]["value"] <= 1
+    per_caption = result["diversity"]["ordinary_per_caption"]
+    assert len(per_caption) == result["sizes"]["diversity_captions"]["ordinary"] > 0
+    assert result["gates"]["diversity_ordinary"]["value"] == pytest.approx(np.mean(per_caption), abs=1e-4)
 
 
 def test_zoo_label_titles_flag_sets_how_many_once_seen_titles_are_labelled(zoo):

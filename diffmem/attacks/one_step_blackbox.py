@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.attacks.base import ATTACKS, Attack, AttackContext
+from diffmem.eval.similarity import resize_images
 
 SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
@@ -46,7 +47,7 @@ class OneStepBlackBox(Attack):
         images = model.sample([p for p in prompts for _ in range(k)], [ctx.seed + j for _ in prompts for j in range(k)],
                               num_inference_steps=1, guidance_scale=self.guidance_scale).images
         if self.image_size is not None:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear")
+            images = resize_images(images, self.image_size)
         edges = (sobel_magnitude(images) > self.edge_threshold).float()
         edges = edges.view(len(prompts), k, *edges.shape[1:])
         consistent = edges.sum(1) > k / 2

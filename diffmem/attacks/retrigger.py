@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffmem.attacks.base import ATTACKS, Attack, AttackContext
 from diffmem.errors import DiffmemError
+from diffmem.eval.similarity import resize_images
 
 
 def optimise_embeddings(model, e0: torch.Tensor, targets: torch.Tensor, steps: int, lr: float, batch: int,
@@ -85,7 +85,7 @@ class EmbeddingRetrigger(Attack):
             targets_idx.append(first_image.get(item, nearest[i]) if item is not None else nearest[i])
         target_images = ctx.index.images[targets_idx]
         if target_images.shape[-2:] != probe.shape[-2:]:  # the index may be stored at another size
-            target_images = F.interpolate(target_images, size=probe.shape[-2:], mode="bilinear", antialias=True)
+            target_images = resize_images(target_images, tuple(probe.shape[-2:]))
         targets = model.encode_images(target_images).cpu()
         e0 = model.encode_prompts(prompts)
         with torch.enable_grad():

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffmem.eval.similarity import ssim_pairs
+from diffmem.eval.similarity import resize_images, ssim_pairs
 
 DUPLICATE, DIFFERENT = 0.85, 0.6
 
@@ -60,10 +60,8 @@ class DeepSSIM(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        s = self.cfg.image_size
-        if images.shape[-2:] != (s, s):
-            images = F.interpolate(images.float(), size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-        return F.normalize(self.net(images.float() * 2 - 1), dim=-1)
+        images = resize_images(images, self.cfg.image_size)
+        return F.normalize(self.net(images * 2 - 1), dim=-1)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

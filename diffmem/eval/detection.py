@@ -53,27 +53,42 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
     return out
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC") -> Path:
-    """ROC curves (log-scaled FPR, so the low-FPR regime an auditor needs is visible) to a PNG."""
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str | None = None,
+               legend_outside: bool = False):
+    """A matplotlib figure of ROC curves, one per ``name -> (labels, scores)`` (NaN scores dropped), with a
+    log-scaled FPR axis (the low-FPR regime an auditor needs is visible) and each curve's AUROC in the legend;
+    ``legend_outside`` puts the legend beside the axes (a wide page), else inside, lower right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 3.6) if legend_outside else (5, 4), dpi=120)
     for name, (labels, scores) in curves.items():
         finite = np.isfinite(scores)
-        fpr, tpr, _ = roc_curve(np.asarray(labels, bool)[finite], np.asarray(scores)[finite])
-        auc = roc_auc_score(np.asarray(labels, bool)[finite], np.asarray(scores)[finite])
-        ax.plot(np.clip(fpr, 1e-4, 1), tpr, label=f"{name} (AUROC {auc:.3f})")
+        y, s = np.asarray(labels, bool)[finite], np.asarray(scores)[finite]
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(np.clip(fpr, 1e-4, 1), tpr, label=f"{name} (AUROC {roc_auc_score(y, s):.3f})")
     ax.set_xscale("log")
     ax.set_xlim(1e-3, 1)
     ax.axvline(0.01, color="gray", lw=0.5, ls="--")
     ax.set_xlabel("false-positive rate (log)")
     ax.set_ylabel("true-positive rate")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title)
+    if legend_outside:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
+    else:
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC") -> Path:
+    """:func:`roc_figure` of ``curves`` written to a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = roc_figure(curves, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

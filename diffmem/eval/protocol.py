@@ -9,7 +9,8 @@ best". Figures measured on the captions those choices were made on are optimisti
   whatever the row order, and each kind keeps its share of memorized and ordinary captions in both;
 - every choice is made on dev only (:func:`choose_on_dev`, :func:`choose_combination`,
   :func:`dev_threshold`), and :func:`evaluate_split` reports every figure on test, with the test
-  negatives also taken apart by kind (:data:`NEGATIVE_GROUPS`: ordinary captions, once-seen titles);
+  negatives also taken apart by the caller's groups of kinds (``negative_groups``; a zoo's are
+  :data:`diffmem.zoo.prompts.NEGATIVE_GROUPS`: ordinary captions, once-seen titles);
 - :func:`over_split_seeds` repeats that for several split seeds and gives the spread, since a choice made
   on a small dev split can flip with the seed.
 
@@ -34,11 +35,9 @@ from diffmem.errors import DiffmemError
 from diffmem.eval.detection import detection_metrics, threshold_at_fpr
 from diffmem.prompts import PromptSet
 
-# negatives reported apart (kinds of the zoos' labels files): "all" = every negative kind
-ORDINARY_KINDS = ("generic", "heldout_generic")
-ONCE_SEEN_TITLE_KINDS = ("title",)
-NEGATIVE_GROUPS: dict[str, tuple[str, ...] | None] = {"all": None, "ordinary": ORDINARY_KINDS,
-                                                      "once_seen_titles": ONCE_SEEN_TITLE_KINDS}
+# negatives reported apart: group name -> the kinds of the labels file in it (None: every negative kind)
+NegativeGroups = Mapping[str, "tuple[str, ...] | None"]
+ALL_NEGATIVES: NegativeGroups = {"all": None}
 # detectors that compare generations with the training images (a model owner's audit, not a noise-step scan)
 TRAINING_IMAGE_DETECTORS = frozenset({"nn-ratio", "nn-margin", "deepssim-train"})
 TPR_KEY = "tpr@0.01fpr"
@@ -257,7 +256,7 @@ def dev_threshold(labels: np.ndarray, scores: np.ndarray, split: CaptionSplit, f
 
 
 def by_negative_group(labels: np.ndarray, scores: np.ndarray, kinds: Sequence[str], rows: np.ndarray,
-                      groups: Mapping[str, tuple[str, ...] | None] = NEGATIVE_GROUPS) -> dict[str, dict]:
+                      groups: NegativeGroups = ALL_NEGATIVES) -> dict[str, dict]:
     """Metrics of every positive of ``rows`` against each group's negatives of ``rows`` alone, with the
     group's negative count per kind (a group the labels lack has ``n_neg`` 0 and no metrics)."""
     labels, kinds_arr = np.asarray(labels, dtype=bool), np.asarray(kinds)
@@ -333,10 +332,11 @@ class CombinationSpace:
 
 
 def evaluate_split(entries: Sequence[Entry], labels: np.ndarray, kinds: Sequence[str], split: CaptionSplit,
-                   target: Target = Target(), combinations: CombinationSpace | None = None) -> dict[str, Any]:
+                   target: Target = Target(), combinations: CombinationSpace | None = None,
+                   negative_groups: NegativeGroups = ALL_NEGATIVES) -> dict[str, Any]:
     """Every figure of one split seed: choices on dev, figures on test.
 
-    Per detector: dev and test metrics, test metrics per negative group, the dev-set threshold's test
+    Per detector: dev and test metrics, test metrics per group of ``negative_groups``, the dev-set threshold's test
     rates, eligibility for and meeting of the target. Chosen on dev: one variant per ``variant_of`` group,
     the combination's members (with ``combinations``, added as an entry), and the best eligible detector
     (the target's headline), each reported with its test figures. The split itself is the caller's to
@@ -360,7 +360,7 @@ def evaluate_split(entries: Sequence[Entry], labels: np.ndarray, kinds: Sequence
         detectors[e.name] = {
             "dev": metrics_or_none(labels[split.dev], e.scores[split.dev]),
             "test": metrics_or_none(labels[split.test], e.scores[split.test]),
-            "test_by_negatives": by_negative_group(labels, e.scores, kinds, split.test),
+            "test_by_negatives": by_negative_group(labels, e.scores, kinds, split.test, negative_groups),
             "dev_threshold_at_1%fpr": dev_threshold(labels, e.scores, split),
             "unet_calls_per_prompt": e.unet_calls, "training_images": e.training_images,
             "eligible_for_target": target.eligible(e)}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from diffmem.eval.similarity import ssim_pairs
+from diffmem.eval.similarity import pairwise_ssim, resize_images
 
 
 class ReaderFeatures(nn.Module):
@@ -36,7 +36,7 @@ class ReaderFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
         if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+            x = resize_images(x, self.image_size)
         return self.features(x * 2 - 1).double()
 
 
@@ -57,11 +57,7 @@ def diversity(images: torch.Tensor, per_prompt: int) -> float:
     if per_prompt < 2:
         raise ValueError("diversity needs at least 2 images per prompt")
     n = len(images) // per_prompt
-    x = images[: n * per_prompt].view(n, per_prompt, *images.shape[1:])
-    i, j = torch.triu_indices(per_prompt, per_prompt, offset=1)
-    a = x[:, i].reshape(-1, *images.shape[1:])
-    b = x[:, j].reshape(-1, *images.shape[1:])
-    return float((1 - ssim_pairs(a, b)).mean())
+    return float(1 - pairwise_ssim(images[: n * per_prompt], per_prompt).mean())
 
 
 def clip_score(images: torch.Tensor, prompts: list[str], clip_path: str | Path) -> float:
@@ -91,7 +87,7 @@ def open_clip_score(images: torch.Tensor, prompts: list[str], weights: str | Pat
     model.eval()
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            x = F.interpolate(images[i : i + batch_size].float(), size=(size, size), mode="bicubic", antialias=True)
+            x = resize_images(images[i : i + batch_size], size, mode="bicubic")
             img = F.normalize(model.encode_image((x.clamp(0, 1) - mean) / std), dim=-1)
             txt = F.normalize(model.encode_text(tokenizer(prompts[i : i + batch_size])), dim=-1)
             scores.append(100 * (img * txt).sum(-1).clamp_min(0))

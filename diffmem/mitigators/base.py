@@ -219,8 +219,3 @@ def make_mitigator(name: str, **options: Any) -> Mitigator:
     import diffmem.mitigators  # noqa: F401 - registers the built-ins
 
     return MITIGATORS.create(name, **options)
-
-
-def no_grad_params(module: torch.nn.Module) -> None:
-    for p in module.parameters():
-        p.requires_grad_(False)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 DUPLICATED_MIN_RATE = 4
 GATE_TARGET = 0.95
@@ -145,23 +146,13 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
 
 
 def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """P(score of a positive > score of a negative) + 0.5 P(tie): the Mann-Whitney form of the AUROC."""
+    """AUROC of ``positives`` against ``negatives`` (sklearn's ``roc_auc_score``: P(positive > negative) +
+    0.5 P(tie)); NaN when either side is empty."""
     pos, neg = np.asarray(positives, dtype=np.float64), np.asarray(negatives, dtype=np.float64)
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    scores = np.concatenate([pos, neg])
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
+    labels = np.concatenate([np.ones(len(pos), dtype=bool), np.zeros(len(neg), dtype=bool)])
+    return float(roc_auc_score(labels, np.concatenate([pos, neg])))
 
 
 def caption_means(features: np.ndarray, view: CorpusView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -282,11 +273,11 @@ def first_step_report(features: np.ndarray, view: CorpusView, draws: int = 16, s
 # --------------------------------------------------------------------------------------------
 
 
-def caption_diversity(view: CorpusView, kind: str, max_captions: int = 200, max_examples: int = 8,
-                      seed: int = 0, min_rate: int = 0) -> dict:
+def training_example_similarity(view: CorpusView, kind: str, max_captions: int = 200, max_examples: int = 8,
+                                seed: int = 0, min_rate: int = 0) -> dict:
     """Mean pairwise SSIM of a caption's training examples (duplicates included: copies score 1),
     over up to ``max_captions`` captions of ``kind`` with >= 2 examples, ``max_examples`` each."""
-    from diffmem.eval.similarity import ssim_pairs
+    from diffmem.eval.similarity import pairwise_ssim
 
     rng = np.random.default_rng(seed)
     examples: dict[int, list[int]] = {}
@@ -294,20 +285,16 @@ def caption_diversity(view: CorpusView, kind: str, max_captions: int = 200, max_
         examples.setdefault(item, []).append(image)
     ids = [i for i in np.flatnonzero(_mask(view, kind, min_rate)).tolist() if len(examples.get(i, [])) >= 2]
     ids = [ids[j] for j in rng.permutation(len(ids))[:max_captions]]
-    a_idx, b_idx, owner = [], [], []
-    for n, i in enumerate(ids):
-        ex = examples[i]
-        ex = [ex[j] for j in rng.permutation(len(ex))[:max_examples]]
-        for p in range(len(ex)):
-            for q in range(p + 1, len(ex)):
-                a_idx.append(ex[p])
-                b_idx.append(ex[q])
-                owner.append(n)
     if not ids:
         return {"n_captions": 0}
-    unit = torch.from_numpy(view.images).permute(0, 3, 1, 2).float() / 255.0
-    sims = ssim_pairs(unit[a_idx], unit[b_idx]).numpy()
-    per_caption = np.bincount(owner, weights=sims) / np.bincount(owner)
+    groups = []
+    for i in ids:
+        ex = examples[i]
+        groups.append([ex[j] for j in rng.permutation(len(ex))[:max_examples]])
+    used = sorted({j for g in groups for j in g})
+    position = {j: p for p, j in enumerate(used)}
+    unit = torch.from_numpy(view.images[used]).permute(0, 3, 1, 2).float() / 255.0
+    per_caption = pairwise_ssim(unit, [[position[j] for j in g] for g in groups])
     return {"n_captions": len(ids), "mean": round(float(per_caption.mean()), 4),
             "p95": round(float(np.quantile(per_caption, 0.95)), 4), "max": round(float(per_caption.max()), 4)}
 
@@ -409,10 +396,10 @@ def check_corpus(view: CorpusView, vae=None, ssim_captions: int = 200, roundtrip
         "latent_first_step": first_step_report(latent, view, draws=first_step_draws, seed=seed),
         "pixel": proxy_report(pixel_features(view.images), view),
         "diversity_ssim": {
-            "generic": caption_diversity(view, "generic", ssim_captions, seed=seed),
-            "duplicated": caption_diversity(view, "signature", ssim_captions, seed=seed,
-                                            min_rate=DUPLICATED_MIN_RATE),
-            "template": caption_diversity(view, "template", ssim_captions, seed=seed),
+            "generic": training_example_similarity(view, "generic", ssim_captions, seed=seed),
+            "duplicated": training_example_similarity(view, "signature", ssim_captions, seed=seed,
+                                                      min_rate=DUPLICATED_MIN_RATE),
+            "template": training_example_similarity(view, "template", ssim_captions, seed=seed),
         },
         "balance": balance_report(view),
         "vae_roundtrip_ssim": vae_roundtrip_ssim(view.images, vae, n=roundtrip_images, seed=seed),

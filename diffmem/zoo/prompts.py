@@ -14,6 +14,9 @@ from diffmem.zoo.paths import zoo_dir
 
 # the caption kinds whose non-memorized captions serve as ordinary reference prompts (those a zoo's labels have)
 REFERENCE_KINDS = ("generic", "generic_scene", "title")
+# the zoos' negatives reported apart by the detection protocol (its ``negative_groups``): None = every kind
+NEGATIVE_GROUPS: dict[str, tuple[str, ...] | None] = {"all": None, "ordinary": ("generic", "heldout_generic"),
+                                                      "once_seen_titles": ("title",)}
 
 
 def zoo_prompts(max_negatives_per_kind: int | None = None,

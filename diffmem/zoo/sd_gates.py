@@ -24,8 +24,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.stats import binom
 
-from diffmem.eval.similarity import ssim_pairs
+from diffmem.eval.similarity import pairwise_ssim
 from diffmem.models.model import DiffusionModel
 from diffmem.zoo.attributes import AttributeReader
 from diffmem.zoo.labels import LabelConfig, generate
@@ -40,18 +41,6 @@ def gate(value: float | None, op: str, bound: float) -> dict:
     nothing measured, ``value`` None, fails)."""
     passed = value is not None and bool(_OPS[op](value, bound))
     return {"value": None if value is None else round(float(value), 4), "target": f"{op} {bound}", "pass": passed}
-
-
-def pairwise_ssim(images: torch.Tensor, k: int) -> np.ndarray:
-    """Per caption, the mean SSIM over all ``k (k - 1) / 2`` pairs of its ``k`` generations; ``images`` holds
-    ``k`` images per caption, caption after caption (``(n k, 3, H, W)`` in [0, 1])."""
-    if k < 2 or len(images) % k:
-        raise ValueError(f"pairwise SSIM needs k >= 2 images per caption and a multiple of k, got {len(images)}, k={k}")
-    n = len(images) // k
-    ii, jj = np.triu_indices(k, 1)
-    a = torch.cat([images[c * k + torch.as_tensor(ii)] for c in range(n)])
-    b = torch.cat([images[c * k + torch.as_tensor(jj)] for c in range(n)])
-    return ssim_pairs(a, b).view(n, len(ii)).mean(1).double().numpy()
 
 
 def mean_pairwise_ssim(images: torch.Tensor) -> float:
@@ -101,14 +90,10 @@ def null_exceedance(count: int, n: int, null_rate: float, bound: float) -> dict:
     if not 0 <= count <= n or n == 0 or not 0 <= null_rate <= 1:
         raise ValueError(f"expected 0 <= count <= n, n > 0 and a rate in [0, 1]; got {count}, {n}, {null_rate}")
     allowed = math.floor(bound * n + 1e-9)
-
-    def at_most(k: int) -> float:
-        return sum(math.comb(n, i) * null_rate**i * (1 - null_rate) ** (n - i) for i in range(k + 1))
-
     return {"count": count, "n": n, "allowed": allowed, "null_rate": round(null_rate, 6),
             "expected_under_null": round(n * null_rate, 4),
-            "p_fail_under_null": round(1 - at_most(allowed), 4),
-            "p_at_least_observed_under_null": round(1 - at_most(count - 1), 4) if count else 1.0}
+            "p_fail_under_null": round(float(binom.sf(allowed, n, null_rate)), 4),
+            "p_at_least_observed_under_null": round(float(binom.sf(count - 1, n, null_rate)), 4) if count else 1.0}
 
 
 def null_from_summary(labels: dict) -> dict[str, dict]:
