@@ -393,13 +393,20 @@ def test_a_mitigation_fitted_on_another_model_is_refused_before_loading(tmp_path
                  "--reference", str(prompts_txt), "--out", str(tmp_path / "noise"), "--quiet"]) == 0
     mitigation = str(tmp_path / "noise" / "mitigation.json")
     capsys.readouterr()
+    from PIL import Image
+
+    train = tmp_path / "train"
+    train.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(train / f"{i}.png")
     with monkeypatch.context() as m:
         m.setattr(loader, "load_model", lambda *a, **k: pytest.fail("refused before the model loads"))
-        for argv in (["scan", "--detector", "noise-norm", "--draws", "1"], ["sample", "--steps", "2"]):
+        for argv in (["scan", "--detector", "noise-norm", "--draws", "1"], ["sample", "--steps", "2"],
+                     ["extract", "--attack", "one-step-whitebox", "--train-index", str(train)]):
             assert main([*argv, "--model", str(tiny_sd_v_folder), "--prompts", str(prompts_txt), "--mitigation",
                          mitigation, "--out", str(tmp_path / argv[0])]) == 2
             _one_line_error(capsys, "was fitted on the model of fingerprint", "--accept-mitigation-mismatch")
-    assert not (tmp_path / "scan").exists() and not (tmp_path / "sample").exists()
+    assert not any((tmp_path / c).exists() for c in ("scan", "sample", "extract"))
     assert main(["scan", "--detector", "noise-norm", "--draws", "1", "--model", str(tiny_sd_v_folder), "--prompts",
                  str(prompts_txt), "--mitigation", mitigation, "--accept-mitigation-mismatch", "--quiet",
                  "--out", str(tmp_path / "scan")]) == 0

@@ -299,3 +299,20 @@ def test_verdict_labels_on_a_smoke_zoo_are_the_binomial_and_bh_decision(zoo, tmp
     assert sum(b["n"] for b in summary["by_replication_band"].values()) == len(labels)
     again, _ = label_zoo_by_verdicts(model, rows, index, tmp_path / "v", cfg, progress=False)
     assert again == labels
+
+
+def test_the_ordinary_caption_gate_fails_only_beyond_the_labellers_null():
+    """147 ordinary captions at the labeller's 1% null: 4 flagged passes (P(>= 4) = 0.061), 5 fails (0.0166); a
+    model that only generalises fails it with probability P(Binomial(147, 0.01) >= 5) <= 5%, not 43%."""
+    from scipy.stats import binom
+
+    from diffmem.zoo.sd_gates import null_aware_gate
+
+    four, five = null_aware_gate(4, 147, 0.01), null_aware_gate(5, 147, 0.01)
+    assert four["pass"] and four["p_at_least_observed_under_null"] == pytest.approx(binom.sf(3, 147, 0.01), abs=1e-4)
+    assert not five["pass"] and five["p_at_least_observed_under_null"] == pytest.approx(0.0166, abs=1e-4)
+    assert four["allowed"] == 4 and binom.sf(4, 147, 0.01) <= 0.05
+    rows = [{"kind": "generic", "memorized": i < 2, "replication": 1} for i in range(147)]
+    gates = sd_gates(rows, np.array([0.3]), np.array([0.95]), {"all": 0.9}, null_rate=0.01)
+    assert gates["ordinary_captions"]["pass"] and gates["ordinary_captions"]["count"] == 2  # build 9's 2 of 147
+    assert not sd_gates(rows, np.array([0.3]), np.array([0.95]), {"all": 0.9})["ordinary_captions"]["pass"]

@@ -37,9 +37,9 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
                    help="output folder; rerun the same command to resume (default: runs/extract)")
     add_force(p)
     p.add_argument("--limit", type=positive_int, default=None, help="attack only the first N prompts (default: all)")
-    p.add_argument("--mitigation", default=None, metavar="FILE",
-                   help="mitigation.json of an inference-time `diffmem mitigate`: attack the mitigated model "
-                        "(default: none)")
+    from diffmem.cli.scan_commands import add_mitigation_args
+
+    add_mitigation_args(p, "attack the mitigated model")
     p.add_argument("--batch-size", type=positive_int, default=32, help="prompts per chunk (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' generations (default: 0)")
     p.add_argument("--option", action="append", default=None, metavar="ATTACK.KEY=VALUE",
@@ -49,7 +49,7 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
 def run_extract_command(args: argparse.Namespace) -> None:
     from diffmem.attacks import make_attack
     from diffmem.cli.options import parse_scoped_options, resolve_device
-    from diffmem.cli.scan_commands import first_n, with_mitigation
+    from diffmem.cli.scan_commands import first_n, prepare_mitigation, with_mitigation
     from diffmem.extract import (
         NULL_FOLDER,
         REPLICATION,
@@ -91,11 +91,9 @@ def run_extract_command(args: argparse.Namespace) -> None:
         raise DiffmemError(str(exc)) from exc
     if null_prompts is not None:
         _check_null_size(null_prompts, next(a for a in attacks if a.name == REPLICATION).generations, args.null_level)
-    mitigation = None
-    if args.mitigation:
-        from diffmem.mitigators.base import load_mitigation
+    from diffmem.models.loader import model_fingerprint
 
-        mitigation = load_mitigation(args.mitigation)
+    mitigation = prepare_mitigation(args, model_fingerprint(args.model, args.config))  # refused before loading
     if not args.train_index and zoo is None:
         raise DiffmemError(f"--model {args.model}: not a zoo, so there are no training images to match generations "
                            "against; pass --train-index FOLDER (the training images)")
@@ -103,7 +101,7 @@ def run_extract_command(args: argparse.Namespace) -> None:
              else zoo_training_index(args.matcher, args.threshold, zoo=zoo))
     model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
     if mitigation is not None:
-        model = with_mitigation(model, mitigation)
+        model = with_mitigation(model, mitigation, accept_mismatch=args.accept_mitigation_mismatch)
     claim_output_dir(args.out, "extract", EXTRACT_WRITES)
     settings = ExtractSettings(seed=args.seed, batch_size=args.batch_size, matcher=args.matcher,
                                threshold=index.threshold)

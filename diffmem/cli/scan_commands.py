@@ -287,8 +287,6 @@ def run_scan_command(args: argparse.Namespace) -> None:
     names = [d.name for d in prepared["detectors"]]
     cal = load_calibration(args.calibration, names) if args.calibration else None
     fpr = args.fpr if args.fpr is not None else 0.01
-    if cal is not None:
-        check_attainable(cal, names, fpr)  # before any prompt is scanned
     warned: set[str] = set()
 
     def check(prov: dict, detector_names: list[str]) -> None:
@@ -307,6 +305,8 @@ def run_scan_command(args: argparse.Namespace) -> None:
 
     # the model and scan settings before the weights load (the detectors' bound settings after)
     check({"model": {"fingerprint": prepared["fingerprint"]}, "settings": vars(prepared["settings"])}, [])
+    if cal is not None:
+        check_attainable(cal, names, fpr)  # before any prompt is scanned
     path, names = _scan(args, prepared, lambda prov: check(prov, names))
     if path is None:
         return

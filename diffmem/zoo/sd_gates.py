@@ -6,7 +6,9 @@ What a user of Stable Diffusion sees, measured on the trained zoo:
   (signature, duplicated >= 16x) caption's repeat (>= 0.9) (:func:`caption_diversity`);
 - **memorization only by duplication**: the memorized fraction (extraction labels,
   :func:`~diffmem.zoo.sd_labels.label_sd_zoo`) rises with the replication rate, >= 90% at 16x and 64x, <= 10% at
-  1x; never-trained look-alike titles <= 5%; ordinary captions <= 1%; template captions reproduce their
+  1x; never-trained look-alike titles <= 5%; ordinary captions no more often than the labeller's own false-flag
+  rate allows (one-sided binomial at 5%, :func:`null_aware_gate`; <= 1% without that rate); template captions
+  reproduce their
   template (>= 50%, Webster 2023's template verbatim: a target of this module, the issue names none);
 - **fidelity**: every factor an ordinary caption names read back by the SD attribute reader in >= 85% of
   generations (:func:`~diffmem.zoo.sd_attributes.fidelity`).
@@ -96,6 +98,18 @@ def null_exceedance(count: int, n: int, null_rate: float, bound: float) -> dict:
             "p_at_least_observed_under_null": round(float(binom.sf(count - 1, n, null_rate)), 4) if count else 1.0}
 
 
+def null_aware_gate(count: int, n: int, null_rate: float, alpha: float = 0.05) -> dict:
+    """The ordinary-caption gate read against the labeller's own false-flag rate: it fails only when more
+    captions are flagged than chance allows, a one-sided binomial test at ``alpha``
+    (``P(Binomial(n, null_rate) >= count) < alpha``). A fixed "<= 1%" bound at the labeller's 1% null rate fails
+    a model that only generalises in about 43% of builds (147 captions); this fails it in at most ``alpha``."""
+    p = float(binom.sf(count - 1, n, null_rate)) if count else 1.0
+    allowed = next(c for c in range(n + 1) if binom.sf(c, n, null_rate) < alpha)  # P(>= c + 1) < alpha
+    return {"value": round(count / n, 4), "target": f"not above the labeller's null: one-sided binomial at {alpha:g}",
+            "pass": p >= alpha, "count": count, "n": n, "allowed": allowed, "null_rate": round(null_rate, 6),
+            "p_at_least_observed_under_null": round(p, 4)}
+
+
 def null_from_summary(labels: dict) -> dict[str, dict]:
     """Each upper-bound gate's ``null`` (:func:`null_exceedance`) recomputed from a gates file's label summary
     (``labels`` of ``benchmarks/zoo_gates.py``: ``by_kind``, ``signature_by_replication`` and the labeller's
@@ -154,6 +168,10 @@ def sd_gates(rows: list[dict], ordinary_ssim: np.ndarray, memorized_ssim: np.nda
             count, n = _count(rows, **match)
             if n:
                 gates[name]["null"] = null_exceedance(count, n, null_rate, bound)
+        count, n = _count(rows, kind="generic")
+        if n:  # nothing memorized beyond chance flags, as a test rather than a bound at the null rate itself
+            gates["ordinary_captions"] = {**null_aware_gate(count, n, null_rate),
+                                          "null": gates["ordinary_captions"]["null"]}
     return gates
 
 
