@@ -342,7 +342,7 @@ def test_image_space_detectors_scan_the_zoos_own_training_images(tmp_path, monke
     On a tiny SD-like zoo (built and labelled here in seconds), the benchmark's stored scores are the ones the
     library's scan gives for the same prompts against that zoo's own training images."""
     import pyarrow.parquet as pq
-    from tiny_sd_zoo import SMOKE
+    from tiny_sd_zoo import SMOKE, label_in_place
 
     from diffmem.cli.main import main
     from diffmem.detectors import make_detector
@@ -352,7 +352,7 @@ def test_image_space_detectors_scan_the_zoos_own_training_images(tmp_path, monke
     from diffmem.zoo.build import build_zoo
 
     zoo = build_zoo(tmp_path / "zoo", SMOKE, tmp_path / "build")
-    assert main(["zoo", "label", "--zoo", str(zoo), "--seeds", "1", "--steps", "2", "--quiet"]) in (0, None)
+    label_in_place(main, zoo, "--seeds", "1", "--steps", "2", "--quiet")
     work = tmp_path / "work"
     monkeypatch.setattr(sys, "argv", [
         "detection.py", "--model", str(zoo / "pipeline"), "--labels", str(zoo / "labels.jsonl"), "--only", "image-",

@@ -20,3 +20,16 @@ SMOKE = dataclasses.replace(
     sd_zoo_config(corpus=TINY_SD, vae_steps=2, vae_batch=4, unet_steps=4, unet_batch=8, checkpoint_every=2,
                   warmup_steps=2, unet_lr_decay_steps=2, reader_steps=2, reader_batch=8, deepssim_steps=2),
     arch=TINY_ARCH)
+
+
+def label_in_place(main, zoo, *options: str) -> None:
+    """`diffmem zoo label` into a new folder beside a test's own zoo, then its two files copied into the zoo, as
+    a maintainer refreshes a zoo's labels (the command itself never writes into the zoo)."""
+    import shutil
+
+    out = zoo.parent / f"{zoo.name}-labels"
+    if out.exists():
+        shutil.rmtree(out)
+    assert main(["zoo", "label", "--zoo", str(zoo), "--out", str(out), *options]) in (0, None)
+    for name in ("labels.jsonl", "zoo.json"):
+        shutil.copyfile(out / name, zoo / name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from diffmem.cli.options import add_force, add_model_args, handled_by, lazy_reexports, non_negative_int, positive_int
 
@@ -36,17 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    import numpy as np
-    import torch
-
+    """The demo: the zoo's memorization table, a grid of generations beside their nearest training images,
+    then (unless ``--no-report``) a scan of zoo captions with its detection figures and the HTML report."""
     from diffmem.cli.options import resolve_device
     from diffmem.cli.zoo_commands import format_summary
-    from diffmem.eval.matching import SSIMMatcher
-    from diffmem.images import image_grid, stack, titled
-    from diffmem.io import atomic_write_text
     from diffmem.models.loader import load_model
-    from diffmem.outputs import check_output_dir, claim_output_dir, make_shareable
-    from diffmem.zoo.load import load_corpus, load_labels, zoo_folder_of, zoo_training_set
+    from diffmem.outputs import check_output_dir, claim_output_dir
+    from diffmem.zoo.load import load_corpus, zoo_folder_of
     from diffmem.zoo.paths import zoo_dir
 
     started = time.time()
@@ -56,20 +53,42 @@ def run_demo(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=device, dtype=args.dtype, config=args.config)
     folder = zoo_folder_of(model) or zoo_dir()  # the zoo's captions and training images
     record = json.loads((folder / "zoo.json").read_text())
-    items, labels = load_corpus(folder), load_labels(folder)
+    items = load_corpus(folder)
     print(f"model: {model.source} (fingerprint {model.fingerprint}, {model.describe()['dtype']} on {model.device})")
     print(f"zoo: {len(items)} captions, {sum(it.trained for it in items)} trained; "
           f"trained in {record['train_seconds'] / 60:.1f} min")
     if "labels" in record:
         print(format_summary(record["labels"]))
+    out = claim_output_dir(args.out, "demo", writes)
+    _memorization_grid(args, model, folder, out, started)
+    if args.no_report:
+        return
+    scan_dir = _scan_zoo_captions(args, model, folder, out)
+    from diffmem.report import build_report
+    from diffmem.zoo.gallery import ZooGallery
 
+    report = build_report([scan_dir], out / "report.html", gallery_size=6, gallery=ZooGallery(model))
+    print(f"\nHTML report: {report}")
+
+
+def _memorization_grid(args: argparse.Namespace, model, folder: Path, out: Path, started: float) -> None:
+    """Generations of memorized and generic captions beside their nearest training image: ``grid.png``, the
+    table of best SSIM per caption, and ``provenance.json``."""
+    import torch
+
+    from diffmem.eval.matching import SSIMMatcher
+    from diffmem.images import image_grid, stack, titled
+    from diffmem.io import atomic_write_text
+    from diffmem.outputs import make_shareable
+    from diffmem.zoo.load import load_labels, zoo_training_set
+
+    labels = load_labels(folder)
     memorized = sorted((r for r in labels if r["kind"] == "signature" and r["memorized"]),
                        key=lambda r: (-r["replication"], r["item_id"]))[: args.per_group]
     generic = [r for r in labels if r["kind"] == "generic"][:: max(1, len(labels) // 50)][: args.per_group]
     train = zoo_training_set(folder).reference
     matcher = SSIMMatcher().fit(train)
     groups = {"memorized (signature)": memorized, "generic": generic}
-    out = claim_output_dir(args.out, "demo", writes)
     panels, table = [], []
     for name, rows in groups.items():
         prompts = [r["caption"] for r in rows for _ in range(args.seeds)]
@@ -96,12 +115,20 @@ def run_demo(args: argparse.Namespace) -> None:
                   "seeds": list(range(args.seeds)), "rows": table, "seconds": round(time.time() - started, 1)}
     atomic_write_text(out / "provenance.json", json.dumps(provenance, indent=2))
     print(f"\ngrid: {out / 'grid.png'}  provenance: {out / 'provenance.json'}")
-    if args.no_report:
-        return
+
+
+def _scan_zoo_captions(args: argparse.Namespace, model, folder: Path, out: Path) -> Path:
+    """Scan zoo captions (memorized and not, evenly spaced) with the noise-step detectors (and nn-margin), print
+    each detector's top prompts and AUROC against the zoo's labels; returns the scan folder."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
     from diffmem.cli.scan_commands import print_summary
     from diffmem.detectors import make_detector
+    from diffmem.eval.detection import detection_metrics
+    from diffmem.eval.protocol import confirmed_or_negative
     from diffmem.jobs import prompt_hash, settings_digest
-    from diffmem.report import build_report
+    from diffmem.outputs import claim_output_dir
     from diffmem.scan import ScanSettings, run_scan
     from diffmem.zoo.prompts import zoo_prompts, zoo_reference_prompts
 
@@ -117,11 +144,6 @@ def run_demo(args: argparse.Namespace) -> None:
     scan_dir = out / f"scan-{settings_digest(scan_key)}"
     claim_output_dir(args.out, "demo", [scan_dir.name])
     scores = run_scan(model, prompts, detectors, scan_dir, ScanSettings(n_draws=args.draws))
-    import pyarrow.parquet as pq
-
-    from diffmem.eval.detection import detection_metrics
-    from diffmem.eval.protocol import confirmed_or_negative
-
     table = pq.read_table(scores)
     print_summary(table, [d.name for d in detectors if d.name in ("noise-norm", "nn-margin")], 5)
     memorized = np.array(prompts.columns["memorized"], dtype=bool)
@@ -135,7 +157,4 @@ def run_demo(args: argparse.Namespace) -> None:
         for d in detectors:
             m = detection_metrics(memorized[rows], table.column(d.name).to_numpy()[rows])
             print(f"  {d.name:<22} AUROC {m['auroc']:.3f}  TPR@1%FPR {m['tpr@0.01fpr']['strict']:.3f}")
-    from diffmem.zoo.gallery import ZooGallery
-
-    report = build_report([scan_dir], out / "report.html", gallery_size=6, gallery=ZooGallery(model))
-    print(f"\nHTML report: {report}")
+    return scan_dir
