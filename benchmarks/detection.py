@@ -288,7 +288,93 @@ def print_heldout(heldout: dict) -> None:
                   f"{best['meets_target']}")
 
 
-def main() -> None:
+def detector_results(entries, scores: dict[str, np.ndarray], y: np.ndarray, kinds: np.ndarray,
+                     families: np.ndarray, mixed: list[str], rate: np.ndarray, confident: np.ndarray, model,
+                     timing_keys: dict[str, list[str]]) -> tuple[dict, dict]:
+    """Every detector's metrics on every labelled prompt (choices not held out) and its ROC inputs."""
+    results, curves = {}, {}
+    for name, det, column, draws in entries:
+        s = scores[column]
+        m = detection_metrics(y, s)
+        m["unet_calls_per_prompt"] = det.unet_calls_per_prompt(NoiseStepEngine(model, draws))
+        m["by_kind_of_positive"] = {k: detection_metrics(y[(~y) | (kinds == k)], s[(~y) | (kinds == k)])["auroc"]
+                                    for k in sorted(set(kinds[y]))}
+        # within one caption family (zoo v1: memorized scenes vs the scenes that generalised), so a score
+        # that only tells the two families apart cannot look good here
+        m["within_family"] = {f: detection_metrics(y[families == f], s[families == f])["auroc"] for f in mixed}
+        if np.isfinite(rate).any():  # stable labels only: replicates in >= half of all seeds, or in none
+            c = confident & np.isfinite(rate)
+            m["confident"] = detection_metrics(rate[c] >= 0.5, s[c])
+        m["timing_parts"] = sorted(set(timing_keys[name]))  # keys of "timings": the scans its scores come from
+        results[name] = m
+        curves[name] = (y, s)
+    return results, curves
+
+
+def print_results(results: dict) -> None:
+    """Every detector's AUROC, TPR@1%FPR and UNet calls on every labelled prompt."""
+    print(f"{'detector':<48} {'AUROC':>7} {'TPR@1% strict/closest':>22} {'calls':>7}")
+    for k, m in results.items():
+        t = m["tpr@0.01fpr"]
+        within = " ".join(f"{f}={a:.3f}" for f, a in m["within_family"].items())
+        if "confident" in m:
+            c = m["confident"]
+            within += f"  confident: AUROC {c['auroc']:.3f} TPR@1% {c['tpr@0.01fpr']['strict']:.3f}"
+        print(f"{k:<48} {m['auroc']:7.4f} {t['strict']:10.3f}/{t['closest']:.3f} {m['unet_calls_per_prompt']:7.0f}"
+              f"  within family: {within}")
+
+
+def scan_plan(args: argparse.Namespace, model, reference: list[str]):
+    """Every scan group ``(label, detectors, draws)``, headline detectors first, each scanned into its own folder
+    (a change of one detector's settings rescans that group alone); the image detectors, those of the headline,
+    and the display name of a detector at a draw count."""
+    image_ok = bool(args.image_samples)  # without --image-index they use the scanned zoo's own training images
+    index = {"index": args.image_index} if args.image_index else {}
+    image_detectors = ([bound(make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4, **index),
+                              model)]
+                       + [bound(make_detector("nn-margin", samples=args.margin_samples, steps=10, stop_after=k,
+                                              **index), model) for k in args.margin_stop_after]
+                       if image_ok else [])
+    headline_images = [d for d in image_detectors if d.name != "nn-margin" or d.stop_after == args.margin_stop_after[0]]
+    pretty = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",
+              **{id(d): f"{d.name} (samples={d.samples}, {d.stop_after}/{d.steps} steps)" for d in image_detectors}}
+
+    def name_of(d: Detector, draws: int) -> str:
+        return pretty.get(id(d), pretty.get(d.name, f"{d.name} (draws={draws})"))
+
+    def image_label(d: Detector) -> str:  # today's label for the first step, so its scan folder is reused
+        first_step = d.name != "nn-margin" or d.stop_after == args.margin_stop_after[0]
+        return f"image-{d.name}-s{d.samples}" + ("" if first_step else f"-k{d.stop_after}")
+
+    # every scan group: (label, detectors, draws), the headline detectors first; each in its own folder, so a
+    # change of one detector's settings rescans that group alone
+    first = args.draws[0]
+    groups: list[tuple[str, list[Detector], int]] = [
+        (f"draws{first}", [make_detector("noise-norm"), make_detector("anisotropy"),
+                           make_detector("anisotropy-calibrated", reference_prompts=reference),
+                           make_detector("sharpness")], first),
+        (f"attention-entropy-draws{first}", [make_detector("attention-entropy")], first)]
+    groups += [(image_label(d), [d], 1) for d in image_detectors[1:] + image_detectors[:1]]  # nn-margin first
+    groups.append((f"trajectory-steps{args.trajectory_steps}",
+                   [make_detector("noise-norm-trajectory", steps=args.trajectory_steps, generations=4)], first))
+    groups += [(f"draws{draws}", [make_detector("noise-norm"), make_detector("anisotropy"),
+                                  make_detector("anisotropy-calibrated", reference_prompts=reference)], draws)
+               for draws in args.draws[1:]]
+    return groups, image_detectors, headline_images, name_of
+
+
+def write_scores(out: Path, curves: dict, scores: dict[str, np.ndarray], prompts, y: np.ndarray) -> None:
+    """The ROC plot beside ``out`` and every prompt's scores in ``<out stem>_scores.parquet``."""
+    plot_roc(curves, out.with_suffix(".png"), title=f"zoo: {int(y.sum())} memorized, {int((~y).sum())} not")
+    scores_path = out.with_name(f"{out.stem}_scores.parquet")
+    columns = {k: pa.array(v, pa.float64()) for k, v in scores.items()}
+    table = pa.table({"id": prompts.ids, "text": prompts.texts, **columns})
+    scores_path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, scores_path, compression="zstd", compression_level=19)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (defaults that depend on the model are filled by :func:`run_defaults`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="zoo",
                         help="model spec: zoo (the default zoo, default), zoo:collapse, zoo:sd, a folder")
@@ -333,7 +419,11 @@ def main() -> None:
                         help="positives must reproduce a training image in at least this many of their labelling "
                              "seeds; memorized captions below it are left out, not counted as negatives (default 1: "
                              "the label as written; 2 drops single-seed matches, the label's null false positives)")
-    args = run_defaults(parser.parse_args())
+    return parser
+
+
+def main() -> None:
+    args = run_defaults(build_parser().parse_args())
     work = Path(args.work)
     timings = Timings(work / "state.json")
     model = load_model(args.model)
@@ -346,38 +436,8 @@ def main() -> None:
     if args.limit:
         prompts = prompts.evenly(args.limit)
     skip_reasons: dict[str, str] = {}
-    image_ok = bool(args.image_samples)  # without --image-index they use the scanned zoo's own training images
-    index = {"index": args.image_index} if args.image_index else {}
-    image_detectors = ([bound(make_detector("nn-ratio", samples=args.image_samples, steps=10, stop_after=4, **index),
-                              model)]
-                       + [bound(make_detector("nn-margin", samples=args.margin_samples, steps=10, stop_after=k,
-                                              **index), model) for k in args.margin_stop_after]
-                       if image_ok else [])
-    headline_images = [d for d in image_detectors if d.name != "nn-margin" or d.stop_after == args.margin_stop_after[0]]
-    pretty = {"noise-norm-trajectory": f"noise-norm-trajectory (steps={args.trajectory_steps}, gens=4)",
-              **{id(d): f"{d.name} (samples={d.samples}, {d.stop_after}/{d.steps} steps)" for d in image_detectors}}
-
-    def name_of(d: Detector, draws: int) -> str:
-        return pretty.get(id(d), pretty.get(d.name, f"{d.name} (draws={draws})"))
-
-    def image_label(d: Detector) -> str:  # today's label for the first step, so its scan folder is reused
-        first_step = d.name != "nn-margin" or d.stop_after == args.margin_stop_after[0]
-        return f"image-{d.name}-s{d.samples}" + ("" if first_step else f"-k{d.stop_after}")
-
-    # every scan group: (label, detectors, draws), the headline detectors first; each in its own folder, so a
-    # change of one detector's settings rescans that group alone
+    groups, image_detectors, headline_images, name_of = scan_plan(args, model, reference)
     first = args.draws[0]
-    groups: list[tuple[str, list[Detector], int]] = [
-        (f"draws{first}", [make_detector("noise-norm"), make_detector("anisotropy"),
-                           make_detector("anisotropy-calibrated", reference_prompts=reference),
-                           make_detector("sharpness")], first),
-        (f"attention-entropy-draws{first}", [make_detector("attention-entropy")], first)]
-    groups += [(image_label(d), [d], 1) for d in image_detectors[1:] + image_detectors[:1]]  # nn-margin first
-    groups.append((f"trajectory-steps{args.trajectory_steps}",
-                   [make_detector("noise-norm-trajectory", steps=args.trajectory_steps, generations=4)], first))
-    groups += [(f"draws{draws}", [make_detector("noise-norm"), make_detector("anisotropy"),
-                                  make_detector("anisotropy-calibrated", reference_prompts=reference)], draws)
-               for draws in args.draws[1:]]
     if args.only is not None:
         groups = [g for g in groups if g[0].startswith(tuple(args.only))]
     skipped = [g[0] for g in groups if g[0].startswith(tuple(args.skip))]
@@ -437,22 +497,8 @@ def main() -> None:
         space = CombinationSpace({m: scores[members_of[m]] for m in candidates}, dict(pool.stats), cost,
                                  args.combine_max_calls, display={m: members_of[m] for m in candidates})
 
-    results, curves = {}, {}
-    for name, det, column, draws in entries:
-        s = scores[column]
-        m = detection_metrics(y, s)
-        m["unet_calls_per_prompt"] = det.unet_calls_per_prompt(NoiseStepEngine(model, draws))
-        m["by_kind_of_positive"] = {k: detection_metrics(y[(~y) | (kinds == k)], s[(~y) | (kinds == k)])["auroc"]
-                                    for k in sorted(set(kinds[y]))}
-        # within one caption family (zoo v1: memorized scenes vs the scenes that generalised), so a score
-        # that only tells the two families apart cannot look good here
-        m["within_family"] = {f: detection_metrics(y[families == f], s[families == f])["auroc"] for f in mixed}
-        if np.isfinite(rate).any():  # stable labels only: replicates in >= half of all seeds, or in none
-            c = confident & np.isfinite(rate)
-            m["confident"] = detection_metrics(rate[c] >= 0.5, s[c])
-        m["timing_parts"] = sorted(set(timing_keys[name]))  # keys of "timings": the scans its scores come from
-        results[name] = m
-        curves[name] = (y, s)
+    results, curves = detector_results(entries, scores, y, kinds, families, mixed, rate, confident, model,
+                                       timing_keys)
     held = [Entry(name, scores[column], results[name]["unet_calls_per_prompt"], uses_training_images(det.config()),
                   None if det.name == "combined" else det.name) for name, det, column, _ in entries]
     heldout = heldout_report(held, y, kinds, prompts, args, space)
@@ -460,13 +506,7 @@ def main() -> None:
         heldout["combination_candidates"] = {"members": list(space.display.values()), "stats": space.stats,
                                              "max_unet_calls": args.combine_max_calls, "timing_part": pool_key}
 
-    out = Path(args.out)
-    plot_roc(curves, out.with_suffix(".png"), title=f"zoo: {int(y.sum())} memorized, {int((~y).sum())} not")
-    scores_path = out.with_name(f"{out.stem}_scores.parquet")
-    columns = {k: pa.array(v, pa.float64()) for k, v in scores.items()}
-    table = pa.table({"id": prompts.ids, "text": prompts.texts, **columns})
-    scores_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, scores_path, compression="zstd", compression_level=19)
+    write_scores(Path(args.out), curves, scores, prompts, y)
     used = sorted({k for keys in timing_keys.values() for k in keys} | ({pool_key} if space is not None else set()))
     record = {"benchmark": "detection", "model": model.describe(), "n_pos": int(y.sum()), "n_neg": int((~y).sum()),
               "labels": args.labels,
@@ -476,22 +516,15 @@ def main() -> None:
               "positive_kinds": args.positive_kinds, "min_memorized_seeds": args.min_memorized_seeds,
               "confident_subset": {"source": args.rates, "positives": int((rate >= 0.5).sum()),
                                    "negatives": int((rate == 0).sum())} if np.isfinite(rate).any() else None,
-              "scores_file": scores_path.name, "skipped_groups": skipped, "skip_reasons": skip_reasons,
+              "scores_file": f"{Path(args.out).stem}_scores.parquet", "skipped_groups": skipped,
+              "skip_reasons": skip_reasons,
               "timings": {k: timings.summary(k) for k in used},
               "timings_note": "wall-clock seconds summed over every session of a scan (resumes included); "
                               "None: scanned before timings were recorded",
               "results_note": "results: every labelled prompt, choices not held out; heldout: dev / test protocol",
               "results": results, "heldout": heldout}
-    atomic_write_text(out, portable_json(record))
-    print(f"{'detector':<48} {'AUROC':>7} {'TPR@1% strict/closest':>22} {'calls':>7}")
-    for k, m in results.items():
-        t = m["tpr@0.01fpr"]
-        within = " ".join(f"{f}={a:.3f}" for f, a in m["within_family"].items())
-        if "confident" in m:
-            c = m["confident"]
-            within += f"  confident: AUROC {c['auroc']:.3f} TPR@1% {c['tpr@0.01fpr']['strict']:.3f}"
-        print(f"{k:<48} {m['auroc']:7.4f} {t['strict']:10.3f}/{t['closest']:.3f} {m['unet_calls_per_prompt']:7.0f}"
-              f"  within family: {within}")
+    atomic_write_text(Path(args.out), portable_json(record))
+    print_results(results)
     print_heldout(heldout)
     for k in used:
         print(f"time {k}: {timings.seconds(k)} s")
