@@ -126,7 +126,44 @@ def choose(items: list[SDItem], sizes: Sizes, exclude: frozenset[str] = frozense
     return label, ordinary, memorized
 
 
-def main() -> None:
+def gate_labels(folder: Path, model, items: list, reader, cfg: SDLabelConfig, label_items: list, from_zoo: bool):
+    """The label rows the memorization gates count: the zoo's own ``labels.jsonl`` (its config and the captions it
+    labels), or a sample labelled here with ``cfg``. Returns (rows, summary, cfg, labelled items)."""
+    if from_zoo:
+        record = json.loads((folder / "zoo.json").read_text())["labels"]
+        rows = load_labels(folder)
+        summary = {k: record.get(k) for k in ("by_kind", "signature_by_replication", "thresholds", "generic_fidelity")}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in record["label_config"].items()
+                                          if k in {f.name for f in dataclasses.fields(cfg)}})
+        labelled = {r["caption"] for r in rows}
+        return rows, summary, cfg, [it for it in items if it.caption in labelled]
+    rows, summary = label_sd_zoo(model, items, reader, zoo_training_set(folder, model), cfg, selection=label_items)
+    return rows, summary, cfg, label_items
+
+
+def diversity_and_fidelity(model, reader, ordinary: list, memorized: list, cfg: SDLabelConfig, sizes: Sizes,
+                           summary: dict):
+    """Per-caption mean pairwise SSIM of ordinary and memorized captions' generations, named-factor fidelity of
+    the ordinary ones, and (SD-like zoo) the reader's ceiling on fresh renders and fidelity per named value."""
+    div_cfg = diversity_config(cfg, sizes.diversity_seeds)
+    ordinary_ssim, ordinary_gen = caption_diversity(model, ordinary, div_cfg)
+    memorized_ssim, _ = caption_diversity(model, memorized, div_cfg)
+    reader_ceiling, by_value = None, None
+    if reader is not None:
+        fid = named_fidelity(reader, ordinary_gen, ordinary, sizes.diversity_seeds)
+        # the instrument's own ceiling: the same reader on fresh training-distribution renders of the same captions
+        renders = fresh_renders(ordinary, sizes.diversity_seeds, sizes.sample_seed)
+        reader_ceiling = named_fidelity(reader, renders, ordinary, sizes.diversity_seeds)
+        per_image = [it.named for it in ordinary for _ in range(sizes.diversity_seeds)]
+        by_value = {"generations": fidelity_by_value(reader, ordinary_gen, per_image),
+                    "training_renders": fidelity_by_value(reader, renders, per_image)}
+    else:  # the collapse zoo's labels: shape, colour and position read back in its generic captions' generations
+        fid = {"all": float(summary["generic_fidelity"]["generic"])}
+    return ordinary_ssim, memorized_ssim, fid, reader_ceiling, by_value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="zoo:sd", help="zoo:sd (default), zoo:collapse, a zoo folder or its "
                                                           "pipeline folder")
@@ -144,6 +181,11 @@ def main() -> None:
     parser.add_argument("--disjoint-from", type=int, default=None, metavar="SEED",
                         help="draw the ordinary diversity and fidelity captions from those --sample-seed SEED did "
                              "not draw: a second, disjoint check of gates a build was chosen on")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else Sizes()
     if args.sample_seed is not None:
@@ -175,33 +217,12 @@ def main() -> None:
                         null_captions=sizes.null_captions,
                         seed_offset=FRESH_LABEL_SEED_OFFSET if args.fresh_label_seeds else 0)
     t = time.time()
-    if from_zoo:
-        record = json.loads((folder / "zoo.json").read_text())["labels"]
-        rows = load_labels(folder)
-        summary = {k: record.get(k) for k in ("by_kind", "signature_by_replication", "thresholds", "generic_fidelity")}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in record["label_config"].items()
-                                          if k in {f.name for f in dataclasses.fields(cfg)}})
-        labelled = {r["caption"] for r in rows}
-        label_items = [it for it in items if it.caption in labelled]
-    else:
-        rows, summary = label_sd_zoo(model, items, reader, zoo_training_set(folder, model), cfg, selection=label_items)
+    rows, summary, cfg, label_items = gate_labels(folder, model, items, reader, cfg, label_items, from_zoo)
     seconds["labels"] = round(time.time() - t, 1)
 
     t = time.time()
-    div_cfg = diversity_config(cfg, sizes.diversity_seeds)
-    ordinary_ssim, ordinary_gen = caption_diversity(model, ordinary, div_cfg)
-    memorized_ssim, _ = caption_diversity(model, memorized, div_cfg)
-    reader_ceiling, by_value = None, None
-    if reader is not None:
-        fid = named_fidelity(reader, ordinary_gen, ordinary, sizes.diversity_seeds)
-        # the instrument's own ceiling: the same reader on fresh training-distribution renders of the same captions
-        renders = fresh_renders(ordinary, sizes.diversity_seeds, sizes.sample_seed)
-        reader_ceiling = named_fidelity(reader, renders, ordinary, sizes.diversity_seeds)
-        per_image = [it.named for it in ordinary for _ in range(sizes.diversity_seeds)]
-        by_value = {"generations": fidelity_by_value(reader, ordinary_gen, per_image),
-                    "training_renders": fidelity_by_value(reader, renders, per_image)}
-    else:  # the collapse zoo's labels: shape, colour and position read back in its generic captions' generations
-        fid = {"all": float(summary["generic_fidelity"]["generic"])}
+    ordinary_ssim, memorized_ssim, fid, reader_ceiling, by_value = diversity_and_fidelity(
+        model, reader, ordinary, memorized, cfg, sizes, summary)
     seconds["diversity_and_fidelity"] = round(time.time() - t, 1)
 
     # the SD labeller's per-caption false-positive rate (its null quantile); the collapse zoo's labels have none
