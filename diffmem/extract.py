@@ -123,9 +123,10 @@ def replication_verdicts(table: pa.Table, null_table: pa.Table, own_items: list[
 
     Returns the verdict table (one row per prompt: matching generations own/other, replication rate, p, q,
     verdict, margin, matched items, attribution) and a summary (count with its bound, nulls, null checks)."""
-    from diffmem.eval.verdicts import attribution, decide, fit_generation_null
+    from diffmem.eval.verdicts import attribution, decide, trimmed_null
 
     sim, null_sim = replication_similarities(table), replication_similarities(null_table)
+    null_texts = null_table.column("text").to_pylist()
     own_sim = replication_similarities(table, "gen_own_similarity")
     items = np.asarray(table.column(f"{REPLICATION}.gen_item").to_pylist(), dtype=object)
     by_family = families is not None and null_families is not None
@@ -135,8 +136,9 @@ def replication_verdicts(table: pa.Table, null_table: pa.Table, own_items: list[
     if missing:
         raise DiffmemError(f"no never-trained prompts of family {missing} among the null prompts; add some "
                            "or drop the family column to pool one null")
-    nulls = {f: fit_generation_null(null_sim[null_fams == f], settings.null_level, f"null prompts of family '{f}'")
-             for f in sorted(set(fams))}
+    trimmed = {f: trimmed_null(null_sim[null_fams == f], settings.null_level, settings.q,
+                               what=f"null prompts of family '{f}'") for f in sorted(set(fams))}
+    nulls = {f: t.null for f, t in trimmed.items()}
     v = decide(sim, [nulls[f] for f in fams], settings.q, settings.confidence)
     tau = np.array([nulls[f].threshold for f in fams])
     over = np.where(np.isfinite(sim), sim, -np.inf) > tau[:, None]
@@ -152,7 +154,11 @@ def replication_verdicts(table: pa.Table, null_table: pa.Table, own_items: list[
         "matched_items": matched, "attribution": attribution(matched, own_items)})
     summary = {"count": v.bound.__dict__, "sentence": v.bound.sentence(), "settings": settings.__dict__,
                "nulls": {f: n.describe() for f, n in nulls.items()},
-               "null_checks": {f: _null_checks(null_sim[null_fams == f], nulls[f], settings) for f in nulls},
+               "null_checks": {f: _null_checks(null_sim[null_fams == f][t.kept], t.null, settings)
+                               for f, t in trimmed.items()},
+               # never-trained prompts that replicate themselves: left out of the null, and worth a look
+               "null_prompts_replicating": {f: [null_texts[i] for i in np.nonzero(null_fams == f)[0][~t.kept]]
+                                            for f, t in trimmed.items()},
                "generations_per_prompt": int(np.median(v.k)) if len(v.k) else 0,
                "attribution": {a: int(sum(x == a for x, r in zip(out.column("attribution").to_pylist(),
                                                                   v.replicates) if r))

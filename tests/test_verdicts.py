@@ -121,3 +121,21 @@ def test_null_checks_see_a_prompt_level_effect():
     lumpy[:20] += 3.0  # 20 never-trained prompts close to a training image in every seed
     bad = null_overdispersion(lumpy, fit_generation_null(lumpy))
     assert bad["p_excess"] < 1e-3
+
+
+def test_a_null_trimmed_of_replicating_null_prompts_keeps_tau_at_chance():
+    """Three never-trained prompts that copy in most seeds (look-alikes) would lift tau to copy level; the
+    trimmed null leaves exactly them out and its tau is the clean null's, and it judges each of them against
+    the others (leave one out) as replicating."""
+    from diffmem.eval.verdicts import trimmed_null
+
+    rng = np.random.default_rng(2)
+    clean = rng.normal(size=(150, 16))
+    lumpy = clean.copy()
+    lumpy[:3, :12] = 5.0  # 36 copies among 2,400 null generations: above the 1% tail's 24
+    assert fit_generation_null(lumpy).threshold == 5.0  # the untrimmed null calls a copy chance
+    t = trimmed_null(lumpy)
+    assert t.kept.tolist() == [False] * 3 + [True] * 147
+    assert t.null.threshold == fit_generation_null(clean[3:]).threshold
+    assert (t.crossfit.matches[:3] == 12).all() and (t.crossfit.p_value[:3] < 1e-10).all()
+    assert trimmed_null(clean).kept.all()  # nothing to trim in a clean null

@@ -165,7 +165,8 @@ def test_null_exceedance_is_the_binomial_tail_of_the_labellers_false_positives()
     assert null_exceedance(0, 30, 0.01, 0.1)["allowed"] == 3
     rows = [{"kind": "generic", "memorized": i < 2} for i in range(147)]
     gates = sd_gates(rows, np.array([0.3]), np.array([0.95]), {"all": 0.9}, null_rate=0.01)
-    assert gates["ordinary_captions"]["value"] == 0.0136 and not gates["ordinary_captions"]["pass"]
+    # with the labeller's null rate the gate is a binomial test: 2 of 147 is what chance gives, so it passes
+    assert gates["ordinary_captions"]["value"] == 0.0136 and gates["ordinary_captions"]["pass"]
     assert gates["ordinary_captions"]["null"] == null and "null" not in gates["diversity_ordinary"]
     assert "null" not in sd_gates(rows, np.array([0.3]), np.array([0.95]), {"all": 0.9})["ordinary_captions"]
     with pytest.raises(ValueError, match="count <= n"):

@@ -10,8 +10,10 @@ caption is *memorized* when its BH q-value over all labelled captions is ``<= q`
 (:mod:`diffmem.eval.verdicts`).
 
 The null captions are labelled too (a held-out title that reproduces a training image is what the field calls
-a look-alike replication), by cross-fitting: they are split in ``folds`` by a seeded permutation and each fold
-is judged against a null fitted on the other folds only, so no caption is part of its own null.
+a look-alike replication), by cross-fitting: each is judged against a null fitted on the other never-trained
+captions of its family (leave one caption out), so no caption is part of its own null. Null captions
+that replicate are left out of their family's null (:func:`~diffmem.eval.verdicts.trimmed_null`): the null is
+what never-trained captions draw when they do *not* copy.
 
 Nothing is written into the zoo: rows and summary go to ``out_dir`` (with the resumable generation runs under
 ``out_dir/runs``).
@@ -31,9 +33,9 @@ from diffmem.eval.verdicts import (
     attribution,
     bh_q_values,
     count_bound,
-    fit_generation_null,
     null_overdispersion,
     prompt_tests,
+    trimmed_null,
 )
 from diffmem.extract import ExtractSettings, replication_similarities, run_extract
 from diffmem.models.model import DiffusionModel
@@ -62,8 +64,6 @@ class ZooVerdictConfig:
     null_level: float = 0.01
     seed: int = 0
     batch_size: int = 16
-    folds: int = 2
-    fold_seed: int = 0
 
 
 def corpus_rows(folder: str | Path) -> list[dict]:
@@ -112,9 +112,10 @@ def label_zoo_by_verdicts(model: DiffusionModel, rows: list[dict], index, out_di
     families = sorted({r["family"] for r in tested})
     k = cfg.generations
 
-    tested_sim = replication_similarities(_run(model, tested, k, index, out / "runs" / "tested", cfg, progress,
-                                               True))
+    tested_run = _run(model, tested, k, index, out / "runs" / "tested", cfg, progress, True)
+    tested_sim = replication_similarities(tested_run)
     null_sim: dict[str, np.ndarray] = {}
+    null_items: dict[str, list] = {}
     null_by_fam: dict[str, list[dict]] = {}
     for fam in families:
         members = [r for r in null_rows if r["family"] == fam]
@@ -122,37 +123,32 @@ def label_zoo_by_verdicts(model: DiffusionModel, rows: list[dict], index, out_di
             raise ValueError(f"family '{fam}' has no never-trained captions ({', '.join(NULL_KINDS)}) for a null")
         g = max(k, math.ceil(cfg.min_null_generations / len(members)))
         run = _run(model, members, g, index, out / "runs" / f"null-{fam}", cfg, progress, False)
-        null_sim[fam] = replication_similarities(run)
+        null_sim[fam], null_items[fam] = replication_similarities(run), run.column("replication.gen_item").to_pylist()
         null_by_fam[fam] = members
 
-    nulls = {f: fit_generation_null(null_sim[f], cfg.null_level, f"never-trained captions of family '{f}'")
-             for f in families}
+    # each family's null, trimmed of never-trained captions that replicate themselves; every never-trained caption
+    # is judged by cross-fitting (its first k seeds against the other kept captions of its family)
+    trimmed = {f: trimmed_null(null_sim[f], cfg.null_level, cfg.q, k, what=f"never-trained captions of family '{f}'")
+               for f in families}
+    nulls = {f: t.null for f, t in trimmed.items()}
     tests = prompt_tests(tested_sim, [nulls[r["family"]] for r in tested])
+    null_tests = [(f, i) for f in families for i in range(len(null_by_fam[f]))]
 
-    # the null captions, cross-fitted: fold j judged (first k seeds) against the other folds' generations
-    fold_rows: list[dict] = []
-    fold_sims, fold_nulls = [], []
-    for fam in families:
-        members, sim = null_by_fam[fam], null_sim[fam]
-        fold = np.random.default_rng(cfg.fold_seed).permutation(len(members)) % cfg.folds
-        for j in range(cfg.folds):
-            judged, fit = np.nonzero(fold == j)[0], np.nonzero(fold != j)[0]
-            null = fit_generation_null(sim[fit], cfg.null_level, f"cross-fit null of family '{fam}', fold {j}")
-            fold_rows += [members[i] for i in judged]
-            fold_sims.append(sim[judged, :k])
-            fold_nulls += [null] * len(judged)
-    null_tests = prompt_tests(np.concatenate(fold_sims) if fold_sims else np.zeros((0, k)), fold_nulls)
-
-    all_rows = tested + fold_rows
-    p = np.concatenate([tests.p_value, null_tests.p_value])
+    all_rows = tested + [null_by_fam[f][i] for f, i in null_tests]
+    p = np.concatenate([tests.p_value, [trimmed[f].crossfit.p_value[i] for f, i in null_tests]])
     qv = bh_q_values(p)
     bound = count_bound(p, cfg.q)
-    items = _items_over(out, tested, nulls, k)
+    tested_items = tested_run.column("replication.gen_item").to_pylist()
     labels = []
     for i, r in enumerate(all_rows):
-        t, j = (tests, i) if i < len(tested) else (null_tests, i - len(tested))
+        if i < len(tested):
+            t, j, sims, items = tests, i, tested_sim[i], tested_items[i]
+        else:
+            f, j = null_tests[i - len(tested)]
+            t, sims, items = trimmed[f].crossfit, null_sim[f][j, :k], null_items[f][j][:k]
         memorized = bool(qv[i] <= cfg.q)
-        matched = items.get(r["item_id"], []) if memorized else []
+        tau = nulls[r["family"]].threshold
+        matched = sorted({int(it) for it, sv in zip(items, sims) if sv > tau}) if memorized else []
         own = None if str(r["kind"]).startswith("heldout") else r["item_id"]
         labels.append({
             "item_id": r["item_id"], "caption": r["caption"], "kind": r["kind"], "family": r["family"],
@@ -164,22 +160,12 @@ def label_zoo_by_verdicts(model: DiffusionModel, rows: list[dict], index, out_di
     summary = summarise_verdict_labels(labels, cfg)
     summary["count"] = asdict(bound)
     summary["sentence"] = bound.sentence().replace("prompts", "captions")
-    summary["nulls"] = {f: {**n.describe(), "captions": len(null_by_fam[f]),
-                            "overdispersion": null_overdispersion(null_sim[f], n)} for f, n in nulls.items()}
+    summary["nulls"] = {f: {**t.null.describe(), "captions": len(null_by_fam[f]), "captions_kept": int(t.kept.sum()),
+                            "trimmed": [null_by_fam[f][i]["caption"] for i in np.nonzero(~t.kept)[0]],
+                            "rounds": t.iterations,
+                            "overdispersion": null_overdispersion(null_sim[f][t.kept], t.null)}
+                        for f, t in trimmed.items()}
     return labels, summary
-
-
-def _items_over(out: Path, rows: list[dict], nulls: dict, k: int) -> dict[int, list[int]]:
-    """Each tested caption's matched training items (generations over its family's threshold)."""
-    import pyarrow.parquet as pq
-
-    from diffmem.extract import EXTRACTION_FILE
-
-    table = pq.read_table(out / "runs" / "tested" / EXTRACTION_FILE)
-    sim = replication_similarities(table)
-    item = table.column("replication.gen_item").to_pylist()
-    return {r["item_id"]: sorted({int(it) for it, s in zip(item[i], sim[i]) if s > nulls[r["family"]].threshold})
-            for i, r in enumerate(rows)}
 
 
 def summarise_verdict_labels(labels: list[dict], cfg: ZooVerdictConfig) -> dict:
