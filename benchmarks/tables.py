@@ -411,7 +411,7 @@ def _dev_choice(record: dict) -> str:
 def headline_rows(records: list[dict]) -> list[str]:
     """The README's one results table: a row per measure on the default zoo, each with its results file and the
     docs section holding the command that regenerates it."""
-    detection, duplication, confirmed, extraction, bench, growth = records
+    detection, duplication, confirmed, extraction, bench, growth, verdict_labels, verdict_detection = records
     attack = extraction["attacks"]["attacks"]["generate-filter"]
     res = bench["results"]
 
@@ -420,11 +420,17 @@ def headline_rows(records: list[dict]) -> list[str]:
 
     biggest = max(growth["points"].values(), key=lambda p: p["prompts"])
     rows = [
-        ("detection, every labelled caption (dev's choice, test split)", _dev_choice(detection),
+        ("labels: verdicts at FDR 5% (16 generations a caption, null from never-trained captions)",
+         verdict_labels["summary"]["sentence"], "zoo_sd_verdict_labels.json",
+         "zoo-sd.md#labels-verdicts-at-a-stated-error-rate"),
+        ("detection against the verdict labels (dev's choice, test split)",
+         _dev_choice({"heldout": verdict_detection}), "detection_sd_verdicts.json",
+         "zoo-sd.md#labels-verdicts-at-a-stated-error-rate"),
+        ("detection against the shipped 4-seed labels (dev's choice, test split)", _dev_choice(detection),
          "detection_sd.json", "scanning.md#detection-on-the-default-zoo"),
-        ("detection, captions memorized by duplication", _dev_choice(duplication),
+        ("detection against the 4-seed labels, captions memorized by duplication", _dev_choice(duplication),
          "detection_sd_duplication.json", "scanning.md#detection-on-the-default-zoo"),
-        ("detection, captions memorized in >= 2 of 4 labelling seeds", _dev_choice(confirmed),
+        ("detection against the 4-seed labels, memorized in >= 2 of 4 seeds", _dev_choice(confirmed),
          "detection_sd_confirmed.json", "scanning.md#detection-on-the-default-zoo"),
         ("extraction: generate-and-filter", f"{attack['flagged']} captions flagged, precision "
          f"{attack['precision']:.3f}, recall {attack['recall']:.3f}", "extraction_sd.json",
@@ -458,7 +464,8 @@ CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
 # table -> (results files it reads, renderer(records, compact))
 TABLES = {
     "headline": (("detection_sd.json", "detection_sd_duplication.json", "detection_sd_confirmed.json",
-                  "extraction_sd.json", "bench_task_sd.json", "scan_growth.json"), lambda r, _: headline_rows(r)),
+                  "extraction_sd.json", "bench_task_sd.json", "scan_growth.json", "zoo_sd_verdict_labels.json",
+                  "detection_sd_verdicts.json"), lambda r, _: headline_rows(r)),
     "detection": (("detection.json",), lambda r, compact: detection_rows(r[0], compact)),
     "detection-previous": (("detection.json", PREVIOUS_DETECTION), lambda r, _: previous_detection_rows(*r)),
     "detection-heldout": (("detection.json",), lambda r, compact: heldout_rows(

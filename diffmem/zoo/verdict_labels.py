@@ -33,6 +33,7 @@ from diffmem.eval.verdicts import (
     attribution,
     bh_q_values,
     count_bound,
+    fit_generation_null,
     null_overdispersion,
     prompt_tests,
     trimmed_null,
@@ -161,6 +162,7 @@ def label_zoo_by_verdicts(model: DiffusionModel, rows: list[dict], index, out_di
     summary["count"] = asdict(bound)
     summary["sentence"] = bound.sentence().replace("prompts", "captions")
     summary["nulls"] = {f: {**t.null.describe(), "captions": len(null_by_fam[f]), "captions_kept": int(t.kept.sum()),
+                            "threshold_untrimmed": round(fit_generation_null(null_sim[f], cfg.null_level).threshold, 6),
                             "trimmed": [null_by_fam[f][i]["caption"] for i in np.nonzero(~t.kept)[0]],
                             "rounds": t.iterations,
                             "overdispersion": null_overdispersion(null_sim[f][t.kept], t.null)}
