@@ -71,7 +71,8 @@ def test_too_few_null_generations_are_refused_in_one_line(planted, tiny_sd_folde
                  "--train-index", str(planted / "train"), "--null-prompts", str(null), "--option",
                  f"replication.generations={K}", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "2 prompts x 4 generations = 8 null generations, expected at least 99" in err
+    assert "2 prompts x 4 generations leave 4 null generations once one prompt is held out, expected at least 99" in err
+    assert "at least 26 never-trained prompts" in err
     assert not (tmp_path / "o").exists()  # refused before anything was generated or written
 
 

@@ -162,8 +162,9 @@ def _check_null_size(null_prompts, generations: int, level: float) -> None:
     if not 0 < level < 1:
         raise DiffmemError(f"--null-level must be between 0 and 1 (exclusive), got {level}")
     need = math.ceil(1 / level - 1 - 1e-9)
-    have = len(null_prompts) * generations
+    have = (len(null_prompts) - 1) * generations  # each null prompt is judged against the others (trimmed_null)
     if have < need:
         raise DiffmemError(f"--null-prompts '{null_prompts.source}': {len(null_prompts)} prompts x {generations} "
-                           f"generations = {have} null generations, expected at least {need} for --null-level "
-                           f"{level:g} (add never-trained prompts, or raise --null-level)")
+                           f"generations leave {max(have, 0)} null generations once one prompt is held out, expected "
+                           f"at least {need} for --null-level {level:g} (at least {math.ceil(need / generations) + 1} "
+                           "never-trained prompts, or raise --null-level)")
