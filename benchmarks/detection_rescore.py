@@ -34,14 +34,9 @@ from diffmem.eval.protocol import (
 from diffmem.io import atomic_write_text
 from diffmem.provenance import portable_json
 from diffmem.zoo.prompts import NEGATIVE_GROUPS
+from diffmem.zoo.verdict_labels import REPLICATION_BANDS, replication_band
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def band_of(rate: float) -> str:
-    from diffmem.zoo.verdict_labels import replication_band
-
-    return replication_band(rate)
 
 
 def rescore(scores_path: Path, record_path: Path, labels_path: Path, split_seeds: list[int],
@@ -68,7 +63,7 @@ def rescore(scores_path: Path, record_path: Path, labels_path: Path, split_seeds
         split = split_captions(texts, strata_of(kinds, y.tolist()), seed, dev_fraction)
         report = evaluate_split(entries, y, kinds, split, target, None, NEGATIVE_GROUPS)
         if np.isfinite(rates).any():
-            bands = np.array([band_of(r) if np.isfinite(r) else "" for r in rates])
+            bands = np.array([replication_band(r) if np.isfinite(r) else "" for r in rates])
             test = np.zeros(len(y), dtype=bool)
             test[split.test] = True
             report["test_by_replication_band"] = {
@@ -78,8 +73,8 @@ def rescore(scores_path: Path, record_path: Path, labels_path: Path, split_seeds
     return {"benchmark": "detection_rescore", "scores_file": scores_path.name, "labels": labels_path.name,
             "n_pos": int(y.sum()), "n_neg": int((~y).sum()),
             "positives_by_kind": {k: int(sum(p and kk == k for p, kk in zip(y, kinds))) for k in sorted(set(kinds))},
-            "positives_by_band": ({b: int(sum(band_of(r) == b for r, p in zip(rates, y) if p))
-                                   for b in ("0", "(0, 0.25)", "[0.25, 0.75)", ">= 0.75")}
+            "positives_by_band": ({b: int(sum(replication_band(r) == b for r, p in zip(rates, y) if p))
+                                   for b in REPLICATION_BANDS}
                                   if np.isfinite(rates).any() else None),
             "target": target.describe(), "splits": splits,
             "over_split_seeds": over_split_seeds(splits) if len(splits) > 1 else None}

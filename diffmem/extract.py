@@ -123,7 +123,7 @@ def replication_verdicts(table: pa.Table, null_table: pa.Table, own_items: list[
 
     Returns the verdict table (one row per prompt: matching generations own/other, replication rate, p, q,
     verdict, margin, matched items, attribution) and a summary (count with its bound, nulls, null checks)."""
-    from diffmem.eval.verdicts import attribution, decide, trimmed_null
+    from diffmem.eval.verdicts import attribution, decide, matched_items, trimmed_null
 
     sim, null_sim = replication_similarities(table), replication_similarities(null_table)
     null_texts = null_table.column("text").to_pylist()
@@ -141,10 +141,8 @@ def replication_verdicts(table: pa.Table, null_table: pa.Table, own_items: list[
     nulls = {f: t.null for f, t in trimmed.items()}
     v = decide(sim, [nulls[f] for f in fams], settings.q, settings.confidence)
     tau = np.array([nulls[f].threshold for f in fams])
-    over = np.where(np.isfinite(sim), sim, -np.inf) > tau[:, None]
     own_over = np.where(np.isfinite(own_sim), own_sim, -np.inf) > tau[:, None]
-    matched = [sorted({int(x) for x, hit in zip(items[i], over[i]) if hit}) if v.replicates[i] else []
-               for i in range(len(sim))]
+    matched = [matched_items(items[i], sim[i], tau[i]) if v.replicates[i] else [] for i in range(len(sim))]
     out = pa.table({
         "id": table.column("id"), "text": table.column("text"), "family": fams,
         "generations": v.k.tolist(), "matching": v.matches.tolist(),

@@ -242,6 +242,11 @@ def trimmed_null(null_similarity: np.ndarray, level: float = DEFAULT_NULL_LEVEL,
     return TrimmedNull(fit_generation_null(sim[kept], level, what), kept, crossfit, rounds)
 
 
+def matched_items(items, similarity: np.ndarray, tau: float) -> list[int]:
+    """The training items a prompt's generations matched: those whose similarity is above ``tau``."""
+    return sorted({int(it) for it, sv in zip(items, similarity) if np.isfinite(sv) and sv > tau})
+
+
 def attribution(matched_items: list[list[int]], own_items: list[int | None]) -> list[str]:
     """Whose image a replicating prompt reproduces: ``own`` (its own training image: verbatim), ``other``
     (another caption's: template or retrieval), ``both``, ``unknown`` (own item not given) or ``none``."""

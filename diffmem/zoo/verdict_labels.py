@@ -34,12 +34,14 @@ from diffmem.eval.verdicts import (
     bh_q_values,
     count_bound,
     fit_generation_null,
+    matched_items,
     null_overdispersion,
     prompt_tests,
     trimmed_null,
 )
 from diffmem.extract import ExtractSettings, replication_similarities, run_extract
 from diffmem.models.model import DiffusionModel
+from diffmem.tasks.zoo import zoo_own_items
 
 # never-trained captions drawn like the trained ones of their family (not the template look-alikes, which
 # are built to resemble a trained template)
@@ -92,8 +94,6 @@ def _prompt_set(rows: list[dict], source: str):
 def _run(model, rows, k, index, folder: Path, cfg: ZooVerdictConfig, progress: bool, own: bool) -> pa.Table:
     import pyarrow.parquet as pq
 
-    from diffmem.tasks.zoo import zoo_own_items
-
     prompts = _prompt_set(rows, f"zoo-verdicts:{folder.name}")
     path = run_extract(model, prompts, [Replication(generations=k, steps=cfg.steps)], index, folder,
                        ExtractSettings(seed=cfg.seed, batch_size=cfg.batch_size), progress=progress,
@@ -140,6 +140,7 @@ def label_zoo_by_verdicts(model: DiffusionModel, rows: list[dict], index, out_di
     qv = bh_q_values(p)
     bound = count_bound(p, cfg.q)
     tested_items = tested_run.column("replication.gen_item").to_pylist()
+    own_items = zoo_own_items(_prompt_set(all_rows, "zoo-verdicts"))  # trained captions own their item
     labels = []
     for i, r in enumerate(all_rows):
         if i < len(tested):
@@ -148,16 +149,15 @@ def label_zoo_by_verdicts(model: DiffusionModel, rows: list[dict], index, out_di
             f, j = null_tests[i - len(tested)]
             t, sims, items = trimmed[f].crossfit, null_sim[f][j, :k], null_items[f][j][:k]
         memorized = bool(qv[i] <= cfg.q)
-        tau = nulls[r["family"]].threshold
-        matched = sorted({int(it) for it, sv in zip(items, sims) if sv > tau}) if memorized else []
-        own = None if str(r["kind"]).startswith("heldout") else r["item_id"]
+        matched = matched_items(items, sims, nulls[r["family"]].threshold) if memorized else []
         labels.append({
             "item_id": r["item_id"], "caption": r["caption"], "kind": r["kind"], "family": r["family"],
             "replication": r.get("replication"), "group": r.get("group", -1), "memorized": memorized,
             "replication_rate": round(float(t.replication_rate[j]), 4), "matching": int(t.matches[j]),
             "generations": int(t.k[j]), "p_value": float(p[i]), "q_value": float(qv[i]),
             "margin": round(float(t.margin[j]), 4), "matched_items": matched,
-            "match": attribution([matched], [own])[0], "null_role": "cross-fit" if i >= len(tested) else "tested"})
+            "match": attribution([matched], [own_items[i]])[0],
+            "null_role": "cross-fit" if i >= len(tested) else "tested"})
     summary = summarise_verdict_labels(labels, cfg)
     summary["count"] = asdict(bound)
     summary["sentence"] = bound.sentence().replace("prompts", "captions")
