@@ -1,7 +1,6 @@
 """Benchmark: the shipped detection scores judged against another labels file (no model call).
 
-    .venv/bin/python benchmarks/detection_rescore.py --labels runs/verdict-labels-sd/labels.jsonl \
-        --out benchmarks/results/detection_sd_verdicts.json
+    .venv/bin/python benchmarks/detection_rescore.py --out benchmarks/results/detection_sd_verdicts.json
 
 Reads ``--scores`` (default: ``detection_sd_scores.parquet``, every detector's score of every caption the
 detection benchmark scanned) and the UNet calls of each detector from ``--record`` (its JSON), keeps the captions
@@ -83,8 +82,10 @@ def rescore(scores_path: Path, record_path: Path, labels_path: Path, split_seeds
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scores", default=str(RESULTS / "detection_sd_scores.parquet"))
-    ap.add_argument("--record", default=str(RESULTS / "detection_sd.json"))
-    ap.add_argument("--labels", required=True)
+    ap.add_argument("--record", default=str(RESULTS / "experiments" / "detection_sd_threshold_labels.json"),
+                    help="the detection benchmark's record of the scan behind --scores (UNet calls per detector)")
+    ap.add_argument("--labels", default=str(Path(__file__).resolve().parents[1] / "diffmem" / "zoo" / "checkpoint_sd"
+                                            / "labels.jsonl"), help="labels file (default: the default zoo's)")
     ap.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()

@@ -408,10 +408,31 @@ def _dev_choice(record: dict) -> str:
     return f"{label(chosen)}: AUROC {test['auroc']:.3f}, TPR@1%FPR {test['tpr@0.01fpr']['strict']:.3f}"
 
 
+def band_rows(record: dict) -> list[str]:
+    """Detection per replication-rate band of the positives (``detection_rescore.py`` on verdict labels): each
+    detector's test AUROC and strict TPR@1%FPR against every test negative, per split seed, with the band's test
+    positives; a band with no test positive reads ``-``."""
+    bands = [b for b, n in (record.get("positives_by_band") or {}).items() if n]
+    seeds = list(record["splits"])
+    head = ["| detector (SD-like zoo, test split, by replication rate) | "
+            + " | ".join(f"rate {b}: AUROC / TPR@1%FPR, split seeds {', '.join(seeds)}" for b in bands) + " |",
+            "|---|" + "---|" * len(bands)]
+    first = record["splits"][seeds[0]]
+    rows = []
+    for name in first["test_by_replication_band"]:
+        cells = [label(name)]
+        for b in bands:
+            per_seed = [record["splits"][s]["test_by_replication_band"][name].get(b) for s in seeds]
+            cells.append("; ".join("-" if m is None else f"{_auroc(m)} / {_tpr_or_dash(m).split(' / ')[0]} "
+                                   f"({m['n_pos']})" for m in per_seed))
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
 def headline_rows(records: list[dict]) -> list[str]:
     """The README's one results table: a row per measure on the default zoo, each with its results file and the
     docs section holding the command that regenerates it."""
-    detection, duplication, confirmed, extraction, bench, growth, verdict_labels, verdict_detection = records
+    verdict_labels, verdict_detection, extraction, bench, growth = records
     attack = extraction["attacks"]["attacks"]["generate-filter"]
     res = bench["results"]
 
@@ -423,15 +444,9 @@ def headline_rows(records: list[dict]) -> list[str]:
         ("labels: verdicts at FDR 5% (16 generations a caption, null from never-trained captions)",
          verdict_labels["summary"]["sentence"], "zoo_sd_verdict_labels.json",
          "zoo-sd.md#labels-verdicts-at-a-stated-error-rate"),
-        ("detection against the verdict labels (dev's choice, test split)",
+        ("detection against the labels (dev's choice, test split)",
          _dev_choice({"heldout": verdict_detection}), "detection_sd_verdicts.json",
-         "zoo-sd.md#labels-verdicts-at-a-stated-error-rate"),
-        ("detection against the shipped 4-seed labels (dev's choice, test split)", _dev_choice(detection),
-         "detection_sd.json", "scanning.md#detection-on-the-default-zoo"),
-        ("detection against the 4-seed labels, captions memorized by duplication", _dev_choice(duplication),
-         "detection_sd_duplication.json", "scanning.md#detection-on-the-default-zoo"),
-        ("detection against the 4-seed labels, memorized in >= 2 of 4 seeds", _dev_choice(confirmed),
-         "detection_sd_confirmed.json", "scanning.md#detection-on-the-default-zoo"),
+         "scanning.md#detection-on-the-default-zoo"),
         ("extraction: generate-and-filter", f"{attack['flagged']} captions flagged, precision "
          f"{attack['precision']:.3f}, recall {attack['recall']:.3f}", "extraction_sd.json",
          "extraction.md#the-attack-benchmark-on-the-default-zoo"),
@@ -449,6 +464,10 @@ def headline_rows(records: list[dict]) -> list[str]:
 
 
 PREVIOUS_DETECTION = "experiments/detection_previous_run.json"
+# detection against the SD-like zoo's earlier labels (4 seeds, any one over the renderer null's 0.99 quantile)
+SD_THRESHOLD_DETECTION = "experiments/detection_sd_threshold_labels.json"
+SD_THRESHOLD_DUPLICATION = "experiments/detection_sd_threshold_labels_duplication.json"
+SD_THRESHOLD_CONFIRMED = "experiments/detection_sd_threshold_labels_confirmed.json"
 # earlier SD-like builds (docs/zoo-sd.md); the first build's files (experiments/*_first_build.json) left the tables
 SD_BUILD4_GATES = "experiments/zoo_sd_gates_build4.json"  # build 4, shipped before build 7 (its 600-step reader)
 SD_BUILD5_GATES = "experiments/zoo_sd_gates_build5.json"  # build 5: 16-token context, cosine rate; not shipped
@@ -463,18 +482,20 @@ THROUGHPUT = ("scan_throughput_1thread.json", "scan_throughput.json")
 CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
 # table -> (results files it reads, renderer(records, compact))
 TABLES = {
-    "headline": (("detection_sd.json", "detection_sd_duplication.json", "detection_sd_confirmed.json",
-                  "extraction_sd.json", "bench_task_sd.json", "scan_growth.json", "zoo_sd_verdict_labels.json",
-                  "detection_sd_verdicts.json"), lambda r, _: headline_rows(r)),
+    "headline": (("zoo_sd_verdict_labels.json", "detection_sd_verdicts.json", "extraction_sd.json",
+                  "bench_task_sd.json", "scan_growth.json"), lambda r, _: headline_rows(r)),
     "detection": (("detection.json",), lambda r, compact: detection_rows(r[0], compact)),
     "detection-previous": (("detection.json", PREVIOUS_DETECTION), lambda r, _: previous_detection_rows(*r)),
     "detection-heldout": (("detection.json",), lambda r, compact: heldout_rows(
         r[0], compact, "detector (collapse zoo, test split)")),
-    "detection-heldout-sd": (("detection_sd.json",), lambda r, compact: heldout_rows(
-        r[0], compact, "detector (SD-like zoo, test split)")),
-    "detection-heldout-sd-duplication": (("detection_sd_duplication.json",), lambda r, compact: heldout_rows(
+    "detection-heldout-sd": (("detection_sd_verdicts.json",), lambda r, compact: heldout_rows(
+        {"heldout": r[0]}, compact, "detector (SD-like zoo, test split)")),
+    "detection-bands-sd": (("detection_sd_verdicts.json",), lambda r, _: band_rows(r[0])),
+    "detection-heldout-sd-threshold-labels": ((SD_THRESHOLD_DETECTION,), lambda r, compact: heldout_rows(
+        r[0], compact, "detector (SD-like zoo, 4-seed threshold labels, test split)")),
+    "detection-heldout-sd-duplication": ((SD_THRESHOLD_DUPLICATION,), lambda r, compact: heldout_rows(
         r[0], compact, "detector (SD-like zoo, memorized by duplication, test split)")),
-    "detection-heldout-sd-confirmed": (("detection_sd_confirmed.json",), lambda r, compact: heldout_rows(
+    "detection-heldout-sd-confirmed": ((SD_THRESHOLD_CONFIRMED,), lambda r, compact: heldout_rows(
         r[0], compact, "detector (SD-like zoo, memorized in >= 2 of 4 seeds, test split)")),
     "zoo-gates": (("zoo_sd_gates.json", SD_BUILD7_FRESH_GATES, SD_BUILD9_GATES, SD_BUILD8_GATES, SD_BUILD6_GATES,
                    SD_BUILD5_GATES, SD_BUILD4_GATES, "zoo_collapse_gates.json"),
@@ -520,9 +541,7 @@ def render(table: str, compact: bool = False, results: Path = RESULTS) -> list[s
 # page -> (header of the table's first line, table, compact) for every table a page quotes
 PAGES = {"README.md": [("| measure (default zoo", "headline", False)],
          "docs/scanning.md": [("| detector (SD-like zoo, test split)", "detection-heldout-sd", False),
-                              ("| detector (SD-like zoo, memorized by duplication", "detection-heldout-sd-duplication",
-                               False),
-                              ("| detector (SD-like zoo, memorized in", "detection-heldout-sd-confirmed", False),
+                              ("| detector (SD-like zoo, test split, by replication", "detection-bands-sd", False),
                               ("| detector (collapse zoo, test split)", "detection-heldout", False),
                               ("| detector | AUROC", "detection", False)],
          "docs/zoo-sd.md": [("| before training (`corpus_gate.py`)", "corpus-gate-current", False),
@@ -541,6 +560,11 @@ PAGES = {"README.md": [("| measure (default zoo", "headline", False)],
                                 ("| method (surrogates that draw", "bench-heldout-content", False),
                                 ("| method (NeMo surrogates", "bench-heldout-content-nemo", False)],
          "docs/history.md": [("| before training (`corpus_gate.py`)", "corpus-gate", False),
+                             ("| detector (SD-like zoo, 4-seed threshold labels", "detection-heldout-sd-threshold-labels",
+                              False),
+                             ("| detector (SD-like zoo, memorized by duplication", "detection-heldout-sd-duplication",
+                              False),
+                             ("| detector (SD-like zoo, memorized in", "detection-heldout-sd-confirmed", False),
                              ("| after training (`zoo_gates.py`)", "zoo-gates", False),
                              ("| detector (previous run)", "detection-previous", False),
                              ("| method | acts at | extraction (matching", "bench", False)]}

@@ -132,10 +132,16 @@ def gate_labels(folder: Path, model, items: list, reader, cfg: SDLabelConfig, la
     if from_zoo:
         record = json.loads((folder / "zoo.json").read_text())["labels"]
         rows = load_labels(folder)
+        labelled = {r["caption"] for r in rows}
+        if record.get("labeller") == "verdicts":
+            # a caption that only generalises is called with probability at most the BH cut on its p-value
+            summary = {k: record.get(k) for k in ("by_kind", "signature_by_replication", "thresholds")}
+            summary |= {"generic_fidelity": None, "null_rate": record["count"]["cut"], "label_config":
+                        record["label_config"], "labeller": "verdicts"}
+            return rows, summary, cfg, [it for it in items if it.caption in labelled]
         summary = {k: record.get(k) for k in ("by_kind", "signature_by_replication", "thresholds", "generic_fidelity")}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in record["label_config"].items()
                                           if k in {f.name for f in dataclasses.fields(cfg)}})
-        labelled = {r["caption"] for r in rows}
         return rows, summary, cfg, [it for it in items if it.caption in labelled]
     rows, summary = label_sd_zoo(model, items, reader, zoo_training_set(folder, model), cfg, selection=label_items)
     return rows, summary, cfg, label_items
@@ -157,8 +163,13 @@ def diversity_and_fidelity(model, reader, ordinary: list, memorized: list, cfg: 
         per_image = [it.named for it in ordinary for _ in range(sizes.diversity_seeds)]
         by_value = {"generations": fidelity_by_value(reader, ordinary_gen, per_image),
                     "training_renders": fidelity_by_value(reader, renders, per_image)}
-    else:  # the collapse zoo's labels: shape, colour and position read back in its generic captions' generations
+    elif summary.get("generic_fidelity"):  # the collapse zoo's threshold labels: their generic captions' read-back
         fid = {"all": float(summary["generic_fidelity"]["generic"])}
+    else:  # the collapse zoo's reader on the ordinary generations: shape, colour and position read back
+        from diffmem.tasks.zoo import zoo_object_fidelity
+
+        fid = {"all": zoo_object_fidelity(ordinary_gen, [it.caption for it in ordinary
+                                                         for _ in range(sizes.diversity_seeds)])}
     return ordinary_ssim, memorized_ssim, fid, reader_ceiling, by_value
 
 
@@ -225,8 +236,9 @@ def main() -> None:
         model, reader, ordinary, memorized, cfg, sizes, summary)
     seconds["diversity_and_fidelity"] = round(time.time() - t, 1)
 
-    # the SD labeller's per-caption false-positive rate (its null quantile); the collapse zoo's labels have none
-    null_rate = 1 - cfg.null_quantile if corpus == "sd" else None
+    # the labeller's per-caption false-call rate: verdicts' BH cut, the SD threshold labeller's null quantile; the
+    # collapse zoo's threshold labels have none
+    null_rate = summary.get("null_rate", 1 - cfg.null_quantile if corpus == "sd" else None)
     gates = sd_gates(rows, ordinary_ssim, memorized_ssim, fid, null_rate)
     seconds["total"] = round(time.time() - started, 1)
     result = {
@@ -242,7 +254,8 @@ def main() -> None:
         "labels": {"by_kind": summary["by_kind"], "by_family": summarise_by_family(rows),
                    "signature_by_replication": summary["signature_by_replication"],
                    "thresholds": summary["thresholds"], "label_fidelity": summary["generic_fidelity"],
-                   "label_config": dataclasses.asdict(cfg)},
+                   "labeller": summary.get("labeller", "threshold"), "null_rate": null_rate,
+                   "label_config": summary.get("label_config") or dataclasses.asdict(cfg)},
         "diversity": {"ordinary_per_caption": [round(float(v), 4) for v in ordinary_ssim],
                       "memorized_per_caption": [round(float(v), 4) for v in memorized_ssim]},
         "fidelity": {k: round(v, 4) for k, v in fid.items()},

@@ -352,7 +352,7 @@ def test_image_space_detectors_scan_the_zoos_own_training_images(tmp_path, monke
     from diffmem.zoo.build import build_zoo
 
     zoo = build_zoo(tmp_path / "zoo", SMOKE, tmp_path / "build")
-    label_in_place(main, zoo, "--seeds", "1", "--steps", "2", "--quiet")
+    label_in_place(main, zoo, "--labeller", "threshold", "--seeds", "1", "--steps", "2", "--quiet")
     work = tmp_path / "work"
     monkeypatch.setattr(sys, "argv", [
         "detection.py", "--model", str(zoo / "pipeline"), "--labels", str(zoo / "labels.jsonl"), "--only", "image-",

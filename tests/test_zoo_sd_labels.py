@@ -88,7 +88,7 @@ def test_title_selection_is_fixed_and_keeps_every_other_caption():
 
 
 def test_zoo_label_writes_one_row_per_selected_caption(zoo):
-    label_in_place(main, zoo, "--seeds", "1", "--steps", "2")
+    label_in_place(main, zoo, "--labeller", "threshold", "--seeds", "1", "--steps", "2")
     items = load_corpus(zoo)
     rows = load_labels(zoo)
     assert [r["caption"] for r in rows] == [it.caption for it in items]  # 80 once-seen titles < 1,000: all
@@ -209,7 +209,7 @@ def test_gates_script_smoke(zoo, tmp_path, monkeypatch):
     assert result["passed"] == sum(g["pass"] for g in result["gates"].values())
     assert result["corpus"] == "sd" and result["labels_source"] == "a sample labelled here"
     # the zoo's own labels instead of a sample: the memorization gates are its labels' fractions
-    label_in_place(main, zoo, "--seeds", "2", "--steps", "2")
+    label_in_place(main, zoo, "--labeller", "threshold", "--seeds", "2", "--steps", "2")
     own = _run_gates(monkeypatch, "--model", str(zoo), "--labels-from-zoo", "--out", str(tmp_path / "own.json"))
     rows = load_labels(zoo)
     generic = [r["memorized"] for r in rows if r["kind"] == "generic"]
@@ -245,7 +245,7 @@ def test_gates_script_on_the_collapse_zoo_reads_its_labels(tmp_path, monkeypatch
 
 
 def test_zoo_label_titles_flag_sets_how_many_once_seen_titles_are_labelled(zoo):
-    label_in_place(main, zoo, "--seeds", "1", "--steps", "2", "--titles", "10")
+    label_in_place(main, zoo, "--labeller", "threshold", "--seeds", "1", "--steps", "2", "--titles", "10")
     items, rows = load_corpus(zoo), load_labels(zoo)
     titles = [r for r in rows if r["kind"] == "title"]
     assert len(titles) == 10 and len(rows) == sum(it.kind != "title" for it in items) + 10
@@ -302,6 +302,37 @@ def test_verdict_labels_on_a_smoke_zoo_are_the_binomial_and_bh_decision(zoo, tmp
     assert sum(b["n"] for b in summary["by_replication_band"].values()) == len(labels)
     again, _ = label_zoo_by_verdicts(model, rows, index, tmp_path / "v", cfg, progress=False)
     assert again == labels
+    # shipped as a zoo's labels: rows in item order, each family's null threshold where readers look for it
+    from diffmem.cli.zoo_commands import format_summary
+    from diffmem.zoo.verdict_labels import labels_record
+
+    assert [r["item_id"] for r in labels] == sorted(r["item_id"] for r in labels)
+    record = labels_record(summary)
+    assert record["labeller"] == "verdicts" and record["label_config"]["generations"] == 2
+    assert {f: t["threshold"] for f, t in record["thresholds"].items()} == {
+        f: n["threshold"] for f, n in summary["nulls"].items()}
+    text = format_summary(record)
+    assert text.splitlines()[0] == summary["sentence"]
+    assert f"{'title':<20} {3:>8}  {summary['by_kind']['title']['memorized']:>9}" in text.splitlines()
+
+
+def test_more_titles_extend_a_smaller_labelling_run():
+    """Titles are generated in nested steps: a 5-title run reuses the 3-title run's folder ``tested`` (every other
+    caption and the same first 3 titles) and adds the next 2 titles in a folder of their own."""
+    from diffmem.zoo.verdict_labels import NULL_KINDS, select_rows, tested_groups
+
+    rows = [{"item_id": i, "kind": "title" if i % 2 else ("generic" if i % 3 else "heldout_generic")}
+            for i in range(40)]
+    small = tested_groups(rows, 3, (3,), seed=0)
+    large = tested_groups(rows, 5, (3,), seed=0)
+    assert [name for name, _ in small] == ["tested"] and [name for name, _ in large] == ["tested",
+                                                                                          "tested-titles-3-5"]
+    assert large[0][1] == small[0][1]
+    assert [r for r in select_rows(rows, 3, 0) if r["kind"] not in NULL_KINDS] == small[0][1]
+    every = {r["item_id"] for _, members in large for r in members}
+    assert every == {r["item_id"] for r in select_rows(rows, 5, 0) if r["kind"] not in NULL_KINDS}
+    assert len(large[1][1]) == 2 and all(r["kind"] == "title" for r in large[1][1])
+    assert sum(len(m) for _, m in large) == len(every)  # no caption generated twice
 
 
 def test_the_ordinary_caption_gate_fails_only_beyond_the_labellers_null():

@@ -15,6 +15,7 @@ from diffmem.models import load_model
 from diffmem.zoo.load import load_corpus, load_labels, zoo_training_set
 from diffmem.zoo.paths import DEFAULT_CORPUS, zoo_dir, zoo_pipeline_path
 from diffmem.zoo.sd_corpus import render_scene
+from diffmem.zoo.sd_gates import null_aware_gate
 
 # the shipped build's labels (build 7, benchmarks/results/zoo_sd_gates.json): 16x and 64x 1.0, look-alikes
 # 0.03; the bounds are the issue's targets
@@ -48,9 +49,13 @@ def test_memorization_comes_from_duplication(zoo):
     assert by_rate[64] >= GATE_64 and by_rate[16] >= GATE_16 and by_rate[1] <= 0.1, by_rate
     share = {k: float(np.mean([r["memorized"] for r in rows if r["kind"] == k]))
              for k in ("generic", "heldout_signature", "title")}
-    assert share["generic"] <= 0.01 and share["heldout_signature"] <= GATE_LOOKALIKE and share["title"] <= 0.05, share
+    assert share["heldout_signature"] <= GATE_LOOKALIKE and share["title"] <= 0.05, share
     summary = zoo["record"]["labels"]
-    assert {int(k): v["memorized"] for k, v in summary["signature_by_replication"].items()} == pytest.approx(
+    assert summary["labeller"] == "verdicts" and all(r["q_value"] <= 0.05 for r in rows if r["memorized"])
+    # ordinary captions: no more called than a caption that only generalises is (the verdicts' BH cut on p)
+    ordinary = [r["memorized"] for r in rows if r["kind"] == "generic"]
+    assert null_aware_gate(sum(ordinary), len(ordinary), summary["count"]["cut"])["pass"], share
+    assert {int(k): v["share"] for k, v in summary["signature_by_replication"].items()} == pytest.approx(
         by_rate, abs=1e-4)
 
 
@@ -58,7 +63,8 @@ def test_ordinary_captions_vary_and_duplicated_ones_repeat(zoo):
     """Regenerated now, not read from labels: 4 seeds of an ordinary caption give different pictures (mean
     pairwise SSIM well below a duplicated caption's), and the top-rate signatures come back as their image."""
     labels = zoo["labels"]
-    top = [r for r in labels if r["kind"] == "signature" and r["replication"] == 64 and r["memorized_seeds"] == 4][:3]
+    top = [r for r in labels if r["kind"] == "signature" and r["replication"] == 64
+           and r["matching"] == r["generations"]][:3]
     ordinary = [r for r in labels if r["kind"] == "generic"][::40][:3]
     seeds = 4
 

@@ -126,7 +126,6 @@ def _scan_zoo_captions(args: argparse.Namespace, model, folder: Path, out: Path)
     from diffmem.cli.scan_commands import print_summary
     from diffmem.detectors import make_detector
     from diffmem.eval.detection import detection_metrics
-    from diffmem.eval.protocol import confirmed_or_negative
     from diffmem.jobs import prompt_hash, settings_digest
     from diffmem.outputs import claim_output_dir
     from diffmem.scan import ScanSettings, run_scan
@@ -147,14 +146,9 @@ def _scan_zoo_captions(args: argparse.Namespace, model, folder: Path, out: Path)
     table = pq.read_table(scores)
     print_summary(table, [d.name for d in detectors if d.name in ("noise-norm", "nn-margin")], 5)
     memorized = np.array(prompts.columns["memorized"], dtype=bool)
-    kept = np.array(confirmed_or_negative(prompts, None, 2))
-    views = [("against the zoo's labels (benchmarks/detection.py measures every detector)", np.arange(len(prompts)))]
-    if memorized[kept].any():
-        views.append((f"positives reproduced in at least 2 of the labelling seeds ({int(memorized[kept].sum())} of "
-                       f"{int(memorized.sum())}; detection.py --min-memorized-seeds 2)", kept))
-    for title, rows in views:
-        print(f"\n{title}:")
-        for d in detectors:
-            m = detection_metrics(memorized[rows], table.column(d.name).to_numpy()[rows])
-            print(f"  {d.name:<22} AUROC {m['auroc']:.3f}  TPR@1%FPR {m['tpr@0.01fpr']['strict']:.3f}")
+    print(f"\nagainst the zoo's labels ({int(memorized.sum())} memorized of {len(prompts)}; benchmarks/detection.py "
+          "measures every detector):")
+    for d in detectors:
+        m = detection_metrics(memorized, table.column(d.name).to_numpy())
+        print(f"  {d.name:<22} AUROC {m['auroc']:.3f}  TPR@1%FPR {m['tpr@0.01fpr']['strict']:.3f}")
     return scan_dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffmem.cli.options import (
@@ -12,6 +13,7 @@ from diffmem.cli.options import (
     add_force,
     handled_by,
     non_negative_int,
+    open_unit_float,
     positive_float,
     positive_int,
 )
@@ -19,7 +21,8 @@ from diffmem.errors import DiffmemError
 from diffmem.zoo.schedule import SCHEDULES
 
 ZOO_WRITES = ("pipeline", "attribute_reader", "deepssim", "zoo.json", "manifest.jsonl", "labels.jsonl", "corpus")
-LABEL_WRITES = ("labels.jsonl", "zoo.json")  # what `zoo label` writes into its --out
+LABEL_WRITES = ("labels.jsonl", "zoo.json", "runs")  # what `zoo label` writes into its --out (runs: generations)
+LABELLERS = ("verdicts", "threshold")
 CHECK_CORPUS_SIGNATURE = '"benchmark": "zoo-check-corpus"'  # the first line of the JSON: an --out file we wrote
 
 
@@ -50,7 +53,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="folder for labels.jsonl and zoo.json (the zoo's record with the new summary); never the "
                             "zoo itself (default: runs/zoo-label)")
     add_force(label)
-    label.add_argument("--seeds", type=positive_int, default=4, help="generations per caption (default: 4)")
+    label.add_argument("--labeller", choices=LABELLERS, default="verdicts",
+                       help="verdicts: --generations per caption, a binomial test of its matching generations against "
+                            "the model's own generations of never-trained captions of its family, Benjamini-Hochberg "
+                            "at --fdr (docs/zoo-sd.md); threshold: the earlier rule, memorized when any of --seeds "
+                            "generations passes the family's 0.99 renderer-null quantile (default: verdicts)")
+    label.add_argument("--generations", type=positive_int, default=16,
+                       help="verdicts: generations per caption (default: 16); rerun to resume from OUT/runs")
+    label.add_argument("--fdr", type=open_unit_float, default=0.05, help="verdicts: false-discovery rate (default: 0.05)")
+    label.add_argument("--null-level", type=open_unit_float, default=0.01,
+                       help="verdicts: per-generation tail level of each family's match threshold (default: 0.01)")
+    label.add_argument("--seeds", type=positive_int, default=4,
+                       help="threshold labeller: generations per caption (default: 4)")
     label.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default: 25)")
     label.add_argument("--titles", type=positive_int, default=1000,
                        help="SD-like zoo: once-seen titles labelled, a fixed random sample (default: 1000)")
@@ -121,39 +135,65 @@ def run_build(args: argparse.Namespace) -> None:
     print(f"zoo written to {out}")
     if args.no_label:
         return
-    rows, summary = label_folder(out)
-    claim_output_dir(out, "zoo-build", LABEL_WRITES)
+    claim_output_dir(out, "zoo-build", ("labels.jsonl", "zoo.json"))
+    # the labelling's generations go beside the training checkpoints, not into the zoo
+    rows, summary = label_folder(out, work=Path(args.work_dir or default_work_dir(args.out)) / "labels")
     write_labels(out, out, rows, summary)
 
 
-def label_folder(folder: Path, seeds: int = 4, steps: int = 25, cache_dir: str | Path | None = None,
-                 titles: int = 1000) -> tuple[list[dict], dict]:
-    """The ground-truth label rows and summary of a zoo folder of either corpus (the one its ``zoo.json`` names):
-    the collapse zoo's every caption (:func:`~diffmem.zoo.labels.label_zoo`), the SD-like zoo's every caption but
-    once-seen titles, of which a fixed random ``titles`` (:func:`~diffmem.zoo.sd_labels.label_sd_zoo`). Writes
-    nothing: :func:`write_labels` puts them where the command may write."""
+@dataclass(frozen=True)
+class LabelRequest:
+    """How ``zoo label`` / ``zoo build`` label a zoo (see the ``zoo label`` options)."""
+
+    labeller: str = "verdicts"
+    generations: int = 16
+    fdr: float = 0.05
+    null_level: float = 0.01
+    seeds: int = 4
+    steps: int = 25
+    titles: int = 1000
+
+
+def label_folder(folder: Path, request: LabelRequest = LabelRequest(), work: str | Path | None = None,
+                 cache_dir: str | Path | None = None) -> tuple[list[dict], dict]:
+    """The ground-truth label rows and summary of a zoo folder of either corpus (the one its ``zoo.json`` names).
+
+    ``verdicts`` (default): :func:`~diffmem.zoo.verdict_labels.label_zoo_by_verdicts`, the labeller of
+    ``diffmem extract --null-prompts``, with its resumable generations under ``work``. ``threshold``: the earlier
+    per-seed rule, the collapse zoo's every caption (:func:`~diffmem.zoo.labels.label_zoo`), the SD-like zoo's
+    (:func:`~diffmem.zoo.sd_labels.label_sd_zoo`). Once-seen titles (SD-like zoo): a fixed random ``titles``.
+    Writes nothing else: :func:`write_labels` puts rows and summary where the command may write."""
     from diffmem.models.loader import load_model
     from diffmem.zoo.load import load_corpus, zoo_corpus_name, zoo_training_set
 
     started = time.time()
     folder = Path(folder)
-    items = load_corpus(folder)
     model = load_model(folder / "pipeline")
-    training_set = zoo_training_set(folder, model)
-    if zoo_corpus_name(folder) == "sd":
+    if request.labeller == "verdicts":
+        from diffmem.tasks.zoo import zoo_training_index
+        from diffmem.zoo.verdict_labels import ZooVerdictConfig, corpus_rows, label_zoo_by_verdicts, labels_record
+
+        cfg = ZooVerdictConfig(generations=request.generations, steps=request.steps, titles=request.titles,
+                               q=request.fdr, null_level=request.null_level)
+        zoo_training_set(folder, model)  # the VAE round trip of the training images, through this model
+        rows, summary = label_zoo_by_verdicts(model, corpus_rows(folder), zoo_training_index(zoo=folder),
+                                              Path(work if work is not None else folder / "runs"), cfg)
+        summary = labels_record(summary)
+    elif zoo_corpus_name(folder) == "sd":
         from diffmem.zoo.sd_attributes import SDAttributeReader
         from diffmem.zoo.sd_labels import SDLabelConfig, label_sd_zoo
 
-        rows, summary = label_sd_zoo(model, items, SDAttributeReader.load(folder / "attribute_reader"), training_set,
-                                     SDLabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps, titles=titles),
-                                     cache_dir=cache_dir)
+        rows, summary = label_sd_zoo(model, load_corpus(folder), SDAttributeReader.load(folder / "attribute_reader"),
+                                     zoo_training_set(folder, model),
+                                     SDLabelConfig(seeds_per_prompt=request.seeds, num_inference_steps=request.steps,
+                                                   titles=request.titles), cache_dir=cache_dir)
     else:
         from diffmem.zoo.attributes import AttributeReader
         from diffmem.zoo.labels import LabelConfig, label_zoo
 
-        rows, summary = label_zoo(model, items, AttributeReader.load(folder / "attribute_reader"),
-                                  LabelConfig(seeds_per_prompt=seeds, num_inference_steps=steps),
-                                  training_set=training_set, cache_dir=cache_dir)
+        rows, summary = label_zoo(model, load_corpus(folder), AttributeReader.load(folder / "attribute_reader"),
+                                  LabelConfig(seeds_per_prompt=request.seeds, num_inference_steps=request.steps),
+                                  training_set=zoo_training_set(folder, model), cache_dir=cache_dir)
     summary["seconds"] = round(time.time() - started, 1)  # the labelling's own cost, beside the build's stages
     return rows, summary
 
@@ -174,6 +214,9 @@ def write_labels(dest: Path, zoo: Path, rows: list[dict], summary: dict) -> None
 
 
 def format_summary(summary: dict) -> str:
+    """The labels table of a ``zoo.json`` ``labels`` record, of either labeller."""
+    if summary.get("labeller") == "verdicts":
+        return format_verdict_summary(summary)
     lines = ["kind                 captions  memorized  nearest=own"]
     for kind, s in summary["by_kind"].items():
         lines.append(f"{kind:<20} {s['n']:>8}  {s['memorized']:>9.3f}  {s['match_own']:>11.3f}")
@@ -190,6 +233,20 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def format_verdict_summary(summary: dict) -> str:
+    """Verdict labels: the count sentence, then memorized captions per kind, signature rate and replication band."""
+    lines = [summary["sentence"], "kind                 captions  memorized"]
+    lines += [f"{kind:<20} {s['n']:>8}  {s['memorized']:>9}" for kind, s in summary["by_kind"].items()]
+    lines.append("signature duplicated N times -> memorized")
+    lines += [f"  {rate:>3}x  {s['memorized']} of {s['n']}" for rate, s in summary["signature_by_replication"].items()]
+    lines.append("replication rate (share of matching generations) -> memorized")
+    lines += [f"  {band:<13} {s['memorized']} of {s['n']}" for band, s in summary["by_replication_band"].items()]
+    lines += [f"null of family {fam}: threshold {n['threshold']:.4f}, per-generation rate {n['rate']:.4f} "
+              f"({n['n']} generations of {n['captions_kept']} never-trained captions)"
+              for fam, n in summary["nulls"].items()]
+    return "\n".join(lines)
+
+
 def run_label(args: argparse.Namespace) -> None:
     """``diffmem zoo label``: label a zoo again into a new ``--out`` folder; the zoo itself (by default the one
     shipped inside the package) is only read."""
@@ -201,8 +258,10 @@ def run_label(args: argparse.Namespace) -> None:
         raise DiffmemError(f"--zoo '{zoo}' is not a zoo folder (no zoo.json); expected a folder `diffmem zoo build` "
                            "wrote")
     check_output_dir(args.out, "zoo-label", [zoo], args.force, writes=LABEL_WRITES)
-    rows, summary = label_folder(zoo, seeds=args.seeds, steps=args.steps, titles=args.titles)
-    out = claim_output_dir(args.out, "zoo-label", LABEL_WRITES)
+    request = LabelRequest(labeller=args.labeller, generations=args.generations, fdr=args.fdr,
+                           null_level=args.null_level, seeds=args.seeds, steps=args.steps, titles=args.titles)
+    out = claim_output_dir(args.out, "zoo-label", LABEL_WRITES)  # claimed first: a killed run resumes from OUT/runs
+    rows, summary = label_folder(zoo, request, work=out / "runs")
     write_labels(out, zoo, rows, summary)
     print(f"labels written to {out / 'labels.jsonl'} and {out / 'zoo.json'} (the zoo '{zoo}' is unchanged)")
 

@@ -62,20 +62,33 @@ class ZooVerdictConfig:
     steps: int = 25  # DDIM steps of each generation, CFG 7.5: the replication attack's defaults
     min_null_generations: int = 800
     titles: int = 1000
+    title_steps: tuple[int, ...] = (300,)  # titles are generated in nested steps (see ``tested_groups``)
     title_seed: int = 0
     q: float = 0.05
     null_level: float = 0.01
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 32
 
 
 def corpus_rows(folder: str | Path) -> list[dict]:
     """A zoo's captions as label rows (item_id, caption, kind, family, replication, group), from its manifest:
-    what the labeller needs, with no earlier labels."""
+    what the labeller needs, with no earlier labels. Family: the SD-like corpus names one per caption; the
+    collapse corpus's captions are single objects or scenes (:func:`~diffmem.tasks.zoo.caption_family`), whose
+    never-trained captions (held-out ordinary captions, held-out scenes) are each family's null."""
+    from diffmem.tasks.zoo import caption_family
     from diffmem.zoo.load import load_corpus
 
     return [{"item_id": it.item_id, "caption": it.caption, "kind": it.kind, "replication": it.replication,
-             "family": getattr(it, "family", it.kind), "group": getattr(it, "group", -1)} for it in load_corpus(folder)]
+             "family": getattr(it, "family", None) or caption_family(it.caption), "group": getattr(it, "group", -1)}
+            for it in load_corpus(folder)]
+
+
+def labels_record(summary: dict) -> dict:
+    """The ``labels`` record of a zoo's ``zoo.json`` for verdict labels: the summary, the labeller's name and
+    config, and each family's null threshold under ``thresholds`` (where readers of a zoo's per-family match
+    threshold find it, e.g. :func:`~diffmem.tasks.zoo.zoo_training_index`)."""
+    return {"labeller": "verdicts", **summary, "label_config": summary["config"],
+            "thresholds": {fam: dict(null) for fam, null in summary["nulls"].items()}}
 
 
 def select_rows(rows: list[dict], titles: int, seed: int) -> list[dict]:
@@ -83,6 +96,21 @@ def select_rows(rows: list[dict], titles: int, seed: int) -> list[dict]:
     once = [r["item_id"] for r in rows if r["kind"] == "title"]
     keep = {once[i] for i in np.random.default_rng(seed).permutation(len(once))[:titles]}
     return [r for r in rows if r["kind"] != "title" or r["item_id"] in keep]
+
+
+def tested_groups(rows: list[dict], titles: int, steps: tuple[int, ...], seed: int) -> list[tuple[str, list[dict]]]:
+    """The tested (non-null) captions of a run with ``titles`` once-seen titles, cut into nested generation runs:
+    ``tested`` holds every other caption and the first ``steps[0]`` titles of the fixed permutation, and each
+    further run the titles between two steps. A run with more titles therefore extends a smaller one and
+    reuses its generations (each caption's seeds depend on the caption only, :mod:`diffmem.attacks.replication`)."""
+    bounds = sorted({s for s in steps if 0 < s < titles} | {titles})
+    first = [r for r in select_rows(rows, bounds[0], seed) if r["kind"] not in NULL_KINDS]
+    groups = [("tested", first)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        lower = {r["item_id"] for r in select_rows(rows, lo, seed) if r["kind"] == "title"}
+        extra = [r for r in select_rows(rows, hi, seed) if r["kind"] == "title" and r["item_id"] not in lower]
+        groups.append((f"tested-titles-{lo}-{hi}", extra))
+    return groups
 
 
 def _prompt_set(rows: list[dict], source: str):
@@ -107,13 +135,14 @@ def label_zoo_by_verdicts(model: DiffusionModel, rows: list[dict], index, out_di
     """Label ``rows`` (a zoo's ``labels.jsonl`` rows: item_id, caption, kind, family, replication) by verdicts
     against ``index`` (the zoo's training index). Returns (label rows, summary)."""
     out = Path(out_dir)
-    chosen = select_rows(rows, cfg.titles, cfg.title_seed)
-    tested = [r for r in chosen if r["kind"] not in NULL_KINDS]
+    groups = tested_groups(rows, cfg.titles, cfg.title_steps, cfg.title_seed)
+    tested = [r for _, members in groups for r in members]
     null_rows = [r for r in rows if r["kind"] in NULL_KINDS]
     families = sorted({r["family"] for r in tested})
     k = cfg.generations
 
-    tested_run = _run(model, tested, k, index, out / "runs" / "tested", cfg, progress, True)
+    tested_run = pa.concat_tables([_run(model, members, k, index, out / "runs" / name, cfg, progress, True)
+                                   for name, members in groups if members])
     tested_sim = replication_similarities(tested_run)
     null_sim: dict[str, np.ndarray] = {}
     null_items: dict[str, list] = {}
@@ -158,6 +187,7 @@ def label_zoo_by_verdicts(model: DiffusionModel, rows: list[dict], index, out_di
             "margin": round(float(t.margin[j]), 4), "matched_items": matched,
             "match": attribution([matched], [own_items[i]])[0],
             "null_role": "cross-fit" if i >= len(tested) else "tested"})
+    labels.sort(key=lambda r: r["item_id"])
     summary = summarise_verdict_labels(labels, cfg)
     summary["count"] = asdict(bound)
     summary["sentence"] = bound.sentence().replace("prompts", "captions")
