@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_sd_zoo import SMOKE, TINY_SD, label_in_place
+from tiny_sd_zoo import TINY_SD, copy_zoo, label_in_place
 
 from diffmem.cli.deepssim_commands import zoo_images_and_groups
 from diffmem.cli.main import main
 from diffmem.eval.matching import SSIMMatcher
 from diffmem.eval.similarity import ssim_pairs
-from diffmem.zoo.build import TrainingImages, build_zoo
+from diffmem.zoo.build import TrainingImages
 from diffmem.zoo.corpus import ZooItem
 from diffmem.zoo.labels import LabelConfig, label_generations, null_thresholds
 from diffmem.zoo.load import (
@@ -50,9 +50,9 @@ def _offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sdlabels")
-    return build_zoo(root / "zoo_sd", SMOKE, root / "work")
+def zoo(tmp_path_factory, smoke_sd_zoo) -> Path:
+    """This module's copy of the session's smoke build (its tests relabel it in place)."""
+    return copy_zoo(smoke_sd_zoo, tmp_path_factory.mktemp("sdlabels") / "zoo_sd")
 
 
 def test_load_corpus_follows_the_zoo_json_corpus(zoo, tmp_path):
