@@ -32,7 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +64,7 @@ GEN_SEED_OFFSET = {"dev": 0, "test": 10_000}  # and so do the generation seeds
 
 
 def encode_set(model, data: DomainFinetuneSet) -> FinetuneData:
+    """The fine-tuning examples as VAE latents and prompt embeddings (what :func:`finetune` trains on)."""
     captions, images = data.training_examples()
     x = to_tensor(images)
     lat = torch.cat([model.encode_images(x[i : i + 256]).cpu() for i in range(0, len(x), 256)])
@@ -76,7 +80,8 @@ def zoo_domain_loss(model, n: int, noise_seed: int) -> float:
     return float(heldout_denoising_loss(model, x, [it.caption for it in sel], noise_seed=noise_seed).mean())
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (``--smoke`` shrinks them in :func:`apply_smoke`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/memcontrol.json")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the pipeline, not the figures")
@@ -99,13 +104,41 @@ def main() -> None:
                              "base model's)")
     parser.add_argument("--budget", type=float, default=0.05, help="memorization budget of the extraction signal")
     parser.add_argument("--noise-norm-factor", type=float, default=1.25)
-    args = parser.parse_args()
+    return parser
+
+
+def apply_smoke(args: argparse.Namespace) -> argparse.Namespace:
+    """With ``--smoke``, tiny sizes that exercise every step of the pipeline in little time (figures meaningless)."""
     if args.smoke:
         args.trials, args.steps, args.batch, args.copies = 2, 3, 8, 4
         args.titles_per_family, args.train_images, args.heldout_images = 2, 2, 1
         args.generations, args.fidelity_captions = 2, 8
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
+    return args
+
+
+@dataclass
+class Setup:
+    """Everything the variants are trained and judged on, built once from the base model and the options."""
+
+    args: argparse.Namespace
+    base: Any  # the zoo model every variant starts from
+    blocks: list[str]  # the UNet's transformer blocks
+    total: int  # UNet parameters
+    data_set: DomainFinetuneSet
+    data: FinetuneData  # the fine-tuning set, encoded
+    index: torch.Tensor  # every unique fine-tuning image through the VAE (the extraction index)
+    index_owner: np.ndarray  # the fine-tuning caption of each index image
+    threshold: float  # the zoo's scene SSIM threshold: a match above it is a copy
+    independent: torch.Tensor  # SSIM of two independent images of each learnt caption (through the VAE)
+    heldout: dict  # split -> (captions, held-out images)
+    heldout_x: dict[str, torch.Tensor]  # split -> the held-out images as a tensor
+    generic: list[str]  # the collapse zoo's generic captions the fidelity is read on
+    seconds: float  # wall-clock of the setup, model load included
+
+
+def prepare(args: argparse.Namespace, t0: float) -> Setup:
+    """Load the base, build and encode the fine-tuning set, its extraction index, held-out halves and fidelity
+    captions (``t0``: when the run started, for the setup's seconds)."""
     base = load_model("zoo:collapse")
     blocks = transformer_blocks(base.unet)
     total = sum(p.numel() for p in base.unet.parameters())
@@ -124,100 +157,145 @@ def main() -> None:
     heldout_x = {s: to_tensor(heldout[s][1]) for s in SPLITS}
     collapse_labels = load_labels(zoo_dir("collapse"))
     generic = [r["caption"] for r in collapse_labels if r["kind"] == "generic"][1::9][: args.fidelity_captions]
-    setup_seconds = time.perf_counter() - t0
+    return Setup(args, base, blocks, total, data_set, data, index, index_owner, threshold, independent, heldout,
+                 heldout_x, generic, time.perf_counter() - t0)
 
-    def losses(model, split: str) -> float:
-        return float(heldout_denoising_loss(model, heldout_x[split], heldout[split][0],
-                                            noise_seed=NOISE_SEEDS[split]).mean())
 
-    def extraction(model, split: str) -> dict:
-        titles = data_set.title_indices(split)
-        owner = [j for j in titles for _ in range(args.generations)]
-        seeds = [GEN_SEED_OFFSET[split] + g for _ in titles for g in range(args.generations)]
-        gens = model.sample([data_set.titles[j] for j in owner], seeds, num_inference_steps=20).images
-        return title_extraction(gens, owner, index, index_owner.tolist(), threshold)
+def heldout_loss(setup: Setup, model, split: str) -> float:
+    """``model``'s mean held-out denoising loss on one half's held-out images, with that half's noise seed."""
+    return float(heldout_denoising_loss(model, setup.heldout_x[split], setup.heldout[split][0],
+                                        noise_seed=NOISE_SEEDS[split]).mean())
 
-    base_loss = {s: losses(base, s) for s in SPLITS}
-    base_noise_norm = noise_norm_memorization(base, [data_set.titles[j] for j in data_set.title_indices("dev")])
 
-    def evaluate_dev(model) -> dict[str, float]:
-        """What the search sees: dev titles, dev held-out images, dev seeds."""
-        loss = losses(model, "dev")
-        ext = extraction(model, "dev")
-        nn_ = noise_norm_memorization(model, [data_set.titles[j] for j in data_set.title_indices("dev")])
-        mem = ext["share"] if args.search_signal == "extraction" else nn_
-        return {"memorization": mem, "quality": relative_improvement(base_loss["dev"], loss),
-                "dev_loss": loss, "dev_extraction": ext["share"], "dev_noise_norm": nn_}
+def dev_title_captions(setup: Setup) -> list[str]:
+    """The duplicated titles of the dev half (what the search's noise-norm signal reads)."""
+    return [setup.data_set.titles[j] for j in setup.data_set.title_indices("dev")]
 
-    def report(model) -> dict:
-        """Every reported figure: test titles, test held-out images, test seeds; zoo fidelity."""
-        loss = losses(model, "test")
-        ext = extraction(model, "test")
-        gen = model.sample(generic, list(range(len(generic))), num_inference_steps=20).images
-        return {"extraction": ext["share"], "own_ssim_mean": round(float(np.mean(ext["own_ssim"])), 4),
-                "new_domain_loss": round(loss, 5),
-                "new_domain_quality_gain": round(relative_improvement(base_loss["test"], loss), 4),
-                "fidelity": zoo_object_fidelity(gen, generic)}
 
+def extraction(setup: Setup, model, split: str) -> dict:
+    """:func:`title_extraction` of one half's titles, ``--generations`` each from that half's seeds."""
+    titles = setup.data_set.title_indices(split)
+    generations = setup.args.generations
+    owner = [j for j in titles for _ in range(generations)]
+    seeds = [GEN_SEED_OFFSET[split] + g for _ in titles for g in range(generations)]
+    gens = model.sample([setup.data_set.titles[j] for j in owner], seeds, num_inference_steps=20).images
+    return title_extraction(gens, owner, setup.index, setup.index_owner.tolist(), setup.threshold)
+
+
+def evaluate_dev(setup: Setup, base_loss: dict[str, float], model) -> dict[str, float]:
+    """What the search sees: dev titles, dev held-out images, dev seeds."""
+    loss = heldout_loss(setup, model, "dev")
+    ext = extraction(setup, model, "dev")
+    nn_ = noise_norm_memorization(model, dev_title_captions(setup))
+    mem = ext["share"] if setup.args.search_signal == "extraction" else nn_
+    return {"memorization": mem, "quality": relative_improvement(base_loss["dev"], loss),
+            "dev_loss": loss, "dev_extraction": ext["share"], "dev_noise_norm": nn_}
+
+
+def report(setup: Setup, base_loss: dict[str, float], model) -> dict:
+    """Every reported figure: test titles, test held-out images, test seeds; zoo fidelity."""
+    loss = heldout_loss(setup, model, "test")
+    ext = extraction(setup, model, "test")
+    gen = model.sample(setup.generic, list(range(len(setup.generic))), num_inference_steps=20).images
+    return {"extraction": ext["share"], "own_ssim_mean": round(float(np.mean(ext["own_ssim"])), 4),
+            "new_domain_loss": round(loss, 5),
+            "new_domain_quality_gain": round(relative_improvement(base_loss["test"], loss), 4),
+            "fidelity": zoo_object_fidelity(gen, setup.generic)}
+
+
+def threshold_record(setup: Setup) -> dict:
+    """The extraction threshold, where it comes from, and how independent images of a learnt caption compare."""
+    independent = setup.independent
+    return {"ssim": setup.threshold, "source": "zoo.json labels.thresholds.scene (independent "
+            "renders of the zoo's scene captions)",
+            "new_domain_independent_ssim": {
+                "n": len(independent),
+                "p99": round(float(independent.quantile(0.99)), 4) if len(independent) else None,
+                "max": round(float(independent.max()), 4) if len(independent) else None}}
+
+
+def initial_record(setup: Setup, base_loss: dict[str, float], base_noise_norm: float) -> dict:
+    """The record before any variant is run: model, set, protocol, threshold, quality term, the new-domain check
+    (the base's loss on the new domain against its own), blocks and search settings."""
+    args, base = setup.args, setup.base
     record: dict = {
         "benchmark": "memcontrol", "model": base.describe(), "smoke": args.smoke,
-        "fine_tune_set": data_set.summary() | {"steps": args.steps, "batch": args.batch},
+        "fine_tune_set": setup.data_set.summary() | {"steps": args.steps, "batch": args.batch},
         "protocol": {"search_sees": "dev titles, dev held-out images, dev generation seeds, dev noise seed",
                      "reported": "test titles, test held-out images, test generation seeds, test noise seed; "
                                  "zoo fidelity on generic captions[1::9]",
                      "tuned_on_dev": "MemControl's block mask and learning rate",
                      "not_tuned": f"baseline learning rates (full {args.full_lr}, LoRA {args.lora_lr}), steps, rank"},
-        "extraction_threshold": {"ssim": threshold, "source": "zoo.json labels.thresholds.scene (independent "
-                                 "renders of the zoo's scene captions)",
-                                 "new_domain_independent_ssim": {
-                                     "n": len(independent),
-                                     "p99": round(float(independent.quantile(0.99)), 4) if len(independent) else None,
-                                     "max": round(float(independent.max()), 4) if len(independent) else None}},
+        "extraction_threshold": threshold_record(setup),
         "quality_term": {"name": "held-out denoising loss (epsilon MSE)", "timesteps": list(HELDOUT_TIMESTEPS),
                          "noise_seeds": NOISE_SEEDS, "gain": "(base - model) / base"},
         "new_domain_check": {"base_new_domain_loss": {s: round(v, 5) for s, v in base_loss.items()},
-                             "base_zoo_domain_loss": round(zoo_domain_loss(base, max(16, len(heldout_x["test"])),
+                             "base_zoo_domain_loss": round(zoo_domain_loss(base, max(16, len(setup.heldout_x["test"])),
                                                                            NOISE_SEEDS["test"]), 5)},
-        "blocks": blocks, "search": {"signal": args.search_signal, "lr_range": list(args.lr_range),
-                                     "base_dev_noise_norm": base_noise_norm},
-        "setup_seconds": round(setup_seconds, 1), "results": {}}
+        "blocks": setup.blocks, "search": {"signal": args.search_signal, "lr_range": list(args.lr_range),
+                                           "base_dev_noise_norm": base_noise_norm},
+        "setup_seconds": round(setup.seconds, 1), "results": {}}
     check = record["new_domain_check"]
     check["base_loss_ratio_new_over_zoo"] = round(base_loss["test"] / check["base_zoo_domain_loss"], 3)
-    out = Path(args.out)
+    return record
 
-    def save() -> None:
-        atomic_write_text(out, portable_json(record))
 
+def run_baselines(setup: Setup, base_loss: dict[str, float], record: dict, save: Callable[[], None]) -> None:
+    """The base model, full fine-tuning and LoRA on every block (fixed learning rates), each saved as it ends."""
+    args = setup.args
     start = time.perf_counter()
-    record["results"]["base"] = report(base) | {"tuned_fraction": 0.0, "seconds": round(time.perf_counter() - start, 1)}
+    record["results"]["base"] = report(setup, base_loss, setup.base) | {
+        "tuned_fraction": 0.0, "seconds": round(time.perf_counter() - start, 1)}
     save()
     for name, family, lr in [("full-finetune", "full", args.full_lr), ("lora-all-blocks", "attention", args.lora_lr)]:
         start = time.perf_counter()
-        model, n = finetune(base, data, family, blocks, lr, args.steps, args.batch, 4, 0)
+        model, n = finetune(setup.base, setup.data, family, setup.blocks, lr, args.steps, args.batch, 4, 0)
         train_s = time.perf_counter() - start
-        record["results"][name] = report(model) | {"tuned_fraction": n / total, "lr": lr,
-                                                   "train_seconds": round(train_s, 1),
-                                                   "seconds": round(time.perf_counter() - start, 1)}
+        record["results"][name] = report(setup, base_loss, model) | {"tuned_fraction": n / setup.total, "lr": lr,
+                                                                     "train_seconds": round(train_s, 1),
+                                                                     "seconds": round(time.perf_counter() - start, 1)}
         save()
         del model
+
+
+def run_search(setup: Setup, base_loss: dict[str, float], base_noise_norm: float, record: dict) -> None:
+    """MemControl's search on dev figures (budget by ``--search-signal``), its chosen trial reported on test."""
+    args = setup.args
     budget = args.budget if args.search_signal == "extraction" else args.noise_norm_factor * base_noise_norm
     trained: list = []
 
     def evaluate_and_keep(model) -> dict[str, float]:
         trained.append(model)
-        return evaluate_dev(model)
+        return evaluate_dev(setup, base_loss, model)
 
     start = time.perf_counter()
     search = MemControlSearch(family="attention", trials=args.trials, steps=args.steps, batch=args.batch,
                               lr_range=tuple(args.lr_range), memorization_budget=budget)
-    found = search.run(base, data, evaluate_and_keep)
+    found = search.run(setup.base, setup.data, evaluate_and_keep)
     search_s = time.perf_counter() - start
     chosen = found["chosen"]
-    record["results"]["memcontrol"] = report(trained[chosen["trial"]]) | {
+    record["results"]["memcontrol"] = report(setup, base_loss, trained[chosen["trial"]]) | {
         "tuned_fraction": chosen["tuned_fraction"], "lr": chosen["lr"], "blocks": chosen["blocks"],
         "trial": chosen["trial"], "search_seconds": round(search_s, 1),
         "seconds": round(time.perf_counter() - start, 1)}
     record["search"] |= {"memorization_budget": budget, "trials": found["trials"], "pareto_trials": found["pareto"]}
+
+
+def main() -> None:
+    args = apply_smoke(build_parser().parse_args())
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    setup = prepare(args, t0)
+    base_loss = {s: heldout_loss(setup, setup.base, s) for s in SPLITS}
+    base_noise_norm = noise_norm_memorization(setup.base, dev_title_captions(setup))
+    record = initial_record(setup, base_loss, base_noise_norm)
+    out = Path(args.out)
+
+    def save() -> None:
+        atomic_write_text(out, portable_json(record))
+
+    run_baselines(setup, base_loss, record, save)
+    run_search(setup, base_loss, base_noise_norm, record)
     record["total_seconds"] = round(time.perf_counter() - t0, 1)
     save()
     print(json.dumps(record["new_domain_check"] | {"results": record["results"]}, indent=1))

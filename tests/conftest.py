@@ -51,3 +51,15 @@ def tiny_sd_v_folder(tmp_path_factory, clip_tokenizer):
     path = tmp_path_factory.mktemp("tiny_sd_v") / "pipe"
     make_tiny_sd(clip_tokenizer, prediction_type="v_prediction").save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def smoke_sd_zoo(tmp_path_factory):
+    """One smoke build of the tiny SD-like zoo (``tiny_sd_zoo.SMOKE``) for the whole session: every stage, a few
+    steps each. Never changed: a test that labels or edits a zoo works on its own copy (``tiny_sd_zoo.copy_zoo``)."""
+    from tiny_sd_zoo import SMOKE
+
+    from diffmem.zoo.build import build_zoo
+
+    root = tmp_path_factory.mktemp("smoke_sd")
+    return build_zoo(root / "zoo_sd", SMOKE, root / "work")

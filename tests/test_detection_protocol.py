@@ -336,22 +336,21 @@ def test_min_memorized_seeds_keeps_negatives_and_confirmed_positives_only():
     assert confirmed_or_negative(prompts, ["signature"], 1) == [0, 1, 3, 4]
 
 
-def test_image_space_detectors_scan_the_zoos_own_training_images(tmp_path, monkeypatch):
+def test_image_space_detectors_scan_the_zoos_own_training_images(smoke_sd_zoo, tmp_path, monkeypatch):
     """The image-space groups (nn-ratio, nn-margin) are bound to the scanned zoo before their settings are
     digested: without that, their ``config()`` refused as unbound and the benchmark stopped at the first of them.
-    On a tiny SD-like zoo (built and labelled here in seconds), the benchmark's stored scores are the ones the
-    library's scan gives for the same prompts against that zoo's own training images."""
+    On a tiny SD-like zoo (the session's smoke build, copied and labelled here), the benchmark's stored scores are
+    the ones the library's scan gives for the same prompts against that zoo's own training images."""
     import pyarrow.parquet as pq
-    from tiny_sd_zoo import SMOKE, label_in_place
+    from tiny_sd_zoo import copy_zoo, label_in_place
 
     from diffmem.cli.main import main
     from diffmem.detectors import make_detector
     from diffmem.models import load_model
     from diffmem.prompts import prompts_from_list
     from diffmem.scan import ScanSettings, run_scan
-    from diffmem.zoo.build import build_zoo
 
-    zoo = build_zoo(tmp_path / "zoo", SMOKE, tmp_path / "build")
+    zoo = copy_zoo(smoke_sd_zoo, tmp_path / "zoo")
     label_in_place(main, zoo, "--labeller", "threshold", "--seeds", "1", "--steps", "2", "--quiet")
     work = tmp_path / "work"
     monkeypatch.setattr(sys, "argv", [

@@ -5,15 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from diffmem.cli.main import main
+from diffmem.detectors import make_detector
+from diffmem.detectors.engine import NoiseStepEngine
 from diffmem.errors import DiffmemError
 from diffmem.mitigators import make_mitigator
 from diffmem.mitigators.prompt_adaptation import adapt_embeddings, first_step_norms
 from diffmem.mitigators.random_tokens import insert_random_words
 from diffmem.models import load_model
+from diffmem.scan import score_chunk
 
 MEM = ["a red circle in the top left and a blue cross in the center on a gray background", "a photo of a cat"]
 ORD = ["a small green square in the center on a white background", "a dog", "a house", "a tree by a lake"]
@@ -59,18 +63,24 @@ def test_prompt_adaptation_lowers_the_noise_norm(model):
     torch.testing.assert_close(adapted[:, 0], emb[:, 0])  # start token frozen
     mit = make_mitigator("prompt-adaptation", draws=2)
     mit.fit(model, MEM, ORD)
-    assert mit.target is not None and mit.target > 0
+    # the target is the ordinary prompts' 90% quantile first-step noise norm, on the same two draws (seeds 0, 1)
+    ordinary = first_step_norms(model, model.encode_prompts(ORD), x, t, eps_u)
+    assert mit.target == pytest.approx(float(np.quantile(ordinary.numpy(), 0.9)), rel=1e-6)
 
 
 def test_subspace_pruning_writes_a_loadable_checkpoint_and_keeps_the_input(model, tiny_sd_folder, tmp_path):
     before = folder_digest(tiny_sd_folder)
     mit = make_mitigator("subspace-pruning", fraction=0.2, draws=2)
     mit.fit(model, MEM, ORD)
-    assert mit.describe_fit()["total_pruned"] > 0
+    fit = mit.describe_fit()
     out = mit.save(tmp_path / "pruned", model)
     reloaded = load_model(out)
-    ff = [m for n, m in reloaded.unet.named_modules() if n.endswith("ff.net.2")][0]
-    assert (ff.weight == 0).sum() > 0
+    layers = dict(reloaded.unet.named_modules())
+    # the saved checkpoint holds exactly the weights the fit pruned as zeros (the original has none), at most
+    # the top 20% of each output row's inputs
+    zeros = {name: int((layers[name].weight == 0).sum()) for name in fit["pruned_weights"]}
+    assert zeros == fit["pruned_weights"] and fit["total_pruned"] == sum(zeros.values()) > 0
+    assert all(n <= round(0.2 * layers[k].weight.shape[1]) * layers[k].weight.shape[0] for k, n in zeros.items())
     assert json.loads((out / "mitigation.json").read_text())["mitigator"]["fraction"] == 0.2
     assert folder_digest(tiny_sd_folder) == before
     original_ff = [m for n, m in model.unet.named_modules() if n.endswith("ff.net.2")][0]
@@ -81,7 +91,11 @@ def test_nemo_localises_value_neurons(model):
     mit = make_mitigator("nemo", draws=2, theta_step=1.0)
     mit.fit(model, MEM, ORD)
     info = mit.describe_fit()
-    assert info["signal_threshold"] > 0 and len(info["neurons_per_prompt"]) == 2
+    # the threshold is the ordinary prompts' mean + one sd of the signal (noise-norm, the fit's two draws)
+    ordinary = torch.from_numpy(score_chunk(NoiseStepEngine(model, 2, 0), [make_detector("noise-norm")], ORD)
+                                ["noise-norm"])
+    assert info["signal_threshold"] == pytest.approx(float(ordinary.mean() + ordinary.std()), rel=1e-6)
+    assert len(info["neurons_per_prompt"]) == 2
     for name, rows in info["neurons"].items():
         layer = dict(mit.patched().unet.named_modules())[name]
         assert (layer.weight[rows] == 0).all()
@@ -144,7 +158,9 @@ def test_memcontrol_search_selects_blocks_and_reports_tuned_fraction(model):
     assert blocks and all("attentions" in b for b in blocks)
     data = FinetuneData(torch.randn(6, *model.latent_shape), model.encode_prompts(MEM * 3))
     tuned, n = finetune(model, data, "bias-norm", blocks[:1], 1e-3, steps=2, batch=2, lora_rank=2, seed=0)
-    assert 0 < n < sum(p.numel() for p in model.unet.parameters())
+    # the tuned count is every bias and normalisation parameter of the block, counted here from the UNet's names
+    assert n == sum(p.numel() for name, p in model.unet.get_submodule(blocks[0]).named_parameters()
+                    if name.endswith("bias") or "norm" in name) > 0
     calls = []
 
     def evaluate(m):

@@ -7,17 +7,19 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny_sd_zoo import SMOKE, TINY_SD, label_in_place
+from tiny_sd_zoo import TINY_SD, copy_zoo, label_in_place
 
 from diffmem.cli.deepssim_commands import zoo_images_and_groups
 from diffmem.cli.main import main
 from diffmem.eval.matching import SSIMMatcher
-from diffmem.zoo.build import TrainingImages, build_zoo
+from diffmem.eval.similarity import ssim_pairs
+from diffmem.zoo.build import TrainingImages
 from diffmem.zoo.corpus import ZooItem
 from diffmem.zoo.labels import LabelConfig, label_generations, null_thresholds
 from diffmem.zoo.load import (
@@ -48,9 +50,9 @@ def _offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sdlabels")
-    return build_zoo(root / "zoo_sd", SMOKE, root / "work")
+def zoo(tmp_path_factory, smoke_sd_zoo) -> Path:
+    """This module's copy of the session's smoke build (its tests relabel it in place)."""
+    return copy_zoo(smoke_sd_zoo, tmp_path_factory.mktemp("sdlabels") / "zoo_sd")
 
 
 def test_load_corpus_follows_the_zoo_json_corpus(zoo, tmp_path):
@@ -128,7 +130,12 @@ def test_labelling_rule_on_hand_made_generations():
     cfg = LabelConfig(seeds_per_prompt=2, null_captions=40)
     matcher = SSIMMatcher(cfg.candidates).fit(ts.reference)
     thresholds = null_thresholds(items, matcher, cfg, lambda x: x, SD_SCHEME)
-    assert set(thresholds) == set(SD_FAMILIES) and all(t["threshold"] < 0.99 for t in thresholds.values())
+    assert set(thresholds) == set(SD_FAMILIES)
+    for fam, t in thresholds.items():  # up to 40 trained captions per family, best of 2 fresh renders each
+        trained = sum(it.trained and SD_SCHEME.family_of(it) == fam for it in items)
+        assert t["n"] == min(40, trained), fam
+        # the 99% quantile of the null lies between its median and its maximum, below a copy's SSIM of 1
+        assert t["median"] <= t["threshold"] <= t["max"] < 0.99, fam
 
     title = next(it for it in items if it.kind == "title")
     signature = next(it for it in items if it.kind == "signature" and it.replication == 64)
@@ -146,8 +153,12 @@ def test_labelling_rule_on_hand_made_generations():
 def test_pairwise_ssim_and_gate():
     x = torch.rand(1, 3, 32, 32)
     assert mean_pairwise_ssim(x.repeat(4, 1, 1, 1)) == pytest.approx(1.0)
-    per = pairwise_ssim(torch.cat([x.repeat(3, 1, 1, 1), torch.rand(3, 3, 32, 32)]), 3)
-    assert per[0] == pytest.approx(1.0) and per[1] < 0.5
+    noise = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    per = pairwise_ssim(torch.cat([x.repeat(3, 1, 1, 1), noise]), 3)
+    # the second group's value is the mean SSIM of its three pairs, each computed on its own
+    pairs = ssim_pairs(noise[[0, 0, 1]], noise[[1, 2, 2]])
+    assert per[0] == pytest.approx(1.0) and per[1] == pytest.approx(float(pairs.double().mean()), abs=1e-6)
+    assert per[1] < 0.5  # independent noise images are far from one picture
     assert gate(0.3, "<=", 0.5) == {"value": 0.3, "target": "<= 0.5", "pass": True}
     assert gate(None, ">=", 0.9)["pass"] is False
 
@@ -205,7 +216,13 @@ def test_gates_script_smoke(zoo, tmp_path, monkeypatch):
     null = result["gates"]["ordinary_captions"]["null"]
     assert null["null_rate"] == pytest.approx(0.01) and null["count"] == round(
         result["gates"]["ordinary_captions"]["value"] * null["n"])
-    assert result["smoke"] and result["sizes"]["steps"] == 2 and result["sizes"]["labelled_captions"] > 0
+    # --smoke labels 4 generic, 2 heldout-generic, 4 heldout-signature, 2 template, 2 heldout-template and 4 title
+    # captions (fewer where the corpus has fewer) and every signature
+    smoke = {"generic": 4, "heldout_generic": 2, "heldout_signature": 4, "template": 2, "heldout_template": 2,
+             "title": 4}
+    kinds = Counter(it.kind for it in load_corpus(zoo))
+    assert result["smoke"] and result["sizes"]["steps"] == 2
+    assert result["sizes"]["labelled_captions"] == sum(min(smoke.get(k, n), n) for k, n in kinds.items())
     assert result["passed"] == sum(g["pass"] for g in result["gates"].values())
     assert result["corpus"] == "sd" and result["labels_source"] == "a sample labelled here"
     # the zoo's own labels instead of a sample: the memorization gates are its labels' fractions

@@ -7,6 +7,8 @@ build made by one test module is the build the others reason about.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 from diffmem.zoo.architecture import ArchitectureConfig
 from diffmem.zoo.build import sd_zoo_config
@@ -33,3 +35,9 @@ def label_in_place(main, zoo, *options: str) -> None:
     assert main(["zoo", "label", "--zoo", str(zoo), "--out", str(out), *options]) in (0, None)
     for name in ("labels.jsonl", "zoo.json"):
         shutil.copyfile(out / name, zoo / name)
+
+
+def copy_zoo(zoo: Path, dest: Path) -> Path:
+    """A copy of a built zoo folder at ``dest`` (a test's own, to label or edit without touching the shared build)."""
+    shutil.copytree(zoo, dest)
+    return dest

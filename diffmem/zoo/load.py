@@ -8,6 +8,7 @@ the collapse zoo. Every function takes the zoo folder (default: the default zoo,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from diffmem.cache import cached_tensor, tensor_digest
 from diffmem.errors import ModelLoadError
 from diffmem.zoo.corpus import ZooItem
 from diffmem.zoo.manifest import read_jsonl
@@ -128,6 +130,30 @@ def vae_roundtrip(model, images: torch.Tensor, batch_size: int = 512) -> torch.T
                       for i in range(0, len(images), batch_size)])
 
 
+def vae_roundtrip_key(model, images: torch.Tensor, batch_size: int = 512) -> str:
+    """What :func:`vae_roundtrip` of ``images`` depends on, hashed: the model's fingerprint and its VAE's own weights
+    (an in-memory model's fingerprint does not cover its VAE), the images' exact bytes, and what can change the
+    floats' last bits (torch version, threads, device, dtype, batch size)."""
+    h = hashlib.sha256()
+    h.update(f"vae_roundtrip v1|torch {torch.__version__}|threads {torch.get_num_threads()}|device {model.device}|"
+             f"dtype {model.dtype}|batch {batch_size}|scaling {model.scaling_factor}|"
+             f"fingerprint {model.fingerprint}|vae {type(model.vae).__name__}|".encode())
+    if model.vae is not None:
+        for name, tensor in model.vae.state_dict().items():
+            h.update(name.encode())
+            tensor_digest(h, tensor)
+    tensor_digest(h, images)
+    return h.hexdigest()[:32]
+
+
+def cached_vae_roundtrip(model, images: torch.Tensor, batch_size: int = 512, root: Path | None = None) -> torch.Tensor:
+    """:func:`vae_roundtrip`, kept in the on-disk cache (:mod:`diffmem.cache`, ``root`` default: ``$DIFFMEM_CACHE``)
+    under :func:`vae_roundtrip_key`: a zoo's thousands of training images take minutes through the VAE on a CPU,
+    and every command that judges copies against them needs the same result."""
+    return cached_tensor("vae_roundtrip", vae_roundtrip_key(model, images, batch_size), tuple(images.shape),
+                         lambda: vae_roundtrip(model, images, batch_size), root)
+
+
 def zoo_training_images(folder: str | Path | None = None) -> TrainingImages:
     """The :class:`~diffmem.zoo.build.TrainingImages` of a zoo folder (default: the default zoo), rendered by the
     corpus its ``zoo.json`` names: the unique training images and one epoch's (item, image) pairs."""
@@ -141,8 +167,9 @@ _CACHE: dict[str, ZooTrainingSet] = {}
 
 
 def zoo_training_set(folder: str | Path | None = None, model=None) -> ZooTrainingSet:
-    """The training set of a zoo folder (default: the default zoo) of either corpus, cached per process;
-    ``model`` (default: the folder's pipeline) gives the VAE of the reference round trip."""
+    """The training set of a zoo folder (default: the default zoo) of either corpus, cached per process (and its
+    VAE round trip on disk, :func:`cached_vae_roundtrip`); ``model`` (default: the folder's pipeline) gives the VAE
+    of the reference round trip."""
     folder = _folder(folder)
     key = str(folder.resolve())
     if key not in _CACHE:
@@ -156,5 +183,5 @@ def zoo_training_set(folder: str | Path | None = None, model=None) -> ZooTrainin
             from diffmem.models.loader import load_model
 
             model = load_model(folder / "pipeline")
-        _CACHE[key] = ZooTrainingSet(images, vae_roundtrip(model, images), item_of_image, images_of_item)
+        _CACHE[key] = ZooTrainingSet(images, cached_vae_roundtrip(model, images), item_of_image, images_of_item)
     return _CACHE[key]
