@@ -12,7 +12,6 @@ from diffmem.cli.main import main
 from diffmem.errors import DiffmemError
 from diffmem.mitigators import make_mitigator
 from diffmem.mitigators.prompt_adaptation import adapt_embeddings, first_step_norms
-from diffmem.mitigators.random_tokens import insert_random_words
 from diffmem.models import load_model
 
 MEM = ["a red circle in the top left and a blue cross in the center on a gray background", "a photo of a cat"]
@@ -33,17 +32,43 @@ def model(tiny_sd_folder):
     return load_model(tiny_sd_folder)
 
 
-def test_embedding_noise_is_seeded_and_leaves_unconditional_exact(model):
-    view = make_mitigator("embedding-noise", scale=0.5).apply(model)
-    a, b = view.encode_prompts(MEM), view.encode_prompts(MEM)
-    torch.testing.assert_close(a, b)
-    assert not torch.allclose(a, model.encode_prompts(MEM))
+def test_embedding_noise_is_absolute_on_both_halves_and_batch_independent(model):
+    """DCR adds 0.1 * N(0, I) to both CFG halves, per call: a prompt alone equals it inside a batch."""
+    mit = make_mitigator("embedding-noise")
+    view = mit.apply(model)
+    cond, uncond = mit.perturb(model, MEM[:1], ["generation 3"])
+    both_c, both_u = mit.perturb(model, [ORD[0], MEM[0]], ["generation 3", "generation 3"])
+    torch.testing.assert_close(cond[0], both_c[1])
+    torch.testing.assert_close(uncond[0], both_u[1])
+    # absolute scale: the added noise has std 0.1 whatever the embedding's spread
+    assert float((cond - model.encode_prompts(MEM[:1])).std()) == pytest.approx(0.1, rel=0.05)
+    assert float((uncond - model.empty_embedding()).std()) == pytest.approx(0.1, rel=0.05)
+    alone = view.sample(MEM[:1], [3], num_inference_steps=2).images
+    batch = view.sample([ORD[0], MEM[0]], [3, 3], num_inference_steps=2).images
+    torch.testing.assert_close(alone[0], batch[1], atol=1e-5, rtol=1e-4)
+    two = view.sample(MEM[:1] * 2, [3, 4], num_inference_steps=2).images
+    assert (two[0] - two[1]).abs().max() > 1e-4
+    plain = model.sample(MEM[:1], [3], num_inference_steps=2).images
+    assert (plain[0] - alone[0]).abs().max() > 1e-4
+    # outside sampling: fresh per call, the empty prompt alone exact
+    assert not torch.allclose(view.encode_prompts(MEM), view.encode_prompts(MEM))
     torch.testing.assert_close(view.encode_prompts([""]), model.encode_prompts([""]))
 
 
-def test_random_tokens_inserts_n_words_deterministically():
-    out = insert_random_words("a photo of a cat", ["x", "y"], 4, seed=1)
-    assert len(out.split()) == 9 and out == insert_random_words("a photo of a cat", ["x", "y"], 4, seed=1)
+def test_random_tokens_draw_fresh_clip_tokens_for_every_generation(model):
+    mit = make_mitigator("random-tokens")
+    assert mit.n_tokens == 2  # DCR's --rand_aug_repeats default
+    a, b = mit.augmented(model, [MEM[1], MEM[1]], ["generation 0", "generation 1"])
+    assert a != b and len(a.split(" ")) == len(b.split(" ")) == len(MEM[1].split(" ")) + 2
+    assert mit.augmented(model, [MEM[1]], ["generation 0"]) == [a]  # deterministic, batch-independent
+    assert mit.augmented(model, [ORD[0], MEM[1]], ["generation 0"] * 2)[1] == a
+    view = mit.apply(model)
+    images = view.sample([MEM[1]] * 2, [0, 1], num_inference_steps=2).images
+    plain = model.sample([MEM[1]] * 2, [0, 1], num_inference_steps=2).images
+    torch.testing.assert_close(images[0], view.sample([MEM[1]], [0], num_inference_steps=2).images[0],
+                               atol=1e-5, rtol=1e-4)
+    assert (images - plain).abs().flatten(1).max(1).values.min() > 1e-4
+    assert (mit.augmented(model, [""], ["generation 0"]) == [""])
 
 
 def test_prompt_adaptation_lowers_the_noise_norm(model):
