@@ -11,7 +11,7 @@ import torch
 from diffmem.cli.main import main
 from diffmem.errors import DiffmemError
 from diffmem.mitigators import make_mitigator
-from diffmem.mitigators.prompt_adaptation import adapt_embeddings, first_step_norms
+from diffmem.mitigators.prompt_adaptation import adapt_embeddings, adapt_per_generation, adaptation_loss
 from diffmem.models import load_model
 
 MEM = ["a red circle in the top left and a blue cross in the center on a gray background", "a photo of a cat"]
@@ -71,20 +71,57 @@ def test_random_tokens_draw_fresh_clip_tokens_for_every_generation(model):
     assert (mit.augmented(model, [""], ["generation 0"]) == [""])
 
 
-def test_prompt_adaptation_lowers_the_noise_norm(model):
-    emb = model.encode_prompts(MEM)
-    sampler = model.make_sampler(50)
-    t = int(sampler.timesteps[0])
+def _adaptation_setup(model):
+    t = int(model.make_sampler(50).timesteps[0])
     x = model.initial_latents([0, 1])
     eps_u = model.predict_noise(x, t, model.empty_embedding()).float()
-    before = first_step_norms(model, emb, x, t, eps_u)
-    adapted, steps = adapt_embeddings(model, emb, target=0.0, lr=0.05, max_steps=5, draws=2, seed=0)
-    after = first_step_norms(model, adapted, x, t, eps_u)
+    return t, x, eps_u
+
+
+def test_prompt_adaptation_lowers_the_loss_with_the_reference_optimiser(model):
+    emb = model.encode_prompts(MEM)
+    t, x, eps_u = _adaptation_setup(model)
+    before = adaptation_loss(model, emb, x, t, eps_u)
+    # the reference's loss: one L2 norm over all generations' guidance together
+    d = model.predict_noise(x.repeat(2, 1, 1, 1), t, emb.repeat_interleave(2, 0)).float() - eps_u.repeat(2, 1, 1, 1)
+    torch.testing.assert_close(before, d.view(2, -1).norm(dim=1))
+    adapted, steps = adapt_embeddings(model, emb, target=0.0, lr=0.05, max_steps=5, latents=x)
+    after = adaptation_loss(model, adapted, x, t, eps_u)
     assert (after < before).all() and steps.tolist() == [5, 5]
-    torch.testing.assert_close(adapted[:, 0], emb[:, 0])  # start token frozen
+    # start token: no gradient, only AdamW's decoupled decay (torch default 0.01), as in the reference
+    torch.testing.assert_close(adapted[:, 0], emb[:, 0] * (1 - 0.05 * 0.01) ** 5)
     mit = make_mitigator("prompt-adaptation", draws=2)
     mit.fit(model, MEM, ORD)
     assert mit.target is not None and mit.target > 0
+
+
+def test_prompt_adaptation_freezes_done_prompts_and_is_batch_independent(model):
+    emb = model.encode_prompts(MEM + ORD[:2])
+    t, x, eps_u = _adaptation_setup(model)
+    before = adaptation_loss(model, emb, x, t, eps_u)
+    target = 0.5  # one prompt starts done, one reaches it mid-way, two never do
+    adapted, steps = adapt_embeddings(model, emb, target=target, lr=0.05, max_steps=8, latents=x)
+    after = adaptation_loss(model, adapted, x, t, eps_u)
+    done = steps < 8
+    assert steps.tolist()[2] == 8 and steps.tolist()[3] == 0 and 0 < steps.tolist()[1] < 8
+    assert (after[done] <= target + 1e-5).all()  # no done prompt drifts back above target
+    torch.testing.assert_close(adapted[before <= target], emb[before <= target].float())  # done at once: untouched
+    for i in range(len(emb)):
+        alone, alone_steps = adapt_embeddings(model, emb[i : i + 1], target=target, lr=0.05, max_steps=8, latents=x)
+        torch.testing.assert_close(alone[0], adapted[i], atol=1e-4, rtol=1e-4)
+        assert alone_steps.item() == steps[i].item()
+
+
+def test_prompt_adaptation_adapts_each_prompt_on_its_own_generations(model):
+    mit = make_mitigator("prompt-adaptation", target=0.0, max_steps=2)
+    view = mit.apply(model)
+    emb = adapt_per_generation(mit, model, [MEM[0], MEM[1], MEM[0]], [5, 7, 6])
+    own = mit.adapt(model, model.encode_prompts(MEM[:1]), model.initial_latents([5, 6]))
+    torch.testing.assert_close(emb[0], own[0])
+    torch.testing.assert_close(emb[2], own[0])
+    images = view.sample([MEM[0], MEM[0]], [5, 6], num_inference_steps=2).images
+    direct = model.sample(embeddings=own.repeat(2, 1, 1), seeds=[5, 6], num_inference_steps=2).images
+    torch.testing.assert_close(images, direct)
 
 
 def test_subspace_pruning_writes_a_loadable_checkpoint_and_keeps_the_input(model, tiny_sd_folder, tmp_path):
