@@ -157,7 +157,7 @@ def test_mitigate_prints_a_short_summary_and_the_real_model(tmp_path, tiny_sd_fo
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\n")
     common = ["--model", str(tiny_sd_folder), "--prompts", str(prompts), "--reference", str(prompts), "--quiet"]
-    assert main(["mitigate", "subspace-pruning", *common, "--option", "draws=1", "--out", str(tmp_path / "p")]) == 0
+    assert main(["mitigate", "subspace-pruning", *common, "--option", "timesteps=1", "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     assert "fit: pruned_weights: 4 entries, total_pruned" in out and "{" not in out
     assert main(["mitigate", "embedding-noise", *common, "--out", str(tmp_path / "n")]) == 0

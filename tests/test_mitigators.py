@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
 from diffmem.cli.main import main
 from diffmem.errors import DiffmemError
 from diffmem.mitigators import make_mitigator
+from diffmem.mitigators.hooks import find_modules, fuse_adapters, sampling_column_norms
 from diffmem.mitigators.prompt_adaptation import adapt_embeddings, adapt_per_generation, adaptation_loss
 from diffmem.models import load_model
 
@@ -126,17 +129,112 @@ def test_prompt_adaptation_adapts_each_prompt_on_its_own_generations(model):
 
 def test_subspace_pruning_writes_a_loadable_checkpoint_and_keeps_the_input(model, tiny_sd_folder, tmp_path):
     before = folder_digest(tiny_sd_folder)
-    mit = make_mitigator("subspace-pruning", fraction=0.2, draws=2)
+    mit = make_mitigator("subspace-pruning", fraction=0.05, timesteps=2)
     mit.fit(model, MEM, ORD)
-    assert mit.describe_fit()["total_pruned"] > 0
+    info = mit.describe_fit()
+    assert info["total_pruned"] > 0 and 0 < info["pruned_share"] < 0.05 * 10
     out = mit.save(tmp_path / "pruned", model)
     reloaded = load_model(out)
     ff = [m for n, m in reloaded.unet.named_modules() if n.endswith("ff.net.2")][0]
     assert (ff.weight == 0).sum() > 0
-    assert json.loads((out / "mitigation.json").read_text())["mitigator"]["fraction"] == 0.2
+    assert json.loads((out / "mitigation.json").read_text())["mitigator"]["fraction"] == 0.05
     assert folder_digest(tiny_sd_folder) == before
     original_ff = [m for n, m in model.unet.named_modules() if n.endswith("ff.net.2")][0]
     assert (original_ff.weight == 0).sum() == 0  # the in-memory original is untouched too
+
+
+def test_subspace_pruning_reads_normalised_cfg_activations_per_step(model):
+    """ConceptPrune's column norms: unit token rows, both CFG halves, one fixed seed; sums of squares add."""
+    modules = find_modules(model.unet, r"ff\.net\.2$")
+    one = sampling_column_norms(model, [""], modules, steps=3, seed=0)
+    two = sampling_column_norms(model, ["", ""], modules, steps=3, seed=0)
+    a, b = (sampling_column_norms(model, [p], modules, steps=3, seed=0) for p in MEM)
+    both = sampling_column_norms(model, MEM, modules, steps=3, seed=0)
+    for name, layer in modules.items():
+        torch.testing.assert_close(two[name], one[name] * 2 ** 0.5)  # the empty baseline at equal counts
+        torch.testing.assert_close(both[name], (a[name] ** 2 + b[name] ** 2).sqrt(), atol=1e-5, rtol=1e-4)
+        # every token row has unit norm: the squared column norms sum to the number of rows, 2 CFG halves x
+        # the layer's spatial positions (8x8 latents: 64 at full, 16 at half resolution)
+        rows = (one[name] ** 2).sum(1).tolist()
+        assert rows[0] in (pytest.approx(128), pytest.approx(32)) and rows == pytest.approx([rows[0]] * 3)
+        assert not torch.allclose(one[name][0], one[name][2])  # a mask per step reads a different signal
+
+
+def test_subspace_pruning_baseline_is_count_free_and_the_mask_a_union_over_steps(model):
+    ordinary = make_mitigator("subspace-pruning", baseline="ordinary", timesteps=2)
+    ordinary.fit(model, MEM, ORD)
+    twice = make_mitigator("subspace-pruning", baseline="ordinary", timesteps=2)
+    twice.fit(model, MEM, ORD + ORD)  # the oracle: the ordinary list passed twice leaves the mask unchanged
+    for name, mask in ordinary._masks.items():
+        assert torch.equal(mask, twice._masks[name])
+    faithful = make_mitigator("subspace-pruning", timesteps=2)
+    faithful.fit(model, MEM, [])  # the empty prompt is the baseline: no ordinary list needed
+    first = make_mitigator("subspace-pruning", timesteps=1)
+    first.fit(model, MEM, [])
+    assert all((first._masks[n] & ~m).sum() == 0 for n, m in faithful._masks.items())  # union grows with steps
+    assert sum(int(m.sum()) for m in faithful._masks.values()) > sum(int(m.sum()) for m in first._masks.values())
+    for name, mask in faithful._masks.items():  # at most k = max(1, int(0.01 * in)) per row and step
+        k = max(1, int(0.01 * mask.shape[1]))
+        assert int(mask.sum(1).max()) <= 2 * k
+    variant = make_mitigator("subspace-pruning-first-step", draws=2)
+    assert variant.fraction == 0.1
+    variant.fit(model, MEM, ORD)
+    assert variant.describe_fit()["total_pruned"] > 0
+
+
+def _tiny_unet(sd2: bool) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    if sd2:  # SD 2.x: linear projections in the transformers, per-level head dims, cross-attention everywhere
+        return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+                                    attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
+    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=2, norm_num_groups=32)
+
+
+@pytest.mark.parametrize("sd2", [False, True])
+def test_subspace_pruning_layers_on_sd1_sd2_and_unfused_lora_unets(sd2):
+    from peft import LoraConfig
+
+    unet = _tiny_unet(sd2)
+    expected = sorted(n.rsplit(".ff.", 1)[0] for n, m in unet.named_modules()
+                      if n.endswith("transformer_blocks.0"))  # one feed-forward per transformer block
+    found = find_modules(unet, r"ff\.net\.2$")
+    assert sorted(n.rsplit(".ff.", 1)[0] for n in found) == expected and len(expected) == 4
+    assert all(m.in_features == 4 * m.out_features for m in found.values())  # GEGLU output: 4 x the width
+    ref = {n: m.weight.detach().clone() for n, m in found.items()}
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["ff.net.2", "to_v"]))
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([500])
+    c = torch.randn(1, 5, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with_adapter = unet(x, t, encoder_hidden_states=c).sample
+    with pytest.raises(DiffmemError, match="no Linear layers"):
+        find_modules(unet, r"ff\.net\.2$")  # wrapped: pruning its base weight would miss the adapter
+    assert fuse_adapters(unet) and not fuse_adapters(unet)
+    fused = find_modules(unet, r"ff\.net\.2$")
+    assert sorted(fused) == sorted(found)
+    assert all(not torch.equal(fused[n].weight, ref[n]) for n in fused)  # the weight the model runs with
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=c).sample, with_adapter, atol=1e-5, rtol=1e-4)
+
+
+def test_subspace_pruning_fuses_an_unfused_lora_and_saves_plain_weights(model, tmp_path):
+    from peft import LoraConfig
+
+    view = copy.copy(model)
+    view.unet = copy.deepcopy(model.unet)
+    view.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["ff.net.2"]))
+    mit = make_mitigator("subspace-pruning", timesteps=1)
+    mit.fit(view, MEM, [])
+    assert mit.describe_fit()["lora_fused"] and mit.describe_fit()["total_pruned"] > 0
+    assert set(mit.patched().unet.state_dict()) == set(model.unet.state_dict())
+    assert any("lora_" in n for n in view.unet.state_dict())  # the input model keeps its adapter
 
 
 def test_nemo_localises_value_neurons(model):
@@ -192,7 +290,7 @@ def test_cli_mitigate_refuses_to_overwrite_the_input(tiny_sd_folder, tmp_path, c
     ref = tmp_path / "ord.txt"
     ref.write_text("\n".join(ORD), encoding="utf-8")
     args = ["mitigate", "subspace-pruning", "--model", str(tiny_sd_folder), "--prompts", str(prompts),
-            "--reference", str(ref), "--option", "draws=2"]
+            "--reference", str(ref), "--option", "timesteps=2"]
     assert main([*args, "--out", str(tiny_sd_folder)]) == 2
     assert "never overwrite" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "patched"), "--option", "fraction=0.05"]) == 0

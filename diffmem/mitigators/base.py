@@ -56,11 +56,12 @@ def mitigate_command(name: str) -> str:
     return f"mitigate {name}"
 
 
-def check_prompt_lists(memorized: list[str], ordinary: list[str], needs_memorized: bool = True) -> None:
+def check_prompt_lists(memorized: list[str], ordinary: list[str], needs_memorized: bool = True,
+                       ordinary_needed: bool = True) -> None:
     if needs_memorized and not memorized:
         raise DiffmemError("the prompt list holds no memorized prompts: this method needs prompts that replicate "
                            "(label them, or flag them with `diffmem scan` first)")
-    if not ordinary:
+    if ordinary_needed and not ordinary:
         raise DiffmemError("no ordinary (non-memorized) reference prompts given; the method needs them to "
                            "tell memorization from ordinary behaviour")
 
