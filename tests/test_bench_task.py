@@ -79,6 +79,12 @@ def test_choose_prefers_settings_meeting_both_targets_then_fidelity():
            {"extraction_rate": 0.0, "retrigger_extraction_rate": 0.0, "fidelity": 0.85}]
     assert choose(dev) == 2
     assert choose(dev[:1] + [{"extraction_rate": 0.3, "retrigger_extraction_rate": 0.0, "fidelity": 1.0}]) == 0
+    # current files: DoRI's figure decides, the tuned re-trigger's is a second row
+    both = [{"extraction_rate": 0.0, "dori_extraction_rate": 0.5, "tuned_retrigger_extraction_rate": 0.0,
+             "fidelity": 0.99},
+            {"extraction_rate": 0.0, "dori_extraction_rate": 0.05, "tuned_retrigger_extraction_rate": 0.5,
+             "fidelity": 0.9}]
+    assert choose(both) == 1
     assert grid({"b": [1, 2], "a": ["x"]}) == [{"a": "x", "b": 1}, {"a": "x", "b": 2}] and grid({}) == [{}]
 
 
@@ -140,7 +146,8 @@ def test_cli_bench_runs_end_to_end_on_a_folder_task(tiny_sd_folder, prompt_files
     args = ["bench", "--model", str(tiny_sd_folder), "--memorized", str(mem), "--ordinary", str(ordi),
             "--train-index", str(images), "--out", str(out), "--mitigators", "random-tokens", "adversarial-finetune",
             "--seeds", "0", "1", "--samples", "2", "--steps", "3", "--attack-prompts", "2", "--attack-steps", "2",
-            "--option", "retrigger.batch=2", "--tune", "random-tokens.n_tokens=2,4",
+            "--option", "retrigger.batch=2", "--option", "dori.batch=2", "--option", "dori.steps=2",
+            "--option", "dori.starts=2", "--tune", "random-tokens.n_tokens=2,4",
             *[f"--size={k}" for k in ("fit=3", "dev=2", "test=3", "ordinary_fit=4", "ordinary_dev=2",
                                       "ordinary_test=3")], *TINY_ADV]
     assert main(args) == 0, capsys.readouterr().err
@@ -153,7 +160,8 @@ def test_cli_bench_runs_end_to_end_on_a_folder_task(tiny_sd_folder, prompt_files
     assert tuned["on"] == "dev" and tuned["chosen"]["n_tokens"] in (2, 4) and len(tuned["dev"]) == 2
     for seed in ("0", "1"):
         for r in record["runs"][seed].values():
-            assert 0.0 <= r["extraction_rate"] <= 1.0 and 0.0 <= r["retrigger_extraction_rate"] <= 1.0
+            assert 0.0 <= r["extraction_rate"] <= 1.0 and 0.0 <= r["tuned_retrigger_extraction_rate"] <= 1.0
+            assert 0.0 <= r["dori_extraction_rate"] <= 1.0 and "retrigger_extraction_rate" not in r
             assert r["extraction_rate"] == pytest.approx(r["matching_verbatim"] + r["template_verbatim"])
             assert r["fidelity"] is None and r["fid"] is None and r["diversity"] > 0
         surrogates = record["runs"][seed]["adversarial-finetune"]["fit"]["surrogates"]
