@@ -292,7 +292,10 @@ def format_bench(record: dict) -> str:
     widths = [max(17, len(c) + 2) for c in cols]  # every header in full
     head = f"{'method':<22}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths))
     lines = [f"test split, mean +- sd over split seeds {list(record.get('runs', {}))}", head]
+    from diffmem.bench_results import upgrade_result
+
     for name, r in record["results"].items():
+        r = upgrade_result(r)  # files written before the re-trigger keys were renamed
         cells = []
         for c, w in zip(cols, widths):
             v, sd = r.get(c), r.get(f"{c}_std")

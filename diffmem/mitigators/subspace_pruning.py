@@ -141,7 +141,7 @@ class SubspacePruning(WandaPruning):
 @MITIGATORS.register("subspace-pruning-first-step")
 @dataclass
 class SubspacePruningFirstStep(WandaPruning):
-    """The earlier diffmem variant: raw first-step norms at x_T, memorized vs ordinary as given, 10%."""
+    """The earlier diffmem variant: raw first-step norms at x_T, memorized vs ordinary as given, a tenth per row."""
 
     name = "subspace-pruning-first-step"
     fraction: float = 0.1
