@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -214,8 +215,8 @@ def test_subspace_pruning_layers_on_sd1_sd2_and_unfused_lora_unets(sd2):
     c = torch.randn(1, 5, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         with_adapter = unet(x, t, encoder_hidden_states=c).sample
-    with pytest.raises(DiffmemError, match="no Linear layers"):
-        find_modules(unet, r"ff\.net\.2$")  # wrapped: pruning its base weight would miss the adapter
+    wrapped = find_modules(unet, r"ff\.net\.2$")  # the wrappers, under the layers' own names
+    assert sorted(wrapped) == sorted(found) and all(hasattr(m, "base_layer") for m in wrapped.values())
     assert fuse_adapters(unet) and not fuse_adapters(unet)
     fused = find_modules(unet, r"ff\.net\.2$")
     assert sorted(fused) == sorted(found)
@@ -237,22 +238,85 @@ def test_subspace_pruning_fuses_an_unfused_lora_and_saves_plain_weights(model, t
     assert any("lora_" in n for n in view.unet.state_dict())  # the input model keeps its adapter
 
 
-def test_nemo_localises_value_neurons(model):
-    mit = make_mitigator("nemo", draws=2, theta_step=1.0)
+def test_nemo_refinement_keeps_only_the_neurons_that_matter():
+    from diffmem.mitigators.nemo import NeMoSettings
+
+    def signal(sel):  # only neuron 3 of layer "b" moves the signal
+        return 0.2 if 3 in sel.get("b", []) else 0.9
+
+    widest = {"a": [0, 1, 2], "b": [1, 3, 5], "c": [7]}
+    assert NeMoSettings.refine(widest, signal, target=0.2) == {"b": [3]}
+    assert NeMoSettings.refine(widest, signal, target=0.1) == widest  # nothing can go without losing the target
+
+
+def test_nemo_signal_threshold_and_two_sided_selection(model):
+    from diffmem.mitigators.nemo import NeMoSettings, max_pairwise_ssim, noise_differences
+
+    nemo = NeMoSettings(seeds=3)
+    modules = nemo._modules(model.unet)
+    assert list(modules) == sorted(modules) and all(n.endswith("attn2.to_v") for n in modules)
+    latents, t = nemo._setup(model)
+    assert t == int(model.make_sampler(50).timesteps[1])  # the second step of 50, latents not stepped
+    d = noise_differences(model, model.encode_prompts(ORD[:1]), latents, t, modules, {})
+    assert float(d.amin((2, 3)).max()) == 0.0 and float(d.amax((2, 3)).min()) == pytest.approx(1.0)
+    eps = model.predict_noise(latents, t, model.encode_prompts(ORD[:1])).float() - latents
+    torch.testing.assert_close(d[0, 0], (eps[0, 0] - eps[0, 0].min()) / (eps[0, 0].max() - eps[0, 0].min()))
+    peaks = [float(max_pairwise_ssim(noise_differences(model, model.encode_prompts([p]), latents, t, modules,
+                                                       {})).max()) for p in ORD]
+    assert nemo.derive_threshold(model, ORD) == pytest.approx(float(np.mean(peaks) + np.std(peaks)))
+
+
+@pytest.fixture(scope="module")
+def nemo_fit(model):
+    """NeMo on the tiny model with a threshold no blocking reaches: it must refine against the signal reached."""
+    mit = make_mitigator("nemo", seeds=3, theta_step=2.0, threshold=-1.0)
+    mit.fit(model, MEM, ORD)
+    return mit
+
+
+def test_nemo_never_returns_an_unrefined_widest_set(nemo_fit):
+    info = nemo_fit.describe_fit()
+    assert info["memorized_by_signal"] == 2 and info["reached_threshold"] == 0
+    assert all(0 <= n < initial for n, initial in zip(info["neurons_per_prompt"], info["initial_neurons"]))
+    assert set(nemo_fit.neurons) == set(MEM)
+
+
+def test_nemo_blocks_each_prompts_own_neurons_at_inference(model, tmp_path):
+    from diffmem.mitigators.base import load_mitigation
+    from diffmem.mitigators.hooks import zeroed_channels
+
+    layer = sorted(n for n, _ in model.unet.named_modules() if n.endswith("attn2.to_v") and "up_" not in n)[0]
+    mit = make_mitigator("nemo", threshold=0.5, neurons={MEM[0]: {layer: [0, 1, 2, 3]}})
+    view = mit.apply(model)
+    out = view.sample([MEM[0], ORD[0], MEM[1]], [0, 0, 1], num_inference_steps=2).images
+    modules = dict(model.unet.named_modules())
+    with zeroed_channels({layer: modules[layer]}, {layer: torch.tensor([0, 1, 2, 3])}):
+        blocked = model.sample([MEM[0]], [0], num_inference_steps=2).images
+    plain = model.sample([ORD[0], MEM[1]], [0, 1], num_inference_steps=2).images
+    torch.testing.assert_close(out[0], blocked[0])
+    torch.testing.assert_close(out[1:], plain)
+    assert (out[0] - model.sample([MEM[0]], [0], num_inference_steps=2).images[0]).abs().max() > 1e-5
+    # embeddings without a prompt (an embedding attack): the union stays blocked
+    x, emb = model.initial_latents([0]), model.encode_prompts(ORD[:1])
+    with zeroed_channels({layer: modules[layer]}, {layer: torch.tensor([0, 1, 2, 3])}):
+        torch.testing.assert_close(view.predict_noise(x, 500, emb), model.predict_noise(x, 500, emb))
+    # the mitigation file carries the per-prompt sets and re-applies them
+    path = mit.save(tmp_path / "nemo", model)
+    again = load_mitigation(path)
+    assert again.neurons == mit.neurons
+    torch.testing.assert_close(again.apply(model).sample([MEM[0]], [0], num_inference_steps=2).images, blocked)
+
+
+def test_nemo_union_is_a_pruned_checkpoint_with_its_share_reported(model, nemo_fit):
+    mit = make_mitigator("nemo-union", seeds=3, theta_step=2.0, threshold=-1.0)
     mit.fit(model, MEM, ORD)
     info = mit.describe_fit()
-    assert info["signal_threshold"] > 0 and len(info["neurons_per_prompt"]) == 2
+    assert info["neurons"] == __import__("diffmem.mitigators.nemo", fromlist=["union"]).union(nemo_fit.neurons)
+    total = sum(m.out_features for n, m in model.unet.named_modules()
+                if n.endswith("attn2.to_v") and ("down_blocks" in n or "mid_block" in n))
+    assert info["neuron_share_removed"] == pytest.approx(info["total_neurons"] / total)
     for name, rows in info["neurons"].items():
-        layer = dict(mit.patched().unet.named_modules())[name]
-        assert (layer.weight[rows] == 0).all()
-
-
-def test_nemo_signal_is_any_detector_or_a_clear_error(model):
-    mit = make_mitigator("nemo", draws=1, theta_step=2.0, signal="attention-entropy")
-    mit.fit(model, MEM, ORD)
-    assert mit.describe_fit()["signal"] == "attention-entropy"
-    with pytest.raises(KeyError, match="noise-norm"):  # the registry's error lists what is available
-        make_mitigator("nemo", signal="no-such-detector")
+        assert (dict(mit.patched().unet.named_modules())[name].weight[rows] == 0).all()
 
 
 def test_adversarial_finetune_changes_weights_full_and_lora(model):
@@ -282,6 +346,8 @@ def test_bad_input(model):
         make_mitigator("subspace-pruning").fit(model, [], ORD)
     with pytest.raises(DiffmemError, match="no Linear layers matching 'nothing_here'"):
         make_mitigator("nemo", pattern="nothing_here").fit(model, MEM, ORD)
+    with pytest.raises(DiffmemError, match="seeds must be >= 2"):
+        make_mitigator("nemo", seeds=1).fit(model, MEM, ORD)
 
 
 def test_cli_mitigate_refuses_to_overwrite_the_input(tiny_sd_folder, tmp_path, capsys):

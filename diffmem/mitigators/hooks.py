@@ -18,9 +18,12 @@ from diffmem.models.model import DiffusionModel
 
 
 def find_modules(root: nn.Module, pattern: str, kind: type = nn.Linear) -> dict[str, nn.Module]:
-    """Modules of type ``kind`` whose qualified name matches ``pattern`` (``re.search``)."""
+    """Modules of type ``kind`` whose qualified name matches ``pattern`` (``re.search``); a layer wrapped by an
+    unfused (peft) adapter counts as its base layer's type, so the wrapper, whose output is the layer's
+    output, is found under the layer's own name."""
     rx = re.compile(pattern)
-    found = {name: m for name, m in root.named_modules() if rx.search(name) and isinstance(m, kind)}
+    found = {name: m for name, m in root.named_modules()
+             if rx.search(name) and (isinstance(m, kind) or isinstance(getattr(m, "base_layer", None), kind))}
     if not found:
         raise DiffmemError(f"the model has no {kind.__name__} layers matching {pattern!r}; "
                            "is it a UNet with cross-attention transformer blocks?")
