@@ -9,12 +9,12 @@ guidance magnitude over the prompt's generations
 falls to ``target`` or below, then sample normally with the adapted embedding. As in the reference
 (``local_sd_pipeline.py``, ``aug_prompt``):
 
-- the loss is ``torch.norm(noise_pred_text, p=2)`` over the G generations' guidance together (L626-630),
+- the loss is ``torch.norm(noise_pred_text, p=2)`` over the G generations' guidance together (L615-619),
   taken at the first sampling step (``target_steps=[0]``, ``inference_mem.py`` L257);
 - the optimiser is ``torch.optim.AdamW([embeds], lr=lr)`` (L563: torch's default weight decay 0.01
   applies to the whole embedding), lr 0.05 and at most 10 iterations (``inference_mem.py`` L258-259);
-- the start-of-text token gets no gradient (L646-648; AdamW's decoupled decay still shrinks it, as there);
-- the loss is checked *before* each update and the loop stops once ``loss <= target`` (L640-642): an
+- the start-of-text token gets no gradient (L649-651; AdamW's decoupled decay still shrinks it, as there);
+- the loss is checked *before* each update and the loop stops once ``loss <= target`` (L640-644): an
   adapted embedding is the one whose loss was measured at or below target. Prompts are optimised one at
   a time there; diffmem batches them, so a prompt that reached target is frozen (its row restored after
   every later update: neither Adam's momentum nor the decay move it) and a prompt adapted in a batch
@@ -75,7 +75,7 @@ def adapt_embeddings(model: DiffusionModel, emb: torch.Tensor, target: float, lr
         frozen = e.detach()[done].clone()
         opt.zero_grad(set_to_none=True)
         loss[~done].sum().backward()  # prompts are independent: each row's gradient is its own loss's
-        e.grad[:, 0] = 0  # start-of-text token frozen (local_sd_pipeline.py L646-648)
+        e.grad[:, 0] = 0  # start-of-text token frozen (local_sd_pipeline.py L649-651)
         opt.step()
         with torch.no_grad():
             e[done] = frozen  # reached target: no momentum or decay drift past it
