@@ -234,6 +234,31 @@ def test_attention_entropy_layer_number_beyond_the_unet_is_a_clear_error(model):
         score_chunk(NoiseStepEngine(model, 1), [make_detector("attention-entropy", layer_number=9)], PROMPTS[:1])
 
 
+def test_noise_norm_on_v_prediction_takes_the_raw_output_as_wens_code(tiny_sd_v_folder):
+    """Wen et al.'s code: the norm of the raw UNet outputs' difference (v on SD2); ``output="epsilon"`` converts."""
+    vmodel = load_model(tiny_sd_v_folder)
+    engine = NoiseStepEngine(vmodel, n_draws=2, seed=5)
+    p = PROMPTS[0]
+    t0 = engine.timestep(0)
+    x = engine.latents
+    with torch.no_grad():
+        v_c = vmodel.unet(x, torch.tensor([t0] * 2), encoder_hidden_states=vmodel.encode_prompts([p]).expand(2, -1, -1)).sample
+        v_u = vmodel.unet(x, torch.tensor([t0] * 2), encoder_hidden_states=vmodel.empty_embedding().expand(2, -1, -1)).sample
+    expected = float((v_c - v_u).flatten(1).norm(dim=1).mean())
+    raw = score_chunk(engine, [make_detector("noise-norm")], [p])["noise-norm"][0]
+    eps = score_chunk(engine, [make_detector("noise-norm", output="epsilon")], [p])["noise-norm"][0]
+    a0 = float(vmodel.alphas_cumprod[t0])
+    assert raw == pytest.approx(expected, rel=1e-4) and raw == pytest.approx(eps / math.sqrt(a0), rel=1e-4)
+    traj = {o: score_chunk(NoiseStepEngine(vmodel, n_draws=1, seed=5),
+                           [make_detector("noise-norm-trajectory", steps=3, generations=1, output=o)],
+                           [p])["noise-norm-trajectory"][0] for o in ("raw", "epsilon")}
+    # along the trajectory each step is weighted by its own 1 / sqrt(alpha_bar_t): not one constant factor
+    factors = [1 / math.sqrt(float(vmodel.alphas_cumprod[int(t)])) for t in vmodel.make_sampler(50).timesteps[:3]]
+    assert min(factors) < traj["raw"] / traj["epsilon"] < max(factors)
+    with pytest.raises(ValueError, match="output 'v' unknown"):
+        make_detector("noise-norm", output="v")
+
+
 def test_sharpness_matches_finite_differences(model):
     engine = NoiseStepEngine(model, n_draws=1, seed=11)
     t0 = engine.timestep(0)
