@@ -17,9 +17,9 @@ for each method (and the unmitigated model):
    DoRI at the paper's settings (``dori_extraction_rate``, the default re-trigger: Adam lr 0.1, batch 8,
    50 steps, no bound, 3 starts) and diffmem's earlier tuned attack (``tuned_retrigger_extraction_rate``:
    lr 0.01, 30 steps, relative bound 0.3, one start; bench files before this change stored it as
-   ``retrigger_extraction_rate``, read back by :func:`upgrade_result`), the task's fidelity per caption family for memorized prompts after mitigation (what the
-   patched model now draws for them) and for ordinary prompts, FID (when the task has features) and
-   diversity on ordinary prompts, the first-step noise-norm on memorized prompts, fit time and the
+   ``retrigger_extraction_rate``, read back by :func:`~diffmem.bench_results.upgrade_result`), the task's
+   fidelity per caption family for memorized prompts after mitigation (what the patched model now draws
+   for them) and for ordinary prompts, FID (when the task has features) and diversity on ordinary prompts, the first-step noise-norm on memorized prompts, fit time and the
    number of parameters changed.
 
 ``bench.json`` holds every (seed, method) result under ``runs`` (written after each, resumable), the

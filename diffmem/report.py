@@ -35,10 +35,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from diffmem.bench_results import reattack_rate, upgrade_result
 from diffmem.errors import DiffmemError
 from diffmem.eval.detection import detection_metrics, roc_figure
 from diffmem.images import image_grid
-from diffmem.bench_results import reattack_rate, upgrade_result
 from diffmem.io import atomic_write_text
 from diffmem.outputs import MARKER
 from diffmem.provenance import display_name, is_machine_path

@@ -241,9 +241,10 @@ def test_noise_norm_on_v_prediction_takes_the_raw_output_as_wens_code(tiny_sd_v_
     p = PROMPTS[0]
     t0 = engine.timestep(0)
     x = engine.latents
+    ts = torch.tensor([t0] * 2)
     with torch.no_grad():
-        v_c = vmodel.unet(x, torch.tensor([t0] * 2), encoder_hidden_states=vmodel.encode_prompts([p]).expand(2, -1, -1)).sample
-        v_u = vmodel.unet(x, torch.tensor([t0] * 2), encoder_hidden_states=vmodel.empty_embedding().expand(2, -1, -1)).sample
+        v_c = vmodel.unet(x, ts, encoder_hidden_states=vmodel.encode_prompts([p]).expand(2, -1, -1)).sample
+        v_u = vmodel.unet(x, ts, encoder_hidden_states=vmodel.empty_embedding().expand(2, -1, -1)).sample
     expected = float((v_c - v_u).flatten(1).norm(dim=1).mean())
     raw = score_chunk(engine, [make_detector("noise-norm")], [p])["noise-norm"][0]
     eps = score_chunk(engine, [make_detector("noise-norm", output="epsilon")], [p])["noise-norm"][0]

@@ -151,7 +151,7 @@ def test_subspace_pruning_reads_normalised_cfg_activations_per_step(model):
     two = sampling_column_norms(model, ["", ""], modules, steps=3, seed=0)
     a, b = (sampling_column_norms(model, [p], modules, steps=3, seed=0) for p in MEM)
     both = sampling_column_norms(model, MEM, modules, steps=3, seed=0)
-    for name, layer in modules.items():
+    for name in modules:
         torch.testing.assert_close(two[name], one[name] * 2 ** 0.5)  # the empty baseline at equal counts
         torch.testing.assert_close(both[name], (a[name] ** 2 + b[name] ** 2).sqrt(), atol=1e-5, rtol=1e-4)
         # every token row has unit norm: the squared column norms sum to the number of rows, 2 CFG halves x
@@ -174,7 +174,7 @@ def test_subspace_pruning_baseline_is_count_free_and_the_mask_a_union_over_steps
     first.fit(model, MEM, [])
     assert all((first._masks[n] & ~m).sum() == 0 for n, m in faithful._masks.items())  # union grows with steps
     assert sum(int(m.sum()) for m in faithful._masks.values()) > sum(int(m.sum()) for m in first._masks.values())
-    for name, mask in faithful._masks.items():  # at most k = max(1, int(0.01 * in)) per row and step
+    for mask in faithful._masks.values():  # at most k = max(1, int(0.01 * in)) per row and step
         k = max(1, int(0.01 * mask.shape[1]))
         assert int(mask.sum(1).max()) <= 2 * k
     variant = make_mitigator("subspace-pruning-first-step", draws=2)

@@ -26,7 +26,6 @@ import torch
 from diffmem.detectors.base import DETECTORS, NoiseStepDetector, PromptDetector
 from diffmem.detectors.engine import NoiseStepBatch, NoiseStepEngine
 
-
 OUTPUTS = ("raw", "epsilon")
 
 
