@@ -19,8 +19,8 @@ for each method (and the unmitigated model):
    lr 0.01, 30 steps, relative bound 0.3, one start; bench files before this change stored it as
    ``retrigger_extraction_rate``, read back by :func:`~diffmem.bench_results.upgrade_result`), the task's
    fidelity per caption family for memorized prompts after mitigation (what the patched model now draws
-   for them) and for ordinary prompts, FID (when the task has features) and diversity on ordinary prompts, the first-step noise-norm on memorized prompts, fit time and the
-   number of parameters changed.
+   for them) and for ordinary prompts, FID (when the task has features) and diversity on ordinary prompts,
+   the first-step noise-norm on memorized prompts, fit time and the number of parameters changed.
 
 ``bench.json`` holds every (seed, method) result under ``runs`` (written after each, resumable), the
 mean and standard deviation over seeds under ``results`` and what was tuned on what under ``protocol``.
