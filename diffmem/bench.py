@@ -147,6 +147,8 @@ def fit_method(name: str, options: dict[str, Any], model: DiffusionModel, task: 
         extra["index"] = task.training_index(model)
     if "content" in params:
         extra["content"] = task.content_flags  # returns None when the task has no per-image fidelity
+    if "statistics_prompts" in params:  # NeMo's activation statistics: the memorized captions' distribution
+        extra["statistics_prompts"] = task.statistics_prompts(split)
     mitigator.fit(model, [p.caption for p in split.fit], split.ordinary_fit, **extra)
     if isinstance(mitigator, InferenceMitigator):
         patched, changed = mitigator.apply(model), 0

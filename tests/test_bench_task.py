@@ -111,6 +111,53 @@ def test_zoo_scene_fidelity_reads_colours_at_named_positions():
     assert scene_fidelity(images, shifted).mean() <= 0.1
 
 
+def test_zoo_statistics_prompts_are_never_trained_captions_of_the_memorized_families():
+    """NeMo's statistics on the SD-like zoo: the held-out painting and poster titles not labelled memorized (150 +
+    150 held-out signatures, 9 of them memorized; the 12 held-out templates are all memorized), none in a split."""
+    from diffmem.zoo.load import load_labels
+
+    task = make_task("zoo-sd")
+    split = task.splits(0, SplitSizes(fit=32, dev=8, test=24))
+    got = task.statistics_prompts(split)
+    rows = {r["caption"]: r for r in load_labels(task.folder())}
+    assert len(got) == 291 and len(set(got)) == 291
+    assert {rows[c]["kind"] for c in got} == {"heldout_signature"} and not any(rows[c]["memorized"] for c in got)
+    assert {rows[c]["family"] for c in got} == {"painting", "poster"}
+    taken = {p.caption for p in split.fit + split.dev + split.test}
+    taken |= set(split.ordinary_fit + split.ordinary_dev + split.ordinary_test)
+    assert not taken & set(got)
+
+
+def test_bench_passes_statistics_prompts_to_a_method_that_takes_them(monkeypatch, prompt_files):
+    """fit_method hands the task's statistics prompts to a fit that accepts them: a folder task's ordinary fit
+    split (all it knows), the zoo's held-out captions of the memorized families."""
+    from dataclasses import dataclass
+
+    import diffmem.bench as bench
+    from diffmem.mitigators.base import InferenceMitigator
+
+    @dataclass
+    class Recorder(InferenceMitigator):
+        name = "recorder"
+
+        def fit(self, model, memorized, ordinary, statistics_prompts=None):
+            self.got = (list(memorized), list(ordinary), statistics_prompts)
+
+        def apply(self, model):
+            return model
+
+    monkeypatch.setattr(bench, "make_mitigator", lambda name, **options: Recorder())
+    mem, ordi, _ = prompt_files
+    folder = make_task("folder", memorized=str(mem), ordinary=str(ordi))
+    split = folder.splits(0, SplitSizes(fit=3, dev=2, test=3, ordinary_fit=4, ordinary_dev=2, ordinary_test=3))
+    _, fitted, changed, _ = bench.fit_method("recorder", {}, object(), folder, split, bench.BenchSettings())
+    assert fitted.got == ([p.caption for p in split.fit], split.ordinary_fit, split.ordinary_fit) and changed == 0
+    zoo = make_task("zoo-sd")
+    zsplit = zoo.splits(1, SplitSizes(fit=4, dev=2, test=2, ordinary_fit=4, ordinary_dev=2, ordinary_test=2))
+    _, fitted, _, _ = bench.fit_method("recorder", {}, object(), zoo, zsplit, bench.BenchSettings())
+    assert fitted.got[2] == zoo.statistics_prompts(zsplit) and len(fitted.got[2]) > 100
+
+
 def test_model_surrogates_keep_only_non_copies(model):
     mem = MEM[:3]
     # a training index holding exactly what the suppressed model draws: every candidate is a copy

@@ -307,6 +307,37 @@ def test_nemo_blocks_each_prompts_own_neurons_at_inference(model, tmp_path):
     torch.testing.assert_close(again.apply(model).sample([MEM[0]], [0], num_inference_steps=2).images, blocked)
 
 
+def test_nemo_statistics_come_from_the_statistics_prompts(model, monkeypatch):
+    """NeMo's z-scores are measured against the mean and (n - 1) std of the first-step mean |value activation|
+    of the statistics prompts (the memorized captions' own distribution), not of the ordinary prompts."""
+    from diffmem.mitigators.nemo import NeMo
+
+    mit = make_mitigator("nemo", seeds=3, theta_step=2.0, threshold=-1.0)
+    modules = mit._modules(model.unet)
+    stats_prompts = ["a painting of a lighthouse", "a poster of a harbor", "a quiet river"]
+    mu, sigma = mit.activation_statistics(model, stats_prompts, modules)
+    name = sorted(modules)[0]
+    seen = []
+    handle = modules[name].register_forward_hook(lambda m, a, out: seen.append(out[0].abs().mean(0)))
+    x = model.initial_latents([mit.seed])
+    t = int(model.make_sampler(50).timesteps[0])
+    with torch.no_grad():
+        for p in stats_prompts:
+            model.predict_noise(x, t, model.encode_prompts([p]))
+    handle.remove()
+    per_prompt = torch.stack(seen)
+    torch.testing.assert_close(mu[name], per_prompt.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sigma[name], per_prompt.std(0).clamp_min(1e-6), rtol=1e-5, atol=1e-6)
+    used = []
+    real = NeMo.activation_statistics
+    monkeypatch.setattr(NeMo, "activation_statistics",
+                        lambda self, m, prompts, mods: used.append(list(prompts)) or real(self, m, prompts, mods))
+    mit.fit(model, MEM[:1], ORD, statistics_prompts=stats_prompts)
+    assert used == [stats_prompts] and mit.describe_fit()["statistics_prompts"] == 3
+    mit.fit(model, MEM[:1], ORD)
+    assert used[-1] == ORD and mit.describe_fit()["statistics_from"] == "ordinary prompts"
+
+
 def test_nemo_union_is_a_pruned_checkpoint_with_its_share_reported(model, nemo_fit):
     mit = make_mitigator("nemo-union", seeds=3, theta_step=2.0, threshold=-1.0)
     mit.fit(model, MEM, ORD)

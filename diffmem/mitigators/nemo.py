@@ -15,9 +15,10 @@ run it. File references below are to that repository.
   prompts; ``fit`` re-derives it that way on the given ordinary prompts unless ``threshold`` is set.
 - Initial selection (``activation_detection.py`` L87-114): per channel the mean |activation| over tokens at
   the first step without guidance, its two-sided z-score ``|a - mu| / sigma`` against activation
-  statistics of ordinary prompts (``1_compute_activations_statistics.py`` L47-63; the reference uses 50k
-  LAION prompts of the memorized captions' own distribution: give ``fit`` ordinary prompts from the same
-  distribution as the memorized ones), neurons with z > theta plus the top-k by |a|; theta from 5 down by
+  statistics (``1_compute_activations_statistics.py`` L47-63) of many prompts of the memorized captions' own
+  distribution (the reference: 50k LAION prompts). ``fit(..., statistics_prompts=...)`` takes them (the bench
+  passes its task's :meth:`~diffmem.tasks.base.BenchTask.statistics_prompts`: on the zoos, never-trained
+  captions of the memorized captions' families); without them the ordinary prompts stand in. Neurons with z > theta plus the top-k by |a|; theta from 5 down by
   0.25 to 1 and k from 0 up by 1 together until the signal falls to the threshold (3_detect L70-97, L133-138).
   If theta reaches its minimum first, the refinement threshold becomes the signal reached (L95-97).
 - Refinement (``activation_detection.py`` L193-258): whole layers, then single neurons, last layer first,
@@ -65,6 +66,12 @@ from diffmem.mitigators.hooks import find_modules, first_step_activations, fuse_
 from diffmem.models.model import DiffusionModel, SampleOutput
 
 Selection = dict[str, list[int]]
+
+
+def mean_abs_over_tokens(x: torch.Tensor) -> torch.Tensor:
+    """NeMo's activation summary: ``(draws, tokens, channels)`` -> ``(channels,)``, mean |a| over the tokens of
+    the first draw."""
+    return x[0].abs().mean(0)
 
 
 def as_index(selection: Selection) -> dict[str, torch.Tensor]:
@@ -127,24 +134,30 @@ class NeMoSettings:
                  for i in range(len(emb))]
         return float(np.mean(peaks) + np.std(peaks))
 
-    def localise_all(self, model: DiffusionModel, memorized: list[str], ordinary: list[str]
-                     ) -> tuple[dict[str, Selection], dict[str, Any]]:
+    def activation_statistics(self, model: DiffusionModel, prompts: list[str], modules: dict[str, nn.Module]
+                              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per layer and channel, the mean and (n - 1) standard deviation over ``prompts`` of the mean |value
+        activation| over tokens at the first step, conditional branch, seed ``seed``
+        (``1_compute_activations_statistics.py`` L47-63): what the z-scores are measured against."""
+        if len(prompts) < 2:
+            raise DiffmemError(f"NeMo's activation statistics need at least 2 prompts, got {len(prompts)}")
+        stats = first_step_activations(model, prompts, modules, mean_abs_over_tokens, use_input=False, draws=1,
+                                       seed=self.seed)
+        return ({n: a.mean(0) for n, a in stats.items()}, {n: a.std(0).clamp_min(1e-6) for n, a in stats.items()})
+
+    def localise_all(self, model: DiffusionModel, memorized: list[str], ordinary: list[str],
+                     statistics_prompts: list[str] | None = None) -> tuple[dict[str, Selection], dict[str, Any]]:
         """Per memorized prompt its refined neurons (empty when it shows no memorization signal), and a
-        summary of the run."""
+        summary of the run. ``statistics_prompts``: the z-scores' reference (default ``ordinary``)."""
         if self.seeds < 2:
             raise DiffmemError(f"NeMo's signal compares seeds: seeds must be >= 2, got {self.seeds}")
         modules = self._modules(model.unet)
         latents, t = self._setup(model)
 
-        def mean_abs(x: torch.Tensor) -> torch.Tensor:  # (draws, tokens, channels) -> (channels,)
-            return x[0].abs().mean(0)
-
-        stats = first_step_activations(model, ordinary, modules, mean_abs, use_input=False, draws=1, seed=self.seed)
-        mu = {n: a.mean(0) for n, a in stats.items()}
-        sigma = {n: a.std(0).clamp_min(1e-6) for n, a in stats.items()}
+        mu, sigma = self.activation_statistics(model, statistics_prompts or ordinary, modules)
         if self.threshold is None:
             self.threshold = self.derive_threshold(model, ordinary)
-        acts = first_step_activations(model, memorized, modules, mean_abs, use_input=False, draws=1, seed=self.seed)
+        acts = first_step_activations(model, memorized, modules, mean_abs_over_tokens, use_input=False, draws=1, seed=self.seed)
         per_prompt: dict[str, Selection] = {}
         runs = []
         for i, prompt in enumerate(memorized):
@@ -154,6 +167,8 @@ class NeMoSettings:
             per_prompt[prompt] = sel
             runs.append(run)
         summary = {"threshold": self.threshold, "prompts": len(memorized),
+                   "statistics_prompts": len(statistics_prompts or ordinary),
+                   "statistics_from": "statistics prompts" if statistics_prompts else "ordinary prompts",
                    "memorized_by_signal": sum(r["memorized"] for r in runs),
                    "reached_threshold": sum(r.get("reached", False) for r in runs),
                    "initial_neurons": [r.get("initial", 0) for r in runs],
@@ -222,9 +237,12 @@ class NeMo(NeMoSettings, InferenceMitigator):
     name = "nemo"
     neurons: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # fit state: prompt -> layer -> ids
 
-    def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str]) -> None:
+    def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str],
+            statistics_prompts: list[str] | None = None) -> None:
+        """Localise each memorized prompt's neurons; ``statistics_prompts``: prompts of the memorized captions'
+        own distribution for the activation statistics (default: ``ordinary``)."""
         check_prompt_lists(memorized, ordinary)
-        self.neurons, self._summary = self.localise_all(model, memorized, ordinary)
+        self.neurons, self._summary = self.localise_all(model, memorized, ordinary, statistics_prompts)
 
     def describe_fit(self) -> dict:
         blocked = union(self.neurons)
@@ -278,9 +296,11 @@ class NeMoUnion(NeMoSettings, WeightMitigator):
 
     name = "nemo-union"
 
-    def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str]) -> None:
+    def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str],
+            statistics_prompts: list[str] | None = None) -> None:
+        """As :meth:`NeMo.fit`, then the union zeroed into a copy of the weights."""
         check_prompt_lists(memorized, ordinary)
-        per_prompt, self._summary = self.localise_all(model, memorized, ordinary)
+        per_prompt, self._summary = self.localise_all(model, memorized, ordinary, statistics_prompts)
         self._model = clone_model(model)
         fuse_adapters(self._model.unet)
         modules = self._modules(self._model.unet)
