@@ -53,7 +53,7 @@ from diffmem.scan import score_chunk
 from diffmem.tasks.base import BenchTask, MemorizedPrompt, SplitSizes, TaskSplits
 
 DEFAULT_METHODS = ("embedding-noise", "random-tokens", "prompt-adaptation", "subspace-pruning", "nemo",
-                   "adversarial-finetune")
+                   "adversarial-finetune", "adversarial-finetune-lora")
 TARGET_EXTRACTION = 0.05
 TARGET_RETRIGGER = 0.10
 SURROGATE_MODES = ("model", "oracle")

@@ -21,11 +21,13 @@ from diffmem.tasks.base import label_matches, split_by_seed
 
 MEM = [f"a photo of memorized thing number {i}" for i in range(8)]
 ORD = [f"an ordinary picture of object {i}" for i in range(12)]
-TINY_ADV = ["--option", "adversarial-finetune.rounds=1", "--option", "adversarial-finetune.outer_steps=2",
-            "--option", "adversarial-finetune.inner_steps=2", "--option", "adversarial-finetune.batch=2",
-            "--option", "adversarial-finetune.retain_prompts=4", "--option", "adversarial-finetune.lora_rank=2",
-            "--option", "adversarial-finetune.surrogate_candidates=2",
-            "--option", "adversarial-finetune.sample_steps=3"]
+TINY_ADV = ["--option", "adversarial-finetune-lora.rounds=1", "--option", "adversarial-finetune-lora.outer_steps=2",
+            "--option", "adversarial-finetune-lora.inner_steps=2", "--option", "adversarial-finetune-lora.batch=2",
+            "--option", "adversarial-finetune-lora.inner_batch=2",
+            "--option", "adversarial-finetune-lora.retain_prompts=4",
+            "--option", "adversarial-finetune-lora.lora_rank=2",
+            "--option", "adversarial-finetune-lora.surrogate_candidates=2",
+            "--option", "adversarial-finetune-lora.sample_steps=3"]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +193,8 @@ def test_cli_bench_runs_end_to_end_on_a_folder_task(tiny_sd_folder, prompt_files
     mem, ordi, images = prompt_files
     out = tmp_path / "bench"
     args = ["bench", "--model", str(tiny_sd_folder), "--memorized", str(mem), "--ordinary", str(ordi),
-            "--train-index", str(images), "--out", str(out), "--mitigators", "random-tokens", "adversarial-finetune",
+            "--train-index", str(images), "--out", str(out),
+            "--mitigators", "random-tokens", "adversarial-finetune-lora",
             "--seeds", "0", "1", "--samples", "2", "--steps", "3", "--attack-prompts", "2", "--attack-steps", "2",
             "--option", "retrigger.batch=2", "--option", "dori.batch=2", "--option", "dori.steps=2",
             "--option", "dori.starts=2", "--tune", "random-tokens.n_tokens=2,4",
@@ -200,7 +203,7 @@ def test_cli_bench_runs_end_to_end_on_a_folder_task(tiny_sd_folder, prompt_files
     assert main(args) == 0, capsys.readouterr().err
     record = json.loads((out / "bench.json").read_text())
     assert set(record["runs"]) == {"0", "1"}
-    assert set(record["results"]) == {"none", "random-tokens", "adversarial-finetune"}
+    assert set(record["results"]) == {"none", "random-tokens", "adversarial-finetune-lora"}
     assert record["task"]["name"] == "folder" and record["protocol"]["surrogates"] == "model"
     assert record["protocol"]["splits"]["0"]["test"] == 3 and record["protocol"]["splits"]["1"]["dev"] == 2
     tuned = record["protocol"]["tuned"]["random-tokens"]["0"]
@@ -211,9 +214,9 @@ def test_cli_bench_runs_end_to_end_on_a_folder_task(tiny_sd_folder, prompt_files
             assert 0.0 <= r["dori_extraction_rate"] <= 1.0 and "retrigger_extraction_rate" not in r
             assert r["extraction_rate"] == pytest.approx(r["matching_verbatim"] + r["template_verbatim"])
             assert r["fidelity"] is None and r["fid"] is None and r["diversity"] > 0
-        surrogates = record["runs"][seed]["adversarial-finetune"]["fit"]["surrogates"]
+        surrogates = record["runs"][seed]["adversarial-finetune-lora"]["fit"]["surrogates"]
         assert surrogates["rule"] == "training-index" and surrogates["kept"] + surrogates["rejected"] == 3
-        assert record["runs"][seed]["adversarial-finetune"]["parameters_changed"] > 0
+        assert record["runs"][seed]["adversarial-finetune-lora"]["parameters_changed"] > 0
     assert record["results"]["none"]["seeds"] == 2 and "extraction_rate_std" in record["results"]["none"]
     assert "test split, mean +- sd" in capsys.readouterr().out
 
@@ -242,11 +245,11 @@ def test_cli_bench_defaults_to_the_default_zoos_task(tmp_path, capsys):
     assert run["fidelity_ordinary_title"] is None and run["fidelity"] == run["fidelity_ordinary_ordinary"]
 
 
-def test_cli_mitigate_adversarial_finetune_on_any_checkpoint(tiny_sd_folder, prompt_files, tmp_path, capsys):
+def test_cli_mitigate_adversarial_finetune_lora_on_any_checkpoint(tiny_sd_folder, prompt_files, tmp_path, capsys):
     mem, ordi, _ = prompt_files
     out = tmp_path / "patched"
-    options = [a.replace("adversarial-finetune.", "") for a in TINY_ADV]
-    assert main(["mitigate", "adversarial-finetune", "--model", str(tiny_sd_folder), "--prompts", str(mem),
+    options = [a.replace("adversarial-finetune-lora.", "") for a in TINY_ADV]
+    assert main(["mitigate", "adversarial-finetune-lora", "--model", str(tiny_sd_folder), "--prompts", str(mem),
                  "--reference", str(ordi), "--out", str(out), *options]) == 0, capsys.readouterr().err
     record = json.loads((out / "mitigation.json").read_text())
     surrogates = record["fit"]["surrogates"]

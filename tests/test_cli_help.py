@@ -105,7 +105,8 @@ def test_each_subcommand_lists_its_methods_and_a_method_its_options(capsys):
         assert f"{name:<24}{first}" in text
     noise = _help(["mitigate", "embedding-noise"], capsys)
     assert "options of embedding-noise" in noise and "scale" in noise and "(default: 0.1)" in noise
-    assert "lora_rank" in _help(["mitigate", "dori-finetune"], capsys)  # an alias shows its method's options
+    assert "surrogate_source" in _help(["mitigate", "dori-finetune"], capsys)  # an alias shows its method's options
+    assert "lora_rank" in _help(["mitigate", "adversarial-finetune-lora"], capsys)
     assert "noise-norm" in _help(["scan"], capsys) and "one-step-whitebox" in _help(["extract"], capsys)
     assert "subspace-pruning" in _help(["bench"], capsys)
 

@@ -350,23 +350,111 @@ def test_nemo_union_is_a_pruned_checkpoint_with_its_share_reported(model, nemo_f
         assert (dict(mit.patched().unet.named_modules())[name].weight[rows] == 0).all()
 
 
-def test_adversarial_finetune_changes_weights_full_and_lora(model):
-    surrogates = torch.rand(2, 3, 16, 16)
-    for options in ({"lora_rank": None}, {"lora_rank": 2}):
-        mit = make_mitigator("adversarial-finetune", rounds=1, outer_steps=2, inner_steps=2, batch=2, **options)
-        mit.fit(model, MEM, ORD, surrogates=surrogates)
-        changed = sum(int((a != b).sum()) for a, b in zip(model.unet.state_dict().values(),
-                                                          mit.patched().unet.state_dict().values()))
-        assert changed > 0
-        assert set(mit.patched().unet.state_dict()) == set(model.unet.state_dict())  # same tensors: loadable
+TINY_ADV = {"rounds": 1, "outer_steps": 2, "inner_steps": 2, "inner_batch": 2, "batch": 2, "retain_prompts": 2,
+            "sample_steps": 2}
 
 
-def test_adversarial_finetune_lora_targets_touch_only_the_cross_attention_key_value_maps(model):
-    mit = make_mitigator("adversarial-finetune", rounds=1, outer_steps=2, inner_steps=2, batch=2, lora_rank=2,
-                         lora_targets=r".*attn2\.(to_k|to_v)")
+def _changed(a: torch.nn.Module, b: torch.nn.Module) -> set[str]:
+    before, after = a.state_dict(), b.state_dict()
+    assert set(after) == set(before)  # the same tensors: the saved checkpoint loads as the input did
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_adversarial_finetune_trains_the_full_unet_as_dori(model):
+    """Dori fine-tunes the whole UNet (LoRA did not suffice): weights outside any attention projection move."""
+    mit = make_mitigator("adversarial-finetune", lr=1e-3, **TINY_ADV)
     mit.fit(model, MEM, ORD, surrogates=torch.rand(2, 3, 16, 16))
-    patched = mit.patched().unet.state_dict()
-    changed = {k for k, v in model.unet.state_dict().items() if not torch.equal(v, patched[k])}
+    changed = _changed(model.unet, mit.patched().unet)
+    assert {"conv_in.weight", "conv_out.weight"} <= changed
+    assert any(".resnets." in k for k in changed) and any(".ff.net." in k for k in changed)
+    assert not any("lora" in k for k in mit.patched().unet.state_dict())
+    info = mit.describe_fit()
+    assert info["mode"] == "full" and info["retain"].startswith("diffusion loss")
+
+
+def test_adversarial_finetune_is_deterministic_given_a_seed(model):
+    surrogates = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for seed in (3, 3, 4):
+        mit = make_mitigator("adversarial-finetune", lr=1e-3, seed=seed, **TINY_ADV)
+        mit.fit(model, MEM, ORD, surrogates=surrogates)
+        runs.append(mit.patched().unet.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_adversarial_finetune_surrogates_are_the_pruned_models_generations(model, monkeypatch):
+    """Dori's surrogates: the generations, for the original prompts, of the model under a pruning mitigation
+    (NeMo by default), fitted first on the memorized prompts."""
+    from diffmem.mitigators.nemo import NeMo
+
+    fitted, drawn = [], []
+    real_fit, real_apply = NeMo.fit, NeMo.apply
+
+    def fit(self, model, memorized, ordinary, statistics_prompts=None):
+        fitted.append((list(memorized), list(ordinary), statistics_prompts))
+        return real_fit(self, model, memorized, ordinary, statistics_prompts=statistics_prompts)
+
+    def apply(self, model):
+        view = real_apply(self, model)
+        sample = view.sample
+
+        def spy(*args, **kwargs):
+            out = sample(*args, **kwargs)
+            drawn.append(out.images)
+            return out
+
+        view.sample = spy
+        return view
+
+    monkeypatch.setattr(NeMo, "fit", fit)
+    monkeypatch.setattr(NeMo, "apply", apply)
+    mit = make_mitigator("adversarial-finetune", surrogate_candidates=1, surrogate_max_ssim=1.01,
+                         surrogate_options={"seeds": 3, "theta_step": 2.0, "threshold": -1.0}, **TINY_ADV)
+    mit.fit(model, MEM, ORD, statistics_prompts=ORD[1:])
+    assert fitted == [(MEM, ORD, ORD[1:])]  # fitted once, on the memorized prompts, with the statistics prompts
+    assert len(drawn) == 1  # one candidate, drawn by the blocked model
+    torch.testing.assert_close(mit._forget.surrogates, drawn[0])
+    assert mit._forget.prompts == MEM
+    assert mit.describe_fit()["surrogates"]["source"]["name"] == "nemo"
+
+
+def test_adversarial_finetune_retain_term_is_the_plain_diffusion_loss(model):
+    """Dori's retain term, by hand: mean ||eps_theta(sqrt(a) z + sqrt(1 - a) eps, t, c) - eps||^2 over the retain
+    pairs drawn; the LoRA variant's distillation term is 0 on the unchanged model, where this one is not."""
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    mit = make_mitigator("adversarial-finetune", batch=1, retain_prompts=3)
+    mit.prepare_retain(model, ORD[:3], images)
+    with torch.no_grad():
+        got = float(mit.retain_loss(model, torch.Generator().manual_seed(7)))
+        g = torch.Generator().manual_seed(7)
+        idx = torch.randint(3, (2,), generator=g)
+        z = model.encode_images(images)[idx]
+        t = torch.randint(0, len(model.alphas_cumprod), (2,), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        expected = 0.0
+        for i in range(2):
+            a = float(model.alphas_cumprod[t[i]])
+            x = a**0.5 * z[i : i + 1] + (1 - a) ** 0.5 * noise[i : i + 1]
+            eps = model.unet(x, t[i : i + 1], encoder_hidden_states=model.encode_prompts([ORD[int(idx[i])]])).sample
+            expected += float((eps - noise[i : i + 1]).pow(2).mean()) / 2
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert mit.describe_fit()["retain"] == "diffusion loss on ordinary prompts with given images"
+    lora = make_mitigator("adversarial-finetune-lora", batch=1, retain_prompts=3, sample_steps=2)
+    lora.prepare_retain(model, ORD[:3], None)
+    with torch.no_grad():
+        assert float(lora.retain_loss(model, torch.Generator().manual_seed(7))) == 0.0
+
+
+def test_adversarial_finetune_lora_touches_only_its_adapters_targets(model):
+    mit = make_mitigator("adversarial-finetune-lora", lora_rank=2, **TINY_ADV)
+    mit.fit(model, MEM, ORD, surrogates=torch.rand(2, 3, 16, 16))
+    changed = _changed(model.unet, mit.patched().unet)
+    assert changed and all(k.split(".")[-2] in ("to_q", "to_k", "to_v", "0") for k in changed), sorted(changed)
+    assert mit.describe_fit()["mode"] == "lora-r2"
+    narrow = make_mitigator("adversarial-finetune-lora", lora_rank=2, lora_targets=r".*attn2\.(to_k|to_v)", **TINY_ADV)
+    narrow.fit(model, MEM, ORD, surrogates=torch.rand(2, 3, 16, 16))
+    changed = _changed(model.unet, narrow.patched().unet)
     assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed), sorted(changed)
 
 

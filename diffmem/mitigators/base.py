@@ -51,6 +51,18 @@ class Mitigator(Configurable, ABC):
         return mitigate_command(self.name)
 
 
+def fit_with(mitigator: Mitigator, model: DiffusionModel, memorized: list[str], ordinary: list[str],
+             **available: Any) -> None:
+    """``mitigator.fit`` with those of the ``available`` keyword inputs its ``fit`` accepts (``None`` values are
+    left out): callers hold optional inputs (a training index, statistics prompts, a content check) that only
+    some methods take, and pass them all without knowing which method takes what."""
+    import inspect
+
+    accepted = inspect.signature(mitigator.fit).parameters
+    mitigator.fit(model, memorized, ordinary,
+                  **{k: v for k, v in available.items() if k in accepted and v is not None})
+
+
 def mitigate_command(name: str) -> str:
     """The ownership-marker command of ``diffmem mitigate NAME`` (see :mod:`diffmem.outputs`)."""
     return f"mitigate {name}"
