@@ -18,8 +18,9 @@ run it. File references below are to that repository.
   statistics (``1_compute_activations_statistics.py`` L47-63) of many prompts of the memorized captions' own
   distribution (the reference: 50k LAION prompts). ``fit(..., statistics_prompts=...)`` takes them (the bench
   passes its task's :meth:`~diffmem.tasks.base.BenchTask.statistics_prompts`: on the zoos, never-trained
-  captions of the memorized captions' families); without them the ordinary prompts stand in. Neurons with z > theta plus the top-k by |a|; theta from 5 down by
-  0.25 to 1 and k from 0 up by 1 together until the signal falls to the threshold (3_detect L70-97, L133-138).
+  captions of the memorized captions' families); without them the ordinary prompts stand in. Neurons with
+  z > theta plus the top-k by |a|; theta from 5 down by 0.25 to 1 and k from 0 up by 1 together until the
+  signal falls to the threshold (3_detect L70-97, L133-138).
   If theta reaches its minimum first, the refinement threshold becomes the signal reached (L95-97).
 - Refinement (``activation_detection.py`` L193-258): whole layers, then single neurons, last layer first,
   are unblocked when the signal stays at or below the refinement threshold (the reference's ``<``; ``<=``
@@ -157,7 +158,8 @@ class NeMoSettings:
         mu, sigma = self.activation_statistics(model, statistics_prompts or ordinary, modules)
         if self.threshold is None:
             self.threshold = self.derive_threshold(model, ordinary)
-        acts = first_step_activations(model, memorized, modules, mean_abs_over_tokens, use_input=False, draws=1, seed=self.seed)
+        acts = first_step_activations(model, memorized, modules, mean_abs_over_tokens, use_input=False, draws=1,
+                                      seed=self.seed)
         per_prompt: dict[str, Selection] = {}
         runs = []
         for i, prompt in enumerate(memorized):
