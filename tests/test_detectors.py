@@ -282,6 +282,49 @@ def test_sharpness_matches_finite_differences(model):
     assert float(got[0]) == pytest.approx(float(jv.norm()), rel=1e-3)
 
 
+def test_sharpness_on_a_v_prediction_model_follows_jeons_code(tiny_sd_v_folder):
+    """Jeon et al.'s code on v-prediction (SD2): score (sqrt(a) v - x) / (1 - a) with x held fixed, its Jacobian
+    difference applied to its score difference, by central finite differences on the raw UNet output (v). The
+    true-score form (``mode="epsilon"``) is that number times (1 - a): the issue's 1 / (1 - alpha_bar)."""
+    vmodel = load_model(tiny_sd_v_folder)
+    assert vmodel.prediction_type == "v_prediction"
+    engine = NoiseStepEngine(vmodel, n_draws=1, seed=11)
+    t0 = engine.timestep(0)
+    a = float(engine.sampler.alphas_cumprod[t0])
+    x = engine.latents.double()
+    unet = vmodel.unet.double()
+    try:
+        emb_c = vmodel.encode_prompts([PROMPTS[2]]).double()
+        emb_u = vmodel.empty_embedding().double()
+
+        def reference_score_difference(z):  # (sqrt(a) v(z) - x) / (1 - a), conditional minus unconditional
+            v_c = unet(z, torch.tensor([t0]), encoder_hidden_states=emb_c).sample
+            v_u = unet(z, torch.tensor([t0]), encoder_hidden_states=emb_u).sample
+            return ((math.sqrt(a) * v_c - x) - (math.sqrt(a) * v_u - x)) / (1 - a)
+
+        with torch.no_grad():
+            d = reference_score_difference(x)
+            h = 1e-4
+            jd = (reference_score_difference(x + h * d) - reference_score_difference(x - h * d)) / (2 * h)
+    finally:
+        unet.float()
+    emb = vmodel.encode_prompts([PROMPTS[2]])
+    ref = float(make_detector("sharpness").score_prompts(vmodel, emb, engine)[0])
+    eps = float(make_detector("sharpness", mode="epsilon").score_prompts(vmodel, emb, engine)[0])
+    assert ref == pytest.approx(float(jd.norm()), rel=1e-3)
+    assert ref == pytest.approx(eps / (1 - a), rel=1e-5)
+    assert 1 / (1 - a) > 1.001  # the two modes are different numbers at this timestep
+    with pytest.raises(ValueError, match="sharpness mode 'v' unknown"):
+        make_detector("sharpness", mode="v")
+
+
+def test_sharpness_modes_agree_on_an_epsilon_model(model):
+    ref = score_chunk(NoiseStepEngine(model, n_draws=1, seed=11), [make_detector("sharpness")], PROMPTS)["sharpness"]
+    eps = score_chunk(NoiseStepEngine(model, n_draws=1, seed=11), [make_detector("sharpness", mode="epsilon")],
+                      PROMPTS)["sharpness"]
+    assert ref == pytest.approx(eps, rel=1e-6) and min(ref) > 0
+
+
 def test_noise_step_detectors_share_the_engine_pass(model):
     """noise-norm, attention entropy and sharpness together: one unconditional pass per draw, one conditional
     pass per prompt and draw (attention recorded in it, sharpness's JVP direction taken from it), then the JVP."""
