@@ -21,6 +21,7 @@ import json
 import re
 from pathlib import Path
 
+from diffmem.bench_results import upgrade_result
 from diffmem.zoo.sd_gates import null_from_summary
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -257,18 +258,36 @@ def corpus_gate_rows(columns: list[tuple[str, dict]]) -> list[str]:
     ]
 
 
+def upgraded(record: dict) -> dict:
+    """A bench record with every result row under the current key names (earlier files stored the tuned
+    re-trigger as ``retrigger_extraction_rate``; see :mod:`diffmem.bench_results`)."""
+    return {**record, "results": {n: upgrade_result(r) for n, r in record["results"].items()},
+            "runs": {s: {n: upgrade_result(r) for n, r in per.items()} for s, per in record.get("runs", {}).items()}}
+
+
+def reattack_columns(record: dict) -> list[tuple[str, str]]:
+    """(result key, header) of the re-trigger columns: both attacks where DoRI was measured, else the one
+    re-trigger of earlier files under its old header."""
+    if any(r.get("dori_extraction_rate") is not None for r in record["results"].values()):
+        return [("dori_extraction_rate", "under DoRI"), ("tuned_retrigger_extraction_rate", "under tuned re-trigger")]
+    return [("tuned_retrigger_extraction_rate", "under re-trigger")]
+
+
 def bench_rows(record: dict, compact: bool = False) -> list[str]:
+    record = upgraded(record)
+    again = reattack_columns(record)
+    heads = " | ".join(h for _, h in again)
     if compact:
-        head = ["| method | acts at | extraction (matching / template) | under re-trigger | fidelity |",
-                "|---|---|---|---|---|"]
+        head = [f"| method | acts at | extraction (matching / template) | {heads} | fidelity |",
+                "|---|---|---|" + "---|" * len(again) + "---|"]
     else:
-        head = ["| method | acts at | extraction (matching / template) | under re-trigger | fidelity | "
+        head = [f"| method | acts at | extraction (matching / template) | {heads} | fidelity | "
                 "FID (reader features) | diversity | noise-norm | fit s | params changed |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|" + "---|" * len(again) + "---|---|---|---|---|---|"]
     rows = []
     for name, r in record["results"].items():
         cells = [name, r["acts_at"], f"{r['extraction_rate']:.3f} ({r['matching_verbatim']:.3f} / "
-                 f"{r['template_verbatim']:.3f})", f"{r['retrigger_extraction_rate']:.3f}", f"{r['fidelity']:.3f}"]
+                 f"{r['template_verbatim']:.3f})", *(f"{r[k]:.3f}" for k, _ in again), f"{r['fidelity']:.3f}"]
         if not compact:
             cells += [f"{r['fid']:.0f}", f"{r['diversity']:.3f}", f"{r['noise_norm_memorized']:.2f}",
                       f"{r['fit_seconds']:.1f}", str(r["parameters_changed"])]
@@ -364,9 +383,12 @@ def growth_rows(record: dict, compact: bool = False) -> list[str]:
 def heldout_bench_rows(record: dict, first: str = "method") -> list[str]:
     """``diffmem bench``'s held-out protocol: test-split figures as mean +- std over split seeds, then each seed's.
     ``first``: the first column's header (it tells two such tables on one page apart)."""
+    record = upgraded(record)
+    again = reattack_columns(record)
     seeds = sorted(record["runs"], key=int)
-    head = [f"| {first} | acts at | extraction, test | under re-trigger | fidelity, ordinary captions | "
-            "fidelity, memorized captions | parameters changed | fit s |", "|---|---|---|---|---|---|---|---|"]
+    head = [f"| {first} | acts at | extraction, test | {' | '.join(h for _, h in again)} | fidelity, ordinary "
+            "captions | fidelity, memorized captions | parameters changed | fit s |",
+            "|---|---|---|" + "---|" * len(again) + "---|---|---|---|"]
 
     def cell(name: str, key: str) -> str:
         r = record["results"][name]
@@ -378,7 +400,7 @@ def heldout_bench_rows(record: dict, first: str = "method") -> list[str]:
 
     rows = []
     for name, r in record["results"].items():
-        cells = [name, r["acts_at"], cell(name, "extraction_rate"), cell(name, "retrigger_extraction_rate"),
+        cells = [name, r["acts_at"], cell(name, "extraction_rate"), *(cell(name, k) for k, _ in again),
                  cell(name, "fidelity_ordinary_all"), cell(name, "fidelity_memorized_all"),
                  f"{r['parameters_changed']:.0f}", f"{r['fit_seconds']:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
@@ -434,7 +456,8 @@ def headline_rows(records: list[dict]) -> list[str]:
     docs section holding the command that regenerates it."""
     verdict_labels, verdict_detection, extraction, bench, growth = records
     attack = extraction["attacks"]["attacks"]["generate-filter"]
-    res = bench["results"]
+    res = upgraded(bench)["results"]
+    again = " ".join(f"{head} {{}};" for _, head in reattack_columns(upgraded(bench)))
 
     def bench_cell(key: str) -> str:
         return f"{res['none'][key]:.3f} to {res['adversarial-finetune'][key]:.3f}"
@@ -451,8 +474,9 @@ def headline_rows(records: list[dict]) -> list[str]:
          f"{attack['precision']:.3f}, recall {attack['recall']:.3f}", "extraction_sd.json",
          "extraction.md#the-attack-benchmark-on-the-default-zoo"),
         ("mitigation: adversarial fine-tuning (test split, mean of 2 split seeds)",
-         f"extraction {bench_cell('extraction_rate')}; under re-trigger {bench_cell('retrigger_extraction_rate')}; "
-         f"ordinary fidelity {bench_cell('fidelity_ordinary_all')}", "bench_task_sd.json",
+         f"extraction {bench_cell('extraction_rate')}; "
+         + again.format(*(bench_cell(k) for k, _ in reattack_columns(upgraded(bench))))
+         + f" ordinary fidelity {bench_cell('fidelity_ordinary_all')}", "bench_task_sd.json",
          "mitigation.md#mitigation-on-the-default-zoo"),
         ("scan cost, noise-norm at 4 draws, 2 CPU threads",
          f"{biggest['cpu_per_prompt_ms']} CPU ms a prompt at {biggest['prompts']:,} prompts", "scan_growth.json",

@@ -13,11 +13,14 @@ for each method (and the unmitigated model):
    measured on the *dev* split; the rule picks the setting (extraction <= 5% and <= 10% under the
    re-trigger, then the highest ordinary fidelity; if none passes, the lowest extraction + re-trigger);
 3. **report** the chosen setting on the *test* split: extraction rate on memorized prompts (split into
-   matching / template verbatim) under plain generation and under the adaptive embedding re-trigger
-   (DoRI), the task's fidelity per caption family for memorized prompts after mitigation (what the
-   patched model now draws for them) and for ordinary prompts, FID (when the task has features) and
-   diversity on ordinary prompts, the first-step noise-norm on memorized prompts, fit time and the
-   number of parameters changed.
+   matching / template verbatim) under plain generation and under two adaptive embedding re-triggers:
+   DoRI at the paper's settings (``dori_extraction_rate``, the default re-trigger: Adam lr 0.1, batch 8,
+   50 steps, no bound, 3 starts) and diffmem's earlier tuned attack (``tuned_retrigger_extraction_rate``:
+   lr 0.01, 30 steps, relative bound 0.3, one start; bench files before this change stored it as
+   ``retrigger_extraction_rate``, read back by :func:`~diffmem.bench_results.upgrade_result`), the task's
+   fidelity per caption family for memorized prompts after mitigation (what the patched model now draws
+   for them) and for ordinary prompts, FID (when the task has features) and diversity on ordinary prompts,
+   the first-step noise-norm on memorized prompts, fit time and the number of parameters changed.
 
 ``bench.json`` holds every (seed, method) result under ``runs`` (written after each, resumable), the
 mean and standard deviation over seeds under ``results`` and what was tuned on what under ``protocol``.
@@ -38,6 +41,7 @@ import torch
 
 from diffmem.attacks import AttackContext, make_attack
 from diffmem.attacks.base import TrainingIndex
+from diffmem.bench_results import REATTACKS, reattack_rate, upgrade_result
 from diffmem.detectors import NoiseStepEngine, make_detector
 from diffmem.eval.quality import diversity, fid
 from diffmem.io import atomic_write_text
@@ -49,7 +53,7 @@ from diffmem.scan import score_chunk
 from diffmem.tasks.base import BenchTask, MemorizedPrompt, SplitSizes, TaskSplits
 
 DEFAULT_METHODS = ("embedding-noise", "random-tokens", "prompt-adaptation", "subspace-pruning", "nemo",
-                   "adversarial-finetune")
+                   "adversarial-finetune", "adversarial-finetune-lora")
 TARGET_EXTRACTION = 0.05
 TARGET_RETRIGGER = 0.10
 SURROGATE_MODES = ("model", "oracle")
@@ -69,7 +73,8 @@ class BenchSettings:
     surrogates: str = "model"  # "model" (the default) or "oracle" (the task's renderer; ablation)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per mitigator
     tune: dict[str, dict[str, list]] = field(default_factory=dict)  # per mitigator: option -> candidates (dev)
-    retrigger: dict[str, Any] = field(default_factory=dict)  # the adaptive attack's settings (DoRI's by default)
+    retrigger: dict[str, Any] = field(default_factory=dict)  # the tuned re-trigger's settings (second row)
+    dori: dict[str, Any] = field(default_factory=dict)  # DoRI's settings (the paper's by default)
 
     def __post_init__(self) -> None:
         if self.surrogates not in SURROGATE_MODES:
@@ -102,12 +107,13 @@ def measure(model: DiffusionModel, original: DiffusionModel, task: BenchTask, me
     images = model.sample(_repeat(captions, k), gen_seeds, num_inference_steps=settings.steps).images
     out: dict[str, Any] = task.label_extraction(original, images, _repeat([p.item for p in memorized], k)).rates()
     mem_fidelity = task.fidelity(images, _repeat(captions, k))
-    attack = make_attack("retrigger", **({"steps": settings.attack_steps, "generations": 2,
-                                          "sample_steps": settings.steps} | settings.retrigger))
     rows = memorized[:attack_prompts]
-    res = attack.run(model, [p.caption for p in rows], AttackContext(index=index, own_items=[p.item for p in rows],
-                                                                      seed=seed))
-    out["retrigger_extraction_rate"] = float(np.mean(res["replication_rate"]))
+    for name, key in REATTACKS:
+        options = {"generations": 2, "sample_steps": settings.steps}
+        options |= ({"steps": settings.attack_steps} | settings.retrigger) if name == "retrigger" else settings.dori
+        res = make_attack(name, **options).run(model, [p.caption for p in rows],
+                                               AttackContext(index=index, own_items=[p.item for p in rows], seed=seed))
+        out[key] = float(np.mean(res["replication_rate"]))
     gen = model.sample(_repeat(ordinary, k), [seed + j for _ in ordinary for j in range(k)],
                        num_inference_steps=settings.steps).images
     ord_fidelity = task.fidelity(gen, _repeat(ordinary, k))
@@ -141,6 +147,8 @@ def fit_method(name: str, options: dict[str, Any], model: DiffusionModel, task: 
         extra["index"] = task.training_index(model)
     if "content" in params:
         extra["content"] = task.content_flags  # returns None when the task has no per-image fidelity
+    if "statistics_prompts" in params:  # NeMo's activation statistics: the memorized captions' distribution
+        extra["statistics_prompts"] = task.statistics_prompts(split)
     mitigator.fit(model, [p.caption for p in split.fit], split.ordinary_fit, **extra)
     if isinstance(mitigator, InferenceMitigator):
         patched, changed = mitigator.apply(model), 0
@@ -152,16 +160,16 @@ def fit_method(name: str, options: dict[str, Any], model: DiffusionModel, task: 
 
 def choose(dev: list[dict[str, Any]]) -> int:
     """The tuning rule: among settings meeting both extraction targets on dev, the highest ordinary
-    fidelity; if none meets them, the lowest extraction + re-trigger rate (fidelity breaks ties)."""
+    fidelity; if none meets them, the lowest extraction + re-trigger rate (fidelity breaks ties). The
+    re-trigger rate is DoRI's (:func:`reattack_rate`)."""
     def fid_of(r: dict) -> float:
         return r["fidelity"] if r["fidelity"] is not None else 0.0
 
     ok = [i for i, r in enumerate(dev) if r["extraction_rate"] <= TARGET_EXTRACTION
-          and r["retrigger_extraction_rate"] <= TARGET_RETRIGGER]
+          and reattack_rate(r) <= TARGET_RETRIGGER]
     if ok:
         return max(ok, key=lambda i: fid_of(dev[i]))
-    return min(range(len(dev)), key=lambda i: (dev[i]["extraction_rate"] + dev[i]["retrigger_extraction_rate"],
-                                               -fid_of(dev[i])))
+    return min(range(len(dev)), key=lambda i: (dev[i]["extraction_rate"] + reattack_rate(dev[i]), -fid_of(dev[i])))
 
 
 def grid(tune: dict[str, list]) -> list[dict[str, Any]]:
@@ -175,7 +183,7 @@ def summarise(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, Any]]:
     methods: dict[str, list[dict]] = {}
     for per_seed in runs.values():
         for name, r in per_seed.items():
-            methods.setdefault(name, []).append(r)
+            methods.setdefault(name, []).append(upgrade_result(r))
     out: dict[str, dict[str, Any]] = {}
     for name, rs in methods.items():
         row: dict[str, Any] = {"seeds": len(rs), "acts_at": rs[0].get("acts_at")}

@@ -9,7 +9,7 @@ import torch
 from diffmem.attacks import AttackContext, TrainingIndex, make_attack
 from diffmem.attacks.generate_filter import largest_clique, tiled_l2
 from diffmem.attacks.one_step_blackbox import sobel_magnitude
-from diffmem.attacks.retrigger import optimise_embeddings
+from diffmem.attacks.retrigger import optimise_embeddings, start_embeddings
 from diffmem.eval.matching import make_matcher
 from diffmem.models import load_model
 
@@ -135,6 +135,42 @@ def test_retrigger_search_lowers_the_denoising_loss_on_the_target(model):
     assert loss(e) < loss(e0)
     bounded = optimise_embeddings(model, e0, target, steps=5, lr=0.5, batch=4, max_relative_norm=0.1, seed=0)
     assert float((bounded - e0).norm() / e0.norm()) <= 0.1 + 1e-5
+
+
+def test_dori_runs_the_papers_settings_and_the_tuned_attack_stays_a_second_row():
+    dori, tuned = make_attack("dori"), make_attack("retrigger")
+    assert (dori.lr, dori.batch, dori.steps, dori.max_relative_norm, dori.starts) == (0.1, 8, 50, None, 3)
+    assert (tuned.lr, tuned.steps, tuned.max_relative_norm, tuned.starts) == (0.01, 30, 0.3, 1)
+    assert make_attack("retrigger-tuned") == tuned
+    assert dori.unet_calls_per_prompt() == 3 * (50 * 8 + 2 * 25 * 4) + 2 * 25
+
+
+def test_dori_starts_differ_and_a_bound_holds_from_the_prompt_embedding(model):
+    e0 = model.encode_prompts(["a cat", "a dog"])
+    starts = [start_embeddings(e0, s, 0.1, seed=0) for s in range(3)]
+    assert torch.equal(starts[0], e0)  # the first start is the prompt's own embedding
+    for s in (1, 2):
+        rel = (starts[s] - e0).flatten(1).norm(dim=1) / (e0.flatten(1).std(dim=1) * e0[0].numel() ** 0.5)
+        assert rel.tolist() == pytest.approx([0.1, 0.1], rel=0.05)  # noise of 0.1 x the element std
+    assert not torch.allclose(starts[1], starts[2])
+    target = model.encode_images(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    far = optimise_embeddings(model, e0, target, steps=3, lr=0.5, batch=2, max_relative_norm=0.05, seed=0,
+                              init=starts[1])
+    shift = (far - e0).flatten(1).norm(dim=1) / e0.flatten(1).norm(dim=1)
+    assert (shift <= 0.05 + 1e-5).all()
+
+
+def test_dori_keeps_each_prompts_best_start(model):
+    train = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    # threshold between the images' similarities: some generations count as replicating, others not
+    index = TrainingIndex(train, np.arange(3), make_matcher("l2").fit(train), threshold=-0.3)
+    attack = make_attack("dori", steps=2, batch=2, starts=2, generations=2, sample_steps=2)
+    out = attack.run(model, ["a cat", "a dog"], AttackContext(index=index, own_items=[0, 1], seed=0))
+    per_start = np.asarray(out["replication_rate_per_start"])
+    assert per_start.shape == (2, 2)
+    assert out["replication_rate"] == per_start.max(1).tolist()
+    assert out["flagged"] == (per_start.max(1) > 0).tolist()
+    assert all(s > 0 for s in out["embedding_shift"])  # no bound, and every start moved
 
 
 def test_extract_cli_on_an_image_folder_resumes_and_labels(tiny_sd_folder, tmp_path):

@@ -21,11 +21,13 @@ from diffmem.tasks.base import label_matches, split_by_seed
 
 MEM = [f"a photo of memorized thing number {i}" for i in range(8)]
 ORD = [f"an ordinary picture of object {i}" for i in range(12)]
-TINY_ADV = ["--option", "adversarial-finetune.rounds=1", "--option", "adversarial-finetune.outer_steps=2",
-            "--option", "adversarial-finetune.inner_steps=2", "--option", "adversarial-finetune.batch=2",
-            "--option", "adversarial-finetune.retain_prompts=4", "--option", "adversarial-finetune.lora_rank=2",
-            "--option", "adversarial-finetune.surrogate_candidates=2",
-            "--option", "adversarial-finetune.sample_steps=3"]
+TINY_ADV = ["--option", "adversarial-finetune-lora.rounds=1", "--option", "adversarial-finetune-lora.outer_steps=2",
+            "--option", "adversarial-finetune-lora.inner_steps=2", "--option", "adversarial-finetune-lora.batch=2",
+            "--option", "adversarial-finetune-lora.inner_batch=2",
+            "--option", "adversarial-finetune-lora.retain_prompts=4",
+            "--option", "adversarial-finetune-lora.lora_rank=2",
+            "--option", "adversarial-finetune-lora.surrogate_candidates=2",
+            "--option", "adversarial-finetune-lora.sample_steps=3"]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,12 @@ def test_choose_prefers_settings_meeting_both_targets_then_fidelity():
            {"extraction_rate": 0.0, "retrigger_extraction_rate": 0.0, "fidelity": 0.85}]
     assert choose(dev) == 2
     assert choose(dev[:1] + [{"extraction_rate": 0.3, "retrigger_extraction_rate": 0.0, "fidelity": 1.0}]) == 0
+    # current files: DoRI's figure decides, the tuned re-trigger's is a second row
+    both = [{"extraction_rate": 0.0, "dori_extraction_rate": 0.5, "tuned_retrigger_extraction_rate": 0.0,
+             "fidelity": 0.99},
+            {"extraction_rate": 0.0, "dori_extraction_rate": 0.05, "tuned_retrigger_extraction_rate": 0.5,
+             "fidelity": 0.9}]
+    assert choose(both) == 1
     assert grid({"b": [1, 2], "a": ["x"]}) == [{"a": "x", "b": 1}, {"a": "x", "b": 2}] and grid({}) == [{}]
 
 
@@ -103,6 +111,53 @@ def test_zoo_scene_fidelity_reads_colours_at_named_positions():
     assert scene_fidelity(images, captions).all()  # every training render draws its caption
     shifted = captions[1:] + captions[:1]  # each image judged against another scene's caption
     assert scene_fidelity(images, shifted).mean() <= 0.1
+
+
+def test_zoo_statistics_prompts_are_never_trained_captions_of_the_memorized_families():
+    """NeMo's statistics on the SD-like zoo: the held-out painting and poster titles not labelled memorized (150 +
+    150 held-out signatures, 9 of them memorized; the 12 held-out templates are all memorized), none in a split."""
+    from diffmem.zoo.load import load_labels
+
+    task = make_task("zoo-sd")
+    split = task.splits(0, SplitSizes(fit=32, dev=8, test=24))
+    got = task.statistics_prompts(split)
+    rows = {r["caption"]: r for r in load_labels(task.folder())}
+    assert len(got) == 291 and len(set(got)) == 291
+    assert {rows[c]["kind"] for c in got} == {"heldout_signature"} and not any(rows[c]["memorized"] for c in got)
+    assert {rows[c]["family"] for c in got} == {"painting", "poster"}
+    taken = {p.caption for p in split.fit + split.dev + split.test}
+    taken |= set(split.ordinary_fit + split.ordinary_dev + split.ordinary_test)
+    assert not taken & set(got)
+
+
+def test_bench_passes_statistics_prompts_to_a_method_that_takes_them(monkeypatch, prompt_files):
+    """fit_method hands the task's statistics prompts to a fit that accepts them: a folder task's ordinary fit
+    split (all it knows), the zoo's held-out captions of the memorized families."""
+    from dataclasses import dataclass
+
+    import diffmem.bench as bench
+    from diffmem.mitigators.base import InferenceMitigator
+
+    @dataclass
+    class Recorder(InferenceMitigator):
+        name = "recorder"
+
+        def fit(self, model, memorized, ordinary, statistics_prompts=None):
+            self.got = (list(memorized), list(ordinary), statistics_prompts)
+
+        def apply(self, model):
+            return model
+
+    monkeypatch.setattr(bench, "make_mitigator", lambda name, **options: Recorder())
+    mem, ordi, _ = prompt_files
+    folder = make_task("folder", memorized=str(mem), ordinary=str(ordi))
+    split = folder.splits(0, SplitSizes(fit=3, dev=2, test=3, ordinary_fit=4, ordinary_dev=2, ordinary_test=3))
+    _, fitted, changed, _ = bench.fit_method("recorder", {}, object(), folder, split, bench.BenchSettings())
+    assert fitted.got == ([p.caption for p in split.fit], split.ordinary_fit, split.ordinary_fit) and changed == 0
+    zoo = make_task("zoo-sd")
+    zsplit = zoo.splits(1, SplitSizes(fit=4, dev=2, test=2, ordinary_fit=4, ordinary_dev=2, ordinary_test=2))
+    _, fitted, _, _ = bench.fit_method("recorder", {}, object(), zoo, zsplit, bench.BenchSettings())
+    assert fitted.got[2] == zoo.statistics_prompts(zsplit) and len(fitted.got[2]) > 100
 
 
 def test_model_surrogates_keep_only_non_copies(model):
@@ -138,27 +193,30 @@ def test_cli_bench_runs_end_to_end_on_a_folder_task(tiny_sd_folder, prompt_files
     mem, ordi, images = prompt_files
     out = tmp_path / "bench"
     args = ["bench", "--model", str(tiny_sd_folder), "--memorized", str(mem), "--ordinary", str(ordi),
-            "--train-index", str(images), "--out", str(out), "--mitigators", "random-tokens", "adversarial-finetune",
+            "--train-index", str(images), "--out", str(out),
+            "--mitigators", "random-tokens", "adversarial-finetune-lora",
             "--seeds", "0", "1", "--samples", "2", "--steps", "3", "--attack-prompts", "2", "--attack-steps", "2",
-            "--option", "retrigger.batch=2", "--tune", "random-tokens.n_tokens=2,4",
+            "--option", "retrigger.batch=2", "--option", "dori.batch=2", "--option", "dori.steps=2",
+            "--option", "dori.starts=2", "--tune", "random-tokens.n_tokens=2,4",
             *[f"--size={k}" for k in ("fit=3", "dev=2", "test=3", "ordinary_fit=4", "ordinary_dev=2",
                                       "ordinary_test=3")], *TINY_ADV]
     assert main(args) == 0, capsys.readouterr().err
     record = json.loads((out / "bench.json").read_text())
     assert set(record["runs"]) == {"0", "1"}
-    assert set(record["results"]) == {"none", "random-tokens", "adversarial-finetune"}
+    assert set(record["results"]) == {"none", "random-tokens", "adversarial-finetune-lora"}
     assert record["task"]["name"] == "folder" and record["protocol"]["surrogates"] == "model"
     assert record["protocol"]["splits"]["0"]["test"] == 3 and record["protocol"]["splits"]["1"]["dev"] == 2
     tuned = record["protocol"]["tuned"]["random-tokens"]["0"]
     assert tuned["on"] == "dev" and tuned["chosen"]["n_tokens"] in (2, 4) and len(tuned["dev"]) == 2
     for seed in ("0", "1"):
         for r in record["runs"][seed].values():
-            assert 0.0 <= r["extraction_rate"] <= 1.0 and 0.0 <= r["retrigger_extraction_rate"] <= 1.0
+            assert 0.0 <= r["extraction_rate"] <= 1.0 and 0.0 <= r["tuned_retrigger_extraction_rate"] <= 1.0
+            assert 0.0 <= r["dori_extraction_rate"] <= 1.0 and "retrigger_extraction_rate" not in r
             assert r["extraction_rate"] == pytest.approx(r["matching_verbatim"] + r["template_verbatim"])
             assert r["fidelity"] is None and r["fid"] is None and r["diversity"] > 0
-        surrogates = record["runs"][seed]["adversarial-finetune"]["fit"]["surrogates"]
+        surrogates = record["runs"][seed]["adversarial-finetune-lora"]["fit"]["surrogates"]
         assert surrogates["rule"] == "training-index" and surrogates["kept"] + surrogates["rejected"] == 3
-        assert record["runs"][seed]["adversarial-finetune"]["parameters_changed"] > 0
+        assert record["runs"][seed]["adversarial-finetune-lora"]["parameters_changed"] > 0
     assert record["results"]["none"]["seeds"] == 2 and "extraction_rate_std" in record["results"]["none"]
     assert "test split, mean +- sd" in capsys.readouterr().out
 
@@ -187,11 +245,11 @@ def test_cli_bench_defaults_to_the_default_zoos_task(tmp_path, capsys):
     assert run["fidelity_ordinary_title"] is None and run["fidelity"] == run["fidelity_ordinary_ordinary"]
 
 
-def test_cli_mitigate_adversarial_finetune_on_any_checkpoint(tiny_sd_folder, prompt_files, tmp_path, capsys):
+def test_cli_mitigate_adversarial_finetune_lora_on_any_checkpoint(tiny_sd_folder, prompt_files, tmp_path, capsys):
     mem, ordi, _ = prompt_files
     out = tmp_path / "patched"
-    options = [a.replace("adversarial-finetune.", "") for a in TINY_ADV]
-    assert main(["mitigate", "adversarial-finetune", "--model", str(tiny_sd_folder), "--prompts", str(mem),
+    options = [a.replace("adversarial-finetune-lora.", "") for a in TINY_ADV]
+    assert main(["mitigate", "adversarial-finetune-lora", "--model", str(tiny_sd_folder), "--prompts", str(mem),
                  "--reference", str(ordi), "--out", str(out), *options]) == 0, capsys.readouterr().err
     record = json.loads((out / "mitigation.json").read_text())
     surrogates = record["fit"]["surrogates"]

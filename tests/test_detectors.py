@@ -234,6 +234,32 @@ def test_attention_entropy_layer_number_beyond_the_unet_is_a_clear_error(model):
         score_chunk(NoiseStepEngine(model, 1), [make_detector("attention-entropy", layer_number=9)], PROMPTS[:1])
 
 
+def test_noise_norm_on_v_prediction_takes_the_raw_output_as_wens_code(tiny_sd_v_folder):
+    """Wen et al.'s code: the norm of the raw UNet outputs' difference (v on SD2); ``output="epsilon"`` converts."""
+    vmodel = load_model(tiny_sd_v_folder)
+    engine = NoiseStepEngine(vmodel, n_draws=2, seed=5)
+    p = PROMPTS[0]
+    t0 = engine.timestep(0)
+    x = engine.latents
+    ts = torch.tensor([t0] * 2)
+    with torch.no_grad():
+        v_c = vmodel.unet(x, ts, encoder_hidden_states=vmodel.encode_prompts([p]).expand(2, -1, -1)).sample
+        v_u = vmodel.unet(x, ts, encoder_hidden_states=vmodel.empty_embedding().expand(2, -1, -1)).sample
+    expected = float((v_c - v_u).flatten(1).norm(dim=1).mean())
+    raw = score_chunk(engine, [make_detector("noise-norm")], [p])["noise-norm"][0]
+    eps = score_chunk(engine, [make_detector("noise-norm", output="epsilon")], [p])["noise-norm"][0]
+    a0 = float(vmodel.alphas_cumprod[t0])
+    assert raw == pytest.approx(expected, rel=1e-4) and raw == pytest.approx(eps / math.sqrt(a0), rel=1e-4)
+    traj = {o: score_chunk(NoiseStepEngine(vmodel, n_draws=1, seed=5),
+                           [make_detector("noise-norm-trajectory", steps=3, generations=1, output=o)],
+                           [p])["noise-norm-trajectory"][0] for o in ("raw", "epsilon")}
+    # along the trajectory each step is weighted by its own 1 / sqrt(alpha_bar_t): not one constant factor
+    factors = [1 / math.sqrt(float(vmodel.alphas_cumprod[int(t)])) for t in vmodel.make_sampler(50).timesteps[:3]]
+    assert min(factors) < traj["raw"] / traj["epsilon"] < max(factors)
+    with pytest.raises(ValueError, match="output 'v' unknown"):
+        make_detector("noise-norm", output="v")
+
+
 def test_sharpness_matches_finite_differences(model):
     engine = NoiseStepEngine(model, n_draws=1, seed=11)
     t0 = engine.timestep(0)
@@ -254,6 +280,49 @@ def test_sharpness_matches_finite_differences(model):
         unet.float()
     got = make_detector("sharpness").score_prompts(model, model.encode_prompts([PROMPTS[2]]), engine)
     assert float(got[0]) == pytest.approx(float(jv.norm()), rel=1e-3)
+
+
+def test_sharpness_on_a_v_prediction_model_follows_jeons_code(tiny_sd_v_folder):
+    """Jeon et al.'s code on v-prediction (SD2): score (sqrt(a) v - x) / (1 - a) with x held fixed, its Jacobian
+    difference applied to its score difference, by central finite differences on the raw UNet output (v). The
+    true-score form (``mode="epsilon"``) is that number times (1 - a): the issue's 1 / (1 - alpha_bar)."""
+    vmodel = load_model(tiny_sd_v_folder)
+    assert vmodel.prediction_type == "v_prediction"
+    engine = NoiseStepEngine(vmodel, n_draws=1, seed=11)
+    t0 = engine.timestep(0)
+    a = float(engine.sampler.alphas_cumprod[t0])
+    x = engine.latents.double()
+    unet = vmodel.unet.double()
+    try:
+        emb_c = vmodel.encode_prompts([PROMPTS[2]]).double()
+        emb_u = vmodel.empty_embedding().double()
+
+        def reference_score_difference(z):  # (sqrt(a) v(z) - x) / (1 - a), conditional minus unconditional
+            v_c = unet(z, torch.tensor([t0]), encoder_hidden_states=emb_c).sample
+            v_u = unet(z, torch.tensor([t0]), encoder_hidden_states=emb_u).sample
+            return ((math.sqrt(a) * v_c - x) - (math.sqrt(a) * v_u - x)) / (1 - a)
+
+        with torch.no_grad():
+            d = reference_score_difference(x)
+            h = 1e-4
+            jd = (reference_score_difference(x + h * d) - reference_score_difference(x - h * d)) / (2 * h)
+    finally:
+        unet.float()
+    emb = vmodel.encode_prompts([PROMPTS[2]])
+    ref = float(make_detector("sharpness").score_prompts(vmodel, emb, engine)[0])
+    eps = float(make_detector("sharpness", mode="epsilon").score_prompts(vmodel, emb, engine)[0])
+    assert ref == pytest.approx(float(jd.norm()), rel=1e-3)
+    assert ref == pytest.approx(eps / (1 - a), rel=1e-5)
+    assert 1 / (1 - a) > 1.001  # the two modes are different numbers at this timestep
+    with pytest.raises(ValueError, match="sharpness mode 'v' unknown"):
+        make_detector("sharpness", mode="v")
+
+
+def test_sharpness_modes_agree_on_an_epsilon_model(model):
+    ref = score_chunk(NoiseStepEngine(model, n_draws=1, seed=11), [make_detector("sharpness")], PROMPTS)["sharpness"]
+    eps = score_chunk(NoiseStepEngine(model, n_draws=1, seed=11), [make_detector("sharpness", mode="epsilon")],
+                      PROMPTS)["sharpness"]
+    assert ref == pytest.approx(eps, rel=1e-6) and min(ref) > 0
 
 
 def test_noise_step_detectors_share_the_engine_pass(model):

@@ -55,7 +55,7 @@ def model_copy(tmp_path, tiny_sd_folder):
 def _mitigate(model: Path, prompts: tuple[Path, Path], out: Path, *extra: str) -> int:
     mem, ref = prompts
     return main(["mitigate", "subspace-pruning", "--model", str(model), "--prompts", str(mem), "--reference", str(ref),
-                 "--option", "draws=2", "--option", "fraction=0.05", "--out", str(out), *extra])
+                 "--option", "timesteps=2", "--option", "fraction=0.05", "--out", str(out), *extra])
 
 
 # ---------------------------------------------------------------- data loss: mitigate (the reported cases)

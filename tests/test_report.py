@@ -163,7 +163,8 @@ def test_bench_is_one_method_by_metric_table_with_a_plot(tmp_path):
         "settings": {"split_seeds": [0, 1], **{f"option_{i}": i for i in range(40)}}}))
     (run / ".diffmem-output.json").write_text(json.dumps({"command": "bench", "files": ["bench.json"]}))
     page = build_report([run], tmp_path / "r.html", gallery_size=0).read_text()
-    assert ("<tr><th>method</th><th>acts at</th><th>extraction</th><th>under re-trigger</th>"
+    # an earlier file's one re-trigger (the tuned attack) is read back under its current name
+    assert ("<tr><th>method</th><th>acts at</th><th>extraction</th><th>under tuned re-trigger</th>"
             "<th>fidelity, ordinary</th><th>parameters changed</th></tr>") in page
     assert ('<tr><td class="text">nemo</td><td class="text">weights</td><td>0.125</td><td>0.250</td><td>0.900</td>'
             "<td>40</td></tr>") in page
@@ -173,6 +174,14 @@ def test_bench_is_one_method_by_metric_table_with_a_plot(tmp_path):
     assert "settings.option_39" in details and "sd-v1-5" in details
     assert "settings.option_0" not in page[:page.index("<details")]
     assert "/home/someone" not in page and "diffmem-output" not in page and "settings: command" not in page
+    # a current file: DoRI and the tuned re-trigger side by side
+    for r, dori in zip(results.values(), (0.875, 0.5)):
+        r["tuned_retrigger_extraction_rate"] = r.pop("retrigger_extraction_rate")
+        r["dori_extraction_rate"] = dori
+    (run / "bench.json").write_text(json.dumps({"results": results, "runs": {"0": {}}}))
+    page = build_report([run], tmp_path / "r2.html", gallery_size=0).read_text()
+    assert "<th>extraction</th><th>under DoRI</th><th>under tuned re-trigger</th>" in page
+    assert "<td>0.125</td><td>0.500</td><td>0.250</td>" in page
 
 
 def test_gallery_uses_the_callers_source_and_the_best_detector(scan_dir, tmp_path, tiny_sd_folder):

@@ -1,6 +1,7 @@
 """Extraction attacks: one registry, one file per attack (see base.py for how to add one)."""
 
 from diffmem.attacks import (  # noqa: F401 - registers the built-ins
+    dori,
     generate_filter,
     one_step_blackbox,
     one_step_whitebox,

@@ -117,12 +117,13 @@ def register_bench(sub: argparse._SubParsersAction, listing: str) -> None:
     bench.add_argument("--samples", type=positive_int, default=3, help="generations per prompt (default: 3)")
     bench.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default: 25)")
     bench.add_argument("--attack-prompts", type=positive_int, default=16,
-                       help="test prompts under the re-trigger attack (default: 16)")
+                       help="test prompts under each re-trigger attack, DoRI and the tuned one (default: 16)")
     bench.add_argument("--attack-steps", type=positive_int, default=30,
-                       help="re-trigger optimisation steps (default: 30)")
+                       help="the tuned re-trigger's optimisation steps (default: 30; DoRI runs the paper's 50)")
     bench.add_argument("--option", action="append", default=None, metavar="METHOD.KEY=VALUE",
-                       help="METHOD.KEY=VALUE for a mitigator, or retrigger.KEY=VALUE for the adaptive attack "
-                            "(e.g. retrigger.lr=0.01; repeatable; default: none)")
+                       help="METHOD.KEY=VALUE for a mitigator, dori.KEY=VALUE for DoRI (the default re-trigger, "
+                            "e.g. dori.starts=1) or retrigger.KEY=VALUE for the tuned re-trigger (e.g. "
+                            "retrigger.lr=0.01; repeatable; default: none)")
 
 
 def run_mitigate(args: argparse.Namespace) -> None:
@@ -235,7 +236,7 @@ def run_bench_command(args: argparse.Namespace) -> None:
     if bool(args.memorized) != bool(args.ordinary):
         raise DiffmemError("a folder task needs both --memorized FILE and --ordinary FILE (or neither: the zoo)")
     methods = args.mitigators or list(DEFAULT_METHODS)
-    options = parse_scoped_options(args.option, [*methods, "retrigger"], "METHOD")
+    options = parse_scoped_options(args.option, [*methods, "retrigger", "dori"], "METHOD")
     tune = {k: {kk: _candidates(v) for kk, v in d.items()}
             for k, d in parse_scoped_options(args.tune, methods, "METHOD").items() if d}
     try:
@@ -243,6 +244,7 @@ def run_bench_command(args: argparse.Namespace) -> None:
         settings = BenchSettings(sizes=sizes, split_seeds=tuple(args.seeds), samples=args.samples, steps=args.steps,
                                  attack_prompts=args.attack_prompts, attack_steps=args.attack_steps,
                                  surrogates=args.surrogates, retrigger=options.pop("retrigger"),
+                                 dori=options.pop("dori"),
                                  options={k: v for k, v in options.items() if v}, tune=tune)
     except (TypeError, ValueError) as exc:
         raise DiffmemError(f"bench settings: {exc}") from exc
@@ -284,12 +286,16 @@ def _candidates(value) -> list:
 
 def format_bench(record: dict) -> str:
     """The test-split table: mean +- standard deviation over split seeds."""
-    cols = ["extraction_rate", "matching_verbatim", "template_verbatim", "retrigger_extraction_rate", "fidelity",
+    cols = ["extraction_rate", "matching_verbatim", "template_verbatim", "dori_extraction_rate",
+            "tuned_retrigger_extraction_rate", "fidelity",
             "fidelity_memorized_all", "fid", "diversity", "fit_seconds", "parameters_changed"]
     widths = [max(17, len(c) + 2) for c in cols]  # every header in full
     head = f"{'method':<22}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths))
     lines = [f"test split, mean +- sd over split seeds {list(record.get('runs', {}))}", head]
+    from diffmem.bench_results import upgrade_result
+
     for name, r in record["results"].items():
+        r = upgrade_result(r)  # files written before the re-trigger keys were renamed
         cells = []
         for c, w in zip(cols, widths):
             v, sd = r.get(c), r.get(f"{c}_std")

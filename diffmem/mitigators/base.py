@@ -51,16 +51,29 @@ class Mitigator(Configurable, ABC):
         return mitigate_command(self.name)
 
 
+def fit_with(mitigator: Mitigator, model: DiffusionModel, memorized: list[str], ordinary: list[str],
+             **available: Any) -> None:
+    """``mitigator.fit`` with those of the ``available`` keyword inputs its ``fit`` accepts (``None`` values are
+    left out): callers hold optional inputs (a training index, statistics prompts, a content check) that only
+    some methods take, and pass them all without knowing which method takes what."""
+    import inspect
+
+    accepted = inspect.signature(mitigator.fit).parameters
+    mitigator.fit(model, memorized, ordinary,
+                  **{k: v for k, v in available.items() if k in accepted and v is not None})
+
+
 def mitigate_command(name: str) -> str:
     """The ownership-marker command of ``diffmem mitigate NAME`` (see :mod:`diffmem.outputs`)."""
     return f"mitigate {name}"
 
 
-def check_prompt_lists(memorized: list[str], ordinary: list[str], needs_memorized: bool = True) -> None:
+def check_prompt_lists(memorized: list[str], ordinary: list[str], needs_memorized: bool = True,
+                       ordinary_needed: bool = True) -> None:
     if needs_memorized and not memorized:
         raise DiffmemError("the prompt list holds no memorized prompts: this method needs prompts that replicate "
                            "(label them, or flag them with `diffmem scan` first)")
-    if not ordinary:
+    if ordinary_needed and not ordinary:
         raise DiffmemError("no ordinary (non-memorized) reference prompts given; the method needs them to "
                            "tell memorization from ordinary behaviour")
 

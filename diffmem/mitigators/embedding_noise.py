@@ -1,45 +1,45 @@
 """Gaussian noise on text embeddings (Somepalli et al., "Understanding and Mitigating Copying in
-Diffusion Models", NeurIPS 2023): at inference, e' = e + lambda * std(e) * N(0, I).
+Diffusion Models", NeurIPS 2023; code: somepago/DCR), as its authors run it:
 
-The simplest inference-time baseline: it blurs the exact conditioning a memorized prompt keys on.
-Noise is seeded per prompt text, so a prompt always gets the same perturbation (deterministic runs).
+    e' = e + lambda * N(0, I),   lambda = 0.1 (absolute, not relative to the embedding's spread)
+
+added to both halves of classifier-free guidance (DCR ``diff_inference.py`` L3-6: ``_encode_prompt``
+returns ``embedding + self.noiselam * torch.randn_like(embedding)`` on the concatenated unconditional and
+conditional embeddings; lambda from ``--rand_noise_lam``, L216, run at 0.1 in the paper), drawn once per
+pipeline call, i.e. fresh for every generation and held over its denoising steps. diffmem seeds each
+generation's draw from its seed (see :mod:`diffmem.mitigators.per_generation`): deterministic, and a prompt
+gets the same noise alone as inside any batch.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
-from diffmem.mitigators.base import MITIGATORS, InferenceMitigator, PatchedModel
+from diffmem.mitigators.base import MITIGATORS
+from diffmem.mitigators.per_generation import PerGenerationMitigator, draw_seed
 from diffmem.models.model import DiffusionModel
 
 
-def text_seed(text: str, seed: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{text}".encode()).digest()[:4], "little")
+def gaussian_rows(shape: torch.Size | tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """One standard-normal tensor of ``shape`` per seed, drawn on CPU (the same on every device)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 @MITIGATORS.register("embedding-noise", "somepalli-noise")
 @dataclass
-class EmbeddingNoise(InferenceMitigator):
-    """Add ``scale`` x (embedding std) Gaussian noise to each prompt's text embedding."""
+class EmbeddingNoise(PerGenerationMitigator):
+    """Add ``scale`` x N(0, I) to both CFG halves' text embeddings, redrawn for every generation."""
 
     name = "embedding-noise"
-    scale: float = 0.1
-    seed: int = 0
+    scale: float = 0.1  # DCR diff_inference.py L6 (noiselam), 0.1 in Somepalli et al. 2023
 
-    def apply(self, model: DiffusionModel) -> DiffusionModel:
-        mitigator = self
-        original = model.encode_prompts
-
-        class NoisyEmbeddings(PatchedModel):
-            def encode_prompts(self, prompts, batch_size: int = 256, **kwargs):  # kwargs: e.g. warn_truncation
-                emb = original(prompts, batch_size, **kwargs)
-                if list(prompts) == [""]:
-                    return emb  # the unconditional branch stays exact
-                noise = torch.stack([torch.randn(emb.shape[1:], generator=torch.Generator().manual_seed(
-                    text_seed(p, mitigator.seed))) for p in prompts]).to(emb)
-                return emb + mitigator.scale * emb.std() * noise
-
-        return NoisyEmbeddings.of(model)
+    def perturb(self, model: DiffusionModel, prompts: list[str], keys: list[str]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cond = model.encode_prompts(prompts)
+        empty = model.empty_embedding()
+        shape = cond.shape[1:]
+        noise_c = gaussian_rows(shape, [draw_seed(self.seed, k, p, "cond") for p, k in zip(prompts, keys)])
+        noise_u = gaussian_rows(shape, [draw_seed(self.seed, k, p, "uncond") for p, k in zip(prompts, keys)])
+        return (cond + self.scale * noise_c.to(cond)), (empty + self.scale * noise_u.to(empty))

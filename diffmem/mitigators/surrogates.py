@@ -7,11 +7,16 @@ any registered mitigator (``source``), so surrogates exist for any checkpoint:
 
 - an inference-time mitigation (``random-tokens`` by default: random words inserted into the prompt;
   or ``embedding-noise``), applied to the model as it is;
-- a weight-level one (``nemo``, ``subspace-pruning``), fitted first on the memorized and ordinary prompts.
+- a pruning one (``nemo``: per-prompt neuron blocking; ``subspace-pruning``, ``nemo-union``: pruned
+  weights), fitted first on the memorized and ordinary prompts (and ``statistics_prompts`` when its ``fit``
+  takes them, e.g. NeMo's activation statistics). This is Dori's recipe: a pruned model's generations.
 
 The suppressed model draws ``candidates`` images per prompt (candidate ``j`` uses sampling seed
-``seed + j`` and, when the source has a ``seed`` option, mitigator seed ``seed + j``: other random words
-or other noise; a weight-level source is fitted once). A candidate is kept only when it is not a copy:
+``seed + j`` and, for an inference source without a fit whose ``seed`` option draws its perturbation
+(random tokens, embedding noise), mitigator seed ``seed + j``: other random words or other noise). A source
+that is fitted (any pruning method, prompt adaptation) is fitted once: its ``seed`` is a fitting seed (NeMo's
+localisation seeds), and refitting it per candidate would only multiply the cost. A candidate is kept only
+when it is not a copy:
 
 - with a training index: its nearest training image is below the index's match threshold (it copies
   no training image at all, neither the prompt's own nor another one);
@@ -72,41 +77,52 @@ class SurrogateSet:
 
 
 def suppressed_model(model: DiffusionModel, source: str, options: dict[str, Any], memorized: list[str],
-                     ordinary: list[str]) -> DiffusionModel:
-    """The model under mitigator ``source`` (fitted first when it edits weights)."""
-    from diffmem.mitigators.base import InferenceMitigator, make_mitigator
+                     ordinary: list[str], statistics_prompts: list[str] | None = None) -> DiffusionModel:
+    """The model under mitigator ``source``, fitted first (``statistics_prompts`` go to a ``fit`` that takes
+    them)."""
+    from diffmem.mitigators.adversarial_finetune import AdversarialFinetuneBase
+    from diffmem.mitigators.base import MITIGATORS, InferenceMitigator, fit_with, make_mitigator
 
-    if source == "adversarial-finetune":
-        raise DiffmemError("adversarial-finetune cannot be its own surrogate source; choose e.g. random-tokens or nemo")
+    if issubclass(MITIGATORS.get(source), AdversarialFinetuneBase):
+        raise DiffmemError(f"{source} cannot be adversarial fine-tuning's surrogate source; choose e.g. nemo, "
+                           "subspace-pruning or random-tokens")
     mitigator = make_mitigator(source, **options)
-    mitigator.fit(model, memorized, ordinary)
+    fit_with(mitigator, model, memorized, ordinary, statistics_prompts=statistics_prompts)
     return mitigator.apply(model) if isinstance(mitigator, InferenceMitigator) else mitigator.patched()
+
+
+def redraws_per_candidate(cls: type) -> bool:
+    """Whether a source draws a fresh perturbation from its ``seed`` option at no fitting cost (an inference
+    method that does not override ``fit``): then each candidate gets its own mitigator seed."""
+    from diffmem.mitigators.base import InferenceMitigator, Mitigator
+
+    return (issubclass(cls, InferenceMitigator) and cls.fit is Mitigator.fit
+            and "seed" in {f.name for f in dataclasses.fields(cls)})
 
 
 def make_surrogates(model: DiffusionModel, memorized: list[str], ordinary: list[str], *,
                     source: str = DEFAULT_SOURCE, source_options: dict[str, Any] | None = None,
                     candidates: int = 4, seed: int = 0, steps: int = 25,
                     index: TrainingIndex | None = None, max_ssim: float = 0.5, reference_samples: int = 4,
-                    content: Callable[[torch.Tensor, list[str]], np.ndarray] | None = None) -> SurrogateSet:
+                    content: Callable[[torch.Tensor, list[str]], np.ndarray] | None = None,
+                    statistics_prompts: list[str] | None = None) -> SurrogateSet:
     """Generate, check and pick one surrogate per memorized prompt (see the module docstring). ``content``:
-    per image, whether it draws what its prompt names (``(N,)`` bool), e.g. a bench task's fidelity."""
-    from diffmem.mitigators.base import MITIGATORS, InferenceMitigator
+    per image, whether it draws what its prompt names (``(N,)`` bool), e.g. a bench task's fidelity;
+    ``statistics_prompts``: for a source whose ``fit`` takes them (NeMo)."""
+    from diffmem.mitigators.base import MITIGATORS
 
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     options = dict(source_options or {})
-    cls = MITIGATORS.get(source)
-    # an inference-time source is cheap to re-apply: each candidate gets its own mitigator seed; a weight
-    # edit is fitted once and varies by sampling seed only
-    has_seed = issubclass(cls, InferenceMitigator) and "seed" in {f.name for f in dataclasses.fields(cls)}
+    redraw = redraws_per_candidate(MITIGATORS.get(source))
     n = len(memorized)
     images: list[torch.Tensor] = []
-    weight_model = None
+    suppressed = None
     for j in range(candidates):
-        if has_seed or weight_model is None:
-            weight_model = suppressed_model(model, source, options | ({"seed": seed + j} if has_seed else {}),
-                                            memorized, ordinary)
-        images.append(weight_model.sample(memorized, [seed + j] * n, num_inference_steps=steps).images)
+        if redraw or suppressed is None:
+            suppressed = suppressed_model(model, source, options | ({"seed": seed + j} if redraw else {}),
+                                          memorized, ordinary, statistics_prompts)
+        images.append(suppressed.sample(memorized, [seed + j] * n, num_inference_steps=steps).images)
     cand = torch.stack(images, 1)  # (n, candidates, 3, H, W)
     flat = cand.flatten(0, 1)
     if index is not None:

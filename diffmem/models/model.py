@@ -196,10 +196,14 @@ class DiffusionModel:
         return self.to_epsilon(out, latents, t)
 
     def guided_pair(self, latents: torch.Tensor, timesteps: torch.Tensor | int, cond: torch.Tensor,
-                    scheduler=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps_uncond, eps_cond) for the same latents, both branches in one batched UNet call."""
+                    scheduler=None, uncond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_uncond, eps_cond) for the same latents, both branches in one batched UNet call.
+
+        ``uncond``: the unconditional branch's embeddings, one row per latent (diffusers'
+        ``negative_prompt_embeds``); default the empty prompt's for every row."""
         n = len(latents)
-        uncond = self.empty_embedding().expand(n, -1, -1)
+        uncond = self.empty_embedding() if uncond is None else uncond
+        uncond = uncond.expand(n, -1, -1) if len(uncond) == 1 else uncond
         cond = cond.expand(n, -1, -1) if len(cond) == 1 else cond
         t = torch.as_tensor(timesteps, device=self.device)
         t2 = t.expand(2 * n) if t.ndim == 0 else torch.cat([t, t])
@@ -236,8 +240,9 @@ class DiffusionModel:
         return self.vae.encode(x).latent_dist.mean.float() * self.scaling_factor
 
     def denoise(self, embeddings: torch.Tensor, latents: torch.Tensor, sampler, guidance_scale: float = 7.5,
-                max_steps: int | None = None) -> Iterator[GuidedStep]:
-        """Run CFG + DDIM from ``latents``, yielding every step's predictions (the one sampling loop)."""
+                max_steps: int | None = None, uncond: torch.Tensor | None = None) -> Iterator[GuidedStep]:
+        """Run CFG + DDIM from ``latents``, yielding every step's predictions (the one sampling loop);
+        ``uncond`` as in :meth:`guided_pair`."""
         x = latents
         for i, t in enumerate(sampler.timesteps):
             if max_steps is not None and i >= max_steps:
@@ -245,7 +250,7 @@ class DiffusionModel:
             if guidance_scale == 1.0:
                 eps_u = eps_c = self.predict_noise(x, t, embeddings, sampler)
             else:
-                eps_u, eps_c = self.guided_pair(x, t, embeddings, sampler)
+                eps_u, eps_c = self.guided_pair(x, t, embeddings, sampler, uncond)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
             out = sampler.step(eps.float(), t, x)
             x_next = out.prev_sample
@@ -275,8 +280,10 @@ class DiffusionModel:
     @torch.no_grad()
     def sample(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None, *,
                embeddings: torch.Tensor | None = None, num_inference_steps: int = 50,
-               guidance_scale: float = 7.5, batch_size: int = 64, progress: bool = False) -> SampleOutput:
-        """Generate one image per (prompt, seed) pair with CFG and DDIM (eta 0)."""
+               guidance_scale: float = 7.5, batch_size: int = 64, progress: bool = False,
+               uncond_embeddings: torch.Tensor | None = None) -> SampleOutput:
+        """Generate one image per (prompt, seed) pair with CFG and DDIM (eta 0); ``uncond_embeddings`` (one
+        row per generation, default the empty prompt's) feed the unconditional branch."""
         if embeddings is None:
             if prompts is None:
                 raise ValueError("sample() needs prompts or embeddings")
@@ -289,9 +296,10 @@ class DiffusionModel:
         chunks = range(0, n, batch_size)
         for start in tqdm(chunks, desc="sampling", disable=not progress, dynamic_ncols=True):
             emb = embeddings[start : start + batch_size]
+            unc = None if uncond_embeddings is None else uncond_embeddings[start : start + batch_size]
             sampler = self.make_sampler(num_inference_steps)
             x = self.initial_latents(seeds[start : start + batch_size]) * sampler.init_noise_sigma
-            for step in self.denoise(emb, x, sampler, guidance_scale):
+            for step in self.denoise(emb, x, sampler, guidance_scale, uncond=unc):
                 x = step.next_latents
             check_finite(x, f"latents sampled from model {self.source}")
             finals.append(x.cpu())

@@ -137,6 +137,13 @@ class BenchTask(ABC):
         """Which generations replicate a training image (``own_items``: one per image)."""
         return label_matches(self.training_index(model), images, own_items)
 
+    def statistics_prompts(self, split: TaskSplits) -> list[str]:
+        """Prompts of the memorized captions' own distribution that are not memorized, for methods that take
+        activation statistics from them (NeMo's z-scores: the reference used 50k LAION prompts). A task that
+        knows its captions' families returns never-trained captions of the fit split's families; the default
+        is the ordinary fit split (all a task made of two prompt lists knows)."""
+        return list(split.ordinary_fit)
+
     def fidelity(self, images: torch.Tensor, captions: list[str]) -> dict[str, float | None]:
         """Prompt fidelity per caption family (share of generations that draw what the caption names);
         ``{}`` when the task has no fidelity metric."""

@@ -240,6 +240,17 @@ class ZooTask(BenchTask):
         ordinary = [r["caption"] for r in self._labels() if r["kind"] in ORDINARY_KINDS and not r["memorized"]]
         return split_by_seed(self.memorized(), ordinary, seed, sizes)
 
+    def statistics_prompts(self, split: TaskSplits) -> list[str]:
+        """Never-trained captions (kinds ``heldout_*``) not labelled memorized, of the families the fit split's
+        memorized captions belong to (on the SD-like zoo: held-out painting and poster titles), in label order.
+        None of them is in any split: held-out kinds of memorized families are neither memorized prompts nor
+        ordinary ones."""
+        rows = self._labels()
+        fit = {p.caption for p in split.fit}
+        families = {r["family"] for r in rows if r["caption"] in fit}
+        return [r["caption"] for r in rows if str(r["kind"]).startswith("heldout") and r["kind"] not in ORDINARY_KINDS
+                and not r["memorized"] and r["family"] in families]
+
     def build_index(self, model) -> TrainingIndex:
         return zoo_training_index(self.matcher, zoo=self.folder())
 
