@@ -1,7 +1,6 @@
 """Benchmark: a zoo relabelled by verdicts at FDR 5% (:mod:`diffmem.zoo.verdict_labels`), beside its shipped labels.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/zoo_verdict_labels.py --model zoo:sd \
-        --compare-labels benchmarks/results/experiments/zoo_sd_threshold_labels.jsonl \
         --work runs/verdict-labels-sd --out benchmarks/results/zoo_sd_verdict_labels.json
 
 Generations run in resumable parts under ``--work`` (rerun the same command after a kill; a run with more
@@ -10,7 +9,7 @@ labels summary, as ``diffmem zoo label`` writes it) are written there too, never
 them by copying both into the zoo folder. The results file holds the summary (memorized share
 per kind, per signature replication count and per replication-rate band, the count with its bound, each
 family's null and its overdispersion check), a cross-table of the shipped decision against the new one per
-kind, and the seconds taken. It names the model by name and fingerprint, no machine path.
+kind (with ``--compare-labels``), and the seconds taken. It names the model by name and fingerprint, no machine path.
 """
 
 from __future__ import annotations
@@ -45,13 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--titles", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--compare-labels", default=None,
-                    help="labels file the new decisions are cross-tabulated against (default: the zoo's labels.jsonl)")
+                    help="also cross-tabulate the new decisions against this labels file (default: none)")
     args = ap.parse_args(argv)
 
     from diffmem.eval.protocol import read_labels
     from diffmem.models.loader import load_model
     from diffmem.tasks.zoo import zoo_training_index
-    from diffmem.zoo.load import load_labels, zoo_folder_for
+    from diffmem.zoo.load import zoo_folder_for
     from diffmem.zoo.verdict_labels import ZooVerdictConfig, corpus_rows, label_zoo_by_verdicts, labels_record
 
     start = time.perf_counter()
@@ -69,10 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     zoo_record["labels"] = labels_record(summary) | {"seconds": round(time.perf_counter() - start, 1)}
     atomic_write_text(work / "zoo.json", json.dumps(zoo_record, indent=2))
     record = {"model": {"name": args.model, "fingerprint": model.fingerprint}, "summary": summary,
-              "against_shipped_labels": agreement(labels, read_labels(Path(args.compare_labels)) if args.compare_labels
-                                                  else load_labels(zoo)),
-              "compared_with": Path(args.compare_labels).name if args.compare_labels else "labels.jsonl",
               "seconds": round(time.perf_counter() - start, 1)}
+    if args.compare_labels:
+        record["compared_with"] = Path(args.compare_labels).name
+        record["against_compared_labels"] = agreement(labels, read_labels(Path(args.compare_labels)))
     atomic_write_text(Path(args.out), json.dumps(record, indent=2))
     print(summary["sentence"])
     print(json.dumps(summary["by_kind"], indent=1))

@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "generations passes the family's 0.99 renderer-null quantile (default: verdicts)")
     label.add_argument("--generations", type=positive_int, default=16,
                        help="verdicts: generations per caption (default: 16); rerun to resume from OUT/runs")
-    label.add_argument("--fdr", type=open_unit_float, default=0.05, help="verdicts: false-discovery rate (default: 0.05)")
+    label.add_argument("--fdr", type=open_unit_float, default=0.05,
+                       help="verdicts: false-discovery rate (default: 0.05)")
     label.add_argument("--null-level", type=open_unit_float, default=0.01,
                        help="verdicts: per-generation tail level of each family's match threshold (default: 0.01)")
     label.add_argument("--seeds", type=positive_int, default=4,
