@@ -473,7 +473,8 @@ def headline_rows(records: list[dict]) -> list[str]:
         ("extraction: generate-and-filter", f"{attack['flagged']} captions flagged, precision "
          f"{attack['precision']:.3f}, recall {attack['recall']:.3f}", "extraction_sd.json",
          "extraction.md#the-attack-benchmark-on-the-default-zoo"),
-        ("mitigation: adversarial fine-tuning (test split, mean of 2 split seeds)",
+        ("mitigation: adversarial fine-tuning (test split, mean of 2 split seeds; run on the earlier 4-seed labels "
+         "with the earlier LoRA recipe and re-trigger attack)",
          f"extraction {bench_cell('extraction_rate')}; "
          + again.format(*(bench_cell(k) for k, _ in reattack_columns(upgraded(bench))))
          + f" ordinary fidelity {bench_cell('fidelity_ordinary_all')}", "bench_task_sd.json",
