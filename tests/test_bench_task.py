@@ -233,7 +233,8 @@ def test_cli_bench_defaults_to_the_default_zoos_task(tmp_path, capsys):
     """No --model, no lists: the SD-like zoo with its own task (captions, labels, read-back fidelity)."""
     out = tmp_path / "bench"
     args = ["bench", "--out", str(out), "--mitigators", "random-tokens", "--seeds", "0", "--samples", "2",
-            "--steps", "3", "--attack-prompts", "1", "--attack-steps", "1",
+            "--steps", "3", "--attack-prompts", "1", "--attack-steps", "1", "--option", "dori.steps=1",
+            "--option", "dori.batch=1", "--option", "dori.starts=1",
             *[f"--size={k}" for k in ("fit=2", "dev=2", "test=2", "ordinary_fit=2", "ordinary_dev=2",
                                       "ordinary_test=4")]]
     assert main(args) == 0, capsys.readouterr().err
