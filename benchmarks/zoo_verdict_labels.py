@@ -49,9 +49,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from diffmem.eval.protocol import read_labels
     from diffmem.models.loader import load_model
-    from diffmem.tasks.zoo import zoo_training_index
     from diffmem.zoo.load import zoo_folder_for
-    from diffmem.zoo.verdict_labels import ZooVerdictConfig, corpus_rows, label_zoo_by_verdicts, labels_record
+    from diffmem.zoo.verdict_labels import (
+        ZooVerdictConfig,
+        corpus_rows,
+        label_zoo_by_verdicts,
+        labeller_index,
+        labels_record,
+    )
 
     start = time.perf_counter()
     zoo = zoo_folder_for(args.model)
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--model {args.model}: expected a zoo (zoo:sd or zoo:collapse)")
     cfg = ZooVerdictConfig(generations=args.generations, titles=args.titles, batch_size=args.batch_size)
     model = load_model(args.model)
-    index = zoo_training_index(zoo=zoo)
+    index = labeller_index(zoo)
     labels, summary = label_zoo_by_verdicts(model, corpus_rows(zoo), index, args.work, cfg)
     work = Path(args.work)
     atomic_write_text(work / "labels.jsonl", "".join(json.dumps(r) + "\n" for r in labels))

@@ -171,13 +171,18 @@ def label_folder(folder: Path, request: LabelRequest = LabelRequest(), work: str
     folder = Path(folder)
     model = load_model(folder / "pipeline")
     if request.labeller == "verdicts":
-        from diffmem.tasks.zoo import zoo_training_index
-        from diffmem.zoo.verdict_labels import ZooVerdictConfig, corpus_rows, label_zoo_by_verdicts, labels_record
+        from diffmem.zoo.verdict_labels import (
+            ZooVerdictConfig,
+            corpus_rows,
+            label_zoo_by_verdicts,
+            labeller_index,
+            labels_record,
+        )
 
         cfg = ZooVerdictConfig(generations=request.generations, steps=request.steps, titles=request.titles,
                                q=request.fdr, null_level=request.null_level)
         zoo_training_set(folder, model)  # the VAE round trip of the training images, through this model
-        rows, summary = label_zoo_by_verdicts(model, corpus_rows(folder), zoo_training_index(zoo=folder),
+        rows, summary = label_zoo_by_verdicts(model, corpus_rows(folder), labeller_index(folder),
                                               Path(work if work is not None else folder / "runs"), cfg)
         summary = labels_record(summary)
     elif zoo_corpus_name(folder) == "sd":

@@ -83,6 +83,16 @@ def corpus_rows(folder: str | Path) -> list[dict]:
             for it in load_corpus(folder)]
 
 
+def labeller_index(folder: str | Path):
+    """The zoo's training index as the labeller uses it: SSIM, at the matcher's default threshold. The verdicts never
+    read the index threshold (only the replication attack's quick-look ``flagged`` column does); taking it from the
+    zoo's labels would make the labeller's resumable runs depend on the labels they produce."""
+    from diffmem.eval.matching import make_matcher
+    from diffmem.tasks.zoo import zoo_training_index
+
+    return zoo_training_index("ssim", threshold=make_matcher("ssim").default_threshold, zoo=folder)
+
+
 def labels_record(summary: dict) -> dict:
     """The ``labels`` record of a zoo's ``zoo.json`` for verdict labels: the summary, the labeller's name and
     config, and each family's null threshold under ``thresholds`` (where readers of a zoo's per-family match
