@@ -134,6 +134,7 @@ def attack_table(model, rows, calib, index, folder: Path, scores_path: Path | No
             extracted = labels != "none"
             entry["extracted"] = {"matching_verbatim": int((labels == "matching_verbatim").sum()),
                                   "template_verbatim": int((labels == "template_verbatim").sum()),
+                                  "unattributed": int((labels == "unattributed").sum()),
                                   "precision": int((extracted & y).sum()) / max(int(extracted.sum()), 1),
                                   "recall": int((extracted & y).sum()) / max(int(y.sum()), 1),
                                   "thresholds_by_family": thresholds,
