@@ -115,14 +115,15 @@ def test_zoo_scene_fidelity_reads_colours_at_named_positions():
 
 def test_zoo_statistics_prompts_are_never_trained_captions_of_the_memorized_families():
     """NeMo's statistics on the SD-like zoo: the held-out painting and poster titles not labelled memorized (150 +
-    150 held-out signatures, 9 of them memorized; the 12 held-out templates are all memorized), none in a split."""
+    150 held-out signatures, 4 of them replicating by the verdict labels; the 12 held-out templates all replicate),
+    none in a split."""
     from diffmem.zoo.load import load_labels
 
     task = make_task("zoo-sd")
     split = task.splits(0, SplitSizes(fit=32, dev=8, test=24))
     got = task.statistics_prompts(split)
     rows = {r["caption"]: r for r in load_labels(task.folder())}
-    assert len(got) == 291 and len(set(got)) == 291
+    assert len(got) == 296 and len(set(got)) == 296
     assert {rows[c]["kind"] for c in got} == {"heldout_signature"} and not any(rows[c]["memorized"] for c in got)
     assert {rows[c]["family"] for c in got} == {"painting", "poster"}
     taken = {p.caption for p in split.fit + split.dev + split.test}

@@ -353,7 +353,7 @@ def test_zoo_label_writes_a_new_folder_and_never_the_zoo(small_zoo, tmp_path, mo
     import diffmem.cli.zoo_commands as zc
 
     summary = {"by_kind": {}, "signature_by_replication": {}, "generic_fidelity": {}}
-    monkeypatch.setattr(zc, "label_folder", lambda folder, **k: ([{"caption": "a", "memorized": False}], summary))
+    monkeypatch.setattr(zc, "label_folder", lambda folder, *a, **k: ([{"caption": "a", "memorized": False}], summary))
     before = _snapshot(small_zoo)
     out = tmp_path / "relabel"
     assert main(["zoo", "label", "--zoo", str(small_zoo), "--out", str(out)]) == 0
