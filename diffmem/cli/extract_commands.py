@@ -14,7 +14,7 @@ EXTRACT_WRITES = ("provenance.json", "parts", "extraction.parquet", "null", "ver
 
 
 def add_extract_args(p: argparse.ArgumentParser) -> None:
-    from diffmem.cli.options import add_force, positive_int
+    from diffmem.cli.options import add_force, add_verdict_options, positive_int
 
     p.add_argument("--prompts", default=None, help="prompt file (default: the zoo's captions)")
     p.add_argument("--caption-column", default=None, help="column holding the prompt (default: found by name)")
@@ -27,10 +27,7 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
                    help="prompts of the same kind that were NOT trained on (held-out captions): the null that "
                         "replication verdicts are decided against; runs the replication attack on both sets and "
                         "writes verdicts.parquet (default: the zoo's never-trained captions on a zoo, else none)")
-    p.add_argument("--fdr", type=float, default=0.05,
-                   help="false-discovery rate of the verdicts, Benjamini-Hochberg (default: 0.05)")
-    p.add_argument("--null-level", type=float, default=0.01,
-                   help="per-generation tail level of the match threshold on the null generations (default: 0.01)")
+    add_verdict_options(p)
     p.add_argument("--matcher", default="ssim", help="ssim | l2 | deepssim (default: ssim)")
     p.add_argument("--threshold", type=float, default=None, help="match threshold (default: per matcher / zoo)")
     p.add_argument("--out", default="runs/extract",

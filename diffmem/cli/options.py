@@ -57,6 +57,16 @@ non_negative_int = _checked_number(int, lambda v: v >= 0, "a whole number >= 0")
 open_unit_float = _checked_number(float, lambda v: 0 < v < 1, "0 < value < 1 (a false-positive rate)")
 
 
+def add_verdict_options(p: argparse.ArgumentParser, scope: str = "") -> None:
+    """``--fdr`` and ``--null-level``: how replication verdicts are decided (:mod:`diffmem.eval.verdicts`), for
+    every command that decides them (``extract``, ``zoo label``); ``scope`` prefixes their help."""
+    p.add_argument("--fdr", type=open_unit_float, default=0.05,
+                   help=f"{scope}false-discovery rate of the verdicts, Benjamini-Hochberg (default: 0.05)")
+    p.add_argument("--null-level", type=open_unit_float, default=0.01,
+                   help=f"{scope}per-generation tail level of the match threshold on the null generations "
+                        "(default: 0.01)")
+
+
 def add_force(p: argparse.ArgumentParser) -> None:
     """``--force`` of a command that writes a folder."""
     p.add_argument("--force", action="store_true",

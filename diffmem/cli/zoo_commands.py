@@ -11,9 +11,9 @@ from pathlib import Path
 from diffmem.cli.options import (
     add_file_force,
     add_force,
+    add_verdict_options,
     handled_by,
     non_negative_int,
-    open_unit_float,
     positive_float,
     positive_int,
 )
@@ -60,10 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "generations passes the family's 0.99 renderer-null quantile (default: verdicts)")
     label.add_argument("--generations", type=positive_int, default=16,
                        help="verdicts: generations per caption (default: 16); rerun to resume from OUT/runs")
-    label.add_argument("--fdr", type=open_unit_float, default=0.05,
-                       help="verdicts: false-discovery rate (default: 0.05)")
-    label.add_argument("--null-level", type=open_unit_float, default=0.01,
-                       help="verdicts: per-generation tail level of each family's match threshold (default: 0.01)")
+    add_verdict_options(label, "verdicts: ")
     label.add_argument("--seeds", type=positive_int, default=4,
                        help="threshold labeller: generations per caption (default: 4)")
     label.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default: 25)")
