@@ -1,5 +1,6 @@
 """The ``diffmem`` command line: ``demo``, ``scan``, ``calibrate``, ``eval detect``, ``sample``, ``extract``,
-``mitigate``, ``bench``, ``report``, ``deepssim train`` and ``zoo build|estimate|label|info|check-corpus``."""
+``mitigate``, ``finetune``, ``bench``, ``report``, ``deepssim train`` and
+``zoo build|estimate|label|info|check-corpus``."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from diffmem.cli.options import Parser, add_model_args, handled_by
 from diffmem.errors import DiffmemError
 
 # the modules whose register(sub) adds their subcommands, in the order --help lists them
-COMMAND_MODULES = ("demo", "scan_commands", "sample_commands", "extract", "mitigate_commands", "report_commands",
-                   "deepssim_commands", "zoo_commands")
+COMMAND_MODULES = ("demo", "scan_commands", "sample_commands", "extract", "mitigate_commands", "finetune_commands",
+                   "report_commands", "deepssim_commands", "zoo_commands")
 
 
 class ListingHelp(Parser):

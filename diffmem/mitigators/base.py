@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
 from diffmem.errors import DiffmemError
 from diffmem.io import atomic_write_text
 from diffmem.jobs import versions
+from diffmem.models.checkpoint import write_checkpoint
 from diffmem.models.model import DiffusionModel
 from diffmem.outputs import check_output_dir, staged
 from diffmem.registry import Configurable, Registry
@@ -122,58 +120,14 @@ class WeightMitigator(Mitigator):
         return ("unet",)
 
     def save(self, out_dir: str | Path, model: DiffusionModel, force: bool = False) -> Path:
-        """Write a new pipeline folder: edited components saved, the others copied from the input.
-
-        The input folder is never written to: an ``out_dir`` equal to, inside or containing it is
-        refused, as is an existing folder diffmem did not write (unless ``force``, which still only
-        replaces diffmem's own files); the folder is built in a temporary sibling and renamed into
-        place. Edited components keep the dtype the input stored them in (an fp16 input stays fp16).
-        """
-        if model.folder is None:
-            raise DiffmemError("saving a patched checkpoint needs a model loaded from a folder")
-        out = Path(out_dir)
-        input_names = [p.name for p in model.folder.iterdir()]
-        check_output_dir(out, self.output_command, [model.folder], force, writes=[*input_names, MITIGATION_FILE])
+        """Write a new pipeline folder with the edited components (:func:`diffmem.models.checkpoint.write_checkpoint`:
+        the input folder is never written to, edited components keep the input's stored dtype)."""
+        patched = self.patched()
         edited = self.edited_components()
-        with staged(out, self.output_command) as staging:
-            shutil.copytree(model.folder, staging, dirs_exist_ok=True,
-                            ignore=lambda d, names: [n for n in names if Path(d) == model.folder and n in edited])
-            patched = self.patched()
-            for name in edited:
-                stored = stored_dtype(model.folder / name)
-                getattr(patched, name).save_pretrained(staging / name, safe_serialization=True)
-                if stored is not None:
-                    cast_safetensors(staging / name, stored)
-            record = {"mitigator": self.config(), "acts_at": self.acts_at, "fit": self.describe_fit(),
-                      "input_model": model.describe(), "edited_components": list(edited), "versions": versions()}
-            atomic_write_text(staging / MITIGATION_FILE, json.dumps(record, indent=2, default=str))
-        return out
-
-
-def stored_dtype(component: Path) -> torch.dtype | None:
-    """The floating dtype of a component folder's safetensors weights (None when there are none)."""
-    from safetensors import safe_open
-
-    for f in sorted(component.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 - safe_open is not a dict
-                t = fh.get_slice(key)
-                dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(t.get_dtype())
-                if dtype is not None:
-                    return dtype
-    return None
-
-
-def cast_safetensors(component: Path, dtype: torch.dtype) -> None:
-    """Rewrite every safetensors file of ``component`` with its floating tensors cast to ``dtype``."""
-    from safetensors.torch import load_file, save_file
-
-    for f in sorted(component.glob("*.safetensors")):
-        tensors = load_file(str(f))
-        if all(not t.is_floating_point() or t.dtype == dtype for t in tensors.values()):
-            continue
-        save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, str(f),
-                  metadata={"format": "pt"})
+        record = {"mitigator": self.config(), "acts_at": self.acts_at, "fit": self.describe_fit(),
+                  "input_model": model.describe(), "edited_components": list(edited), "versions": versions()}
+        return write_checkpoint(out_dir, model, {name: getattr(patched, name) for name in edited},
+                                self.output_command, MITIGATION_FILE, record, force)
 
 
 def clone_model(model: DiffusionModel, components: tuple[str, ...] = ("unet",)) -> DiffusionModel:

@@ -1,0 +1,141 @@
+"""``diffmem finetune``: fine-tune a checkpoint on an image-caption folder, with the training-time mitigations."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffmem.cli.options import add_force, add_model_args, handled_by, positive_int
+from diffmem.errors import DiffmemError
+
+RECORD = "finetune.json"
+STATE_DIR = "finetune-state"  # inside --out while the run is under way; removed when the checkpoint is written
+FAMILY_HELP = ("full (every UNet weight) | attention (MemControl: the transformer units' weights, directly) | "
+               "svdiff (MemControl: spectral shifts of every weight) | difffit (MemControl: biases, norms, scale "
+               "factors) | lora (diffmem's variant: LoRA on the units' attention projections)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = handled_by(sub.add_parser("finetune", help="fine-tune a checkpoint on an image-caption folder without "
+                                                  "memorizing it: PEFT families with a block mask, caption "
+                                                  "mitigations, the noise-norm filter, deduplication"),
+                   "diffmem.cli.finetune_commands:run_finetune")
+    add_model_args(p)
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="image-caption folder: metadata.jsonl (file_name, text: a caption or a list) or a .txt "
+                        "beside each image (one caption per line)")
+    p.add_argument("--out", required=True,
+                   help="new checkpoint folder (never the input); a killed run resumes from it")
+    add_force(p)
+    p.add_argument("--family", default="full", help=f"what trains: {FAMILY_HELP} (default: full)")
+    p.add_argument("--mask", nargs="+", default=None, metavar="UNIT=0|1",
+                   help="block mask over transformer units, e.g. down_blocks.0.attentions.0=0 (units not named stay "
+                        "on; default: all on)")
+    p.add_argument("--lr", type=float, default=1e-5, help="learning rate, constant (default: 1e-5)")
+    p.add_argument("--steps", type=positive_int, default=200, help="optimiser steps (default: 200)")
+    p.add_argument("--batch", type=positive_int, default=8, help="images per step (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
+    p.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="share of captions replaced by the empty prompt (MemControl trains with 0.1; default: 0)")
+    p.add_argument("--captions", default="first",
+                   choices=("first", "multi", "replace", "add-tokens", "repeat-words"),
+                   help="Somepalli et al.'s caption mitigation: multi (a random one of an image's captions), "
+                        "replace (4 random tokens), add-tokens (2 random tokens inserted), repeat-words (2 of its "
+                        "words repeated); default: first (the first caption, no mitigation)")
+    p.add_argument("--caption-prob", type=float, default=0.1,
+                   help="probability of replace / add-tokens / repeat-words per sample (default: 0.1, DCR's)")
+    p.add_argument("--embedding-noise", type=float, default=0.0,
+                   help="std of Gaussian noise added to the text embeddings while training (default: 0, off)")
+    p.add_argument("--noise-filter", default=None, metavar="q=Q|threshold=T",
+                   help="Wen et al.'s filter: drop samples whose text-guidance norm reaches a threshold, "
+                        "calibrated as quantile Q of the base model's norms on --data (e.g. q=0.95) or given "
+                        "(threshold=2 is Wen's constant on SD v1.4; default: off)")
+    p.add_argument("--dedup", default="none", choices=("none", "exact", "near"),
+                   help="drop duplicate images before training, merging their captions: exact pixels, or "
+                        "perceptual-hash neighbours too (default: none)")
+    p.add_argument("--dedup-distance", type=int, default=4,
+                   help="near duplicates: at most this many differing bits of the 64-bit pHash (default: 4)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=25,
+                   help="steps between saved training states (default: 25)")
+
+
+def _mask(items: list[str] | None) -> dict[str, bool]:
+    mask = {}
+    for item in items or []:
+        unit, sep, value = item.partition("=")
+        if not sep or value not in ("0", "1"):
+            raise DiffmemError(f"--mask '{item}': expected UNIT=0 or UNIT=1, e.g. down_blocks.0.attentions.0=0")
+        mask[unit] = value == "1"
+    return mask
+
+
+def _noise_filter(text: str | None):
+    from diffmem.finetune.mitigations import NoiseNormFilter
+
+    if text is None:
+        return None
+    key, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not sep or key not in ("q", "threshold") or number is None:
+        raise DiffmemError(f"--noise-filter '{text}': expected q=Q (a quantile in (0, 1)) or threshold=T (> 0)")
+    return NoiseNormFilter(quantile=number) if key == "q" else NoiseNormFilter(threshold=number)
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    import shutil
+
+    from tqdm import tqdm
+
+    from diffmem.cli.options import resolve_device
+    from diffmem.finetune.dataset import read_finetune_folder
+    from diffmem.finetune.dedup import deduplicate
+    from diffmem.finetune.families import FAMILIES
+    from diffmem.finetune.mitigations import CaptionPolicy
+    from diffmem.finetune.trainer import FinetuneSettings, finetune
+    from diffmem.jobs import versions
+    from diffmem.models.checkpoint import write_checkpoint
+    from diffmem.models.loader import load_model
+    from diffmem.outputs import check_output_dir, claim_output_dir
+
+    # every input checked before the model loads; the checkpoint is written only when training is complete
+    device = resolve_device(args.device)
+    if args.family not in FAMILIES:
+        raise DiffmemError(f"--family '{args.family}': expected one of {', '.join(FAMILIES.names())}")
+    settings = FinetuneSettings(family=args.family, mask=_mask(args.mask), lr=args.lr, steps=args.steps,
+                                batch=args.batch, seed=args.seed, caption_dropout=args.caption_dropout,
+                                checkpoint_every=args.checkpoint_every,
+                                caption=CaptionPolicy(args.captions, args.caption_prob),
+                                embedding_noise=args.embedding_noise, noise_filter=_noise_filter(args.noise_filter))
+    check_output_dir(args.out, "finetune", [args.model, args.data], args.force, writes=[RECORD, STATE_DIR])
+    model = load_model(args.model, device=device, dtype=args.dtype or "float32", config=args.config)
+    resolution = model.latent_shape[-1] * (2 ** (len(model.vae.config.block_out_channels) - 1) if model.vae else 1)
+    data = read_finetune_folder(args.data, resolution)
+    dedup = None
+    if args.dedup != "none":
+        data, report = deduplicate(data, args.dedup, args.dedup_distance)
+        dedup = report.describe()
+        print(f"dedup ({args.dedup}): {report.removed()} duplicate image(s) in {len(report.groups)} group(s) dropped, "
+              f"{len(data)} left")
+    out = claim_output_dir(args.out, "finetune", [RECORD, STATE_DIR])
+    bar = tqdm(total=settings.steps, desc="finetune", unit="step", disable=args.quiet)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.refresh()
+
+    result = finetune(model, data, settings, work=out / STATE_DIR, progress=progress)
+    bar.close()
+    record = {"settings": settings.describe(), "data": data.describe(), "dedup": dedup, "result": result.describe(),
+              "input_model": model.describe(), "versions": versions()}
+    write_checkpoint(out, model, {"unet": result.model.unet}, "finetune", RECORD, record, args.force)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # ours, and done with
+    summary = result.describe()
+    print(f"finetune: {settings.family}, {summary['trained_parameters']} of {summary['unet_parameters']} UNet "
+          f"parameters trained ({100 * summary['trained_share']:.3f}%), {summary['steps']} steps, final loss "
+          f"{summary['final_loss']:.4f}; checkpoint written to {out}")
+    print(f"check what it reproduces: `diffmem extract --model {out} --prompts <its training captions> --train-index "
+          f"{Path(args.data)} --null-prompts <captions it never saw>` (verdicts at a stated error rate)")
