@@ -13,7 +13,7 @@ import torch
 
 from diffmem.errors import DiffmemError
 from diffmem.finetune.dataset import FinetuneSet, read_finetune_folder, write_finetune_folder
-from diffmem.finetune.dedup import deduplicate, duplicate_groups
+from diffmem.finetune.dedup import deduplicate, find_duplicates
 from diffmem.finetune.families import make_family, transformer_units
 from diffmem.finetune.mitigations import CaptionPolicy, NoiseNormFilter, insert_words
 from diffmem.finetune.trainer import FinetuneSettings, finetune
@@ -73,25 +73,28 @@ def test_folder_reader_names_bad_input(tmp_path):
 
 
 # ------------------------------------------------------------------ deduplication
+def _set(images: torch.Tensor) -> FinetuneSet:
+    return FinetuneSet(images, [[f"c{i}"] for i in range(len(images))], [f"{i}.png" for i in range(len(images))], "t")
+
+
 def test_dedup_finds_exact_and_near_copies_and_keeps_captions():
     base = _images(5, 32, seed=1)
     shifted = torch.roll(base[2:3], shifts=1, dims=-1)  # a one-pixel shift: a near copy
-    images = torch.cat([base, base[0:1], shifted])
-    data = FinetuneSet(images, [[f"c{i}"] for i in range(7)], [f"{i}.png" for i in range(7)], "t")
-    groups, how = duplicate_groups(images, "exact")
-    assert groups == [[0, 5]] and how == ["exact"]
-    groups, how = duplicate_groups(images, "near")
-    assert groups == [[0, 5], [2, 6]] and how == ["exact", "near"]
+    data = _set(torch.cat([base, base[0:1], shifted]))
+    groups, exact, near = find_duplicates(data, "exact")
+    assert groups == [[0, 5]] and (exact, near) == (1, 0)
+    groups, exact, near = find_duplicates(data, "near")
+    assert groups == [[0, 5], [2, 6]] and (exact, near) == (1, 1)
     kept, report = deduplicate(data, "near")
     assert kept.files == ["0.png", "1.png", "2.png", "3.png", "4.png"]
     assert kept.captions[0] == ["c0", "c5"] and kept.captions[2] == ["c2", "c6"]
-    assert report.removed() == 2 and report.describe()["near_groups"] == 1
+    assert report.removed() == 2 and report.describe()["near_duplicates"] == 1
+    assert find_duplicates(data, "none") == ([], 0, 0)
 
 
-def test_dedup_keeps_distinct_images_of_one_caption():
+def test_dedup_keeps_distinct_images():
     """Different pictures (independent smooth noise) are never merged at the default distance."""
-    groups, _ = duplicate_groups(_images(40, 32, seed=3), "near")
-    assert groups == []
+    assert find_duplicates(_set(_images(40, 32, seed=3)), "near")[0] == []
 
 
 # ------------------------------------------------------------------ caption mitigations (DCR constants)

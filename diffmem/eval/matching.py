@@ -188,13 +188,25 @@ class DuplicateGroups:
                 "near_duplicate_rms": self.max_rms}
 
 
-def duplicate_groups(images: torch.Tensor, max_rms: float = NEAR_DUPLICATE_RMS, candidates: int = 8
-                     ) -> DuplicateGroups:
+def perceptual_hashes(images: torch.Tensor) -> np.ndarray:
+    """``(N, 64)`` boolean pHash bits of each image (``imagehash.phash``: the DCT of a 32x32 grey image, Zauner
+    2010), which survive re-encoding, resizing and small shifts or colour changes."""
+    import imagehash
+    from PIL import Image
+
+    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return np.stack([imagehash.phash(Image.fromarray(a)).hash.flatten() for a in arrays])
+
+
+def duplicate_groups(images: torch.Tensor, max_rms: float = NEAR_DUPLICATE_RMS, candidates: int = 8,
+                     phash_bits: int | None = None) -> DuplicateGroups:
     """Group exact copies (identical pixels) and near duplicates: pairs among each image's ``candidates`` nearest
     neighbours whose pixel RMS distance (Gu et al. 2025's L2 / sqrt(CHW)) is at most ``max_rms``, joined
     transitively (union-find). A pixel criterion, not the matcher's similarity: on small renders two different
     images can score SSIM 0.99 (the zoo's single objects), while a re-encoded or resampled copy stays within a
-    few grey levels everywhere."""
+    few grey levels everywhere. With ``phash_bits``, pairs whose perceptual hashes (:func:`perceptual_hashes`)
+    differ in at most that many of 64 bits are joined too (shifted, cropped or recoloured copies; all pairs are
+    compared, so meant for fine-tuning sets of up to some thousands of images)."""
     m = len(images)
     parent = np.arange(m)
 
@@ -226,6 +238,11 @@ def duplicate_groups(images: torch.Tensor, max_rms: float = NEAR_DUPLICATE_RMS, 
         near = (d <= max_rms) & (ids != rows)
         for i, j in zip(rows[near].tolist(), ids[near].tolist()):
             union(i, j)
+    if phash_bits is not None and m > 1:
+        bits = perceptual_hashes(images).astype(np.int8)
+        distance = (bits[:, None, :] != bits[None, :, :]).sum(-1)
+        for i, j in zip(*np.nonzero(np.triu(distance <= phash_bits, k=1))):
+            union(int(i), int(j))
     roots = np.array([find(i) for i in range(m)])
     reps = np.unique(roots)  # a root is the smallest index of its group
     return DuplicateGroups(group=np.searchsorted(reps, roots), representatives=reps, exact_copies=exact,
