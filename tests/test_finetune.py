@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -205,9 +206,15 @@ def test_finetune_learns_and_resumes_exactly(model, data, tmp_path):
     assert resumed.losses == whole.losses
     a, b = whole.model.unet.state_dict(), resumed.model.unet.state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)  # a resumed run equals the uninterrupted one
-    other = FinetuneSettings(family="attention", lr=1e-3, steps=7, batch=4, checkpoint_every=3)
+    other = FinetuneSettings(family="attention", lr=2e-3, steps=6, batch=4, checkpoint_every=3)
     with pytest.raises(DiffmemError, match="another model, data set or settings"):
         finetune(model, data, other, work=tmp_path / "b")
+    with pytest.raises(DiffmemError, match="more than the 5 asked"):
+        finetune(model, data, replace(settings, steps=5), work=tmp_path / "b")
+    # a shorter run extended to the full length equals the full run too
+    finetune(model, data, replace(settings, steps=4), work=tmp_path / "c")
+    extended = finetune(model, data, settings, work=tmp_path / "c")
+    assert extended.losses == whole.losses
     for _, p in model.unet.named_parameters():
         assert not p.requires_grad  # the input model is untouched
     tuned = dict(whole.model.unet.named_parameters())

@@ -9,13 +9,13 @@ import torch
 
 from diffmem.eval.finetune_domain import title_extraction, to_tensor
 from diffmem.eval.quality import heldout_denoising_loss, relative_improvement
+from diffmem.finetune.dataset import FinetuneSet
 from diffmem.mitigators.memcontrol import (
-    FinetuneData,
+    LR_RANGE,
     MemControlSearch,
-    finetune,
-    select_trial,
-    transformer_blocks,
-    trial_rank,
+    choose_point,
+    memcontrol_memorization,
+    pareto_front,
 )
 from diffmem.models import load_model
 from diffmem.zoo.finetune_sets import build_sd_domain_set
@@ -70,9 +70,10 @@ def test_heldout_loss_drops_after_fitting_the_images(tiny_sd_folder):
     captions = ["a painting of a red circle", "a poster of a blue cross"] * 2
     before = heldout_denoising_loss(model, images, captions, noise_seed=1)
     assert torch.equal(before, heldout_denoising_loss(model, images, captions, noise_seed=1))  # fixed noise
-    data = FinetuneData(model.encode_images(images), model.encode_prompts(captions))
-    fitted, _ = finetune(model, data, "full", transformer_blocks(model.unet), 2e-3, steps=40, batch=4,
-                         lora_rank=2, seed=0)
+    from diffmem.finetune.trainer import FinetuneSettings, finetune
+
+    data = FinetuneSet(images, [[c] for c in captions], [f"{i}.png" for i in range(4)])
+    fitted = finetune(model, data, FinetuneSettings(family="full", lr=2e-3, steps=40, batch=4)).model
     after = heldout_denoising_loss(fitted, images, captions, noise_seed=1)
     assert after.mean() < 0.9 * before.mean()
 
@@ -95,7 +96,12 @@ def test_domain_set_is_deterministic_with_stated_copies():
     assert a.learn_split.count("dev") == a.learn_split.count("test") == len(a.learn_captions) // 2
     dev_caps, dev_imgs = a.heldout("dev")
     assert len(dev_caps) == len(dev_imgs) and set(dev_caps).isdisjoint(a.heldout("test")[0])
-    assert a.summary()["copies"] == 5 and a.summary()["examples_per_epoch"] == len(captions)
+    assert a.summary()["copies"] == {"5": 4} and a.summary()["examples_per_epoch"] == len(captions)
+    levels = build_sd_domain_set(seed=3, n_train=1, n_heldout=1, titles_per_family=2, copies=(1, 4),
+                                 null_titles_per_family=3)
+    assert levels.copies == [1] * 4 + [4] * 4 and levels.summary()["examples_per_epoch"] == 64 + 20
+    assert len(levels.null_titles) == 6 and not set(levels.null_titles) & set(levels.titles)
+    assert levels.finetune_set().captions[-1] == [levels.titles[-1]] and len(levels.finetune_set()) == 84
 
 
 def test_title_extraction_needs_the_own_image_nearest_and_above_threshold():
@@ -113,31 +119,56 @@ def test_title_extraction_needs_the_own_image_nearest_and_above_threshold():
     assert short["extracted"] == out["extracted"] and short["own_ssim"] == out["own_ssim"]
 
 
-def test_selection_ranks_learning_without_memorizing_first():
-    learns = {"trial": 0, "memorization": 0.0, "quality": 0.30, "tuned_fraction": 0.004}
-    memorizes = {"trial": 1, "memorization": 0.60, "quality": 0.50, "tuned_fraction": 0.008}
-    idle = {"trial": 2, "memorization": 0.0, "quality": 0.01, "tuned_fraction": 0.001}
-    history = [memorizes, idle, learns]
-    assert select_trial(history, memorization_budget=0.05)["trial"] == 0
-    assert sorted(history, key=lambda h: trial_rank(h, 0.05)) == [learns, idle, memorizes]
-    # with no trial within budget: the one that memorizes least
-    assert select_trial([memorizes, learns | {"memorization": 0.2}], 0.05)["trial"] == 0
-    # ties on quality: fewer tuned parameters first
-    assert select_trial([learns | {"trial": 5, "tuned_fraction": 0.1}, learns], 0.05)["trial"] == 0
+def test_pareto_front_and_choice_follow_the_stated_rules():
+    trials = [{"trial": 0, "memorization": 3.0, "quality_loss": 0.10, "trained_share": 0.1},
+              {"trial": 1, "memorization": 1.0, "quality_loss": 0.30, "trained_share": 0.1},
+              {"trial": 2, "memorization": 2.0, "quality_loss": 0.40, "trained_share": 0.1},  # dominated by 1
+              {"trial": 3, "memorization": 1.5, "quality_loss": 0.20, "trained_share": 0.1}]
+    assert pareto_front(trials) == [1, 3, 0]  # MU L168-222: by memorization, each with a new lowest loss
+    front = pareto_front(trials)
+    assert choose_point(trials, front, budget=1.6)["trial"] == 3  # lowest loss within the budget
+    assert choose_point(trials, front, budget=5.0)["trial"] == 0
+    assert choose_point(trials, front, budget=0.5)["trial"] == 1  # none within: the least memorization
 
 
-def test_search_uses_the_quality_term(tiny_sd_folder):
+def _tiny_set(model, n: int, caption: str, seed: int) -> FinetuneSet:
+    g = torch.Generator().manual_seed(seed)
+    size = model.latent_shape[-1] * 2
+    return FinetuneSet(torch.rand(n, 3, size, size, generator=g), [[caption]] * n, [f"{i}.png" for i in range(n)])
+
+
+def test_memorization_signal_is_the_batch_max_of_guidance_norms(tiny_sd_folder):
+    """HPO L258-403: per batch, the largest ||eps_c - eps_u|| at one random t per image; the mean over batches."""
+    from diffmem.finetune.trainer import noised
+
     model = load_model(tiny_sd_folder)
-    data = FinetuneData(torch.randn(4, *model.latent_shape), model.encode_prompts(["a red circle"] * 4))
-    scores = iter([{"memorization": 0.5, "quality": 0.9, "extra": 1.0}, {"memorization": 0.0, "quality": 0.2}])
-    found = MemControlSearch(trials=2, steps=1, batch=2, lora_rank=2, memorization_budget=0.05).run(
-        model, data, lambda m: next(scores))
-    assert found["chosen"]["trial"] == 1 and found["trials"][0]["extra"] == 1.0
-    assert found["memorization_budget"] == 0.05 and 0 < found["chosen"]["tuned_fraction"] < 1
-    # (memorization, quality) tuples still work: both over budget, the lower memorization wins
-    pairs = iter([(1.0, 1.0), (2.0, 1.0)])
-    found = MemControlSearch(trials=2, steps=1, batch=2, lora_rank=2).run(model, data, lambda m: next(pairs))
-    assert found["chosen"]["trial"] == 0 and found["chosen"]["quality"] == 1.0
+    dup = _tiny_set(model, 5, "a red circle", 0)
+    got = memcontrol_memorization(model, dup, batch=2, seed=3)
+    latents = model.encode_images(dup.images)
+    emb, empty = model.encode_prompts(["a red circle"] * 5), model.empty_embedding()
+    g = torch.Generator().manual_seed(3 * 1000)
+    maxima = []
+    for i in range(0, 5, 2):
+        zt, _, t = noised(model, latents[i:i + 2], g)
+        with torch.no_grad():
+            c = model.unet(zt, t, encoder_hidden_states=emb[i:i + 2]).sample
+            u = model.unet(zt, t, encoder_hidden_states=empty.expand(len(zt), -1, -1)).sample
+        maxima.append(float((c - u).flatten(1).norm(dim=1).max()))
+    assert got == pytest.approx(float(np.mean(maxima)), rel=1e-5)
+
+
+def test_search_masks_units_in_the_reference_range_and_keeps_the_front(tiny_sd_folder):
+    model = load_model(tiny_sd_folder)
+    data = _tiny_set(model, 6, "a painting of a cat", 1)
+    losses = iter([0.5, 0.2, 0.3])
+    found = MemControlSearch(family="difffit", trials=3, steps=1, batch=2).run(
+        model, data, data.take([0, 1]), quality_loss=lambda m: next(losses))
+    assert len(found["trials"]) == 3 and set(found["pareto"]) <= {0, 1, 2}
+    for t in found["trials"]:
+        assert LR_RANGE[0] <= t["learning_rate"] <= LR_RANGE[1]
+        assert set(t["mask"]) == set(found["units"]) and 0 < t["trained_share"] < 1
+    assert found["chosen"]["trial"] in found["pareto"]
+    assert found["budget"] == pytest.approx(1.25 * found["base_memorization"])
 
 
 def test_to_tensor_scales_to_unit_range():

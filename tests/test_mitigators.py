@@ -128,6 +128,9 @@ def test_prompt_adaptation_adapts_each_prompt_on_its_own_generations(model):
     images = view.sample([MEM[0], MEM[0]], [5, 6], num_inference_steps=2).images
     direct = model.sample(embeddings=own.repeat(2, 1, 1), seeds=[5, 6], num_inference_steps=2).images
     torch.testing.assert_close(images, direct)
+    with torch.no_grad():  # an attack's probe samples under no_grad; adaptation still takes its steps
+        quiet = view.sample([MEM[0], MEM[0]], [5, 6], num_inference_steps=2).images
+    torch.testing.assert_close(quiet, direct)
 
 
 def test_subspace_pruning_writes_a_loadable_checkpoint_and_keeps_the_input(model, tiny_sd_folder, tmp_path):
@@ -482,28 +485,3 @@ def test_cli_mitigate_refuses_to_overwrite_the_input(tiny_sd_folder, tmp_path, c
     assert "never overwrite" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "patched"), "--option", "fraction=0.05"]) == 0
     assert (tmp_path / "patched" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-
-
-def test_memcontrol_search_selects_blocks_and_reports_tuned_fraction(model):
-    from diffmem.mitigators.memcontrol import FinetuneData, MemControlSearch, finetune, transformer_blocks
-
-    blocks = transformer_blocks(model.unet)
-    assert blocks and all("attentions" in b for b in blocks)
-    data = FinetuneData(torch.randn(6, *model.latent_shape), model.encode_prompts(MEM * 3))
-    tuned, n = finetune(model, data, "bias-norm", blocks[:1], 1e-3, steps=2, batch=2, lora_rank=2, seed=0)
-    # the tuned count is every bias and normalisation parameter of the block, counted here from the UNet's names
-    assert n == sum(p.numel() for name, p in model.unet.get_submodule(blocks[0]).named_parameters()
-                    if name.endswith("bias") or "norm" in name) > 0
-    calls = []
-
-    def evaluate(m):
-        calls.append(1)
-        return float(len(calls)), 1.0  # later trials "memorize more": the first must be chosen
-
-    found = MemControlSearch(family="attention", trials=2, steps=1, batch=2, lora_rank=2).run(model, data, evaluate)
-    assert found["chosen"]["trial"] == 0 and len(found["trials"]) == 2
-    # the fraction is the chosen blocks' tuned parameters over the UNet's, as a fresh fine-tune of them counts
-    chosen = found["chosen"]
-    _, n_chosen = finetune(model, data, "attention", chosen["blocks"], chosen["lr"], steps=1, batch=2, lora_rank=2,
-                           seed=0)
-    assert chosen["tuned_fraction"] == pytest.approx(n_chosen / sum(p.numel() for p in model.unet.parameters()))

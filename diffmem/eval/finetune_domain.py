@@ -36,7 +36,9 @@ class DomainFinetuneSet:
 
     ``learn_split[i]`` / ``title_split[j]`` say whether learnt caption ``i`` / title ``j`` belongs to
     ``dev`` or ``test``; ``train_images[i]`` are caption ``i``'s fine-tuning images and
-    ``heldout_images[i]`` its held-out ones; every title is trained ``copies`` times on its one image.
+    ``heldout_images[i]`` its held-out ones; title ``j`` is trained ``copies[j]`` times on its one image.
+    ``null_titles`` (split by ``null_split``) are titles of the same generator that are never trained: what a
+    verdict's null is drawn from (:mod:`diffmem.eval.verdicts`).
     """
 
     learn_captions: list[str]
@@ -46,17 +48,36 @@ class DomainFinetuneSet:
     titles: list[str]
     title_split: list[str]
     title_images: np.ndarray  # (n_titles, H, W, 3)
-    copies: int
+    copies: list[int]  # per title
     config: dict = field(default_factory=dict)
+    null_titles: list[str] = field(default_factory=list)
+    null_split: list[str] = field(default_factory=list)
+    learn_named: list = field(default_factory=list)  # per learnt caption: the factors it names (for read-back)
 
     def training_examples(self) -> tuple[list[str], np.ndarray]:
         """Every (caption, image) of one epoch, duplicates repeated: learnt images first, then titles."""
         n, k = self.train_images.shape[:2]
         captions = [c for c in self.learn_captions for _ in range(k)]
-        captions += [t for t in self.titles for _ in range(self.copies)]
+        captions += [t for t, c in zip(self.titles, self.copies) for _ in range(c)]
         images = np.concatenate([self.train_images.reshape(n * k, *self.train_images.shape[2:]),
                                  np.repeat(self.title_images, self.copies, axis=0)])
         return captions, images
+
+    def finetune_set(self):
+        """One epoch as a :class:`diffmem.finetune.dataset.FinetuneSet` (what ``diffmem finetune`` trains on)."""
+        from diffmem.finetune.dataset import FinetuneSet
+
+        captions, images = self.training_examples()
+        return FinetuneSet(to_tensor(images), [[c] for c in captions], [f"{i:05d}.png" for i in range(len(images))],
+                           "domain fine-tuning set")
+
+    def duplicated_set(self, split: str | None = None):
+        """The titles (of ``split``, or all) with their one image each, as a ``FinetuneSet``."""
+        from diffmem.finetune.dataset import FinetuneSet
+
+        rows = range(len(self.titles)) if split is None else self.title_indices(split)
+        return FinetuneSet(to_tensor(self.title_images[list(rows)]), [[self.titles[j]] for j in rows],
+                           [f"title{j:03d}.png" for j in rows], "duplicated titles")
 
     def unique_training_images(self) -> tuple[np.ndarray, np.ndarray]:
         """(images, owner): each distinct fine-tuning image once; ``owner`` is its title's index, -1 for a
@@ -81,15 +102,16 @@ class DomainFinetuneSet:
 
     def summary(self) -> dict:
         """Sizes for a results file."""
-        n_examples = len(self.train_images) * self.train_images.shape[1] + len(self.titles) * self.copies
+        n_examples = len(self.train_images) * self.train_images.shape[1] + int(sum(self.copies))
         return {"learnt_captions": len(self.learn_captions),
                 "train_images_per_caption": int(self.train_images.shape[1]),
                 "heldout_images_per_caption": int(self.heldout_images.shape[1]),
                 "learnt_captions_per_split": {s: self.learn_split.count(s) for s in SPLITS},
                 "duplicated_titles": len(self.titles),
                 "titles_per_split": {s: self.title_split.count(s) for s in SPLITS},
-                "copies": self.copies, "examples_per_epoch": n_examples,
-                "duplicated_share": round(len(self.titles) * self.copies / n_examples, 4),
+                "copies": {str(c): self.copies.count(c) for c in sorted(set(self.copies))},
+                "null_titles": len(self.null_titles), "examples_per_epoch": n_examples,
+                "duplicated_share": round(sum(self.copies) / n_examples, 4),
                 "config": self.config}
 
 
@@ -118,7 +140,9 @@ def title_extraction(generations: torch.Tensor, owner: list[int] | torch.Tensor,
     outside the L2 shortlist would be missed, which can only turn a non-extraction into an extraction
     when it is the own image, and the own image is always scored.
 
-    Returns ``share``, the per-generation ``extracted`` flags and ``own_ssim`` (SSIM to its own image).
+    Returns ``share``, the per-generation ``extracted`` flags, ``own_ssim`` (SSIM to its own image; None for an
+    owner with no image, such as a never-trained title's -2), ``best_ssim`` (to the SSIM-nearest index image)
+    and ``best_owner`` (that image's title, -1 for none).
     """
     from diffmem.eval.similarity import l2_nearest
 
@@ -136,10 +160,14 @@ def title_extraction(generations: torch.Tensor, owner: list[int] | torch.Tensor,
     rows = torch.cat([torch.full((len(c),), i) for i, c in enumerate(shortlist)])
     cols = torch.cat(shortlist)
     sim = ssim_pairs(generations[rows], index[cols])
-    extracted, own_ssim = [], []
+    extracted, own_ssim, best_ssim, best_owner = [], [], [], []
     for i in range(n):
         s, c = sim[rows == i], cols[rows == i]
         best = int(s.argmax())
         extracted.append(bool(index_owner[c[best]] == owner[i]) and float(s[best]) > threshold)
-        own_ssim.append(round(float(s[index_owner[c] == owner[i]].max()), 4))
-    return {"share": float(np.mean(extracted)) if n else 0.0, "extracted": extracted, "own_ssim": own_ssim}
+        own = s[index_owner[c] == owner[i]]
+        own_ssim.append(round(float(own.max()), 4) if len(own) else None)
+        best_ssim.append(float(s[best]))
+        best_owner.append(int(index_owner[c[best]]))
+    return {"share": float(np.mean(extracted)) if n else 0.0, "extracted": extracted, "own_ssim": own_ssim,
+            "best_ssim": best_ssim, "best_owner": best_owner}

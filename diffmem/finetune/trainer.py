@@ -10,9 +10,9 @@ Captions are dropped to "" with probability ``caption_dropout`` (MemControl trai
 diffusers' script with 0).
 
 **Resumable.** Every ``checkpoint_every`` steps the trainable state, the optimizer and the step go to
-``WORK/state.pt`` (atomically). A rerun with the same model, data and settings continues from there; a
-different one is refused. All randomness of step ``k`` is drawn from generators seeded by ``(seed, k)``, so a
-resumed run equals an uninterrupted one.
+``WORK/state.pt`` (atomically). A rerun with the same model, data and settings continues from there, and one
+that asks for more steps extends it; a different one is refused. All randomness of step ``k`` is drawn from
+generators seeded by ``(seed, k)``, so a resumed or extended run equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -144,7 +144,10 @@ def guidance_norms(model: DiffusionModel, latents: torch.Tensor, captions: list[
 
 
 def settings_key(model: DiffusionModel, data: FinetuneSet, settings: FinetuneSettings) -> str:
-    payload = json.dumps({"model": model.fingerprint, "data": data.digest(), "settings": settings.describe()},
+    """What a saved state must match to be resumed: model, data and every setting but the number of steps and
+    how often the state is saved (a longer run extends a shorter one)."""
+    described = {k: v for k, v in settings.describe().items() if k not in ("steps", "checkpoint_every")}
+    payload = json.dumps({"model": model.fingerprint, "data": data.digest(), "settings": described},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -183,6 +186,9 @@ def finetune(model: DiffusionModel, data: FinetuneSet, settings: FinetuneSetting
         if state["key"] != key:
             raise DiffmemError(f"'{state_path.parent}' holds a fine-tune of another model, data set or settings; "
                                "use another --out (or delete the folder) to start this one")
+        if state["step"] > settings.steps:
+            raise DiffmemError(f"'{state_path.parent}' holds a fine-tune of {state['step']} steps, more than the "
+                               f"{settings.steps} asked; ask for at least {state['step']} or use another --out")
         _load_trainable(tuned.unet, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         start, losses, kept = state["step"], state["losses"], state["kept"]

@@ -1,197 +1,144 @@
-"""MemControl (Dutt et al., WACV 2025): choose *which* parameters to fine-tune so that fine-tuning on
-data with duplicated items learns the data without memorizing the duplicates.
+"""MemControl (Dutt et al., WACV 2025): choose *which* parameters to fine-tune, so that fine-tuning on data
+with duplicated images learns the data without memorizing the duplicates. As its code runs it
+(Raman1121/Diffusion_Memorization_HPO at 5a6afdd; ``HPO`` = ``train_text_to_image_HPO.py``, ``MU`` =
+``metrics_utils.py``, ``DS`` = ``get_dataset_mimic_cxr.py``):
 
-Setting: a base model is fine-tuned on new data in which a subset is repeated many times. The search
-space is a per-block on/off mask over the UNet's transformer blocks (down, mid, up) for one
-parameter-efficient family, plus the learning rate:
+- **search space**: one parameter-efficient family (``svdiff``, ``difffit`` or ``attention``, defined in
+  :mod:`diffmem.finetune.families`), a binary mask over the UNet's transformer units for it (HPO L81-102) and
+  the learning rate, log-uniform in [1e-5, 1e-3] (HPO L741-742; [5e-6, 1e-5] for ``full``, L744-745);
+- **inner loop**: a fresh fine-tune of the base per trial (HPO L861-870) on the fine-tuning set, duplicates
+  included, with :func:`diffmem.finetune.trainer.finetune` (AdamW, weight decay 1e-2, clipping at 1, constant
+  rate, 10% caption dropout: DS L23);
+- **memorization objective** (HPO L258-403, :func:`memcontrol_memorization`): over the duplicated images in
+  batches of the training batch size, each noised at its own uniform timestep, the largest
+  ``||eps(x_t, t, c) - eps(x_t, t, "")||_2`` of the batch, averaged over batches (one pass);
+- **quality objective**: the reference computes FID with a chest-X-ray DenseNet on generated test images.
+  diffmem takes the caller's offline quality loss instead (lower = better; the held-out denoising loss on
+  images of the domain, :func:`diffmem.eval.quality.heldout_denoising_loss`), because no feature network
+  can be downloaded here and generating FID sets per trial costs hours on a CPU;
+- **sampler**: Optuna's NSGA-II, what the reference's multi-objective study got by default (HPO L1677-1688
+  at d64b2c9; the HEAD commit does not parse). Below its population of 50 trials it draws at random.
+- **Pareto front**: the non-dominated trials, both objectives minimised (MU L168-222), saved with every trial.
 
-- ``attention``: LoRA (peft, rank ``lora_rank``) on the attention projections of the selected blocks;
-- ``bias-norm``: biases and normalisation weights of the selected blocks.
-
-Bi-level search, as the paper frames it: the outer loop (Optuna, multi-objective TPE) proposes a mask
-and learning rate; the inner loop fine-tunes for ``steps`` steps and the caller's ``evaluate`` returns
-two rewards, a **memorization** term on the duplicated subset (lower is better; the paper uses the
-first-step noise norm, :func:`noise_norm_memorization`; an extraction share works too) and a
-**quality** term (higher is better; the paper uses FID; on a fine-tuning set with a new domain, the
-relative drop of the held-out denoising loss, :func:`diffmem.eval.quality.heldout_denoising_loss`).
-
-Which Pareto point to ship is this module's rule, :func:`select_trial`: the trial that learns most
-among those whose memorization stays within ``memorization_budget``; if none does, the trial that
-memorizes least. A trial that learns without memorizing therefore always outranks one that learns
-more by memorizing, and among non-memorizing trials the one that changed the model least does not win
-by default (the failure of a quality term that only measures preservation).
+The reference does not choose a point of the front (the user passes a mask to its second stage by hand).
+diffmem's stated rule, :func:`choose_point`: the front point with the lowest quality loss among those whose
+memorization signal stays within ``budget_factor`` times the base model's signal on the same duplicated images
+(the base never saw them, so its signal is what "not memorized" reads); if none does, the point that memorizes
+least.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from diffmem.detectors import NoiseStepEngine, make_detector
 from diffmem.errors import DiffmemError
+from diffmem.finetune.dataset import FinetuneSet
+from diffmem.finetune.families import make_family
+from diffmem.finetune.trainer import FinetuneSettings, finetune, guidance_norms
 from diffmem.models.model import DiffusionModel
-from diffmem.scan import score_chunk
 
-BLOCK_PATTERN = re.compile(r"^((down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)$")
-
-
-def transformer_blocks(unet: nn.Module) -> list[str]:
-    """Names of the UNet's transformer blocks (cross-attention stacks), in module order."""
-    names = [n for n, _ in unet.named_modules() if BLOCK_PATTERN.match(n)]
-    if not names:
-        raise DiffmemError("the UNet has no transformer blocks (down/mid/up *.attentions.*) to select from")
-    return names
+LR_RANGE = (1e-5, 1e-3)  # HPO L741-742
+FULL_LR_RANGE = (5e-6, 1e-5)  # HPO L744-745
+CAPTION_DROPOUT = 0.1  # DS L23, L164-167
 
 
-@dataclass
-class FinetuneData:
-    """Latents and caption embeddings to fine-tune on (duplicates already repeated)."""
-
-    latents: torch.Tensor
-    embeddings: torch.Tensor
-
-
-def trainable_parameters(model: DiffusionModel, family: str, blocks: list[str], lora_rank: int
-                         ) -> list[nn.Parameter]:
-    """Switch on the parameters of ``family`` inside ``blocks`` (all blocks for the full model: 'full')."""
-    unet = model.unet
-    unet.requires_grad_(False)
-    if family == "full":
-        unet.requires_grad_(True)
-        return list(unet.parameters())
-    if family == "attention":
-        from peft import LoraConfig
-
-        targets = [f"{b}.{rest}" for b in blocks for rest, _ in dict(unet.get_submodule(b).named_modules()).items()
-                   if re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", rest)]
-        if not targets:
-            raise DiffmemError(f"no attention projections in blocks {blocks}")
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                    target_modules=targets))
-        return [p for p in unet.parameters() if p.requires_grad]
-    if family == "bias-norm":
-        params = []
-        for b in blocks:
-            for name, p in unet.get_submodule(b).named_parameters():
-                if name.endswith("bias") or "norm" in name:
-                    p.requires_grad_(True)
-                    params.append(p)
-        return params
-    raise DiffmemError(f"unknown PEFT family {family!r}; expected full, attention or bias-norm")
+def memcontrol_memorization(model: DiffusionModel, data: FinetuneSet, batch: int, seed: int = 0) -> float:
+    """MemControl's memorization signal on ``data`` (its duplicated images with their first captions): per batch
+    of ``batch`` images, the largest text-guidance norm at one random timestep each, averaged over batches."""
+    latents = model.encode_images(data.images).cpu()
+    norms = guidance_norms(model, latents, data.first_captions(), draws=1, seed=seed, batch=batch)
+    return float(np.mean([norms[i:i + batch].max() for i in range(0, len(norms), batch)]))
 
 
-def finetune(base: DiffusionModel, data: FinetuneData, family: str, blocks: list[str], lr: float, steps: int,
-             batch: int, lora_rank: int, seed: int) -> tuple[DiffusionModel, int]:
-    """A fine-tuned copy of ``base`` and the number of parameters it tuned."""
-    from diffmem.mitigators.adversarial_finetune import denoising_loss
-    from diffmem.mitigators.base import clone_model
-
-    model = clone_model(base)
-    params = trainable_parameters(model, family, blocks, lora_rank)
-    n_tuned = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    model.unet.train()
-    for _ in range(steps):
-        idx = torch.randint(len(data.latents), (batch,), generator=g)
-        with torch.enable_grad():
-            loss = denoising_loss(model, data.latents[idx], data.embeddings[idx], 1, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
-    model.unet.eval()
-    if family == "attention":
-        model.unet.fuse_lora()
-        model.unet.unload_lora()
-    model.unet.requires_grad_(False)
-    return model, n_tuned
+def pareto_front(trials: list[dict[str, Any]]) -> list[int]:
+    """Trial numbers of the non-dominated trials, both ``memorization`` and ``quality_loss`` minimised: sorted by
+    (memorization, loss), each trial whose loss is at most the lowest seen so far (MU L168-222)."""
+    best = float("inf")
+    front = []
+    for t in sorted(trials, key=lambda t: (t["memorization"], t["quality_loss"])):
+        if t["quality_loss"] <= best:
+            front.append(t["trial"])
+            best = t["quality_loss"]
+    return front
 
 
-def as_scores(result: tuple[float, float] | Mapping[str, float]) -> dict[str, float]:
-    """An ``evaluate`` result as a dict with ``memorization`` and ``quality`` (plus any extra figures)."""
-    if isinstance(result, Mapping):
-        missing = {"memorization", "quality"} - set(result)
-        if missing:
-            raise DiffmemError(f"evaluate() must return 'memorization' and 'quality'; missing {sorted(missing)}")
-        return {k: float(v) for k, v in result.items()}
-    memorization, quality = result
-    return {"memorization": float(memorization), "quality": float(quality)}
-
-
-def trial_rank(trial: Mapping[str, Any], memorization_budget: float) -> tuple[int, float, float]:
-    """Sort key of :func:`select_trial` (smaller ranks first).
-
-    Within the budget: more quality first, then fewer tuned parameters. Over the budget: always after
-    every trial within it, less memorization first.
-    """
-    tuned = float(trial.get("tuned_fraction", 0.0))
-    if trial["memorization"] <= memorization_budget:
-        return (0, -float(trial["quality"]), tuned)
-    return (1, float(trial["memorization"]), -float(trial["quality"]))
-
-
-def select_trial(history: list[dict[str, Any]], memorization_budget: float) -> dict[str, Any]:
-    """The trial to ship: best quality with memorization <= ``memorization_budget``, else least memorization."""
-    if not history:
-        raise DiffmemError("no trials to select from")
-    return min(history, key=lambda h: trial_rank(h, memorization_budget))
+def choose_point(trials: list[dict[str, Any]], front: list[int], budget: float) -> dict[str, Any]:
+    """diffmem's rule (module docstring): the front's lowest quality loss within the memorization budget, else the
+    front point that memorizes least."""
+    if not front:
+        raise DiffmemError("no trials to choose from")
+    points = [t for t in trials if t["trial"] in front]
+    within = [t for t in points if t["memorization"] <= budget]
+    if within:
+        return min(within, key=lambda t: (t["quality_loss"], t["trained_share"]))
+    return min(points, key=lambda t: (t["memorization"], t["quality_loss"]))
 
 
 @dataclass
 class MemControlSearch:
-    """The bi-level search; ``evaluate(model)`` is supplied by the caller and returns
-    ``(memorization, quality)`` or a dict with those keys (extra keys are recorded with the trial).
+    """The bi-level search (module docstring). ``quality_loss(model)`` is the caller's (lower = better);
+    ``extra(model)``, if given, adds figures to each trial's record (e.g. dev extraction)."""
 
-    ``memorization_budget`` is in the unit of the caller's memorization term (a share of extracted
-    generations: 0.05 is the issue's 5% target).
-    """
-
-    family: str = "attention"
-    trials: int = 8
-    steps: int = 150
+    family: str = "svdiff"
+    trials: int = 10  # scripts/run_HPO_svdiff1.sh L17: 10 per worker
+    steps: int = 300
     batch: int = 32
-    lora_rank: int = 4
-    lr_range: tuple[float, float] = (1e-4, 3e-3)
-    memorization_budget: float = 0.05
+    lr_range: tuple[float, float] | None = None  # None: the reference's range for the family
+    caption_dropout: float = CAPTION_DROPOUT
+    budget_factor: float = 1.25
     seed: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    settings: FinetuneSettings = field(default_factory=FinetuneSettings)  # other training settings
 
-    def run(self, base: DiffusionModel, data: FinetuneData,
-            evaluate: Callable[[DiffusionModel], tuple[float, float] | Mapping[str, float]]) -> dict[str, Any]:
+    def run(self, base: DiffusionModel, data: FinetuneSet, duplicated: FinetuneSet,
+            quality_loss: Callable[[DiffusionModel], float],
+            extra: Callable[[DiffusionModel], dict[str, Any]] | None = None,
+            keep: Callable[[int, DiffusionModel], None] | None = None) -> dict[str, Any]:
+        """Search on ``data`` (duplicates included); the memorization signal reads ``duplicated``. ``keep(trial,
+        model)`` sees each trained model (to report the chosen one later without retraining)."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        blocks = transformer_blocks(base.unet)
-        total = sum(p.numel() for p in base.unet.parameters())
+        family = make_family(self.family)
+        units = family.maskable_units(base.unet)
+        lr_range = self.lr_range or (FULL_LR_RANGE if self.family == "full" else LR_RANGE)
+        base_signal = memcontrol_memorization(base, duplicated, self.batch, self.seed)
+        budget = self.budget_factor * base_signal
+        history: list[dict[str, Any]] = []
 
         def objective(trial: optuna.Trial) -> tuple[float, float]:
-            mask = [trial.suggest_categorical(b, [False, True]) for b in blocks]
-            chosen = [b for b, on in zip(blocks, mask) if on] or [blocks[-1]]
-            lr = trial.suggest_float("lr", *self.lr_range, log=True)
+            lr = trial.suggest_float("learning_rate", *lr_range, log=True)  # suggested before the mask (HPO L861)
+            mask = {u: bool(trial.suggest_int(f"mask {u}", 0, 1)) for u in units} if self.family != "full" else {}
+            settings = replace(self.settings, family=self.family, mask=mask, lr=lr, steps=self.steps,
+                               batch=self.batch, caption_dropout=self.caption_dropout, seed=self.seed)
             start = time.perf_counter()
-            model, n = finetune(base, data, self.family, chosen, lr, self.steps, self.batch, self.lora_rank,
-                                self.seed)
-            scores = as_scores(evaluate(model))
-            self.history.append({"trial": trial.number, "blocks": chosen, "lr": lr, **scores,
-                                 "tuned_fraction": n / total, "seconds": round(time.perf_counter() - start, 1)})
-            return scores["memorization"], scores["quality"]
+            result = finetune(base, data, settings)
+            memorization = memcontrol_memorization(result.model, duplicated, self.batch, self.seed)
+            loss = float(quality_loss(result.model))
+            record = {"trial": trial.number, "learning_rate": lr, "mask": {u: int(on) for u, on in mask.items()},
+                      "memorization": memorization, "quality_loss": loss,
+                      "trained_parameters": result.trained_parameters,
+                      "trained_share": result.trained_parameters / result.unet_parameters,
+                      "final_train_loss": result.describe()["final_loss"]}
+            if extra is not None:
+                record |= extra(result.model)
+            record["seconds"] = round(time.perf_counter() - start, 1)
+            history.append(record)
+            if keep is not None:
+                keep(trial.number, result.model)
+            return memorization, loss
 
-        study = optuna.create_study(directions=["minimize", "maximize"],
-                                    sampler=optuna.samplers.TPESampler(seed=self.seed))
+        study = optuna.create_study(directions=["minimize", "minimize"],
+                                    sampler=optuna.samplers.NSGAIISampler(seed=self.seed))
         study.optimize(objective, n_trials=self.trials)
-        chosen = select_trial(self.history, self.memorization_budget)
-        return {"chosen": chosen, "trials": self.history, "memorization_budget": self.memorization_budget,
-                "pareto": [t.number for t in study.best_trials], "unet_parameters": total}
+        front = pareto_front(history)
+        return {"family": self.family, "units": units, "lr_range": list(lr_range), "trials": history,
+                "pareto": front, "base_memorization": base_signal, "budget": budget,
+                "budget_rule": f"memorization <= {self.budget_factor} x the base model's signal on the duplicated "
+                               "images", "chosen": choose_point(history, front, budget),
+                "unet_parameters": sum(p.numel() for p in base.unet.parameters())}
 
-
-def noise_norm_memorization(model: DiffusionModel, captions: list[str], draws: int = 4) -> float:
-    """Mean first-step noise-norm of ``captions`` (MemControl's memorization signal)."""
-    engine = NoiseStepEngine(model, draws)
-    return float(np.mean(score_chunk(engine, [make_detector("noise-norm")], captions)["noise-norm"]))

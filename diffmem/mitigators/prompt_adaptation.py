@@ -74,7 +74,8 @@ def adapt_embeddings(model: DiffusionModel, emb: torch.Tensor, target: float, lr
             break
         frozen = e.detach()[done].clone()
         opt.zero_grad(set_to_none=True)
-        loss[~done].sum().backward()  # prompts are independent: each row's gradient is its own loss's
+        with torch.enable_grad():  # callers (an attack's probe generations) may sample under no_grad
+            loss[~done].sum().backward()  # prompts are independent: each row's gradient is its own loss's
         e.grad[:, 0] = 0  # start-of-text token frozen (local_sd_pipeline.py L649-651)
         opt.step()
         with torch.no_grad():
