@@ -408,7 +408,8 @@ def heldout_bench_rows(record: dict, first: str = "method") -> list[str]:
 
 
 def memcontrol_rows(record: dict) -> list[str]:
-    """``benchmarks/memcontrol.py``: fine-tuning variants on the new-domain set, figures on its test half."""
+    """The former ``benchmarks/memcontrol.py`` (LoRA search): fine-tuning variants on the new-domain set, figures on
+    its test half."""
     head = ["| variant (test half) | tuned parameters | learning rate | extraction | new-domain loss | "
             "new-domain quality gain | fidelity, zoo captions | seconds |", "|---|---|---|---|---|---|---|---|"]
     names = {"base": "base (no fine-tuning)", "full-finetune": "full fine-tuning",
@@ -538,7 +539,7 @@ TABLES = {
          ("build 2", r[2]["corpora"]["sd"]), ("collapse corpus", r[0]["corpora"]["collapse"])])),
     "bench": (("bench.json",), lambda r, compact: bench_rows(r[0], compact)),
     "bench-heldout": (("bench_task_model.json",), lambda r, _: heldout_bench_rows(r[0])),
-    "memcontrol": (("memcontrol.json",), lambda r, _: memcontrol_rows(r[0])),
+    "memcontrol": (("experiments/memcontrol_lora_search.json",), lambda r, _: memcontrol_rows(r[0])),
     "bench-heldout-tuned": (("bench_task_tuned.json",),
                             lambda r, _: heldout_bench_rows(r[0], "method (settings chosen on dev)")),
     "bench-heldout-content": (("bench_task_content.json",),
@@ -572,8 +573,7 @@ PAGES = {"README.md": [("| measure (default zoo", "headline", False)],
          "docs/zoo-sd.md": [("| before training (`corpus_gate.py`)", "corpus-gate-current", False),
                             ("| after training (`zoo_gates.py`)", "zoo-gates-current", False)],
          "docs/mitigation.md": [("| method (SD-like zoo, test split)", "bench-heldout-sd", False),
-                                ("| method (settings chosen on dev)", "bench-heldout-tuned", False),
-                                ("| variant (test half)", "memcontrol", False)],
+                                ("| method (settings chosen on dev)", "bench-heldout-tuned", False)],
          "docs/scale.md": [("| pattern | UNet rows", "throughput", False),
                            ("| ratio | 1 thread", "throughput-ratios", False), ("| prompts | engine s", "cli", False),
                            ("| prompts | wall s | CPU s", "growth", False)],
@@ -592,7 +592,8 @@ PAGES = {"README.md": [("| measure (default zoo", "headline", False)],
                              ("| detector (SD-like zoo, memorized in", "detection-heldout-sd-confirmed", False),
                              ("| after training (`zoo_gates.py`)", "zoo-gates", False),
                              ("| detector (previous run)", "detection-previous", False),
-                             ("| method | acts at | extraction (matching", "bench", False)]}
+                             ("| method | acts at | extraction (matching", "bench", False),
+                             ("| variant (test half)", "memcontrol", False)]}
 
 
 def update_pages(root: Path = RESULTS.parents[1]) -> list[str]:
