@@ -312,6 +312,32 @@ def test_nemo_blocks_each_prompts_own_neurons_at_inference(model, tmp_path):
     torch.testing.assert_close(again.apply(model).sample([MEM[0]], [0], num_inference_steps=2).images, blocked)
 
 
+def test_nemo_localises_unseen_prompts_and_attacks_meet_each_prompts_neurons(nemo_fit, model, monkeypatch):
+    """NeMo acts per prompt: a prompt it was not fitted on is localised when first sampled (against the fit's
+    statistics), and an embedding attack on a prompt runs with that prompt's own neurons blocked."""
+    from diffmem.attacks.base import AttackContext
+    from diffmem.attacks.retrigger import EmbeddingRetrigger
+
+    view = nemo_fit.apply(model)
+    assert view.prompt_specific and not model.prompt_specific and model.for_prompt("x") is model
+    mu = {n: torch.tensor(v["mu"]) for n, v in nemo_fit.statistics.items()}
+    sigma = {n: torch.tensor(v["sigma"]) for n, v in nemo_fit.statistics.items()}
+    expected, _ = nemo_fit.localise_prompts(model, [ORD[1]], mu, sigma)
+    view.sample([ORD[1]], [0], num_inference_steps=2)
+    assert nemo_fit._localised[ORD[1]] == expected[ORD[1]] and ORD[1] not in nemo_fit.neurons
+    assert view.for_prompt(MEM[0])._blocking == nemo_fit.neurons[MEM[0]]
+    seen = []
+
+    def one_prompt(self, m, prompts, ctx):
+        seen.append((prompts[0], m._blocking, ctx.own_items))
+        return {"replication_rate": [0.5], "score": np.array([0.5])}
+
+    monkeypatch.setattr(EmbeddingRetrigger, "run", one_prompt)
+    out = EmbeddingRetrigger().run_each(view, MEM, AttackContext(own_items=[3, 4]))
+    assert seen == [(MEM[0], nemo_fit.neurons[MEM[0]], [3]), (MEM[1], nemo_fit.neurons[MEM[1]], [4])]
+    assert out["replication_rate"] == [0.5, 0.5] and out["score"].tolist() == [0.5, 0.5]
+
+
 def test_nemo_statistics_come_from_the_statistics_prompts(model, monkeypatch):
     """NeMo's z-scores are measured against the mean and (n - 1) std of the first-step mean |value activation|
     of the statistics prompts (the memorized captions' own distribution), not of the ordinary prompts."""

@@ -18,7 +18,7 @@ each found embedding and match the images against the training set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -113,6 +113,8 @@ class EmbeddingRetrigger(Attack):
             raise DiffmemError(f"{self.name}: starts, batch and generations must be >= 1 and steps >= 0")
 
     def run(self, model, prompts: list[str], ctx: AttackContext) -> dict:
+        if model.prompt_specific and len(prompts) > 1:  # a per-prompt mitigation: attack each prompt on its own
+            return self.run_each(model, prompts, ctx)
         targets = target_latents(model, prompts, ctx, self.sample_steps, self.guidance_scale)
         e0 = model.encode_prompts(prompts)
         k = self.generations
@@ -145,6 +147,14 @@ class EmbeddingRetrigger(Attack):
                  "embedding_shift": shifts_a[chosen, np.arange(len(prompts))].tolist(),
                  "replication_rate_per_start": np.asarray(per_start).T.tolist()}
         return best
+
+    def run_each(self, model, prompts: list[str], ctx: AttackContext) -> dict:
+        """:meth:`run` on each prompt alone, against ``model.for_prompt(prompt)`` (the mitigation as it acts on
+        that prompt: NeMo with that prompt's neurons blocked), the outputs concatenated in prompt order."""
+        outs = [self.run(model.for_prompt(p), [p], replace(ctx, own_items=list(ctx.own_items[i:i + 1])))
+                for i, p in enumerate(prompts)]
+        return {k: np.concatenate([o[k] for o in outs]) if isinstance(outs[0][k], np.ndarray)
+                else [v for o in outs for v in o[k]] for k in outs[0]}
 
     def unet_calls_per_prompt(self) -> float:
         return float(self.starts * (self.steps * self.batch + 2 * self.sample_steps * self.generations)

@@ -31,10 +31,13 @@ run it. File references below are to that repository.
 Two ways to deploy it:
 
 - ``nemo`` (faithful, an inference mitigator): each prompt's own neurons are blocked by a forward hook when
-  that prompt is sampled (``model.sample(prompts, seeds)``; other prompts run unblocked). Calls that give
-  embeddings instead of prompts (an embedding attack such as DoRI, the noise-step detectors) cannot be tied
-  to a prompt: they run with the union of the fitted prompts' neurons blocked, as the pruned checkpoint does.
-  The per-prompt sets are saved in ``mitigation.json`` and re-applied by ``--mitigation``.
+  that prompt is sampled (``model.sample(prompts, seeds)``). NeMo is a per-prompt method: a prompt it was not
+  fitted on is localised the first time it is sampled, against the fit's activation statistics and threshold
+  (a prompt without memorization signal gets no neurons and runs unblocked), as a deployment that checks each
+  incoming prompt would. An embedding attack on a prompt (DoRI) runs against ``model.for_prompt(prompt)``, the
+  model with that prompt's neurons blocked, as Finding Dori attacks NeMo. Calls that give embeddings with no
+  prompt (the noise-step detectors) run with the union of the fitted prompts' neurons blocked. The per-prompt
+  sets and the statistics are saved in ``mitigation.json`` and re-applied by ``--mitigation``.
 - ``nemo-union`` (a weight mitigator, a different method): the union of the fitted prompts' sets zeroed
   into ``to_v``'s rows, a pruned checkpoint for that stated prompt set; ``describe_fit`` reports the share
   of the layers' neurons it removes.
@@ -46,6 +49,7 @@ Latent sizes of the zoo are far below what MS-SSIM's five scales need (the refer
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,28 +150,42 @@ class NeMoSettings:
                                        seed=self.seed)
         return ({n: a.mean(0) for n, a in stats.items()}, {n: a.std(0).clamp_min(1e-6) for n, a in stats.items()})
 
-    def localise_all(self, model: DiffusionModel, memorized: list[str], ordinary: list[str],
-                     statistics_prompts: list[str] | None = None) -> tuple[dict[str, Selection], dict[str, Any]]:
-        """Per memorized prompt its refined neurons (empty when it shows no memorization signal), and a
-        summary of the run. ``statistics_prompts``: the z-scores' reference (default ``ordinary``)."""
+    def prepare(self, model: DiffusionModel, ordinary: list[str], statistics_prompts: list[str] | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The activation statistics (mean, std per layer and channel) and, unless set, the threshold: what
+        localising any prompt needs."""
         if self.seeds < 2:
             raise DiffmemError(f"NeMo's signal compares seeds: seeds must be >= 2, got {self.seeds}")
         modules = self._modules(model.unet)
-        latents, t = self._setup(model)
-
         mu, sigma = self.activation_statistics(model, statistics_prompts or ordinary, modules)
         if self.threshold is None:
             self.threshold = self.derive_threshold(model, ordinary)
-        acts = first_step_activations(model, memorized, modules, mean_abs_over_tokens, use_input=False, draws=1,
+        return mu, sigma
+
+    def localise_prompts(self, model: DiffusionModel, prompts: list[str], mu: dict[str, torch.Tensor],
+                         sigma: dict[str, torch.Tensor]) -> tuple[dict[str, Selection], list[dict[str, Any]]]:
+        """Each prompt's refined neurons (empty when it shows no memorization signal) and its run record."""
+        modules = self._modules(model.unet)
+        latents, t = self._setup(model)
+        acts = first_step_activations(model, prompts, modules, mean_abs_over_tokens, use_input=False, draws=1,
                                       seed=self.seed)
         per_prompt: dict[str, Selection] = {}
         runs = []
-        for i, prompt in enumerate(memorized):
+        for i, prompt in enumerate(prompts):
             z = {n: (acts[n][i] - mu[n]).abs() / sigma[n] for n in modules}  # two-sided (L104)
             sel, run = self.localise(model, model.encode_prompts([prompt]), modules, latents, t, z,
                                      {n: acts[n][i] for n in modules})
             per_prompt[prompt] = sel
             runs.append(run)
+        return per_prompt, runs
+
+    def localise_all(self, model: DiffusionModel, memorized: list[str], ordinary: list[str],
+                     statistics_prompts: list[str] | None = None) -> tuple[dict[str, Selection], dict[str, Any]]:
+        """Per memorized prompt its refined neurons, and a summary of the run. ``statistics_prompts``: the
+        z-scores' reference (default ``ordinary``)."""
+        mu, sigma = self.prepare(model, ordinary, statistics_prompts)
+        self._statistics = (mu, sigma)
+        per_prompt, runs = self.localise_prompts(model, memorized, mu, sigma)
         summary = {"threshold": self.threshold, "prompts": len(memorized),
                    "statistics_prompts": len(statistics_prompts or ordinary),
                    "statistics_from": "statistics prompts" if statistics_prompts else "ordinary prompts",
@@ -234,10 +252,13 @@ def union(per_prompt: dict[str, Selection]) -> Selection:
 @MITIGATORS.register("nemo")
 @dataclass
 class NeMo(NeMoSettings, InferenceMitigator):
-    """Block each memorized prompt's own value neurons by a hook whenever that prompt is sampled."""
+    """Block each prompt's own value neurons by a hook whenever that prompt is sampled; a prompt not localised at
+    fit is localised the first time it is sampled (``localise_unseen``), against the fit's statistics."""
 
     name = "nemo"
+    localise_unseen: bool = True
     neurons: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # fit state: prompt -> layer -> ids
+    statistics: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # fit state: layer -> mu, sigma
 
     def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str],
             statistics_prompts: list[str] | None = None) -> None:
@@ -245,11 +266,24 @@ class NeMo(NeMoSettings, InferenceMitigator):
         own distribution for the activation statistics (default: ``ordinary``)."""
         check_prompt_lists(memorized, ordinary)
         self.neurons, self._summary = self.localise_all(model, memorized, ordinary, statistics_prompts)
+        mu, sigma = self._statistics
+        self.statistics = {n: {"mu": mu[n].tolist(), "sigma": sigma[n].tolist()} for n in mu}
 
     def describe_fit(self) -> dict:
         blocked = union(self.neurons)
         return {**getattr(self, "_summary", {}), "threshold": self.threshold,
                 "union_neurons": sum(len(v) for v in blocked.values())}
+
+    def neurons_of(self, model: DiffusionModel, prompts: list[str]) -> dict[str, Selection]:
+        """Each prompt's neurons: fitted, else localised now and remembered (``localise_unseen``), else none."""
+        cache = self.__dict__.setdefault("_localised", {})
+        unseen = [p for p in dict.fromkeys(prompts) if p not in self.neurons and p not in cache and p != ""]
+        if unseen and self.localise_unseen and self.statistics and self.threshold is not None:
+            mu = {n: torch.tensor(v["mu"]) for n, v in self.statistics.items()}
+            sigma = {n: torch.tensor(v["sigma"]) for n, v in self.statistics.items()}
+            found, _ = self.localise_prompts(model, unseen, mu, sigma)
+            cache.update(found)
+        return {p: self.neurons.get(p, cache.get(p, {})) for p in prompts}
 
     def apply(self, model: DiffusionModel) -> DiffusionModel:
         modules = self._modules(model.unet)
@@ -257,14 +291,20 @@ class NeMo(NeMoSettings, InferenceMitigator):
         if unknown:
             raise DiffmemError(f"nemo: the model has no layers {unknown[:3]} that the mitigation names; was it fitted "
                                "on another architecture?")
-        per_prompt, everything = self.neurons, union(self.neurons)
+        mitigator, everything = self, union(self.neurons)
 
         class PerPromptBlocking(PatchedModel):
             _blocking: Selection = everything
+            prompt_specific = True
 
             def predict_noise(self, latents, timesteps, embeddings, scheduler=None):
                 with zeroed_channels(modules, as_index(self._blocking)):
                     return super().predict_noise(latents, timesteps, embeddings, scheduler)
+
+            def for_prompt(self, prompt: str) -> DiffusionModel:
+                view = copy.copy(self)
+                view._blocking = mitigator.neurons_of(model, [prompt])[prompt]
+                return view
 
             def sample(self, prompts=None, seeds=None, *, embeddings=None, **kwargs) -> SampleOutput:
                 if embeddings is not None or prompts is None:
@@ -273,19 +313,21 @@ class NeMo(NeMoSettings, InferenceMitigator):
                 seeds = list(range(len(prompts))) if seeds is None else list(seeds)
                 if len(seeds) != len(prompts):
                     raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; expected one seed per prompt")
+                per_prompt = mitigator.neurons_of(model, prompts)
                 groups: dict[str, list[int]] = {}
                 for i, p in enumerate(prompts):  # prompts sharing a neuron set are sampled together
-                    groups.setdefault(repr(per_prompt.get(p, {})), []).append(i)
+                    groups.setdefault(repr(per_prompt[p]), []).append(i)
                 images: list[torch.Tensor | None] = [None] * len(prompts)
                 finals: list[torch.Tensor | None] = [None] * len(prompts)
+                blocking = self._blocking
                 try:
                     for rows in groups.values():
-                        self._blocking = per_prompt.get(prompts[rows[0]], {})
+                        self._blocking = per_prompt[prompts[rows[0]]]
                         out = super().sample([prompts[i] for i in rows], [seeds[i] for i in rows], **kwargs)
                         for j, i in enumerate(rows):
                             images[i], finals[i] = out.images[j], out.latents[j]
                 finally:
-                    self._blocking = everything
+                    self._blocking = blocking
                 return SampleOutput(images=torch.stack(images), latents=torch.stack(finals))
 
         return PerPromptBlocking.of(model)

@@ -129,6 +129,14 @@ class DiffusionModel:
             "max_tokens": self.max_tokens,
         }
 
+    def for_prompt(self, prompt: str) -> DiffusionModel:
+        """The model to use when working on ``prompt``'s embedding rather than its text (an embedding attack
+        optimising that prompt): the model itself, unless a mitigation acts per prompt (NeMo blocks each
+        prompt's own neurons). ``prompt_specific`` says whether the answer can differ between prompts."""
+        return self
+
+    prompt_specific = False
+
     # ---------------------------------------------------------------- text
     @staticmethod
     def _check_prompts(prompts: Sequence[str]) -> None:
