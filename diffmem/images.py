@@ -20,11 +20,20 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def read_rgb(path: Path, what: str = "image file") -> np.ndarray:
+    """The image at ``path`` as ``(H, W, 3)`` uint8 RGB; an unreadable file is refused by name (``what`` says
+    what it was meant to be)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return np.array(Image.open(path).convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DiffmemError(f"{what} '{path}' cannot be read: {exc}") from exc
+
+
 def load_image_folder(folder: Path, size: int) -> torch.Tensor:
     """Every image under ``folder`` as ``(N, 3, size, size)`` in [0, 1] (sorted file order), resized by
     :func:`diffmem.eval.similarity.resize_images`, the path generations take to the index's size."""
-    from PIL import Image, UnidentifiedImageError
-
     from diffmem.eval.similarity import resize_images
 
     folder = Path(folder)
@@ -34,13 +43,8 @@ def load_image_folder(folder: Path, size: int) -> torch.Tensor:
     if len(files) < 2:
         raise DiffmemError(f"image folder '{folder}' holds {len(files)} image(s); expected at least 2 "
                            f"({', '.join(IMAGE_SUFFIXES)})")
-    arrays = []
-    for f in files:
-        try:
-            img = np.asarray(Image.open(f).convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DiffmemError(f"image file '{f}' cannot be read: {exc}") from exc
-        arrays.append(resize_images(torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255.0, size)[0])
+    arrays = [resize_images(torch.from_numpy(read_rgb(f)).permute(2, 0, 1)[None].float() / 255.0, size)[0]
+              for f in files]
     return torch.stack(arrays)
 
 

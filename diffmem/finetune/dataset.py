@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from diffmem.errors import DiffmemError
-from diffmem.images import IMAGE_SUFFIXES, image_files
+from diffmem.images import IMAGE_SUFFIXES, image_files, read_rgb
 
 METADATA_FILE = "metadata.jsonl"
 
@@ -111,8 +111,6 @@ def read_finetune_folder(folder: str | Path, resolution: int) -> FinetuneSet:
 
     Refused with one line naming the input: a missing folder, no images, an image without a caption, a
     ``metadata.jsonl`` row naming a missing file, an unreadable image."""
-    from PIL import Image, UnidentifiedImageError
-
     from diffmem.eval.similarity import resize_images
 
     folder = Path(folder)
@@ -137,13 +135,7 @@ def read_finetune_folder(folder: str | Path, resolution: int) -> FinetuneSet:
             captions.append(found)
     if not files:
         raise DiffmemError(f"fine-tuning folder '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    tensors = []
-    for f in files:
-        try:
-            array = np.asarray(Image.open(f).convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DiffmemError(f"fine-tuning image '{f}' cannot be read: {exc}") from exc
-        tensors.append(resize_images(_square(array)[None], resolution)[0])
+    tensors = [resize_images(_square(read_rgb(f, "fine-tuning image"))[None], resolution)[0] for f in files]
     return FinetuneSet(torch.stack(tensors), captions, [str(f.relative_to(folder)) for f in files], str(folder))
 
 
