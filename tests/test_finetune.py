@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -249,3 +250,27 @@ def test_finetune_command_writes_a_new_checkpoint(tiny_sd_folder, tmp_path):
     base = load_model(tiny_sd_folder)
     diff = [n for n, p in tuned.unet.state_dict().items() if not torch.equal(p, base.unet.state_dict()[n])]
     assert diff and set(tuned.unet.state_dict()) == set(base.unet.state_dict())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "MISSING"], "fine-tuning folder '.*MISSING' does not exist"),
+    (["--family", "wide"], "--family 'wide': expected one of"),
+    (["--mask", "down_blocks.0=2"], "--mask 'down_blocks.0=2': expected UNIT=0 or UNIT=1"),
+    (["--mask", "no_such_unit=0"], "--mask names \\['no_such_unit'\\]"),
+    (["--noise-filter", "q"], "--noise-filter 'q': expected q=Q"),
+    (["--noise-filter", "q=1.5"], "quantile must be in \\(0, 1\\)"),
+    (["--captions", "first", "--caption-prob", "2"], "caption probability must be in \\[0, 1\\]"),
+])
+def test_finetune_bad_input_is_one_line_and_writes_nothing(tiny_sd_folder, tmp_path, capsys, extra, message):
+    from diffmem.cli.main import main
+
+    data = write_finetune_folder(tmp_path / "set", _images(2), [["a"], ["b"]])
+    args = ["finetune", "--model", str(tiny_sd_folder), "--data", str(data), "--out", str(tmp_path / "out"),
+            "--steps", "1", "--batch", "1", "-q"]
+    if "--data" in extra:
+        args[args.index("--data") + 1] = str(tmp_path / extra[1])
+        extra = []
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "out").exists()

@@ -90,9 +90,9 @@ def run_finetune(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from diffmem.cli.options import resolve_device
-    from diffmem.finetune.dataset import read_finetune_folder
+    from diffmem.finetune.dataset import check_finetune_folder
     from diffmem.finetune.dedup import deduplicate
-    from diffmem.finetune.families import FAMILIES
+    from diffmem.finetune.families import FAMILIES, transformer_units
     from diffmem.finetune.mitigations import CaptionPolicy
     from diffmem.finetune.trainer import FinetuneSettings, finetune
     from diffmem.jobs import versions
@@ -110,9 +110,14 @@ def run_finetune(args: argparse.Namespace) -> None:
                                 caption=CaptionPolicy(args.captions, args.caption_prob),
                                 embedding_noise=args.embedding_noise, noise_filter=_noise_filter(args.noise_filter))
     check_output_dir(args.out, "finetune", [args.model, args.data], args.force, writes=[RECORD, STATE_DIR])
+    raw = check_finetune_folder(args.data)
     model = load_model(args.model, device=device, dtype=args.dtype or "float32", config=args.config)
+    unknown = sorted(set(settings.mask) - set(transformer_units(model.unet)))
+    if unknown:
+        raise DiffmemError(f"--mask names {unknown}; this UNet's transformer units are "
+                           f"{', '.join(transformer_units(model.unet))}")
     resolution = model.latent_shape[-1] * (2 ** (len(model.vae.config.block_out_channels) - 1) if model.vae else 1)
-    data = read_finetune_folder(args.data, resolution)
+    data = raw.at(resolution)
     dedup = None
     if args.dedup != "none":
         data, report = deduplicate(data, args.dedup, args.dedup_distance)

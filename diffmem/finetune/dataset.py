@@ -106,13 +106,28 @@ def _square(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255.0
 
 
-def read_finetune_folder(folder: str | Path, resolution: int) -> FinetuneSet:
-    """The image-caption folder at ``folder`` (see the module docstring) at ``resolution`` pixels.
+@dataclass
+class RawFinetuneFolder:
+    """A checked image-caption folder with its images decoded at their own sizes (before a model is loaded)."""
+
+    folder: Path
+    arrays: list[np.ndarray]
+    captions: list[list[str]]
+    files: list[str]
+
+    def at(self, resolution: int) -> FinetuneSet:
+        """The set centre-cropped and resized to ``resolution`` pixels."""
+        from diffmem.eval.similarity import resize_images
+
+        tensors = [resize_images(_square(a)[None], resolution)[0] for a in self.arrays]
+        return FinetuneSet(torch.stack(tensors), self.captions, self.files, str(self.folder))
+
+
+def check_finetune_folder(folder: str | Path) -> RawFinetuneFolder:
+    """The image-caption folder at ``folder`` (see the module docstring), checked and decoded.
 
     Refused with one line naming the input: a missing folder, no images, an image without a caption, a
     ``metadata.jsonl`` row naming a missing file, an unreadable image."""
-    from diffmem.eval.similarity import resize_images
-
     folder = Path(folder)
     if not folder.is_dir():
         raise DiffmemError(f"fine-tuning folder '{folder}' does not exist; expected a folder of images with "
@@ -135,8 +150,16 @@ def read_finetune_folder(folder: str | Path, resolution: int) -> FinetuneSet:
             captions.append(found)
     if not files:
         raise DiffmemError(f"fine-tuning folder '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    tensors = [resize_images(_square(read_rgb(f, "fine-tuning image"))[None], resolution)[0] for f in files]
-    return FinetuneSet(torch.stack(tensors), captions, [str(f.relative_to(folder)) for f in files], str(folder))
+    empty = [f for f, c in zip(files, captions) if not c]
+    if empty:
+        raise DiffmemError(f"fine-tuning image '{empty[0]}' has no caption; expected at least one non-empty caption")
+    arrays = [read_rgb(f, "fine-tuning image") for f in files]
+    return RawFinetuneFolder(folder, arrays, captions, [str(f.relative_to(folder)) for f in files])
+
+
+def read_finetune_folder(folder: str | Path, resolution: int) -> FinetuneSet:
+    """:func:`check_finetune_folder` at ``resolution`` pixels."""
+    return check_finetune_folder(folder).at(resolution)
 
 
 def write_finetune_folder(folder: str | Path, images: torch.Tensor, captions: list[list[str]] | list[str],
