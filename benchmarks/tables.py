@@ -546,6 +546,8 @@ TABLES = {
                               lambda r, _: heldout_bench_rows(r[0], "method (surrogates that draw the caption)")),
     "bench-heldout-content-nemo": (("bench_task_content_nemo.json",), lambda r, _: heldout_bench_rows(
         r[0], "method (NeMo surrogates that draw the caption)")),
+    "bench-heldout-sd-before": (("experiments/bench_task_sd_before_faithful_mitigators.json",), lambda r, _:
+                                heldout_bench_rows(r[0], "method (SD-like zoo, before the faithful mitigators)")),
     "bench-heldout-sd": (("bench_task_sd.json",),
                          lambda r, _: heldout_bench_rows(r[0], "method (SD-like zoo, test split)")),
     "extraction-sd": (("extraction_sd.json",), lambda r, _: extraction_rows(r[0], "attack (SD-like zoo)")),
@@ -593,7 +595,8 @@ PAGES = {"README.md": [("| measure (default zoo", "headline", False)],
                              ("| after training (`zoo_gates.py`)", "zoo-gates", False),
                              ("| detector (previous run)", "detection-previous", False),
                              ("| method | acts at | extraction (matching", "bench", False),
-                             ("| variant (test half)", "memcontrol", False)]}
+                             ("| variant (test half)", "memcontrol", False),
+                             ("| method (SD-like zoo, before the faithful", "bench-heldout-sd-before", False)]}
 
 
 def update_pages(root: Path = RESULTS.parents[1]) -> list[str]:
