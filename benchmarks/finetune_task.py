@@ -42,7 +42,7 @@ import torch
 from diffmem.eval.finetune_domain import DomainFinetuneSet, title_extraction, to_tensor
 from diffmem.eval.quality import heldout_denoising_loss, relative_improvement
 from diffmem.eval.verdicts import decide, fit_generation_null
-from diffmem.finetune.dataset import FinetuneSet
+from diffmem.finetune.dataset import FinetuneSet, concat_sets, replay_set
 from diffmem.finetune.dedup import deduplicate
 from diffmem.finetune.mitigations import CaptionPolicy, NoiseNormFilter
 from diffmem.finetune.trainer import FinetuneSettings, finetune
@@ -166,19 +166,6 @@ def measure(setup: Setup, model, args: argparse.Namespace) -> dict[str, Any]:
             "zoo_fidelity": forgetting(setup, model, args.sample_steps)}
 
 
-def replay_set(setup: Setup, args: argparse.Namespace) -> FinetuneSet:
-    """The base model's own generations of its generic captions (no original training data needed), sized to
-    ``--replay-share`` of the fine-tuning set."""
-    n = int(round(args.replay_share * len(setup.train)))
-    prompts = [setup.generic[i % len(setup.generic)] for i in range(n)]
-    images = setup.base.sample(prompts, list(range(50_000, 50_000 + n)), num_inference_steps=args.sample_steps).images
-    return FinetuneSet(images, [[p] for p in prompts], [f"replay{i:04d}.png" for i in range(n)], "replay")
-
-
-def concat(a: FinetuneSet, b: FinetuneSet) -> FinetuneSet:
-    return FinetuneSet(torch.cat([a.images, b.images]), a.captions + b.captions, a.files + b.files, a.source)
-
-
 def run_method(setup: Setup, name: str, method: Method, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     start = time.perf_counter()
     if method.search is not None:
@@ -191,7 +178,8 @@ def run_method(setup: Setup, name: str, method: Method, args: argparse.Namespace
         data, report = deduplicate(data, method.dedup)
         extra["dedup"] = {k: v for k, v in report.describe().items() if k != "examples"}
     if method.replay:
-        data = concat(data, replay_set(setup, args))
+        n = int(round(args.replay_share * len(setup.train)))
+        data = concat_sets(data, replay_set(setup.base, setup.generic, n, steps=args.sample_steps))
         extra["replay_images"] = len(data) - len(setup.train)
     result = finetune(setup.base, data, method.settings, work=work / name)
     trained_s = time.perf_counter() - start

@@ -239,12 +239,16 @@ def test_finetune_command_writes_a_new_checkpoint(tiny_sd_folder, tmp_path):
                                    [["a"], ["b"], ["c"], ["d"], ["e"], ["f"]])
     before = folder_fingerprint(tiny_sd_folder)
     out = tmp_path / "tuned"
+    replay = tmp_path / "replay.txt"
+    replay.write_text("a red circle\na blue square\n")
     rc = main(["finetune", "--model", str(tiny_sd_folder), "--data", str(folder), "--out", str(out),
-               "--family", "difffit", "--steps", "3", "--batch", "2", "--lr", "1e-3", "--dedup", "exact"])
+               "--family", "difffit", "--steps", "3", "--batch", "2", "--lr", "1e-3", "--dedup", "exact",
+               "--replay", str(replay), "--replay-share", "0.5"])
     assert rc == 0
     assert folder_fingerprint(tiny_sd_folder) == before
     record = json.loads((out / "finetune.json").read_text())
-    assert record["data"]["images"] == 4 and record["dedup"]["images_removed"] == 2  # 3 copies of one image
+    assert record["dedup"]["images_removed"] == 2  # 3 copies of one image
+    assert record["replay"]["images"] == 2 and record["data"]["images"] == 4 + 2  # replay: half of the 4 kept
     assert record["result"]["steps"] == 3 and record["settings"]["family"] == "difffit"
     tuned = load_model(out)
     base = load_model(tiny_sd_folder)

@@ -55,6 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "perceptual-hash neighbours too (default: none)")
     p.add_argument("--dedup-distance", type=int, default=4,
                    help="near duplicates: at most this many differing bits of the 64-bit pHash (default: 4)")
+    p.add_argument("--replay", default=None, metavar="FILE",
+                   help="prompts whose generations by the input model join the training set, so the model keeps "
+                        "drawing them (retention without the original training data; default: none)")
+    p.add_argument("--replay-share", type=float, default=0.25,
+                   help="replay images as a share of the fine-tuning set's size (default: 0.25)")
     p.add_argument("--checkpoint-every", type=positive_int, default=25,
                    help="steps between saved training states (default: 25)")
 
@@ -111,6 +116,13 @@ def run_finetune(args: argparse.Namespace) -> None:
                                 embedding_noise=args.embedding_noise, noise_filter=_noise_filter(args.noise_filter))
     check_output_dir(args.out, "finetune", [args.model, args.data], args.force, writes=[RECORD, STATE_DIR])
     raw = check_finetune_folder(args.data)
+    replay_prompts = None
+    if args.replay is not None:
+        from diffmem.prompts import load_prompts
+
+        if not 0 < args.replay_share <= 10:
+            raise DiffmemError(f"--replay-share must be in (0, 10]; got {args.replay_share}")
+        replay_prompts = load_prompts(args.replay).texts
     model = load_model(args.model, device=device, dtype=args.dtype or "float32", config=args.config)
     unknown = sorted(set(settings.mask) - set(transformer_units(model.unet)))
     if unknown:
@@ -124,6 +136,15 @@ def run_finetune(args: argparse.Namespace) -> None:
         dedup = report.describe()
         print(f"dedup ({args.dedup}): {report.removed()} duplicate image(s) in {len(report.groups)} group(s) dropped, "
               f"{len(data)} left")
+    replay = None
+    if replay_prompts is not None:
+        from diffmem.finetune.dataset import concat_sets, replay_set
+
+        prompts = replay_prompts
+        n = max(1, int(round(args.replay_share * len(data))))
+        data = concat_sets(data, replay_set(model, prompts, n, seed=args.seed + 50_000))
+        replay = {"prompts": len(prompts), "images": n, "source": str(args.replay)}
+        print(f"replay: {n} generations of {len(prompts)} prompt(s) by the input model added")
     out = claim_output_dir(args.out, "finetune", [RECORD, STATE_DIR])
     bar = tqdm(total=settings.steps, desc="finetune", unit="step", disable=args.quiet)
 
@@ -134,7 +155,8 @@ def run_finetune(args: argparse.Namespace) -> None:
 
     result = finetune(model, data, settings, work=out / STATE_DIR, progress=progress)
     bar.close()
-    record = {"settings": settings.describe(), "data": data.describe(), "dedup": dedup, "result": result.describe(),
+    record = {"settings": settings.describe(), "data": data.describe(), "dedup": dedup, "replay": replay,
+              "result": result.describe(),
               "input_model": model.describe(), "versions": versions()}
     write_checkpoint(out, model, {"unet": result.model.unet}, "finetune", RECORD, record, args.force)
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # ours, and done with

@@ -178,3 +178,23 @@ def write_finetune_folder(folder: str | Path, images: torch.Tensor, captions: li
         rows.append(json.dumps({"file_name": name, "text": caption}))
     (folder / METADATA_FILE).write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
+
+
+def replay_set(model, prompts: list[str], n: int, seed: int = 50_000, steps: int = 25) -> FinetuneSet:
+    """``n`` of the model's own generations of ``prompts`` (cycled; seeds ``seed``, ``seed + 1``, ...): a replay
+    set that keeps what the model drew before fine-tuning (retention), with no access to its original training
+    data. Generated at the model's resolution, so it joins a fine-tuning set as it is."""
+    if n < 1 or not prompts:
+        raise DiffmemError(f"a replay set needs prompts and n >= 1 (got {len(prompts)} prompts, n = {n})")
+    chosen = [prompts[i % len(prompts)] for i in range(n)]
+    images = model.sample(chosen, list(range(seed, seed + n)), num_inference_steps=steps).images
+    return FinetuneSet(images, [[p] for p in chosen], [f"replay{i:05d}.png" for i in range(n)], "replay")
+
+
+def concat_sets(a: FinetuneSet, b: FinetuneSet) -> FinetuneSet:
+    """``a`` followed by ``b`` (one fine-tuning set; ``a``'s source and dropped files kept)."""
+    if a.images.shape[1:] != b.images.shape[1:]:
+        raise DiffmemError(f"cannot join image sets of shapes {tuple(a.images.shape[1:])} and "
+                           f"{tuple(b.images.shape[1:])}")
+    return FinetuneSet(torch.cat([a.images, b.images]), a.captions + b.captions, a.files + b.files, a.source,
+                       dict(a.dropped))
