@@ -97,7 +97,7 @@ def run_finetune(args: argparse.Namespace) -> None:
     from diffmem.cli.options import resolve_device
     from diffmem.finetune.dataset import check_finetune_folder
     from diffmem.finetune.dedup import deduplicate
-    from diffmem.finetune.families import FAMILIES, transformer_units
+    from diffmem.finetune.families import FAMILIES, check_mask
     from diffmem.finetune.mitigations import CaptionPolicy
     from diffmem.finetune.trainer import FinetuneSettings, finetune
     from diffmem.jobs import versions
@@ -124,10 +124,7 @@ def run_finetune(args: argparse.Namespace) -> None:
             raise DiffmemError(f"--replay-share must be in (0, 10]; got {args.replay_share}")
         replay_prompts = load_prompts(args.replay).texts
     model = load_model(args.model, device=device, dtype=args.dtype or "float32", config=args.config)
-    unknown = sorted(set(settings.mask) - set(transformer_units(model.unet)))
-    if unknown:
-        raise DiffmemError(f"--mask names {unknown}; this UNet's transformer units are "
-                           f"{', '.join(transformer_units(model.unet))}")
+    check_mask(model.unet, settings.mask)  # before anything is written
     resolution = model.latent_shape[-1] * (2 ** (len(model.vae.config.block_out_channels) - 1) if model.vae else 1)
     data = raw.at(resolution)
     dedup = None

@@ -239,10 +239,13 @@ def duplicate_groups(images: torch.Tensor, max_rms: float = NEAR_DUPLICATE_RMS, 
         for i, j in zip(rows[near].tolist(), ids[near].tolist()):
             union(i, j)
     if phash_bits is not None and m > 1:
-        bits = perceptual_hashes(images).astype(np.int8)
-        distance = (bits[:, None, :] != bits[None, :, :]).sum(-1)
-        for i, j in zip(*np.nonzero(np.triu(distance <= phash_bits, k=1))):
-            union(int(i), int(j))
+        signs = torch.from_numpy(perceptual_hashes(images).astype(np.float32) * 2 - 1)  # Hamming = (64 - s.s') / 2
+        for start in range(0, m, 1024):  # row blocks: memory stays O(1024 m)
+            distance = (signs.shape[1] - signs[start:start + 1024] @ signs.T) / 2
+            rows, cols = torch.nonzero(distance <= phash_bits + 0.5, as_tuple=True)
+            for i, j in zip((rows + start).tolist(), cols.tolist()):
+                if i < j:
+                    union(i, j)
     roots = np.array([find(i) for i in range(m)])
     reps = np.unique(roots)  # a root is the smallest index of its group
     return DuplicateGroups(group=np.searchsorted(reps, roots), representatives=reps, exact_copies=exact,

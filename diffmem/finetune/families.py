@@ -95,13 +95,17 @@ class ParameterFamily(Configurable, ABC):
         return unet
 
 
-def _off_units(unet: nn.Module, family: ParameterFamily, mask: dict[str, bool]) -> list[str]:
-    units = family.maskable_units(unet)
-    unknown = sorted(set(mask) - set(transformer_units(unet)))
+def check_mask(unet: nn.Module, mask: dict[str, bool]) -> None:
+    """Refuse a mask naming a unit the UNet does not have (one line, listing the units it has)."""
+    units = transformer_units(unet)
+    unknown = sorted(set(mask) - set(units))
     if unknown:
-        raise DiffmemError(f"block mask names {unknown}, which are not transformer units of this UNet; "
-                           f"units: {', '.join(transformer_units(unet))}")
-    return [u for u in units if not mask.get(u, True)]
+        raise DiffmemError(f"--mask names {unknown}; this UNet's transformer units are {', '.join(units)}")
+
+
+def _off_units(unet: nn.Module, family: ParameterFamily, mask: dict[str, bool]) -> list[str]:
+    check_mask(unet, mask)
+    return [u for u in family.maskable_units(unet) if not mask.get(u, True)]
 
 
 @FAMILIES.register("full")

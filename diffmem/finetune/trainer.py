@@ -30,7 +30,7 @@ import torch
 
 from diffmem.errors import DiffmemError
 from diffmem.finetune.dataset import FinetuneSet
-from diffmem.finetune.families import make_family, transformer_units
+from diffmem.finetune.families import check_mask, make_family
 from diffmem.finetune.mitigations import CaptionPolicy, NoiseNormFilter, add_embedding_noise, text_guidance_norm
 from diffmem.io import atomic_torch_save
 from diffmem.models.model import DiffusionModel
@@ -121,6 +121,12 @@ def noised(model: DiffusionModel, latents: torch.Tensor, g: torch.Generator) -> 
     return a.sqrt() * latents + (1 - a).sqrt() * noise, noise, t
 
 
+def encode_latents(model: DiffusionModel, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """VAE posterior means of ``images`` on the CPU, ``batch`` at a time (a fine-tuning set need not fit on the
+    device at once)."""
+    return torch.cat([model.encode_images(images[i:i + batch]).cpu() for i in range(0, len(images), batch)])
+
+
 def unet_output(model: DiffusionModel, zt: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     return model.unet(zt.to(model.device), t.to(model.device), encoder_hidden_states=emb.to(model.device)).sample
 
@@ -162,10 +168,7 @@ def finetune(model: DiffusionModel, data: FinetuneSet, settings: FinetuneSetting
                            "--dtype float32 (the checkpoint is written back in the dtype its files store)")
     tuned = clone_model(model)
     family = make_family(settings.family, **settings.family_options)
-    unknown = sorted(set(settings.mask) - set(transformer_units(tuned.unet)))
-    if unknown:
-        raise DiffmemError(f"--mask names {unknown}; this UNet's transformer units are "
-                           f"{', '.join(transformer_units(tuned.unet))}")
+    check_mask(tuned.unet, settings.mask)  # the full family ignores the mask, but a wrong one is still refused
     groups = family.attach(tuned.unet, settings.mask)
     groups = [g for g in groups if g["params"]]
     trained = sum(p.numel() for g in groups for p in g["params"])
@@ -173,7 +176,7 @@ def finetune(model: DiffusionModel, data: FinetuneSet, settings: FinetuneSetting
         raise DiffmemError(f"family '{settings.family}' with this mask trains no parameter")
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), weight_decay=settings.weight_decay,
                                   eps=1e-8)
-    latents = model.encode_images(data.images).cpu()
+    latents = encode_latents(model, data.images)
     empty = model.empty_embedding()
     key = settings_key(model, data, settings)
     losses: list[float] = []

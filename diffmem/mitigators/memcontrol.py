@@ -39,7 +39,7 @@ import numpy as np
 from diffmem.errors import DiffmemError
 from diffmem.finetune.dataset import FinetuneSet
 from diffmem.finetune.families import make_family
-from diffmem.finetune.trainer import FinetuneSettings, finetune, guidance_norms
+from diffmem.finetune.trainer import FinetuneSettings, encode_latents, finetune, guidance_norms
 from diffmem.models.model import DiffusionModel
 
 LR_RANGE = (1e-5, 1e-3)  # HPO L741-742
@@ -50,7 +50,7 @@ CAPTION_DROPOUT = 0.1  # DS L23, L164-167
 def memcontrol_memorization(model: DiffusionModel, data: FinetuneSet, batch: int, seed: int = 0) -> float:
     """MemControl's memorization signal on ``data`` (its duplicated images with their first captions): per batch
     of ``batch`` images, the largest text-guidance norm at one random timestep each, averaged over batches."""
-    latents = model.encode_images(data.images).cpu()
+    latents = encode_latents(model, data.images)
     norms = guidance_norms(model, latents, data.first_captions(), draws=1, seed=seed, batch=batch)
     return float(np.mean([norms[i:i + batch].max() for i in range(0, len(norms), batch)]))
 

@@ -259,6 +259,7 @@ class NeMo(NeMoSettings, InferenceMitigator):
     localise_unseen: bool = True
     neurons: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # fit state: prompt -> layer -> ids
     statistics: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # fit state: layer -> mu, sigma
+    _localised: dict[str, Selection] = field(default_factory=dict, init=False, repr=False)  # unseen prompts
 
     def fit(self, model: DiffusionModel, memorized: list[str], ordinary: list[str],
             statistics_prompts: list[str] | None = None) -> None:
@@ -276,7 +277,7 @@ class NeMo(NeMoSettings, InferenceMitigator):
 
     def neurons_of(self, model: DiffusionModel, prompts: list[str]) -> dict[str, Selection]:
         """Each prompt's neurons: fitted, else localised now and remembered (``localise_unseen``), else none."""
-        cache = self.__dict__.setdefault("_localised", {})
+        cache = self._localised
         unseen = [p for p in dict.fromkeys(prompts) if p not in self.neurons and p not in cache and p != ""]
         if unseen and self.localise_unseen and self.statistics and self.threshold is not None:
             mu = {n: torch.tensor(v["mu"]) for n, v in self.statistics.items()}
