@@ -19,7 +19,9 @@ Per split seed and method (``diffmem.finetune`` settings; MemControl searched on
 - **learning**: relative drop of the held-out denoising loss on test held-out images from the base's
   (``quality_gain``), and the named-factor read-back (style, colour, shape; the SD-like zoo's attribute reader)
   of generations of the test learnt captions;
-- **forgetting**: the collapse zoo's attribute read-back on its own generic captions (base: before fine-tuning).
+- **forgetting**: the collapse zoo's attribute read-back on 64 of its own generic captions (base: before
+  fine-tuning). ``full+replay`` replays the base's generations of the zoo's *other* generic captions, never
+  these 64.
 
 Resumable: ``--work`` keeps every finished (seed, method) and every fine-tune's state.
 
@@ -48,7 +50,7 @@ from diffmem.finetune.mitigations import CaptionPolicy, NoiseNormFilter
 from diffmem.finetune.trainer import FinetuneSettings, finetune
 from diffmem.io import atomic_write_text
 from diffmem.jobs import versions
-from diffmem.mitigators.memcontrol import MemControlSearch
+from diffmem.mitigators.memcontrol import MemControlSearch, draw_front
 from diffmem.models import load_model
 from diffmem.provenance import portable_json
 from diffmem.tasks.zoo import zoo_object_fidelity
@@ -76,13 +78,13 @@ def methods(args: argparse.Namespace) -> dict[str, Method]:
     return {
         "base": Method(None),
         "full": Method(full),
+        "full+replay": Method(full, replay=True),
+        "memcontrol-svdiff": Method(None, search="svdiff"),
         "full+dedup": Method(full, dedup="near"),
         "full+noise-filter": Method(replace(full, noise_filter=NoiseNormFilter(quantile=0.95))),
         "full+add-tokens": Method(replace(full, caption=CaptionPolicy("add-tokens", 0.1))),
         "full+embedding-noise": Method(replace(full, embedding_noise=args.embedding_noise)),
-        "full+replay": Method(full, replay=True),
         "lora": Method(FinetuneSettings(family="lora", lr=args.lora_lr, steps=args.steps, batch=args.batch)),
-        "memcontrol-svdiff": Method(None, search="svdiff"),
     }
 
 
@@ -94,7 +96,8 @@ class Setup:
     index: torch.Tensor
     index_owner: list[int]
     reader: Any
-    generic: list[str]
+    generic: list[str]  # the zoo captions whose fidelity measures forgetting
+    replay_prompts: list[str]  # the zoo's other generic captions, what --replay draws
     base_loss: dict[str, float]
 
 
@@ -106,9 +109,10 @@ def prepare(args: argparse.Namespace, seed: int, base) -> Setup:
     images, owner = data.unique_training_images()
     index = vae_roundtrip(base, to_tensor(images))
     reader = SDAttributeReader.load(zoo_dir("sd") / "attribute_reader")
-    generic = [r["caption"] for r in load_labels(zoo_dir("collapse")) if r["kind"] == "generic"][1::9]
-    setup = Setup(base, data, data.finetune_set(), index, owner.tolist(), reader, generic[: args.fidelity_captions],
-                  {})
+    generic = [r["caption"] for r in load_labels(zoo_dir("collapse")) if r["kind"] == "generic"]
+    measured = generic[1::9][: args.fidelity_captions]
+    replay_prompts = [c for c in generic if c not in set(measured)]  # the fidelity captions are never replayed
+    setup = Setup(base, data, data.finetune_set(), index, owner.tolist(), reader, measured, replay_prompts, {})
     setup.base_loss = {s: heldout_loss(setup, base, s) for s in ("dev", "test")}
     return setup
 
@@ -179,14 +183,20 @@ def run_method(setup: Setup, name: str, method: Method, args: argparse.Namespace
         extra["dedup"] = {k: v for k, v in report.describe().items() if k != "examples"}
     if method.replay:
         n = int(round(args.replay_share * len(setup.train)))
-        data = concat_sets(data, replay_set(setup.base, setup.generic, n, steps=args.sample_steps))
+        data = concat_sets(data, replay_set(setup.base, setup.replay_prompts, n, steps=args.sample_steps))
         extra["replay_images"] = len(data) - len(setup.train)
-    result = finetune(setup.base, data, method.settings, work=work / name)
+    result = finetune(setup.base, data, method.settings, work=work / name, progress=report_progress)
     trained_s = time.perf_counter() - start
     return measure(setup, result.model, args) | extra | {
         "trained_share": result.trained_parameters / result.unet_parameters, "train": result.describe(),
         "settings": method.settings.describe(), "train_seconds": round(trained_s, 1),
         "seconds": round(time.perf_counter() - start, 1)}
+
+
+def report_progress(step: int, steps: int, loss: float) -> None:
+    """One log line every 100 optimiser steps."""
+    if step % 100 == 0 or step == steps:
+        print(f"  step {step}/{steps} loss {loss:.4f}", flush=True)
 
 
 def run_search(setup: Setup, family: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -228,6 +238,41 @@ def summarise(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def plot(record: dict[str, Any], path: Path) -> None:
+    """Left: each method's share of test titles replicating against its held-out loss gain (mean over split
+    seeds; colour: the zoo's own captions' fidelity). Right: MemControl's trials on dev, memorization signal
+    against dev held-out loss, the Pareto front joined, the picked trial starred, the base model as a cross."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    results = record["results"]
+    gain = [r["quality_gain"] for r in results.values()]
+    rep = [r["replicating"] for r in results.values()]
+    points = ax1.scatter(gain, rep, c=[r["zoo_fidelity"] for r in results.values()], cmap="viridis", vmin=0,
+                         vmax=1, s=40, zorder=3)
+    for name, x, y in zip(results, gain, rep):
+        ax1.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    fig.colorbar(points, ax=ax1, label="zoo captions' fidelity (forgetting)")
+    ax1.set_xlabel("held-out denoising loss gain over the base (learning)")
+    ax1.set_ylabel("test titles replicating, FDR 0.05")
+    ax1.set_title("methods, test half, mean of split seeds", fontsize=9)
+    for i, (seed, per_method) in enumerate(sorted(record["runs"].items(), key=lambda kv: int(kv[0]))):
+        run = per_method.get("memcontrol-svdiff")
+        if run is None:
+            continue
+        draw_front(ax2, run["search"] | {"chosen": run["chosen"]}, color=f"C{i}", label=f"seed {seed}: ",
+                   base_quality=record["sets"][seed]["base_heldout_loss"]["dev"])
+    ax2.set_xlabel("dev held-out denoising loss (quality, lower is better)")
+    ax2.set_title("MemControl search (SV-Diff), dev half; dotted: the pick's budget", fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/finetune_task.json")
@@ -254,11 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--fidelity-captions", type=int, default=64)
     p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--plot", action="store_true", help="only redraw the figure (OUT with .png) from --out")
     return p
 
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return
     if args.smoke:
         args.steps, args.batch, args.trials, args.train_images, args.heldout_images = 2, 4, 2, 1, 1
         args.titles, args.null_titles, args.generations, args.fidelity_captions = 2, 50, 2, 4
@@ -289,6 +338,7 @@ def main() -> None:
     record["results"] = summarise(record["runs"])
     atomic_write_text(record_path, json.dumps(record, indent=1, default=str))
     atomic_write_text(Path(args.out), portable_json(record))
+    plot(record, Path(args.out).with_suffix(".png"))
     print(json.dumps(record["results"], indent=1))
 
 

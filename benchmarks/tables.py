@@ -423,6 +423,51 @@ def memcontrol_rows(record: dict) -> list[str]:
     return head + rows
 
 
+def _seed_cell(row: dict, key: str, fmt: str = ".3f") -> str:
+    """``mean (seed values)`` of one ``finetune_task.py`` summary figure."""
+    per_seed = " / ".join(format(v, fmt) for v in row[f"{key}_per_seed"])
+    return f"{format(row[key], fmt)} ({per_seed})" if len(row[f"{key}_per_seed"]) > 1 else format(row[key], fmt)
+
+
+def finetune_rows(record: dict) -> list[str]:
+    """``benchmarks/finetune_task.py``: every method on the fine-tuning task's test half, mean over split seeds
+    with each seed's value in brackets."""
+    levels = record["levels"]
+    head = ["| method (fine-tuning task, test half) | seeds | trained share | titles replicating, FDR 0.05 | "
+            + " | ".join(f"{lv}x" for lv in levels) + " | own-image generations | held-out loss gain | "
+            "domain read-back | zoo fidelity |", "|---|---|---|---|" + "---|" * len(levels) + "---|---|---|---|"]
+    rows = []
+    for name, r in record["results"].items():
+        share = r["trained_share"]
+        cells = [name, str(r["seeds"]), "0" if share == 0 else f"{100 * share:.2f}%", _seed_cell(r, "replicating"),
+                 *(f"{r[f'replicating_{lv}x']:.3f}" for lv in levels), _seed_cell(r, "own_match_share"),
+                 _seed_cell(r, "quality_gain"), _seed_cell(r, "domain_readback"), _seed_cell(r, "zoo_fidelity")]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
+def memcontrol_front_rows(record: dict) -> list[str]:
+    """MemControl's search on the fine-tuning task's dev half: every trial, its front membership and the pick."""
+    head = ["| split seed, trial (MemControl, dev half) | learning rate | units on | trained share | "
+            "memorization signal | dev held-out loss | on the front | picked |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for seed, per_method in sorted(record["runs"].items(), key=lambda kv: int(kv[0])):
+        run = per_method.get("memcontrol-svdiff")
+        if run is None:
+            continue
+        search = run["search"]
+        rows.append(f"| seed {seed}: base model | - | - | 0 | {search['base_memorization']:.3f} | "
+                    f"{record['sets'][seed]['base_heldout_loss']['dev']:.4f} | - | - |")
+        for t in search["trials"]:
+            on = sum(t["mask"].values())
+            cells = [f"seed {seed}: trial {t['trial']}", f"{t['learning_rate']:.2e}", f"{on} of {len(t['mask'])}",
+                     f"{100 * t['trained_share']:.3f}%", f"{t['memorization']:.3f}", f"{t['quality_loss']:.4f}",
+                     "yes" if t["trial"] in search["pareto"] else "no",
+                     "yes" if t["trial"] == run["chosen"]["trial"] else "no"]
+            rows.append("| " + " | ".join(cells) + " |")
+    return head + rows
+
+
 def _dev_choice(record: dict) -> str:
     """The noise-step detector dev chose on the first split seed, with its test AUROC and strict TPR@1%FPR."""
     split = next(iter(record["heldout"]["splits"].values()))
@@ -550,6 +595,8 @@ TABLES = {
                                 heldout_bench_rows(r[0], "method (SD-like zoo, before the faithful mitigators)")),
     "bench-heldout-sd": (("bench_task_sd.json",),
                          lambda r, _: heldout_bench_rows(r[0], "method (SD-like zoo, test split)")),
+    "finetune": (("finetune_task.json",), lambda r, _: finetune_rows(r[0])),
+    "finetune-memcontrol": (("finetune_task.json",), lambda r, _: memcontrol_front_rows(r[0])),
     "extraction-sd": (("extraction_sd.json",), lambda r, _: extraction_rows(r[0], "attack (SD-like zoo)")),
     "extraction-collapse": (("extraction_collapse.json",),
                             lambda r, _: extraction_rows(r[0], "attack (collapse zoo)")),
@@ -579,6 +626,8 @@ PAGES = {"README.md": [("| measure (default zoo", "headline", False)],
          "docs/scale.md": [("| pattern | UNet rows", "throughput", False),
                            ("| ratio | 1 thread", "throughput-ratios", False), ("| prompts | engine s", "cli", False),
                            ("| prompts | wall s | CPU s", "growth", False)],
+         "docs/finetune.md": [("| method (fine-tuning task", "finetune", False),
+                              ("| split seed, trial (MemControl", "finetune-memcontrol", False)],
          "docs/extraction.md": [("| attack (SD-like zoo)", "extraction-sd", False),
                                 ("| attack (collapse zoo)", "extraction-collapse", False)],
          "docs/bench-task.md": [("| method | acts at | extraction, test", "bench-heldout", False),

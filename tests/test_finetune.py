@@ -256,8 +256,65 @@ def test_finetune_command_writes_a_new_checkpoint(tiny_sd_folder, tmp_path):
     assert diff and set(tuned.unet.state_dict()) == set(base.unet.state_dict())
 
 
+def test_finetune_search_writes_the_chosen_trial_and_resumes_without_training(tiny_sd_folder, tmp_path,
+                                                                                monkeypatch):
+    """``--search memcontrol``: every trial recorded, the checkpoint is the chosen trial's, the front is plotted;
+    a rerun of a killed search reloads its finished trials from their states instead of training them again."""
+    from diffmem.cli import finetune_commands
+    from diffmem.cli.main import main
+    from diffmem.finetune import trainer
+    from diffmem.models import load_model
+
+    folder = write_finetune_folder(tmp_path / "set", torch.cat([_images(4), _images(4)[[0, 0]]]),
+                                   [["a"], ["b"], ["c"], ["d"], ["a copy"], ["a copy"]])
+    heldout = write_finetune_folder(tmp_path / "heldout", _images(2, seed=5), [["e"], ["f"]])
+    out = tmp_path / "tuned"
+    args = ["finetune", "--model", str(tiny_sd_folder), "--data", str(folder), "--out", str(out), "--search",
+            "memcontrol", "--trials", "2", "--heldout", str(heldout), "--steps", "2", "--batch", "2", "-q"]
+    # a kill after the first trial: the state folder keeps trial 0 (the final cleanup never ran)
+    real_finetune = trainer.finetune
+    calls: list[int] = []
+
+    def killed_after_one_trial(*a, **k):
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_finetune(*a, **k)
+
+    monkeypatch.setattr("diffmem.mitigators.memcontrol.finetune", killed_after_one_trial)
+    assert main(args) == 130  # diffmem: interrupted; rerun the same command to resume
+    assert (out / finetune_commands.STATE_DIR / "trial000" / trainer.STATE_FILE).is_file()
+    steps_trained: list[int] = []
+    def counting_steps(*a, **k):
+        return real_finetune(*a, **{**k, "progress": lambda step, total, loss: steps_trained.append(step)})
+
+    monkeypatch.setattr("diffmem.mitigators.memcontrol.finetune", counting_steps)
+    assert main(args) == 0
+    assert steps_trained == [1, 2]  # only trial 1 trained; trial 0 reloaded from its state
+    record = json.loads((out / "finetune.json").read_text())
+    search = record["search"]
+    assert [t["trial"] for t in search["trials"]] == [0, 1] and search["chosen"]["trial"] in search["pareto"]
+    assert search["memorization_data"] == "1 near-duplicate group(s) of --data" and search["memorization_images"] == 1
+    chosen = search["chosen"]
+    assert record["settings"]["family"] == "svdiff" and record["settings"]["lr"] == chosen["learning_rate"]
+    assert record["settings"]["mask"] == {u: bool(v) for u, v in chosen["mask"].items()}
+    assert (out / finetune_commands.FRONT_PLOT).stat().st_size > 1000
+    assert not (out / finetune_commands.STATE_DIR).exists()
+    # the written UNet is the chosen trial's: its held-out loss is the one the search recorded
+    from diffmem.eval.quality import heldout_denoising_loss
+
+    tuned = load_model(out)
+    images = read_finetune_folder(heldout, tuned.latent_shape[-1] * 2 ** (len(tuned.vae.config.block_out_channels) - 1))
+    got = float(heldout_denoising_loss(tuned, images.images, images.first_captions(), noise_seed=0).mean())
+    assert got == pytest.approx(chosen["quality_loss"], rel=1e-4)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--data", "MISSING"], "fine-tuning folder '.*MISSING' does not exist"),
+    (["--search", "memcontrol"], "--search memcontrol needs --heldout DIR"),
+    (["--heldout", "x"], "--heldout is read by the search only"),
+    (["--search", "memcontrol", "--heldout", "x", "--mask", "mid_block.attentions.0=0"],
+     "--mask with --search: the search chooses the mask"),
     (["--family", "wide"], "--family 'wide': expected one of"),
     (["--mask", "down_blocks.0=2"], "--mask 'down_blocks.0=2': expected UNIT=0 or UNIT=1"),
     (["--mask", "no_such_unit=0"], "--mask names \\['no_such_unit'\\]"),

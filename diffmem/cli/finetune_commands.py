@@ -9,6 +9,7 @@ from diffmem.cli.options import add_force, add_model_args, handled_by, positive_
 from diffmem.errors import DiffmemError
 
 RECORD = "finetune.json"
+FRONT_PLOT = "memcontrol_front.png"  # with --search: the trials and the Pareto front
 STATE_DIR = "finetune-state"  # inside --out while the run is under way; removed when the checkpoint is written
 FAMILY_HELP = ("full (every UNet weight) | attention (MemControl: the transformer units' weights, directly) | "
                "svdiff (MemControl: spectral shifts of every weight) | difffit (MemControl: biases, norms, scale "
@@ -27,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True,
                    help="new checkpoint folder (never the input); a killed run resumes from it")
     add_force(p)
-    p.add_argument("--family", default="full", help=f"what trains: {FAMILY_HELP} (default: full)")
+    p.add_argument("--family", default=None,
+                   help=f"what trains: {FAMILY_HELP} (default: full; svdiff with --search, MemControl's default)")
     p.add_argument("--mask", nargs="+", default=None, metavar="UNIT=0|1",
                    help="block mask over transformer units, e.g. down_blocks.0.attentions.0=0 (units not named stay "
                         "on; default: all on)")
@@ -62,6 +64,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replay images as a share of the fine-tuning set's size (default: 0.25)")
     p.add_argument("--checkpoint-every", type=positive_int, default=25,
                    help="steps between saved training states (default: 25)")
+    search = p.add_argument_group("MemControl's search (--search memcontrol): which units to train and the "
+                                  "learning rate, chosen for learning without memorizing")
+    search.add_argument("--search", default=None, choices=("memcontrol",),
+                        help="search block masks and the learning rate (log-uniform in the reference's range; --lr "
+                             "and --mask are then searched, not given) and write the chosen trial's checkpoint")
+    search.add_argument("--trials", type=positive_int, default=10,
+                        help="fine-tunes the search runs (default: 10, the reference's per worker)")
+    search.add_argument("--heldout", default=None, metavar="DIR",
+                        help="image-caption folder of the domain the model does not train on: the quality term "
+                             "is the held-out denoising loss on it (required with --search)")
+    search.add_argument("--memorization-data", default=None, metavar="DIR",
+                        help="image-caption folder the memorization signal reads (default: one image of each "
+                             "near-duplicate group in --data; all of --data if it has none)")
+    search.add_argument("--budget-factor", type=float, default=1.25,
+                        help="the pick: the front's lowest held-out loss whose memorization signal is at most "
+                             "this times the input model's (default: 1.25)")
 
 
 def _mask(items: list[str] | None) -> dict[str, bool]:
@@ -107,6 +125,7 @@ def run_finetune(args: argparse.Namespace) -> None:
 
     # every input checked before the model loads; the checkpoint is written only when training is complete
     device = resolve_device(args.device)
+    args.family = args.family or ("svdiff" if args.search else "full")
     if args.family not in FAMILIES:
         raise DiffmemError(f"--family '{args.family}': expected one of {', '.join(FAMILIES.names())}")
     settings = FinetuneSettings(family=args.family, mask=_mask(args.mask), lr=args.lr, steps=args.steps,
@@ -114,8 +133,10 @@ def run_finetune(args: argparse.Namespace) -> None:
                                 checkpoint_every=args.checkpoint_every,
                                 caption=CaptionPolicy(args.captions, args.caption_prob),
                                 embedding_noise=args.embedding_noise, noise_filter=_noise_filter(args.noise_filter))
-    check_output_dir(args.out, "finetune", [args.model, args.data], args.force, writes=[RECORD, STATE_DIR])
+    writes = [RECORD, STATE_DIR] + ([FRONT_PLOT] if args.search else [])
+    check_output_dir(args.out, "finetune", [args.model, args.data], args.force, writes=writes)
     raw = check_finetune_folder(args.data)
+    heldout_raw, memorization_raw = _check_search_inputs(args)
     replay_prompts = None
     if args.replay is not None:
         from diffmem.prompts import load_prompts
@@ -142,7 +163,7 @@ def run_finetune(args: argparse.Namespace) -> None:
         data = concat_sets(data, replay_set(model, prompts, n, seed=args.seed + 50_000))
         replay = {"prompts": len(prompts), "images": n, "source": str(args.replay)}
         print(f"replay: {n} generations of {len(prompts)} prompt(s) by the input model added")
-    out = claim_output_dir(args.out, "finetune", [RECORD, STATE_DIR])
+    out = claim_output_dir(args.out, "finetune", writes)
     bar = tqdm(total=settings.steps, desc="finetune", unit="step", disable=args.quiet)
 
     def progress(step: int, total: int, loss: float) -> None:
@@ -150,12 +171,23 @@ def run_finetune(args: argparse.Namespace) -> None:
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.refresh()
 
-    result = finetune(model, data, settings, work=out / STATE_DIR, progress=progress)
+    search_record = None
+    if args.search:
+        settings, search_record = _memcontrol_search(args, model, data, settings, heldout_raw.at(resolution),
+                                                     memorization_raw.at(resolution) if memorization_raw else None,
+                                                     out / STATE_DIR, progress, bar)
+        bar.reset(total=settings.steps)
+    result = finetune(model, data, settings, work=_chosen_work(out, search_record), progress=progress)
     bar.close()
     record = {"settings": settings.describe(), "data": data.describe(), "dedup": dedup, "replay": replay,
-              "result": result.describe(),
+              "search": search_record, "result": result.describe(),
               "input_model": model.describe(), "versions": versions()}
     write_checkpoint(out, model, {"unet": result.model.unet}, "finetune", RECORD, record, args.force)
+    if search_record is not None:
+        from diffmem.mitigators.memcontrol import save_front_plot
+
+        save_front_plot(search_record, out / FRONT_PLOT, base_quality=search_record["base_quality_loss"])
+        print(_search_summary(search_record))
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # ours, and done with
     summary = result.describe()
     print(f"finetune: {settings.family}, {summary['trained_parameters']} of {summary['unet_parameters']} UNet "
@@ -163,3 +195,72 @@ def run_finetune(args: argparse.Namespace) -> None:
           f"{summary['final_loss']:.4f}; checkpoint written to {out}")
     print(f"check what it reproduces: `diffmem extract --model {out} --prompts <its training captions> --train-index "
           f"{Path(args.data)} --null-prompts <captions it never saw>` (verdicts at a stated error rate)")
+
+
+def _check_search_inputs(args: argparse.Namespace):
+    """The search's folders, checked before the model loads: (held-out set, memorization set or None)."""
+    from diffmem.finetune.dataset import check_finetune_folder
+
+    if not args.search:
+        for flag, value in (("--heldout", args.heldout), ("--memorization-data", args.memorization_data)):
+            if value is not None:
+                raise DiffmemError(f"{flag} is read by the search only; add --search memcontrol or leave it out")
+        return None, None
+    if args.mask:
+        raise DiffmemError("--mask with --search: the search chooses the mask; leave --mask out")
+    if args.heldout is None:
+        raise DiffmemError("--search memcontrol needs --heldout DIR: images of the domain the model does not train "
+                           "on, whose denoising loss is the search's quality term")
+    if not args.budget_factor > 0:
+        raise DiffmemError(f"--budget-factor must be > 0; got {args.budget_factor}")
+    heldout = check_finetune_folder(args.heldout)
+    memorization = check_finetune_folder(args.memorization_data) if args.memorization_data else None
+    return heldout, memorization
+
+
+def _memcontrol_search(args, model, data, settings, heldout, memorization, work: Path, progress, bar):
+    """Run MemControl's search (resumable in ``work``); returns the chosen trial's settings and the record."""
+    from diffmem.eval.quality import heldout_denoising_loss
+    from diffmem.finetune.dedup import find_duplicates
+    from diffmem.mitigators.memcontrol import MemControlSearch
+
+    source = "--memorization-data"
+    if memorization is None:
+        groups, _, _ = find_duplicates(data, "near", args.dedup_distance)
+        memorization = data.take([g[0] for g in groups]) if groups else data
+        source = f"{len(groups)} near-duplicate group(s) of --data" if groups else "all of --data (no duplicates)"
+    captions = heldout.first_captions()
+
+    def quality(m) -> float:
+        return float(heldout_denoising_loss(m, heldout.images, captions, noise_seed=args.seed).mean())
+
+    search = MemControlSearch(family=settings.family, trials=args.trials, steps=settings.steps, batch=settings.batch,
+                              budget_factor=args.budget_factor, seed=args.seed, settings=settings)
+
+    def report(trial: dict) -> None:
+        bar.write(f"trial {trial['trial']}: lr {trial['learning_rate']:.2e}, {sum(trial['mask'].values())} of "
+                  f"{len(trial['mask'])} units, memorization {trial['memorization']:.3f}, held-out loss "
+                  f"{trial['quality_loss']:.4f}")
+        bar.reset(total=settings.steps)
+
+    found = search.run(model, data, memorization, quality_loss=quality, work=work, progress=progress,
+                       report=report)
+    chosen = found["chosen"]
+    found |= {"memorization_data": source, "memorization_images": len(memorization), "heldout_images": len(heldout),
+              "base_quality_loss": quality(model)}
+    return search.trial_settings(chosen["learning_rate"], {u: bool(v) for u, v in chosen["mask"].items()}), found
+
+
+def _chosen_work(out: Path, search_record: dict | None) -> Path:
+    """Where the final fine-tune keeps its state: the chosen trial's, so it reloads instead of training again."""
+    if search_record is None:
+        return out / STATE_DIR
+    return out / STATE_DIR / f"trial{search_record['chosen']['trial']:03d}"
+
+
+def _search_summary(found: dict) -> str:
+    chosen = found["chosen"]
+    return (f"search: {len(found['trials'])} trials, {len(found['pareto'])} on the Pareto front; picked trial "
+            f"{chosen['trial']} (lr {chosen['learning_rate']:.2e}, memorization {chosen['memorization']:.3f} vs the "
+            f"input's {found['base_memorization']:.3f}, budget {found['budget']:.3f}; held-out loss "
+            f"{chosen['quality_loss']:.4f} vs the input's {found['base_quality_loss']:.4f})")

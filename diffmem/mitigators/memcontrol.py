@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,12 +95,24 @@ class MemControlSearch:
     seed: int = 0
     settings: FinetuneSettings = field(default_factory=FinetuneSettings)  # other training settings
 
+    def trial_settings(self, lr: float, mask: dict[str, bool]) -> FinetuneSettings:
+        """The fine-tuning settings of one trial (also what retrains or reloads a chosen trial)."""
+        return replace(self.settings, family=self.family, mask=mask, lr=lr, steps=self.steps, batch=self.batch,
+                       caption_dropout=self.caption_dropout, seed=self.seed)
+
     def run(self, base: DiffusionModel, data: FinetuneSet, duplicated: FinetuneSet,
             quality_loss: Callable[[DiffusionModel], float],
             extra: Callable[[DiffusionModel], dict[str, Any]] | None = None,
-            keep: Callable[[int, DiffusionModel], None] | None = None) -> dict[str, Any]:
+            keep: Callable[[int, DiffusionModel], None] | None = None, work: str | Path | None = None,
+            progress: Callable[[int, int, float], None] | None = None,
+            report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Search on ``data`` (duplicates included); the memorization signal reads ``duplicated``. ``keep(trial,
-        model)`` sees each trained model (to report the chosen one later without retraining)."""
+        model)`` sees each trained model (to report the chosen one later without retraining).
+
+        Resumable: with ``work``, trial ``n`` trains in ``work/trialNNN`` (:func:`finetune`'s state). The sampler is
+        seeded and its suggestions depend only on the trials before, so a rerun after a kill suggests the same
+        trials again, and each finished one reloads from its state instead of training. ``progress`` sees each
+        trial's optimiser steps, ``report`` each finished trial's record."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -113,10 +126,10 @@ class MemControlSearch:
         def objective(trial: optuna.Trial) -> tuple[float, float]:
             lr = trial.suggest_float("learning_rate", *lr_range, log=True)  # suggested before the mask (HPO L861)
             mask = {u: bool(trial.suggest_int(f"mask {u}", 0, 1)) for u in units} if self.family != "full" else {}
-            settings = replace(self.settings, family=self.family, mask=mask, lr=lr, steps=self.steps,
-                               batch=self.batch, caption_dropout=self.caption_dropout, seed=self.seed)
+            settings = self.trial_settings(lr, mask)
             start = time.perf_counter()
-            result = finetune(base, data, settings)
+            trial_work = Path(work) / f"trial{trial.number:03d}" if work is not None else None
+            result = finetune(base, data, settings, work=trial_work, progress=progress)
             memorization = memcontrol_memorization(result.model, duplicated, self.batch, self.seed)
             loss = float(quality_loss(result.model))
             record = {"trial": trial.number, "learning_rate": lr, "mask": {u: int(on) for u, on in mask.items()},
@@ -128,6 +141,8 @@ class MemControlSearch:
                 record |= extra(result.model)
             record["seconds"] = round(time.perf_counter() - start, 1)
             history.append(record)
+            if report is not None:
+                report(record)
             if keep is not None:
                 keep(trial.number, result.model)
             return memorization, loss
@@ -142,3 +157,40 @@ class MemControlSearch:
                                "images", "chosen": choose_point(history, front, budget),
                 "unet_parameters": sum(p.numel() for p in base.unet.parameters())}
 
+
+
+def draw_front(ax, found: dict[str, Any], color: str = "C0", label: str = "",
+               base_quality: float | None = None) -> None:
+    """Draw one search (``MemControlSearch.run``'s record) on a matplotlib axis: every trial as memorization signal
+    against quality loss, the Pareto front joined, the chosen trial starred, the budget dotted, and the base model
+    as a cross where its quality loss is given."""
+    trials, front = found["trials"], set(found["pareto"])
+    ax.scatter([t["quality_loss"] for t in trials], [t["memorization"] for t in trials], color=color, alpha=0.6,
+               label=f"{label}trials")
+    on_front = sorted((t for t in trials if t["trial"] in front), key=lambda t: t["memorization"])
+    ax.plot([t["quality_loss"] for t in on_front], [t["memorization"] for t in on_front], "-", color=color)
+    chosen = found["chosen"]
+    ax.plot([chosen["quality_loss"]], [chosen["memorization"]], "*", ms=14, color=color, mec="k",
+            label=f"{label}picked")
+    if base_quality is not None:
+        ax.plot([base_quality], [found["base_memorization"]], "x", ms=9, color=color, label=f"{label}base model")
+    ax.axhline(found["budget"], color=color, ls=":", lw=1)
+    ax.set_xlabel("quality loss (held-out denoising loss, lower is better)")
+    ax.set_ylabel("memorization signal (batch-max guidance norm)")
+
+
+def save_front_plot(found: dict[str, Any], path: str | Path, base_quality: float | None = None) -> None:
+    """The search's trials and Pareto front as a PNG (:func:`draw_front`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    draw_front(ax, found, base_quality=base_quality)
+    ax.set_title(f"MemControl search ({found['family']}): {len(found['trials'])} trials; dotted: the pick's "
+                 "budget", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
