@@ -205,7 +205,8 @@ def run_search(setup: Setup, family: str, args: argparse.Namespace, work: Path) 
     search = MemControlSearch(family=family, trials=args.trials, steps=args.steps, batch=args.batch, seed=0)
     found = search.run(setup.base, setup.train, setup.data.duplicated_set("dev"),
                        quality_loss=lambda m: heldout_loss(setup, m, "dev"),
-                       keep=lambda trial, model: models.__setitem__(trial, model))
+                       keep=lambda trial, model: models.__setitem__(trial, model), work=work / f"memcontrol-{family}",
+                       progress=report_progress)
     chosen = found["chosen"]
     return measure(setup, models[chosen["trial"]], args) | {
         "trained_share": chosen["trained_share"], "search": {k: v for k, v in found.items() if k != "chosen"},
