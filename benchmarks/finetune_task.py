@@ -11,11 +11,12 @@ The base is the collapse zoo (``zoo:collapse``), which never saw the SD-like cor
 
 Per split seed and method (``diffmem.finetune`` settings; MemControl searched on dev), on the test half:
 
-- **memorization**: each test title's ``--generations`` generations are matched (SSIM through the base's VAE,
-  nearest of the 16 pixel-L2-nearest fine-tuning images plus the own one) against every fine-tuning image;
-  the null is the same model's generations of never-trained test titles; a title *replicates* when its number
-  of matches beats the null's rate, Benjamini-Hochberg at FDR 0.05 (:mod:`diffmem.eval.verdicts`). Reported:
-  share of titles replicating, per copy level, and the share of generations whose nearest image is their own;
+- **memorization**: each test title's ``--generations`` generations are matched (SSIM through the base's VAE)
+  against its own fine-tuning image; the null of that image is the same model's generations of never-trained
+  test titles matched against it; a title *replicates* when its number of matches beats its image's null
+  rate, Benjamini-Hochberg at FDR 0.05 (:func:`diffmem.eval.finetune_domain.own_image_verdicts`). Reported:
+  share of titles replicating, per copy level; beside it the labeller's best-match verdicts (nearest of the 16
+  pixel-L2-nearest fine-tuning images plus the own one) and where never-trained titles' generations land;
 - **learning**: relative drop of the held-out denoising loss on test held-out images from the base's
   (``quality_gain``), and the named-factor read-back (style, colour, shape; the SD-like zoo's attribute reader)
   of generations of the test learnt captions;
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffmem.eval.finetune_domain import DomainFinetuneSet, title_extraction, to_tensor
+from diffmem.eval.finetune_domain import DomainFinetuneSet, own_image_verdicts, title_extraction, to_tensor
 from diffmem.eval.quality import heldout_denoising_loss, relative_improvement
 from diffmem.eval.verdicts import decide, fit_generation_null
 from diffmem.finetune.dataset import FinetuneSet, concat_sets, replay_set
@@ -123,7 +124,14 @@ def heldout_loss(setup: Setup, model, split: str) -> float:
 
 
 def memorization(setup: Setup, model, split: str, k: int, steps: int) -> dict[str, Any]:
-    """Verdicts on the split's titles (null: the split's never-trained titles) and the own-image share."""
+    """The split's titles' generations against the fine-tuning images (null: the split's never-trained titles).
+
+    Headline, ``replicating``: own-image verdicts (:func:`own_image_verdicts`, ``nearest``): a title replicates
+    when its generations land on *its own* image (nearest fine-tuning image) more often than never-trained
+    titles' generations land on that image; ``replicating_own_ssim`` is the SSIM-threshold form of the test.
+    Beside it, ``replicating_any_image``: the labeller's best-match verdicts (a generation matches when its
+    nearest fine-tuning image, whichever, beats never-trained titles' best matches); and how never-trained
+    titles' generations land, which shows regurgitation that no caption-level verdict can attribute."""
     data = setup.data
     titles = data.title_indices(split)
     nulls = [i for i, s in enumerate(data.null_split) if s == split]
@@ -135,16 +143,31 @@ def memorization(setup: Setup, model, split: str, k: int, steps: int) -> dict[st
     match = title_extraction(gens, owner, setup.index, setup.index_owner, threshold=1.0)
     best = np.array(match["best_ssim"])
     n_t = len(titles) * k
-    null = fit_generation_null(best[n_t:], what="never-trained titles' generations")
-    verdicts = decide(best[:n_t].reshape(len(titles), k), null)
-    own = np.array([o == owner[i] and b > null.threshold for i, (o, b) in
-                    enumerate(zip(match["best_owner"][:n_t], best[:n_t]))])
     levels = np.array([data.copies[j] for j in titles])
-    per_level = {str(lv): float(verdicts.replicates[levels == lv].mean()) for lv in LEVELS if (levels == lv).any()}
-    return {"replicating": float(verdicts.replicates.mean()), "replicating_by_copies": per_level,
-            "own_match_share": float(own.mean()), "null": null.describe(),
-            "own_match_by_copies": {str(lv): float(own.reshape(len(titles), k)[levels == lv].mean())
-                                    for lv in LEVELS if (levels == lv).any()}}
+    own_images = setup.index[[setup.index_owner.index(j) for j in titles]]
+    own_ssim = np.array(match["own_ssim"][:n_t], dtype=np.float64).reshape(len(titles), k)
+    own_nearest = (np.array(match["best_owner"][:n_t]) == np.array(owner[:n_t])).reshape(len(titles), k)
+    own = own_image_verdicts(own_ssim, own_nearest, gens[n_t:], best[n_t:], own_images)
+    any_null = fit_generation_null(best[n_t:], what="never-trained titles' generations")
+    anywhere = decide(best[:n_t].reshape(len(titles), k), any_null)
+    null_owner = np.array(match["best_owner"][n_t:])
+    copies_of = np.array([data.copies[j] if j >= 0 else 0 for j in null_owner])
+
+    def by_level(flags: np.ndarray) -> dict[str, float]:
+        return {str(lv): float(flags[levels == lv].mean()) for lv in LEVELS if (levels == lv).any()}
+
+    return {"replicating": float(own.nearest.replicates.mean()),
+            "replicating_by_copies": by_level(own.nearest.replicates),
+            "own_match_share": float(own.nearest.replication_rate.mean()),
+            "own_match_by_copies": by_level(own.nearest.replication_rate),
+            "own_null_rate_by_copies": by_level(own.nearest_null_rate),
+            "replicating_own_ssim": float(own.similar.replicates.mean()),
+            "replicating_own_ssim_by_copies": by_level(own.similar.replicates),
+            "replicating_any_image": float(anywhere.replicates.mean()),
+            "replicating_any_image_by_copies": by_level(anywhere.replicates), "any_image_null": any_null.describe(),
+            "unseen_nearest_duplicated_share": float((null_owner >= 0).mean()),
+            "unseen_nearest_by_copies": {str(lv): float((copies_of == lv).mean()) for lv in LEVELS},
+            "unseen_median_best_ssim": float(np.median(best[n_t:]))}
 
 
 def learning(setup: Setup, model, split: str, steps: int) -> dict[str, float]:
@@ -216,6 +239,9 @@ def run_search(setup: Setup, family: str, args: argparse.Namespace, work: Path) 
 def summarise(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
     """Mean over seeds of the headline figures of each method."""
     keys = {"replicating": ("memorization", "replicating"), "own_match_share": ("memorization", "own_match_share"),
+            "replicating_own_ssim": ("memorization", "replicating_own_ssim"),
+            "replicating_any_image": ("memorization", "replicating_any_image"),
+            "unseen_nearest_duplicated_share": ("memorization", "unseen_nearest_duplicated_share"),
             "quality_gain": ("learning", "quality_gain"), "domain_readback": ("learning", "domain_readback"),
             "zoo_fidelity": ("zoo_fidelity",), "trained_share": ("trained_share",)}
     out: dict[str, dict[str, float]] = {}

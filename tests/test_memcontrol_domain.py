@@ -174,3 +174,31 @@ def test_search_masks_units_in_the_reference_range_and_keeps_the_front(tiny_sd_f
 def test_to_tensor_scales_to_unit_range():
     x = to_tensor(np.full((2, 4, 4, 3), 255, dtype=np.uint8))
     assert x.shape == (2, 3, 4, 4) and float(x.max()) == 1.0
+
+
+def test_own_image_verdicts_call_caption_copies_and_not_regurgitation():
+    """Image 0's caption draws its image (7 of 8); image 1 is drawn for any caption (30% of the never-trained
+    captions' generations land on it), so its caption's 3 of 8 is not beyond chance; image 2's caption draws noise.
+    The null rates are hand-computed: (1 + never-trained generations nearest the image) / (N + 1)."""
+    from diffmem.eval.finetune_domain import own_image_verdicts
+
+    g = torch.Generator().manual_seed(0)
+    own_images = torch.rand(3, 3, 16, 16, generator=g)
+    nulls = torch.rand(200, 3, 16, 16, generator=g)
+    nulls[:60] = own_images[1]  # regurgitated: 60 of 200 never-trained generations are image 1
+    null_best = np.where(np.arange(200) < 60, 1.0, 0.2)  # their best match to any fine-tuning image
+    own_nearest = np.zeros((3, 8), dtype=bool)
+    own_nearest[0, :7] = True
+    own_nearest[1, :3] = True
+    own_similarity = np.where(own_nearest, 0.99, 0.05)
+    out = own_image_verdicts(own_similarity, own_nearest, nulls, null_best, own_images)
+    assert out.nearest_null_rate.tolist() == pytest.approx([1 / 201, 61 / 201, 1 / 201])
+    assert out.nearest.replicates.tolist() == [True, False, False]
+    assert out.nearest.p_value[1] == pytest.approx(float(1 - stats_binom_cdf(2, 8, 61 / 201)))
+    assert out.nearest.matches.tolist() == [7, 3, 0]
+
+
+def stats_binom_cdf(x: int, n: int, p: float) -> float:
+    from scipy import stats
+
+    return float(stats.binom.cdf(x, n, p))

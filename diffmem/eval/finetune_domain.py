@@ -21,6 +21,7 @@ title's own image, above a similarity threshold.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,3 +172,54 @@ def title_extraction(generations: torch.Tensor, owner: list[int] | torch.Tensor,
         best_owner.append(int(index_owner[c[best]]))
     return {"share": float(np.mean(extracted)) if n else 0.0, "extracted": extracted, "own_ssim": own_ssim,
             "best_ssim": best_ssim, "best_owner": best_owner}
+
+
+@dataclass
+class OwnImageVerdicts:
+    """Per caption: its generations that land on its own image, the null rate, p, q and verdict (two tests)."""
+
+    nearest: Any  # Verdicts: generations whose nearest fine-tuning image is the caption's own
+    nearest_null_rate: np.ndarray  # per caption: share of never-trained captions' generations nearest its image
+    similar: Any  # Verdicts: generations whose SSIM to the own image beats that image's null threshold
+    similar_nulls: list  # per caption: GenerationNull of never-trained generations' SSIM to its image
+
+
+def own_image_verdicts(own_similarity: np.ndarray, own_nearest: np.ndarray, null_generations: torch.Tensor,
+                       null_best: np.ndarray, own_images: torch.Tensor, q: float = 0.05) -> OwnImageVerdicts:
+    """Verdicts on "this caption's generations reproduce *its own* training image beyond chance", where chance
+    is what the same model draws for never-trained captions of the same family.
+
+    ``own_similarity`` / ``own_nearest`` ``(m, k)``: each of caption ``i``'s ``k`` generations' SSIM to its own
+    image ``own_images[i]``, and whether that image is its nearest fine-tuning image. ``null_generations`` and
+    ``null_best`` (their best SSIM to any fine-tuning image) are the never-trained captions' generations. Two
+    tests, each a binomial test per caption against *its own image's* null rate, Benjamini-Hochberg at ``q``:
+
+    - ``nearest`` (the headline): a generation counts when its nearest fine-tuning image is the caption's own
+      (Carlini et al. 2023's extraction criterion without a distance cut); the null rate of image ``i`` is the
+      share of never-trained captions' generations for which image ``i`` would be nearest (+1 smoothing);
+    - ``similar``: a generation counts when its SSIM to the own image beats the 0.99 quantile of never-trained
+      generations' SSIM to that image.
+
+    A duplicated image that the model draws for *any* caption of the family raises its own null rate, so it is
+    not credited to its caption: that is regurgitation, which a caption-level verdict cannot attribute and the
+    caller reports separately. Why not the labeller's best-match null (any image): when never-trained captions'
+    generations themselves copy duplicated images, that null's tail is made of copies, its threshold rises to
+    copy level and no caption is called (measured on the fine-tuning task). ``similar`` has the same weakness
+    per image once more than 1% of the null copies it; ``nearest`` does not, as a rate."""
+    from diffmem.eval.verdicts import Verdicts, bh_q_values, binomial_p, count_bound, decide, fit_generation_null
+
+    m, n = len(own_images), len(null_generations)
+    sims = ssim_pairs(null_generations.repeat(m, 1, 1, 1), own_images.repeat_interleave(n, 0)).reshape(m, n).numpy()
+    similar_nulls = [fit_generation_null(sims[i], what=f"never-trained captions' generations against image {i}")
+                     for i in range(m)]
+    null_nearest = sims >= np.asarray(null_best, dtype=np.float64)[None, :] - 1e-6
+    rate = (1 + null_nearest.sum(1)) / (n + 1)
+    own_nearest = np.asarray(own_nearest, dtype=bool)
+    k = own_nearest.shape[1]
+    x = own_nearest.sum(1)
+    p = binomial_p(x, k, rate)
+    qv = bh_q_values(p)
+    margin = np.asarray(own_similarity, dtype=np.float64).max(1)
+    nearest = Verdicts(x, np.full(m, k), x / k, p, qv, qv <= q, margin, count_bound(p, q))
+    return OwnImageVerdicts(nearest, rate, decide(np.asarray(own_similarity, dtype=np.float64), similar_nulls, q),
+                            similar_nulls)
