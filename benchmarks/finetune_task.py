@@ -72,6 +72,7 @@ class Method:
     dedup: str = "none"
     replay: bool = False
     search: str | None = None  # a MemControl family searched on dev
+    from_search: str | None = None  # retrain that method's chosen trial (with this row's data options)
 
 
 def methods(args: argparse.Namespace) -> dict[str, Method]:
@@ -81,6 +82,7 @@ def methods(args: argparse.Namespace) -> dict[str, Method]:
         "full": Method(full),
         "full+replay": Method(full, replay=True),
         "memcontrol-svdiff": Method(None, search="svdiff"),
+        "memcontrol-svdiff+replay": Method(None, replay=True, from_search="memcontrol-svdiff"),
         "full+dedup": Method(full, dedup="near"),
         "full+noise-filter": Method(replace(full, noise_filter=NoiseNormFilter(quantile=0.95))),
         "full+add-tokens": Method(replace(full, caption=CaptionPolicy("add-tokens", 0.1))),
@@ -193,10 +195,19 @@ def measure(setup: Setup, model, args: argparse.Namespace) -> dict[str, Any]:
             "zoo_fidelity": forgetting(setup, model, args.sample_steps)}
 
 
-def run_method(setup: Setup, name: str, method: Method, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_method(setup: Setup, name: str, method: Method, args: argparse.Namespace, work: Path,
+               done: dict[str, dict]) -> dict[str, Any]:
+    """One row: train (or search) and measure. ``done``: this seed's finished rows (a retrained search pick reads
+    its row's chosen trial)."""
     start = time.perf_counter()
     if method.search is not None:
         return run_search(setup, method.search, args, work) | {"seconds": round(time.perf_counter() - start, 1)}
+    if method.from_search is not None:
+        chosen = done[method.from_search]["chosen"]
+        search = MemControlSearch(family=done[method.from_search]["search"]["family"], steps=args.steps,
+                                  batch=args.batch, seed=0)
+        method = replace(method, settings=search.trial_settings(
+            chosen["learning_rate"], {u: bool(v) for u, v in chosen["mask"].items()}))
     if method.settings is None:
         seconds = round(time.perf_counter() - start, 1)
         return measure(setup, setup.base, args) | {"trained_share": 0.0, "seconds": seconds}
@@ -359,7 +370,10 @@ def main() -> None:
             if name in runs:
                 continue
             print(f"seed {seed}: {name}", flush=True)
-            runs[name] = run_method(setup, name, table[name], args, work / f"seed{seed}")
+            if table[name].from_search is not None and table[name].from_search not in runs:
+                print(f"seed {seed}: {name} skipped: {table[name].from_search} has not run", flush=True)
+                continue
+            runs[name] = run_method(setup, name, table[name], args, work / f"seed{seed}", runs)
             record["results"] = summarise(record["runs"])
             atomic_write_text(record_path, json.dumps(record, indent=1, default=str))
     record["results"] = summarise(record["runs"])

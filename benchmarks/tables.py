@@ -501,10 +501,17 @@ def band_rows(record: dict) -> list[str]:
     return head + rows
 
 
+def _finetune_cell(results: dict) -> str:
+    full, pick = results["full"], results["memcontrol-svdiff"]
+    return (f"titles replicating their own image {full['replicating']:.3f} vs {pick['replicating']:.3f}; held-out "
+            f"loss gain {full['quality_gain']:.3f} vs {pick['quality_gain']:.3f}; trained share 100% vs "
+            f"{100 * pick['trained_share']:.2f}%")
+
+
 def headline_rows(records: list[dict]) -> list[str]:
     """The README's one results table: a row per measure on the default zoo, each with its results file and the
     docs section holding the command that regenerates it."""
-    verdict_labels, verdict_detection, extraction, bench, growth = records
+    verdict_labels, verdict_detection, extraction, bench, growth, tuning = records
     attack = extraction["attacks"]["attacks"]["generate-filter"]
     res = upgraded(bench)["results"]
     again = " ".join(f"{head} {{}};" for _, head in reattack_columns(upgraded(bench)))
@@ -529,6 +536,9 @@ def headline_rows(records: list[dict]) -> list[str]:
          + again.format(*(bench_cell(k) for k, _ in reattack_columns(upgraded(bench))))
          + f" ordinary fidelity {bench_cell('fidelity_ordinary_all')}", "bench_task_sd.json",
          "mitigation.md#mitigation-on-the-default-zoo"),
+        ("fine-tuning a zoo on a new domain with duplicated images (test half, mean of 2 split seeds): full "
+         "fine-tuning vs MemControl's pick (SV-Diff)", _finetune_cell(tuning["results"]), "finetune_task.json",
+         "finetune.md#the-fine-tuning-task"),
         ("scan cost, noise-norm at 4 draws, 2 CPU threads",
          f"{biggest['cpu_per_prompt_ms']} CPU ms a prompt at {biggest['prompts']:,} prompts", "scan_growth.json",
          "scale.md#cost-as-work-grows"),
@@ -558,7 +568,7 @@ CLI = ("scan_throughput_cli5000.json", "scan_throughput_cli10000.json")
 # table -> (results files it reads, renderer(records, compact))
 TABLES = {
     "headline": (("zoo_sd_verdict_labels.json", "detection_sd_verdicts.json", "extraction_sd.json",
-                  "bench_task_sd.json", "scan_growth.json"), lambda r, _: headline_rows(r)),
+                  "bench_task_sd.json", "scan_growth.json", "finetune_task.json"), lambda r, _: headline_rows(r)),
     "detection": (("detection.json",), lambda r, compact: detection_rows(r[0], compact)),
     "detection-previous": (("detection.json", PREVIOUS_DETECTION), lambda r, _: previous_detection_rows(*r)),
     "detection-heldout": (("detection.json",), lambda r, compact: heldout_rows(
