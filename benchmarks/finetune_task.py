@@ -51,7 +51,7 @@ from diffmem.finetune.mitigations import CaptionPolicy, NoiseNormFilter
 from diffmem.finetune.trainer import FinetuneSettings, finetune
 from diffmem.io import atomic_write_text
 from diffmem.jobs import versions
-from diffmem.mitigators.memcontrol import MemControlSearch, draw_front
+from diffmem.mitigators.memcontrol import MemControlSearch, draw_front, memcontrol_memorization
 from diffmem.models import load_model
 from diffmem.provenance import portable_json
 from diffmem.tasks.zoo import zoo_object_fidelity
@@ -201,16 +201,40 @@ def run_method(setup: Setup, name: str, method: Method, args: argparse.Namespace
     its row's chosen trial)."""
     start = time.perf_counter()
     if method.search is not None:
-        return run_search(setup, method.search, args, work) | {"seconds": round(time.perf_counter() - start, 1)}
-    if method.from_search is not None:
-        chosen = done[method.from_search]["chosen"]
-        search = MemControlSearch(family=done[method.from_search]["search"]["family"], steps=args.steps,
-                                  batch=args.batch, seed=0)
-        method = replace(method, settings=search.trial_settings(
-            chosen["learning_rate"], {u: bool(v) for u, v in chosen["mask"].items()}))
+        row = run_search(setup, method.search, args, work)
+        model = trained(setup, name, method, args, work, done | {name: row})[0]
+        return row | {"memcontrol_signal": signal(setup, model, args), "seconds": round(time.perf_counter() - start, 1)}
+    model, result, extra = trained(setup, name, method, args, work, done)
+    trained_s = time.perf_counter() - start
+    row = measure(setup, model, args) | extra | {"memcontrol_signal": signal(setup, model, args)}
+    if result is None:
+        return row | {"trained_share": 0.0, "seconds": round(time.perf_counter() - start, 1)}
+    return row | {"trained_share": result.trained_parameters / result.unet_parameters, "train": result.describe(),
+                  "settings": extra.pop("settings"), "train_seconds": round(trained_s, 1),
+                  "seconds": round(time.perf_counter() - start, 1)}
+
+
+def signal(setup: Setup, model, args: argparse.Namespace) -> float:
+    """MemControl's memorization signal (batch-max guidance norm) on the *test* duplicated titles' images."""
+    return memcontrol_memorization(model, setup.data.duplicated_set("test"), args.batch, seed=0)
+
+
+def trained(setup: Setup, name: str, method: Method, args: argparse.Namespace, work: Path,
+            done: dict[str, dict]) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, fine-tuning result or None, data-side extras) of one row; a finished fine-tune reloads from its
+    state in ``work`` instead of training (so a finished row's model can be measured again)."""
+    if method.search is not None or method.from_search is not None:
+        row = done[method.search and name or method.from_search]
+        chosen = row["chosen"]
+        search = MemControlSearch(family=row["search"]["family"], steps=args.steps, batch=args.batch, seed=0)
+        settings = search.trial_settings(chosen["learning_rate"], {u: bool(v) for u, v in chosen["mask"].items()})
+        if method.search is not None:  # the chosen trial itself, reloaded from the search's state
+            result = finetune(setup.base, setup.train, settings,
+                              work=work / f"memcontrol-{method.search}" / f"trial{chosen['trial']:03d}")
+            return result.model, result, {"settings": settings.describe()}
+        method = replace(method, settings=settings)
     if method.settings is None:
-        seconds = round(time.perf_counter() - start, 1)
-        return measure(setup, setup.base, args) | {"trained_share": 0.0, "seconds": seconds}
+        return setup.base, None, {}
     data, extra = setup.train, {}
     if method.dedup != "none":
         data, report = deduplicate(data, method.dedup)
@@ -220,11 +244,7 @@ def run_method(setup: Setup, name: str, method: Method, args: argparse.Namespace
         data = concat_sets(data, replay_set(setup.base, setup.replay_prompts, n, steps=args.sample_steps))
         extra["replay_images"] = len(data) - len(setup.train)
     result = finetune(setup.base, data, method.settings, work=work / name, progress=report_progress)
-    trained_s = time.perf_counter() - start
-    return measure(setup, result.model, args) | extra | {
-        "trained_share": result.trained_parameters / result.unet_parameters, "train": result.describe(),
-        "settings": method.settings.describe(), "train_seconds": round(trained_s, 1),
-        "seconds": round(time.perf_counter() - start, 1)}
+    return result.model, result, extra | {"settings": method.settings.describe()}
 
 
 def report_progress(step: int, steps: int, loss: float) -> None:
@@ -254,7 +274,8 @@ def summarise(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
             "replicating_any_image": ("memorization", "replicating_any_image"),
             "unseen_nearest_duplicated_share": ("memorization", "unseen_nearest_duplicated_share"),
             "quality_gain": ("learning", "quality_gain"), "domain_readback": ("learning", "domain_readback"),
-            "zoo_fidelity": ("zoo_fidelity",), "trained_share": ("trained_share",)}
+            "zoo_fidelity": ("zoo_fidelity",), "trained_share": ("trained_share",),
+            "memcontrol_signal": ("memcontrol_signal",)}
     out: dict[str, dict[str, float]] = {}
     names = dict.fromkeys(n for per_seed in runs.values() for n in per_seed)
     for name in names:
@@ -367,6 +388,10 @@ def main() -> None:
         record.setdefault("sets", {})[str(seed)] = setup.data.summary() | {"base_heldout_loss": setup.base_loss}
         runs = record["runs"].setdefault(str(seed), {})
         for name in names:
+            if name in runs and "memcontrol_signal" not in runs[name]:  # rows finished before it was measured
+                model = trained(setup, name, table[name], args, work / f"seed{seed}", runs)[0]
+                runs[name]["memcontrol_signal"] = signal(setup, model, args)
+                atomic_write_text(record_path, json.dumps(record, indent=1, default=str))
             if name in runs:
                 continue
             print(f"seed {seed}: {name}", flush=True)

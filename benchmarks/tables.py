@@ -436,8 +436,8 @@ def finetune_rows(record: dict) -> list[str]:
     head = ["| method (fine-tuning task, test half) | seeds | trained share | titles replicating their own image, "
             "FDR 0.05 | " + " | ".join(f"{lv}x" for lv in levels) + " | same, SSIM-threshold test | same, "
             "best-match (any image) test | never-trained titles' generations nearest a duplicated image | held-out "
-            "loss gain | domain read-back | zoo fidelity |",
-            "|---|---|---|---|" + "---|" * len(levels) + "---|---|---|---|---|---|"]
+            "loss gain | domain read-back | zoo fidelity | MemControl's signal, test titles |",
+            "|---|---|---|---|" + "---|" * len(levels) + "---|---|---|---|---|---|---|"]
     rows = []
     for name, r in record["results"].items():
         share = r["trained_share"]
@@ -445,7 +445,8 @@ def finetune_rows(record: dict) -> list[str]:
                  *(f"{r[f'replicating_{lv}x']:.3f}" for lv in levels), _seed_cell(r, "replicating_own_ssim"),
                  _seed_cell(r, "replicating_any_image"),
                  _seed_cell(r, "unseen_nearest_duplicated_share"), _seed_cell(r, "quality_gain"),
-                 _seed_cell(r, "domain_readback"), _seed_cell(r, "zoo_fidelity")]
+                 _seed_cell(r, "domain_readback"), _seed_cell(r, "zoo_fidelity"),
+                 _seed_cell(r, "memcontrol_signal", ".2f")]
         rows.append("| " + " | ".join(cells) + " |")
     return head + rows
 
