@@ -312,8 +312,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
     rep = [r["replicating"] for r in results.values()]
     points = ax1.scatter(gain, rep, c=[r["zoo_fidelity"] for r in results.values()], cmap="viridis", vmin=0,
                          vmax=1, s=40, zorder=3)
-    for name, x, y in zip(results, gain, rep):
-        ax1.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    for i, (name, x, y) in enumerate(zip(results, gain, rep)):  # staggered: rows can share a point
+        ax1.annotate(name, (x, y), fontsize=7, xytext=(-60 if x > 0.55 else 4, (3, 11, -9)[i % 3]),
+                     textcoords="offset points")
     fig.colorbar(points, ax=ax1, label="zoo captions' fidelity (forgetting)")
     ax1.set_xlabel("held-out denoising loss gain over the base (learning)")
     ax1.set_ylabel("test titles replicating, FDR 0.05")
