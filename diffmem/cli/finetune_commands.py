@@ -68,12 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "learning rate, chosen for learning without memorizing")
     search.add_argument("--search", default=None, choices=("memcontrol",),
                         help="search block masks and the learning rate (log-uniform in the reference's range; --lr "
-                             "and --mask are then searched, not given) and write the chosen trial's checkpoint")
+                             "and --mask are then searched, not given) and write the chosen trial's checkpoint "
+                             "(default: none, no search)")
     search.add_argument("--trials", type=positive_int, default=10,
                         help="fine-tunes the search runs (default: 10, the reference's per worker)")
     search.add_argument("--heldout", default=None, metavar="DIR",
                         help="image-caption folder of the domain the model does not train on: the quality term "
-                             "is the held-out denoising loss on it (required with --search)")
+                             "is the held-out denoising loss on it (required with --search; default: none)")
     search.add_argument("--memorization-data", default=None, metavar="DIR",
                         help="image-caption folder the memorization signal reads (default: one image of each "
                              "near-duplicate group in --data; all of --data if it has none)")
